@@ -1,0 +1,492 @@
+"""Tiled dense, grouped and depthwise conv3d in Triton: forward, grad-input, grad-weight, grad-bias.
+
+Layout: any strides. Tensors are NCDHW logically; NCDHW-contiguous, channels_last_3d and
+non-contiguous views are all read through their strides, never copied.
+
+Implicit GEMM (``_conv3d_igemm_kernel``, dense and grouped):
+    forward     M = N·OD·OH·OW (output voxels), N = Cout/g, K = Cin/g·kd·kh·kw
+    grad-input  M = N·D·H·W   (input voxels),  N = Cin/g,  K = Cout/g·kd·kh·kw
+The reduction is one flattened loop over taps × channel blocks (so the software pipeliner sees one
+loop); each step gathers a [BLOCK_M, BLOCK_K] tile of the activation through the tap's shifted
+coordinates (padding, stride and dilation are masks, im2col is never materialised) and feeds
+``tl.dot``. Grad-input is the same body with the transposed tap map
+``o = (i + pad - k·dil) / stride`` (exact division only), so stride > 1 needs no zero-insertion.
+
+Depthwise (``_conv3d_dw_kernel``, Cin/g = 1, channel multiplier Cout/Cin >= 1): one program per
+(batch, channel) and a block of BLOCK output voxels; taps run as kd/kh outer loops (their index
+arithmetic hoisted) and a kw inner loop, so a program re-reads its haloed input tile from L1/L2
+across all k³ taps instead of from HBM. Channels and batch are the parallel grid axis.
+
+Grad-weight: a GEMM per tap (M = Cout/g, N = Cin/g, K = N·OD·OH·OW) for dense/grouped; for
+depthwise a per-channel dot over space, BLOCK_T taps per program sharing each grad-output load.
+Both split the spatial reduction over SPLIT programs writing fp32 partials that the launcher sums
+(deterministic; no atomics), so a large volume fills the GPU even with few channels.
+
+Stride, padding (left side; the right side only sets the output size), dilation, kernel extent
+and channels per group are compile-time constants; batch and spatial sizes are runtime ints.
+Offsets are int64 wherever a tensor can pass 2**31 elements.
+Accumulation is fp32 (fp64 for float64 tensors, which the interpreter runs for gradcheck).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from lk3d.kernels._index import split_flat, split_tap, tap_coord
+
+_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+             torch.float64: tl.float64}
+
+
+@triton.jit
+def _conv3d_igemm_kernel(
+    # Pointers
+    a_ptr,     # gathered operand [N, G*KC, AD, AH, AW]: input (forward) or grad_output (grad-input)
+    w_ptr,     # weight [Cout, Cin/g, KD, KH, KW]
+    bias_ptr,  # [G*NC]; read only when HAS_BIAS
+    y_ptr,     # produced [N, G*NC, YD, YH, YW]: output (forward) or grad_input
+    # Sizes
+    M,         # N * YD * YH * YW
+    AD, AH, AW, YD, YH, YW,
+    # Strides
+    sa_n, sa_c, sa_d, sa_h, sa_w,
+    sw_g, sw_k, sw_n, sw_d, sw_h, sw_w,  # weight: per group, reduction channel, produced channel, taps
+    sy_n, sy_c, sy_d, sy_h, sy_w,
+    # Meta-parameters
+    KC: tl.constexpr,  # reduction channels per group: Cin/g (forward), Cout/g (grad-input)
+    NC: tl.constexpr,  # produced channels per group: Cout/g (forward), Cin/g (grad-input)
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,  # kernel extent, fixed per layer
+    STR_D: tl.constexpr, STR_H: tl.constexpr, STR_W: tl.constexpr,  # constexpr: divisions fold
+    PAD_D: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,  # left padding
+    DIL_D: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    TRANSPOSED: tl.constexpr,  # False: forward; True: grad-input through the transposed tap map
+    HAS_BIAS: tl.constexpr,    # explicit flag, never a zero tensor
+    ACC_DTYPE: tl.constexpr,   # fp32; fp64 for float64 tensors
+    PRECISION: tl.constexpr,   # "tf32" where torch allows it for fp32, else "ieee"
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # GEMM tile
+):
+    i_m = tl.program_id(0)
+    i_n = tl.program_id(1)
+    i_g = tl.program_id(2)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < M
+    n, yd, yh, yw = split_flat(o_m, YD, YH, YW)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < NC
+    o_k = tl.arange(0, BLOCK_K)
+
+    o_a0 = n.to(tl.int64) * sa_n + (i_g * KC).to(tl.int64) * sa_c  # [BLOCK_M]
+    p_w = w_ptr + i_g.to(tl.int64) * sw_g + o_n[None, :] * sw_n
+    NUM_CB: tl.constexpr = (KC + BLOCK_K - 1) // BLOCK_K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for kk in range(KD * KH * KW * NUM_CB):
+        kd, kh, kw = split_tap(kk // NUM_CB, KH, KW)
+        c = (kk % NUM_CB) * BLOCK_K + o_k
+        m_c = c < KC
+        ad, v_d = tap_coord(yd, kd, AD, STR_D, PAD_D, DIL_D, TRANSPOSED)
+        ah, v_h = tap_coord(yh, kh, AH, STR_H, PAD_H, DIL_H, TRANSPOSED)
+        aw, v_w = tap_coord(yw, kw, AW, STR_W, PAD_W, DIL_W, TRANSPOSED)
+        m_a = m_m & v_d & v_h & v_w
+        o_a = o_a0 + ad.to(tl.int64) * sa_d + ah.to(tl.int64) * sa_h + aw.to(tl.int64) * sa_w
+        b_a = tl.load(a_ptr + o_a[:, None] + c.to(tl.int64)[None, :] * sa_c,
+                      mask=m_a[:, None] & m_c[None, :], other=0.0)
+        b_w = tl.load(p_w + c[:, None] * sw_k + (kd * sw_d + kh * sw_h + kw * sw_w),
+                      mask=m_c[:, None] & m_n[None, :], other=0.0)
+        acc = tl.dot(b_a, b_w, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + i_g * NC + o_n, mask=m_n, other=0.0).to(ACC_DTYPE)[None, :]
+    o_y = (n.to(tl.int64) * sy_n + yd.to(tl.int64) * sy_d + yh.to(tl.int64) * sy_h
+           + yw.to(tl.int64) * sy_w)
+    p_y = y_ptr + o_y[:, None] + (i_g * NC + o_n).to(tl.int64)[None, :] * sy_c
+    tl.store(p_y, acc.to(y_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+
+
+@triton.jit
+def _conv3d_dw_kernel(
+    # Pointers
+    a_ptr,     # gathered operand: input [N, Cin, AD, AH, AW] (forward) or grad_output (grad-input)
+    w_ptr,     # weight [Cout, 1, KD, KH, KW], Cout = Cin * MULT
+    bias_ptr,  # [Cout]; read only when HAS_BIAS
+    y_ptr,     # produced: output [N, Cout, ...] (forward) or grad_input [N, Cin, ...]
+    # Sizes
+    S,         # YD * YH * YW
+    AD, AH, AW, YD, YH, YW,
+    # Strides
+    sa_n, sa_c, sa_d, sa_h, sa_w,
+    sw_c, sw_d, sw_h, sw_w,
+    sy_n, sy_c, sy_d, sy_h, sy_w,
+    # Meta-parameters
+    CY: tl.constexpr,    # produced channels
+    MULT: tl.constexpr,  # channel multiplier Cout / Cin
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    STR_D: tl.constexpr, STR_H: tl.constexpr, STR_W: tl.constexpr,
+    PAD_D: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    DIL_D: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    TRANSPOSED: tl.constexpr,  # False: forward; True: grad-input (sums the MULT output channels)
+    HAS_BIAS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,       # output voxels per program
+):
+    i_s = tl.program_id(0)
+    i_nc = tl.program_id(1)
+    n = i_nc // CY
+    c = i_nc % CY
+    o_s = i_s * BLOCK + tl.arange(0, BLOCK)
+    m_s = o_s < S
+    _, yd, yh, yw = split_flat(o_s, YD, YH, YW)
+
+    NR: tl.constexpr = MULT if TRANSPOSED else 1
+    acc = tl.zeros((BLOCK,), dtype=ACC_DTYPE)
+    for j in range(NR):
+        if TRANSPOSED:
+            c_a = c * MULT + j
+            c_w = c_a
+        else:
+            c_a = c // MULT
+            c_w = c
+        p_a = a_ptr + n.to(tl.int64) * sa_n + c_a.to(tl.int64) * sa_c
+        p_w = w_ptr + c_w * sw_c
+        for kd in range(KD):
+            ad, v_d = tap_coord(yd, kd, AD, STR_D, PAD_D, DIL_D, TRANSPOSED)
+            for kh in range(KH):
+                ah, v_h = tap_coord(yh, kh, AH, STR_H, PAD_H, DIL_H, TRANSPOSED)
+                p_row = p_a + ad.to(tl.int64) * sa_d + ah.to(tl.int64) * sa_h
+                m_row = m_s & v_d & v_h
+                for kw in range(KW):
+                    aw, v_w = tap_coord(yw, kw, AW, STR_W, PAD_W, DIL_W, TRANSPOSED)
+                    b_a = tl.load(p_row + aw.to(tl.int64) * sa_w, mask=m_row & v_w, other=0.0)
+                    b_w = tl.load(p_w + kd * sw_d + kh * sw_h + kw * sw_w)
+                    acc += b_a.to(ACC_DTYPE) * b_w.to(ACC_DTYPE)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + c).to(ACC_DTYPE)
+    o_y = yd.to(tl.int64) * sy_d + yh.to(tl.int64) * sy_h + yw.to(tl.int64) * sy_w
+    p_y = y_ptr + n.to(tl.int64) * sy_n + c.to(tl.int64) * sy_c + o_y
+    tl.store(p_y, acc.to(y_ptr.dtype.element_ty), mask=m_s)
+
+
+@triton.jit
+def _conv3d_wgrad_kernel(
+    # Pointers
+    x_ptr,     # input [N, Cin, XD, XH, XW]
+    dy_ptr,    # grad_output [N, Cout, OD, OH, OW]
+    dw_ptr,    # fp32 partials [SPLIT, Cout, Cin/g, KD*KH*KW], contiguous
+    # Sizes
+    M,         # N * OD * OH * OW
+    M_PER_SPLIT,  # reduction length per split program (a multiple of BLOCK_K)
+    XD, XH, XW, OD, OH, OW,
+    # Strides
+    sx_n, sx_c, sx_d, sx_h, sx_w,
+    sy_n, sy_c, sy_d, sy_h, sy_w,
+    # Meta-parameters
+    CIG: tl.constexpr, COG: tl.constexpr,  # channels per group
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    STR_D: tl.constexpr, STR_H: tl.constexpr, STR_W: tl.constexpr,
+    PAD_D: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    DIL_D: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_K: tl.constexpr,  # GEMM tile
+):
+    i_p = tl.program_id(0)
+    i_g = tl.program_id(1)
+    i_s = tl.program_id(2)
+    NUM_CO: tl.constexpr = (COG + BLOCK_CO - 1) // BLOCK_CO
+    NUM_CI: tl.constexpr = (CIG + BLOCK_CI - 1) // BLOCK_CI
+    tap = i_p // (NUM_CO * NUM_CI)
+    i_co = (i_p // NUM_CI) % NUM_CO
+    i_ci = i_p % NUM_CI
+    kd, kh, kw = split_tap(tap, KH, KW)
+    o_co = i_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    m_co = o_co < COG
+    o_ci = i_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    m_ci = o_ci < CIG
+    o_k = tl.arange(0, BLOCK_K)
+    p_dy = dy_ptr + (i_g * COG + o_co).to(tl.int64)[:, None] * sy_c
+    p_x = x_ptr + (i_g * CIG + o_ci).to(tl.int64)[None, :] * sx_c
+
+    acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=ACC_DTYPE)
+    lo = i_s * M_PER_SPLIT
+    for m0 in range(0, M_PER_SPLIT, BLOCK_K):
+        o_m = lo + m0 + o_k
+        m_m = o_m < M
+        n, od, oh, ow = split_flat(o_m, OD, OH, OW)
+        xd, v_d = tap_coord(od, kd, XD, STR_D, PAD_D, DIL_D, False)
+        xh, v_h = tap_coord(oh, kh, XH, STR_H, PAD_H, DIL_H, False)
+        xw, v_w = tap_coord(ow, kw, XW, STR_W, PAD_W, DIL_W, False)
+        n64 = n.to(tl.int64)
+        o_y = n64 * sy_n + od.to(tl.int64) * sy_d + oh.to(tl.int64) * sy_h + ow.to(tl.int64) * sy_w
+        o_x = n64 * sx_n + xd.to(tl.int64) * sx_d + xh.to(tl.int64) * sx_h + xw.to(tl.int64) * sx_w
+        b_dy = tl.load(p_dy + o_y[None, :], mask=m_co[:, None] & m_m[None, :], other=0.0)
+        b_x = tl.load(p_x + o_x[:, None], mask=(m_m & v_d & v_h & v_w)[:, None] & m_ci[None, :],
+                      other=0.0)
+        acc = tl.dot(b_dy, b_x, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+
+    T: tl.constexpr = KD * KH * KW
+    p_dw = (dw_ptr + i_s.to(tl.int64) * (COG * tl.num_programs(1) * CIG * T)
+            + (i_g * COG + o_co).to(tl.int64)[:, None] * (CIG * T) + o_ci[None, :] * T + tap)
+    tl.store(p_dw, acc.to(dw_ptr.dtype.element_ty), mask=m_co[:, None] & m_ci[None, :])
+
+
+@triton.jit
+def _conv3d_dw_wgrad_kernel(
+    # Pointers
+    x_ptr,     # input [N, Cin, XD, XH, XW]
+    dy_ptr,    # grad_output [N, Cout, OD, OH, OW], Cout = Cin * MULT
+    dw_ptr,    # fp32 partials [SPLIT, Cout, KD*KH*KW], contiguous
+    # Sizes
+    M, M_PER_SPLIT,  # N * OD * OH * OW; reduction length per split (a multiple of BLOCK_S)
+    XD, XH, XW, OD, OH, OW,
+    # Strides
+    sx_n, sx_c, sx_d, sx_h, sx_w,
+    sy_n, sy_c, sy_d, sy_h, sy_w,
+    # Meta-parameters
+    CO: tl.constexpr, MULT: tl.constexpr,
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    STR_D: tl.constexpr, STR_H: tl.constexpr, STR_W: tl.constexpr,
+    PAD_D: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    DIL_D: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_T: tl.constexpr,  # taps per program: each grad-output load serves BLOCK_T taps
+    BLOCK_S: tl.constexpr,  # voxels per reduction step
+):
+    c = tl.program_id(0)
+    i_t = tl.program_id(1)
+    i_s = tl.program_id(2)
+    T: tl.constexpr = KD * KH * KW
+    o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_t = o_t < T
+    kd, kh, kw = split_tap(o_t, KH, KW)
+    p_dy = dy_ptr + c.to(tl.int64) * sy_c
+    p_x = x_ptr + (c // MULT).to(tl.int64) * sx_c
+    acc = tl.zeros((BLOCK_T, BLOCK_S), dtype=ACC_DTYPE)
+    lo = i_s * M_PER_SPLIT
+    for m0 in range(0, M_PER_SPLIT, BLOCK_S):
+        o_m = lo + m0 + tl.arange(0, BLOCK_S)
+        m_m = o_m < M
+        n, od, oh, ow = split_flat(o_m, OD, OH, OW)
+        n64 = n.to(tl.int64)
+        o_y = n64 * sy_n + od.to(tl.int64) * sy_d + oh.to(tl.int64) * sy_h + ow.to(tl.int64) * sy_w
+        b_dy = tl.load(p_dy + o_y, mask=m_m, other=0.0).to(ACC_DTYPE)
+        xd, v_d = tap_coord(od[None, :], kd[:, None], XD, STR_D, PAD_D, DIL_D, False)
+        xh, v_h = tap_coord(oh[None, :], kh[:, None], XH, STR_H, PAD_H, DIL_H, False)
+        xw, v_w = tap_coord(ow[None, :], kw[:, None], XW, STR_W, PAD_W, DIL_W, False)
+        o_x = (n64[None, :] * sx_n + xd.to(tl.int64) * sx_d + xh.to(tl.int64) * sx_h
+               + xw.to(tl.int64) * sx_w)
+        m_x = m_t[:, None] & m_m[None, :] & v_d & v_h & v_w
+        b_x = tl.load(p_x + o_x, mask=m_x, other=0.0).to(ACC_DTYPE)
+        acc += b_x * b_dy[None, :]
+    p_dw = dw_ptr + (i_s * CO + c).to(tl.int64) * T + o_t
+    tl.store(p_dw, tl.sum(acc, axis=1).to(dw_ptr.dtype.element_ty), mask=m_t)
+
+
+@triton.jit
+def _bias_grad_kernel(
+    dy_ptr,    # grad_output [N, C, OD, OH, OW]
+    db_ptr,    # fp32 partials [SPLIT, C], contiguous
+    M, M_PER_SPLIT, OD, OH, OW,  # M = N * OD * OH * OW
+    sy_n, sy_c, sy_d, sy_h, sy_w,
+    C: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    c = tl.program_id(0)
+    i_s = tl.program_id(1)
+    acc = tl.zeros((BLOCK_S,), dtype=ACC_DTYPE)
+    lo = i_s * M_PER_SPLIT
+    for m0 in range(0, M_PER_SPLIT, BLOCK_S):
+        o_m = lo + m0 + tl.arange(0, BLOCK_S)
+        n, od, oh, ow = split_flat(o_m, OD, OH, OW)
+        o_y = (n.to(tl.int64) * sy_n + od.to(tl.int64) * sy_d + oh.to(tl.int64) * sy_h
+               + ow.to(tl.int64) * sy_w)
+        acc += tl.load(dy_ptr + c.to(tl.int64) * sy_c + o_y, mask=o_m < M, other=0.0).to(ACC_DTYPE)
+    tl.store(db_ptr + i_s * C + c, tl.sum(acc, axis=0).to(db_ptr.dtype.element_ty))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers: check what the kernel needs, allocate, launch. The choice of config lives in
+# lk3d.autotune; every launcher takes one explicit config.
+# ----------------------------------------------------------------------------------------------
+
+def _acc_dtype(t):
+    return tl.float64 if t.dtype == torch.float64 else tl.float32
+
+
+def _precision(t, allow_tf32):
+    return "tf32" if (t.dtype == torch.float32 and allow_tf32) else "ieee"
+
+
+def _geometry(stride, padding, dilation, kernel):
+    (sd, sh, sw), (pd, ph, pw), (dd, dh, dw), (kd, kh, kw) = stride, padding, dilation, kernel
+    return dict(KD=kd, KH=kh, KW=kw, STR_D=sd, STR_H=sh, STR_W=sw, PAD_D=pd, PAD_H=ph, PAD_W=pw,
+                DIL_D=dd, DIL_H=dh, DIL_W=dw)
+
+
+def _launch_opts(config):
+    return {k: config[k] for k in ("num_warps", "num_stages") if k in config}
+
+
+def _check_cfg(config, keys):
+    missing = [k for k in keys if k not in config]
+    if missing:
+        raise ValueError(f"config: expected keys {keys}, missing {missing} in {config}")
+
+
+def memory_format(t):
+    """channels_last_3d when ``t`` is laid out so (and not also NCDHW-contiguous), as aten does."""
+    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _alloc(shape, like, out, memory_format):
+    if out is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
+    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(f"out: expected {tuple(shape)} {like.dtype} on {like.device}, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    return out
+
+
+def conv3d_fwd(x, w, bias, stride, padding, dilation, groups, out_size, config, *,
+               allow_tf32=False, out=None):
+    """Dense/grouped forward through the implicit GEMM. ``padding`` is the left padding per axis;
+    ``out_size`` the output's (OD, OH, OW). Config keys: BLOCK_M, BLOCK_N, BLOCK_K."""
+    _check_cfg(config, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    N, cin, D, H, W = x.shape
+    cout = w.shape[0]
+    kc, nc = cin // groups, cout // groups
+    y = _alloc((N, cout, *out_size), x, out, memory_format(x))
+    M = N * out_size[0] * out_size[1] * out_size[2]
+    grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(nc, config["BLOCK_N"]), groups)
+    _conv3d_igemm_kernel[grid](
+        x, w, bias if bias is not None else w, y,
+        M, D, H, W, *out_size,
+        *x.stride(),
+        nc * w.stride(0), w.stride(1), w.stride(0), *w.stride()[2:],
+        *y.stride(),
+        KC=kc, NC=nc, **_geometry(stride, padding, dilation, w.shape[2:]),
+        TRANSPOSED=False, HAS_BIAS=bias is not None, ACC_DTYPE=_acc_dtype(x),
+        PRECISION=_precision(x, allow_tf32),
+        BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
+        **_launch_opts(config))
+    return y
+
+
+def conv3d_bwd_input(dy, w, input_shape, stride, padding, dilation, groups, config, *,
+                     allow_tf32=False, out=None):
+    """Dense/grouped grad-input: the implicit GEMM with the transposed tap map."""
+    _check_cfg(config, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    N, cin, D, H, W = input_shape
+    cout = w.shape[0]
+    kc, nc = cout // groups, cin // groups
+    dx = _alloc(tuple(input_shape), dy, out, memory_format(dy))
+    M = N * D * H * W
+    grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(nc, config["BLOCK_N"]), groups)
+    _conv3d_igemm_kernel[grid](
+        dy, w, w, dx,
+        M, *dy.shape[2:], D, H, W,
+        *dy.stride(),
+        kc * w.stride(0), w.stride(0), w.stride(1), *w.stride()[2:],
+        *dx.stride(),
+        KC=kc, NC=nc, **_geometry(stride, padding, dilation, w.shape[2:]),
+        TRANSPOSED=True, HAS_BIAS=False, ACC_DTYPE=_acc_dtype(dy),
+        PRECISION=_precision(dy, allow_tf32),
+        BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
+        **_launch_opts(config))
+    return dx
+
+
+def conv3d_dw_fwd(x, w, bias, stride, padding, dilation, out_size, config, *, out=None):
+    """Depthwise forward (groups = Cin, Cout = Cin * multiplier). Config keys: BLOCK."""
+    _check_cfg(config, ("BLOCK",))
+    N, cin, D, H, W = x.shape
+    cout = w.shape[0]
+    y = _alloc((N, cout, *out_size), x, out, memory_format(x))
+    S = out_size[0] * out_size[1] * out_size[2]
+    grid = (triton.cdiv(S, config["BLOCK"]), N * cout)
+    _conv3d_dw_kernel[grid](
+        x, w, bias if bias is not None else w, y,
+        S, D, H, W, *out_size,
+        *x.stride(), w.stride(0), *w.stride()[2:], *y.stride(),
+        CY=cout, MULT=cout // cin, **_geometry(stride, padding, dilation, w.shape[2:]),
+        TRANSPOSED=False, HAS_BIAS=bias is not None, ACC_DTYPE=_acc_dtype(x),
+        BLOCK=config["BLOCK"], **_launch_opts(config))
+    return y
+
+
+def conv3d_dw_bwd_input(dy, w, input_shape, stride, padding, dilation, config, *, out=None):
+    """Depthwise grad-input: the depthwise body with the transposed tap map."""
+    _check_cfg(config, ("BLOCK",))
+    N, cin, D, H, W = input_shape
+    dx = _alloc(tuple(input_shape), dy, out, memory_format(dy))
+    S = D * H * W
+    grid = (triton.cdiv(S, config["BLOCK"]), N * cin)
+    _conv3d_dw_kernel[grid](
+        dy, w, w, dx,
+        S, *dy.shape[2:], D, H, W,
+        *dy.stride(), w.stride(0), *w.stride()[2:], *dx.stride(),
+        CY=cin, MULT=w.shape[0] // cin, **_geometry(stride, padding, dilation, w.shape[2:]),
+        TRANSPOSED=True, HAS_BIAS=False, ACC_DTYPE=_acc_dtype(dy),
+        BLOCK=config["BLOCK"], **_launch_opts(config))
+    return dx
+
+
+def _split_len(M, split, block):
+    """Reduction length per split program, a multiple of ``block``; and the split actually used."""
+    per = triton.cdiv(triton.cdiv(M, max(1, split)), block) * block
+    return per, triton.cdiv(M, per)
+
+
+def conv3d_bwd_weight(x, dy, weight_shape, stride, padding, dilation, groups, config, *,
+                      allow_tf32=False):
+    """Dense/grouped grad-weight. Config keys: BLOCK_CO, BLOCK_CI, BLOCK_K, SPLIT."""
+    _check_cfg(config, ("BLOCK_CO", "BLOCK_CI", "BLOCK_K", "SPLIT"))
+    cout, cig = weight_shape[0], weight_shape[1]
+    cog = cout // groups
+    M = dy.shape[0] * dy.shape[2] * dy.shape[3] * dy.shape[4]
+    per, split = _split_len(M, config["SPLIT"], config["BLOCK_K"])
+    T = weight_shape[2] * weight_shape[3] * weight_shape[4]
+    part = torch.empty((split, cout, cig, T), dtype=_partial_dtype(x), device=x.device)
+    grid = (T * triton.cdiv(cog, config["BLOCK_CO"]) * triton.cdiv(cig, config["BLOCK_CI"]),
+            groups, split)
+    _conv3d_wgrad_kernel[grid](
+        x, dy, part, M, per, *x.shape[2:], *dy.shape[2:], *x.stride(), *dy.stride(),
+        CIG=cig, COG=cog, **_geometry(stride, padding, dilation, weight_shape[2:]),
+        ACC_DTYPE=_acc_dtype(x), PRECISION=_precision(x, allow_tf32),
+        BLOCK_CO=config["BLOCK_CO"], BLOCK_CI=config["BLOCK_CI"], BLOCK_K=config["BLOCK_K"],
+        **_launch_opts(config))
+    return part.sum(0).reshape(weight_shape).to(x.dtype)
+
+
+def conv3d_dw_bwd_weight(x, dy, weight_shape, stride, padding, dilation, config):
+    """Depthwise grad-weight. Config keys: BLOCK_T, BLOCK_S, SPLIT."""
+    _check_cfg(config, ("BLOCK_T", "BLOCK_S", "SPLIT"))
+    cout = weight_shape[0]
+    M = dy.shape[0] * dy.shape[2] * dy.shape[3] * dy.shape[4]
+    per, split = _split_len(M, config["SPLIT"], config["BLOCK_S"])
+    T = weight_shape[2] * weight_shape[3] * weight_shape[4]
+    part = torch.empty((split, cout, T), dtype=_partial_dtype(x), device=x.device)
+    grid = (cout, triton.cdiv(T, config["BLOCK_T"]), split)
+    _conv3d_dw_wgrad_kernel[grid](
+        x, dy, part, M, per, *x.shape[2:], *dy.shape[2:], *x.stride(), *dy.stride(),
+        CO=cout, MULT=cout // x.shape[1], **_geometry(stride, padding, dilation, weight_shape[2:]),
+        ACC_DTYPE=_acc_dtype(x), BLOCK_T=config["BLOCK_T"], BLOCK_S=config["BLOCK_S"],
+        **_launch_opts(config))
+    return part.sum(0).reshape(weight_shape).to(x.dtype)
+
+
+def bias_grad(dy, config):
+    """Sum of grad_output over batch and space, per channel. Config keys: BLOCK_S, SPLIT."""
+    _check_cfg(config, ("BLOCK_S", "SPLIT"))
+    C = dy.shape[1]
+    M = dy.shape[0] * dy.shape[2] * dy.shape[3] * dy.shape[4]
+    per, split = _split_len(M, config["SPLIT"], config["BLOCK_S"])
+    part = torch.empty((split, C), dtype=_partial_dtype(dy), device=dy.device)
+    _bias_grad_kernel[(C, split)](
+        dy, part, M, per, *dy.shape[2:], *dy.stride(),
+        C=C, ACC_DTYPE=_acc_dtype(dy), BLOCK_S=config["BLOCK_S"], **_launch_opts(config))
+    return part.sum(0).to(dy.dtype)
+
+
+def _partial_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
