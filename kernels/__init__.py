@@ -1,0 +1,16 @@
+"""lk3d.kernels: the @triton.jit kernels, one file per algorithm, each with thin launchers.
+
+``HAS_TRITON`` says whether Triton imports here (Linux x86_64 wheels); ``INTERPRETED`` whether its
+interpreter runs the kernels on CPU tensors (``TRITON_INTERPRET=1`` set before Triton's import).
+"""
+try:
+    import triton  # noqa: F401
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from lk3d.kernels import tiled
+
+    HAS_TRITON = True
+    INTERPRETED = isinstance(tiled._conv3d_igemm_kernel, InterpretedFunction)
+except ImportError:  # no Triton on this platform: every op takes its torch path
+    HAS_TRITON = False
+    INTERPRETED = False

@@ -1,0 +1,17 @@
+"""lk3d: fast large 3D convolution kernels for PyTorch (dense, grouped, depthwise) in Triton.
+
+    import lk3d
+    y = lk3d.conv3d(x, w, b, stride=1, padding="same", groups=x.shape[1])   # like F.conv3d
+    model = lk3d.nn.convert(model)                                           # swap nn.Conv3d
+"""
+from importlib.metadata import PackageNotFoundError, version
+
+from lk3d import nn
+from lk3d.functional import conv3d
+
+try:
+    __version__ = version("lk3d")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["conv3d", "nn", "__version__"]

@@ -1,0 +1,259 @@
+"""Ahead-of-time compile of every shipped kernel config for real GPUs (sm_80, sm_90), no GPU needed.
+
+``triton.compile`` runs the whole CUDA pipeline (TTIR → TTGIR → LLVM → PTX → ptxas cubin) for a
+``GPUTarget`` without a driver; the ``cuobjdump`` bundled in the Triton wheel then reads registers,
+stack and static shared memory from the cubin and shows its SASS, where tensor-core work appears
+as HMMA (mma.sync, sm_80+) or HGMMA (wgmma, sm_90). This catches what the interpreter cannot:
+register spills, shared memory past the per-block opt-in limit, and a ``tl.dot`` that silently
+fell off the tensor cores.
+
+Cases are compiled as the runtime would for freshly allocated tensors: pointers 16-byte aligned,
+integer sizes and strides unspecialised (the conservative choice). Channel counts are 64 and the
+kernel extent 7³ with "same" padding; grad-input paths use stride 2 so that the exact-division
+tap map is compiled, the other paths stride 1.
+
+Under the interpreter (``TRITON_INTERPRET=1``) ``@triton.jit`` gives InterpretedFunctions, and an
+interpreted run leaves triton.language patched for the interpreter, so the code generator cannot
+run in that process: there the compiles go to one child Python without the variable, which
+writes to the same ``TRITON_CACHE_DIR``, and the kernels are loaded back from its cache entries.
+
+    python -m lk3d.autotune.aot [80 90]     # the table; exit status 1 when a case has a problem
+"""
+import importlib
+import os
+import pickle
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+
+import triton
+import triton.language as tl
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, CompiledKernel
+from triton.runtime.interpreter import InterpretedFunction
+
+from lk3d.autotune.configs import CONFIG_SPACES
+
+ARCHS = (80, 90)
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in max per block: A100, H100 (bytes)
+TENSOR_CORE_OPS = {80: ("HMMA",), 90: ("HGMMA", "HMMA")}  # SASS mnemonics that count, per arch
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+_PARTIAL_PTRS = ("dw_ptr", "db_ptr")  # grad-weight / grad-bias partial sums: always fp32
+_GEOMETRY = dict(KD=7, KH=7, KW=7, PAD_D=3, PAD_H=3, PAD_W=3, DIL_D=1, DIL_H=1, DIL_W=1)
+
+
+def compile_kernel(fn, signature, constexprs, arch, num_warps, num_stages):
+    """Compile ``fn`` for ``sm_<arch>``; ``signature`` maps every argument to a type string
+    ("*bf16", "i32", "constexpr"), ``constexprs`` the constexpr arguments to values."""
+    (result,) = compile_many([(fn, signature, constexprs, arch, num_warps, num_stages)])
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def compile_many(jobs):
+    """Compile each ``(fn, signature, constexprs, arch, num_warps, num_stages)``; the exception in
+    place of the kernel where one fails. Under the interpreter, in one child process."""
+    jobs = list(jobs)
+    if not any(knobs.runtime.interpret or isinstance(job[0], InterpretedFunction) for job in jobs):
+        return [_attempt(job) for job in jobs]
+    specs = [((job[0].fn.__module__, job[0].fn.__name__), *job[1:]) for job in jobs]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory(prefix="lk3d-aot-") as tmp:
+        jobs_path, results_path = os.path.join(tmp, "jobs.pkl"), os.path.join(tmp, "results.pkl")
+        with open(jobs_path, "wb") as f:
+            pickle.dump(specs, f)
+        code = f"from lk3d.autotune.aot import _child; _child({jobs_path!r}, {results_path!r})"
+        child = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                               text=True)
+        if child.returncode:
+            raise RuntimeError(f"AOT compile child exited with {child.returncode}:\n"
+                               f"{child.stderr[-4000:]}")
+        with open(results_path, "rb") as f:
+            results = pickle.load(f)
+    return [CompiledKernel(None, group, key) if ok else RuntimeError(f"compile failed:\n{group}")
+            for ok, group, key in results]
+
+
+def _compile_here(fn, signature, constexprs, arch, num_warps, num_stages):
+    aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
+               for name, ty in signature.items() if ty.startswith("*")}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def _attempt(job):
+    try:
+        return _compile_here(*job)
+    except Exception as e:  # reported per job, raised by the caller that wants it
+        return e
+
+
+def _child(jobs_path, results_path):
+    """Entry of the compile child: kernels by (module, name), results as cache entries."""
+    with open(jobs_path, "rb") as f:
+        specs = pickle.load(f)
+    results = []
+    for (module, name), *rest in specs:
+        try:
+            kernel = _compile_here(getattr(importlib.import_module(module), name), *rest)
+            results.append((True, dict(kernel.metadata_group), kernel.hash))
+        except Exception:
+            results.append((False, traceback.format_exc(), None))
+    with open(results_path, "wb") as f:
+        pickle.dump(results, f)
+
+
+@dataclass(frozen=True)
+class ResourceUsage:
+    registers: int     # per thread
+    spill_bytes: int   # per-thread local memory, STACK + LOCAL: only register spills in Triton code
+    spill_ops: int     # STL/LDL instructions in the SASS
+    shared_bytes: int  # what Triton requests (metadata.shared) plus the cubin's static shared
+    mma_ops: tuple     # tensor-core mnemonics found in the SASS, e.g. ("HGMMA",)
+    tensor_cores: bool  # one of TENSOR_CORE_OPS[arch] is present
+
+
+def resource_usage(compiled):
+    """Registers, spills, shared memory and tensor-core use of a compiled kernel's cubin.
+
+    ptxas keeps spills in the stack frame, so ``cuobjdump -res-usage`` shows them as STACK (LOCAL
+    stays 0); both count as spill bytes. Static shared memory counts against the opt-in limit
+    (Triton's launcher allows ``limit - static`` dynamic bytes), so it is added in.
+    """
+    arch = compiled.metadata.target.arch
+    with tempfile.TemporaryDirectory(prefix="lk3d-aot-") as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        out = subprocess.run([CUOBJDUMP, "-res-usage", "-sass", path], check=True,
+                             capture_output=True, text=True).stdout
+    line = re.search(r"^\s*(REG:\d+.*)$", out, re.MULTILINE)
+    if line is None:
+        raise RuntimeError(f"cuobjdump -res-usage: no REG line in\n{out[:2000]}")
+    res = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line.group(1))}
+    mma = tuple(sorted(set(re.findall(r"\b(HGMMA|HMMA)\.", out))))
+    return ResourceUsage(
+        registers=res["REG"],
+        spill_bytes=res.get("STACK", 0) + res.get("LOCAL", 0),
+        spill_ops=len(re.findall(r"\b(?:STL|LDL)\b", out)),
+        shared_bytes=compiled.metadata.shared + res.get("SHARED", 0),
+        mma_ops=mma,
+        tensor_cores=any(op in mma for op in TENSOR_CORE_OPS.get(arch, ())),
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class Case:
+    kernel: object            # the @triton.jit function
+    id: str                   # readable, e.g. "igemm-fwd-bf16-M128-N64-K32-w4s3"
+    signature: dict           # every argument name -> "*bf16" / "i32" / "constexpr"
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    dtype: str                # element type of the data pointers
+    expect_tensor_cores: bool  # its tl.dot must reach the tensor cores
+
+    def job(self, arch):
+        """The arguments of ``compile_kernel`` / one entry of ``compile_many``."""
+        return (self.kernel, self.signature, self.constexprs, arch, self.num_warps, self.num_stages)
+
+
+def _case(kernel, name, dtype, config, constexprs, expect_tensor_cores=False):
+    tile = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+    constexprs = {**constexprs, "ACC_DTYPE": tl.float32, **tile}
+    if "PRECISION" in kernel.arg_names:
+        constexprs["PRECISION"] = "tf32" if dtype == "fp32" else "ieee"
+
+    def arg_type(arg):
+        if arg in constexprs:
+            return "constexpr"
+        if arg.endswith("_ptr"):
+            return "*fp32" if arg in _PARTIAL_PTRS else f"*{dtype}"
+        return "i32"
+
+    tile_id = "-".join(f"{k.replace('BLOCK_', '').replace('BLOCK', 'B')}{v}"
+                       for k, v in tile.items())
+    warps, stages = config["num_warps"], config["num_stages"]
+    return Case(kernel=kernel, id=f"{name}-{dtype}-{tile_id}-w{warps}s{stages}",
+                signature={a: arg_type(a) for a in kernel.arg_names}, constexprs=constexprs,
+                num_warps=warps, num_stages=stages, dtype=dtype,
+                expect_tensor_cores=expect_tensor_cores)
+
+
+def _strides(s):
+    return dict(STR_D=s, STR_H=s, STR_W=s)
+
+
+def shipped_cases():
+    """Every config in CONFIG_SPACES on the kernel that takes it, in bf16; the implicit GEMM also
+    in fp16 and fp32 (tf32), the other dtypes its launchers feed to ``tl.dot``."""
+    from lk3d.kernels import tiled
+
+    cases = []
+    for config in CONFIG_SPACES["conv3d_fwd"]:
+        for name, transposed, stride in (("igemm-fwd", False, 1), ("igemm-bwd", True, 2)):
+            for dtype in ("bf16", "fp16", "fp32"):
+                cases.append(_case(tiled._conv3d_igemm_kernel, name, dtype, config, dict(
+                    KC=64, NC=64, **_GEOMETRY, **_strides(stride), TRANSPOSED=transposed,
+                    HAS_BIAS=not transposed), expect_tensor_cores=True))
+    for config in CONFIG_SPACES["conv3d_dw"]:
+        for name, transposed, stride in (("dw-fwd", False, 1), ("dw-bwd", True, 2)):
+            cases.append(_case(tiled._conv3d_dw_kernel, name, "bf16", config, dict(
+                CY=64, MULT=1, **_GEOMETRY, **_strides(stride), TRANSPOSED=transposed,
+                HAS_BIAS=not transposed)))
+    for config in CONFIG_SPACES["conv3d_wgrad"]:
+        cases.append(_case(tiled._conv3d_wgrad_kernel, "wgrad", "bf16", config, dict(
+            CIG=64, COG=64, **_GEOMETRY, **_strides(1)), expect_tensor_cores=True))
+    for config in CONFIG_SPACES["conv3d_dw_wgrad"]:
+        cases.append(_case(tiled._conv3d_dw_wgrad_kernel, "dw_wgrad", "bf16", config, dict(
+            CO=64, MULT=1, **_GEOMETRY, **_strides(1))))
+    for config in CONFIG_SPACES["bias_grad"]:
+        cases.append(_case(tiled._bias_grad_kernel, "bias_grad", "bf16", config, dict(C=64)))
+    return cases
+
+
+def problems(case, arch, usage):
+    """What is wrong with ``usage`` for ``case`` on ``sm_<arch>``; empty when all is well."""
+    found = []
+    if usage.spill_bytes:
+        found.append(f"spills {usage.spill_bytes} B ({usage.spill_ops} STL/LDL)")
+    if usage.shared_bytes > SHARED_LIMIT[arch]:
+        found.append(f"shared {usage.shared_bytes} B > {SHARED_LIMIT[arch]} B")
+    if case.expect_tensor_cores and not usage.tensor_cores:
+        found.append(f"no {'/'.join(TENSOR_CORE_OPS[arch])} in SASS")
+    return found
+
+
+def main(argv=None):
+    archs = [int(a) for a in (sys.argv[1:] if argv is None else argv)] or list(ARCHS)
+    print(f"triton {triton.__version__}, cache {knobs.cache.dir}")
+    header = (f"{'case':<34} {'sm':>3} {'regs':>5} {'spill':>6} {'stl/ldl':>7} {'shared':>7} "
+              f"{'mma':<6} {'secs':>5}  problems")
+    print(header)
+    print("-" * len(header))
+    bad = 0
+    for case in shipped_cases():
+        for arch in archs:
+            t0 = time.perf_counter()
+            compiled = compile_kernel(*case.job(arch))
+            secs = time.perf_counter() - t0
+            usage = resource_usage(compiled)
+            found = problems(case, arch, usage)
+            bad += bool(found)
+            print(f"{case.id:<34} {arch:>3} {usage.registers:>5} {usage.spill_bytes:>6} "
+                  f"{usage.spill_ops:>7} {usage.shared_bytes:>7} "
+                  f"{'+'.join(usage.mma_ops) or '-':<6} {secs:>5.2f}  {'; '.join(found)}")
+    print(f"{bad} problem(s)")
+    return int(bad > 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

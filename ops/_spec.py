@@ -1,0 +1,125 @@
+"""Argument checking and normalisation for lk3d's convolutions, done once per call.
+
+Every bad argument raises a ``TypeError`` (wrong kind of thing) or ``ValueError`` (right kind,
+wrong value) whose message names the argument, what was expected and what was given.
+"""
+from dataclasses import dataclass
+from numbers import Integral
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Conv3dSpec:
+    """A checked convolution: per-axis stride, left/right padding, dilation; groups; shapes."""
+    stride: tuple
+    pad_left: tuple
+    pad_right: tuple
+    dilation: tuple
+    groups: int
+    out_size: tuple
+
+    @property
+    def padding(self):
+        """The six paddings as the custom ops take them: (d_l, h_l, w_l, d_r, h_r, w_r)."""
+        return list(self.pad_left) + list(self.pad_right)
+
+
+def _triple(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, (Integral, tuple, list)):
+        raise TypeError(f"{name}: expected an int or a tuple of 3 ints, got {value!r} "
+                        f"({type(value).__name__})")
+    vals = (value,) * 3 if isinstance(value, Integral) else tuple(value)
+    if len(vals) == 1:
+        vals = vals * 3
+    if len(vals) != 3 or any(isinstance(v, bool) or not isinstance(v, Integral) for v in vals):
+        raise TypeError(f"{name}: expected an int or a tuple of 3 ints, got {value!r}")
+    if any(v < minimum for v in vals):
+        what = "positive" if minimum == 1 else "non-negative"
+        raise ValueError(f"{name}: expected {what} values, got {value!r}")
+    return tuple(int(v) for v in vals)
+
+
+def check_tensor(name, t, dims=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a floating dtype (float16, bfloat16, float32, float64), "
+                        f"got {t.dtype}")
+    if dims is not None and t.dim() not in dims:
+        shape = "or ".join(f"{d}-D " for d in dims)
+        raise ValueError(f"{name}: expected a {shape}tensor, got {t.dim()}-D with shape "
+                         f"{tuple(t.shape)}")
+
+
+def check_same(name, t, ref, ref_name="input"):
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), "
+                        f"got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name}: expected a tensor on {ref.device} (the device of {ref_name}), "
+                         f"got {t.device}")
+
+
+def conv_output_size(size, k, stride, pad_left, pad_right, dilation):
+    return (size + pad_left + pad_right - dilation * (k - 1) - 1) // stride + 1
+
+
+def check_conv3d(input, weight, bias, stride, padding, dilation, groups) -> Conv3dSpec:
+    """Check the arguments of ``conv3d`` (``input`` 5-D here) and return the normalised spec."""
+    check_tensor("input", input, (5,))
+    check_tensor("weight", weight, (5,))
+    check_same("weight", weight, input)
+    if bias is not None:
+        check_tensor("bias", bias, (1,))
+        check_same("bias", bias, input)
+    if isinstance(groups, bool) or not isinstance(groups, Integral):
+        raise TypeError(f"groups: expected an int, got {groups!r} ({type(groups).__name__})")
+    if groups < 1:
+        raise ValueError(f"groups: expected a positive int, got {groups}")
+    groups = int(groups)
+    stride = _triple("stride", stride, 1)
+    dilation = _triple("dilation", dilation, 1)
+
+    cin, cout, kernel = input.shape[1], weight.shape[0], tuple(weight.shape[2:])
+    if cin % groups:
+        raise ValueError(f"groups: expected a divisor of the input's {cin} channels, got {groups}")
+    if cout % groups:
+        raise ValueError(f"groups: expected a divisor of weight's {cout} output channels, "
+                         f"got {groups}")
+    if weight.shape[1] != cin // groups:
+        raise ValueError(f"weight: expected shape[1] = in_channels / groups = {cin} / {groups} = "
+                         f"{cin // groups}, got weight of shape {tuple(weight.shape)}")
+    if min(kernel) < 1 or cout < 1:
+        raise ValueError(f"weight: expected non-empty kernel and output channels, got shape "
+                         f"{tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (cout,):
+        raise ValueError(f"bias: expected shape ({cout},) to match weight's output channels, "
+                         f"got {tuple(bias.shape)}")
+
+    if isinstance(padding, str):
+        if padding == "valid":
+            pad_left = pad_right = (0, 0, 0)
+        elif padding == "same":
+            if stride != (1, 1, 1):
+                raise ValueError(f"padding: 'same' expects stride 1, got stride {stride}")
+            total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+            pad_left = tuple(t // 2 for t in total)
+            pad_right = tuple(t - t // 2 for t in total)
+        else:
+            raise ValueError(f"padding: expected 'same', 'valid', an int or a tuple of 3 ints, "
+                             f"got {padding!r}")
+    else:
+        pad_left = pad_right = _triple("padding", padding, 0)
+
+    spatial = tuple(input.shape[2:])
+    out = tuple(conv_output_size(s, k, st, pl, pr, d) for s, k, st, pl, pr, d in
+                zip(spatial, kernel, stride, pad_left, pad_right, dilation))
+    if min(out) < 1:
+        padded = tuple(s + pl + pr for s, pl, pr in zip(spatial, pad_left, pad_right))
+        extent = tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel))
+        raise ValueError(f"weight: kernel extent {extent} (kernel {kernel}, dilation {dilation}) "
+                         f"is larger than the padded input {padded}")
+    return Conv3dSpec(stride, pad_left, pad_right, dilation, groups, out)

@@ -1,0 +1,1 @@
+"""lk3d.nn: drop-in modules (placeholder until the module layer lands)."""
