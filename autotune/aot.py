@@ -77,6 +77,7 @@ def compile_many(jobs):
                                f"{child.stderr[-4000:]}")
         with open(results_path, "rb") as f:
             results = pickle.load(f)
+    # As triton.compile does on a cache hit; the source (None here) is only kept for reference.
     return [CompiledKernel(None, group, key) if ok else RuntimeError(f"compile failed:\n{group}")
             for ok, group, key in results]
 

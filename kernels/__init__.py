@@ -3,6 +3,17 @@
 ``HAS_TRITON`` says whether Triton imports here (Linux x86_64 wheels); ``INTERPRETED`` whether its
 interpreter runs the kernels on CPU tensors (``TRITON_INTERPRET=1`` set before Triton's import).
 """
+import torch
+
+
+def memory_format(t: torch.Tensor):
+    """The layout of a result made from ``t``: channels_last_3d when ``t`` is laid out so (and not
+    also NCDHW-contiguous), else NCDHW-contiguous; as aten's convolutions do."""
+    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 try:
     import triton  # noqa: F401
     from triton.runtime.interpreter import InterpretedFunction

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lk3d.kernels import memory_format
 from lk3d.kernels._index import split_flat, split_tap, tap_coord
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
@@ -331,16 +332,19 @@ def _check_cfg(config, keys):
         raise ValueError(f"config: expected keys {keys}, missing {missing} in {config}")
 
 
-def memory_format(t):
-    """channels_last_3d when ``t`` is laid out so (and not also NCDHW-contiguous), as aten does."""
-    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
+# Tests set this to True: every buffer a launcher allocates starts as NaN, so an element that a
+# kernel fails to write shows up instead of passing as leftover memory.
+POISON = False
+
+
+def _new(shape, dtype, device, memory_format=torch.contiguous_format):
+    t = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    return t.fill_(float("nan")) if POISON else t
 
 
 def _alloc(shape, like, out, memory_format):
     if out is None:
-        return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
+        return _new(shape, like.dtype, like.device, memory_format)
     if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or out.device != like.device:
         raise ValueError(f"out: expected {tuple(shape)} {like.dtype} on {like.device}, "
                          f"got {tuple(out.shape)} {out.dtype} on {out.device}")
@@ -446,7 +450,7 @@ def conv3d_bwd_weight(x, dy, weight_shape, stride, padding, dilation, groups, co
     M = dy.shape[0] * dy.shape[2] * dy.shape[3] * dy.shape[4]
     per, split = _split_len(M, config["SPLIT"], config["BLOCK_K"])
     T = weight_shape[2] * weight_shape[3] * weight_shape[4]
-    part = torch.empty((split, cout, cig, T), dtype=_partial_dtype(x), device=x.device)
+    part = _new((split, cout, cig, T), _partial_dtype(x), x.device)
     grid = (T * triton.cdiv(cog, config["BLOCK_CO"]) * triton.cdiv(cig, config["BLOCK_CI"]),
             groups, split)
     _conv3d_wgrad_kernel[grid](
@@ -465,7 +469,7 @@ def conv3d_dw_bwd_weight(x, dy, weight_shape, stride, padding, dilation, config)
     M = dy.shape[0] * dy.shape[2] * dy.shape[3] * dy.shape[4]
     per, split = _split_len(M, config["SPLIT"], config["BLOCK_S"])
     T = weight_shape[2] * weight_shape[3] * weight_shape[4]
-    part = torch.empty((split, cout, T), dtype=_partial_dtype(x), device=x.device)
+    part = _new((split, cout, T), _partial_dtype(x), x.device)
     grid = (cout, triton.cdiv(T, config["BLOCK_T"]), split)
     _conv3d_dw_wgrad_kernel[grid](
         x, dy, part, M, per, *x.shape[2:], *dy.shape[2:], *x.stride(), *dy.stride(),
@@ -481,7 +485,7 @@ def bias_grad(dy, config):
     C = dy.shape[1]
     M = dy.shape[0] * dy.shape[2] * dy.shape[3] * dy.shape[4]
     per, split = _split_len(M, config["SPLIT"], config["BLOCK_S"])
-    part = torch.empty((split, C), dtype=_partial_dtype(dy), device=dy.device)
+    part = _new((split, C), _partial_dtype(dy), dy.device)
     _bias_grad_kernel[(C, split)](
         dy, part, M, per, *dy.shape[2:], *dy.stride(),
         C=C, ACC_DTYPE=_acc_dtype(dy), BLOCK_S=config["BLOCK_S"], **_launch_opts(config))

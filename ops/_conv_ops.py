@@ -15,6 +15,7 @@ kernel (asymmetric) needs no padded copy in the kernels. The output, and grad-in
 like the input (channels_last_3d stays channels_last_3d), as aten does.
 Double backward is not supported (the backward ops have no autograd of their own).
 """
+import math
 import os
 from typing import List, Optional
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lk3d.autotune.configs import Problem, default_config
-from lk3d.kernels import HAS_TRITON, INTERPRETED
+from lk3d.kernels import HAS_TRITON, INTERPRETED, memory_format
 
 if HAS_TRITON:
     from lk3d.kernels import tiled
@@ -44,12 +45,6 @@ def use_kernels(t: torch.Tensor) -> bool:
     if t.device.type == "cuda":
         return t.dtype in _KERNEL_DTYPES["cuda"]
     return t.device.type == "cpu" and INTERPRETED and t.dtype in _KERNEL_DTYPES["cpu"]
-
-
-def _memory_format(t):
-    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
 
 
 def _empty(shape, like, memory_format):
@@ -99,33 +94,31 @@ def conv3d_op(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
               stride: List[int], padding: List[int], dilation: List[int],
               groups: int) -> torch.Tensor:
     out_size = _out_size(input.shape[2:], weight.shape[2:], stride, padding, dilation)
-    mf = _memory_format(input)
+    mf = memory_format(input)
     N, cout = input.shape[0], weight.shape[0]
     if not use_kernels(input):
         x, pad = _aten_padded(input, padding)
         y = F.conv3d(x, weight, bias, stride, pad, dilation, groups)
         return y.contiguous(memory_format=mf)
-    y = _empty((N, cout, *out_size), input, mf)
-    if y.numel() == 0:
-        return y
+    if N == 0:
+        return _empty((N, cout, *out_size), input, mf)
     left = _split_pad(padding)[0]
     taps = weight.shape[2] * weight.shape[3] * weight.shape[4]
     with _device_ctx(input):
         if weight.shape[1] == 1:  # depthwise, with channel multiplier cout / cin
-            cfg = default_config(Problem("conv3d_dw", M=y[0, 0].numel(), taps=taps),
+            cfg = default_config(Problem("conv3d_dw", M=math.prod(out_size), taps=taps),
                                  input.device)
-            return tiled.conv3d_dw_fwd(input, weight, bias, stride, left, dilation, out_size,
-                                       cfg, out=y)
-        cfg = default_config(Problem("conv3d_fwd", M=y.numel() // cout, KC=weight.shape[1],
+            return tiled.conv3d_dw_fwd(input, weight, bias, stride, left, dilation, out_size, cfg)
+        cfg = default_config(Problem("conv3d_fwd", M=N * math.prod(out_size), KC=weight.shape[1],
                                      NC=cout // groups, taps=taps), input.device)
         return tiled.conv3d_fwd(input, weight, bias, stride, left, dilation, groups, out_size,
-                                cfg, allow_tf32=_allow_tf32(), out=y)
+                                cfg, allow_tf32=_allow_tf32())
 
 
 @conv3d_op.register_fake
 def _(input, weight, bias, stride, padding, dilation, groups):
     out_size = _out_size(input.shape[2:], weight.shape[2:], stride, padding, dilation)
-    return _empty((input.shape[0], weight.shape[0], *out_size), input, _memory_format(input))
+    return _empty((input.shape[0], weight.shape[0], *out_size), input, memory_format(input))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,7 +129,7 @@ def _(input, weight, bias, stride, padding, dilation, groups):
 def conv3d_grad_input_op(grad: torch.Tensor, weight: torch.Tensor, input_shape: List[int],
                          stride: List[int], padding: List[int], dilation: List[int],
                          groups: int) -> torch.Tensor:
-    mf = _memory_format(grad)
+    mf = memory_format(grad)
     if not use_kernels(grad):
         left, right = _split_pad(padding)
         padded = [input_shape[0], input_shape[1],
@@ -147,27 +140,26 @@ def conv3d_grad_input_op(grad: torch.Tensor, weight: torch.Tensor, input_shape: 
         gx = gx[:, :, left[0]:left[0] + input_shape[2], left[1]:left[1] + input_shape[3],
                 left[2]:left[2] + input_shape[4]]
         return gx.contiguous(memory_format=mf)
-    gx = _empty(input_shape, grad, mf)
-    if gx.numel() == 0:
-        return gx
+    if math.prod(input_shape) == 0:
+        return _empty(input_shape, grad, mf)
     left = _split_pad(padding)[0]
     taps = weight.shape[2] * weight.shape[3] * weight.shape[4]
     with _device_ctx(grad):
         if weight.shape[1] == 1:
-            cfg = default_config(Problem("conv3d_dw", M=gx[0, 0].numel(), taps=taps),
+            cfg = default_config(Problem("conv3d_dw", M=math.prod(input_shape[2:]), taps=taps),
                                  grad.device)
             return tiled.conv3d_dw_bwd_input(grad, weight, input_shape, stride, left, dilation,
-                                             cfg, out=gx)
-        cfg = default_config(Problem("conv3d_fwd", M=gx.numel() // input_shape[1],
+                                             cfg)
+        cfg = default_config(Problem("conv3d_fwd", M=math.prod(input_shape) // input_shape[1],
                                      KC=weight.shape[0] // groups, NC=weight.shape[1],
                                      taps=taps), grad.device)
         return tiled.conv3d_bwd_input(grad, weight, input_shape, stride, left, dilation, groups,
-                                      cfg, allow_tf32=_allow_tf32(), out=gx)
+                                      cfg, allow_tf32=_allow_tf32())
 
 
 @conv3d_grad_input_op.register_fake
 def _(grad, weight, input_shape, stride, padding, dilation, groups):
-    return _empty(input_shape, grad, _memory_format(grad))
+    return _empty(input_shape, grad, memory_format(grad))
 
 
 @torch.library.custom_op("lk3d::conv3d_grad_weight", mutates_args=())
