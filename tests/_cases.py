@@ -1,0 +1,79 @@
+"""Shared test cases, tolerances and reference for the conv3d tests."""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Relative error ||y - ref|| / ||ref|| against a float64 reference, per dtype of the computation.
+TOL = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.float16: 3e-3,
+    torch.bfloat16: 2e-2,
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    N: int
+    cin: int
+    cout: int
+    size: tuple
+    kernel: tuple
+    stride: object = 1
+    padding: object = 0
+    dilation: object = 1
+    groups: int = 1
+    bias: bool = True
+
+    @property
+    def id(self):
+        def j(v):
+            return "x".join(map(str, v)) if isinstance(v, tuple) else str(v)
+        return (f"N{self.N}-C{self.cin}to{self.cout}-D{j(self.size)}-k{j(self.kernel)}"
+                f"-s{j(self.stride)}-p{j(self.padding)}-d{j(self.dilation)}-g{self.groups}")
+
+    def tensors(self, dtype=torch.float64, device="cpu", seed=0):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(self.N, self.cin, *self.size, generator=g, dtype=torch.float64)
+        w = torch.randn(self.cout, self.cin // self.groups, *self.kernel, generator=g,
+                        dtype=torch.float64)
+        b = torch.randn(self.cout, generator=g, dtype=torch.float64) if self.bias else None
+        to = dict(dtype=dtype, device=device)
+        return x.to(**to), w.to(**to), None if b is None else b.to(**to)
+
+    def args(self):
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation,
+                    groups=self.groups)
+
+
+def conv3d_ref(x, w, b, **args):
+    """Float64 reference on the CPU."""
+    up = (lambda t: None if t is None else t.detach().to("cpu", torch.float64))
+    return F.conv3d(up(x), up(w), up(b), **args)
+
+
+def rel_err(y, ref):
+    y = y.detach().to("cpu", torch.float64)
+    ref = ref.detach().to("cpu", torch.float64)
+    assert y.shape == ref.shape, f"shape {tuple(y.shape)} != reference {tuple(ref.shape)}"
+    assert torch.isfinite(y).all(), "non-finite values (an element the kernel did not write?)"
+    return ((y - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+# Odd and prime sizes, non-cubic kernels (up to 21 on a side), stride, dilation, every padding
+# form, groups (dense, grouped, depthwise, depthwise with multiplier), batch > 1.
+CASES = [
+    Case(2, 3, 4, (7, 9, 5), (3, 5, 3), padding=(1, 2, 0)),
+    Case(1, 6, 4, (9, 7, 8), (3, 3, 2), stride=(2, 1, 3), padding=1, dilation=(1, 2, 1), groups=2),
+    Case(2, 4, 4, (9, 7, 8), (5, 3, 3), stride=2, padding=(2, 1, 1), dilation=(1, 2, 2), groups=4),
+    Case(1, 3, 6, (11, 7, 5), (7, 3, 5), padding="same", groups=3),
+    Case(1, 2, 2, (23, 5, 7), (21, 1, 3), padding="same", groups=2, bias=False),
+    Case(1, 2, 3, (5, 23, 6), (1, 21, 3), padding="valid"),
+    Case(1, 3, 5, (6, 7, 5), (4, 2, 3), padding="same", dilation=(1, 2, 1)),
+    Case(1, 4, 4, (13, 11, 7), (2, 2, 2), stride=3),
+    Case(1, 5, 5, (13, 11, 9), (3, 3, 3), padding=3, dilation=3, groups=5),
+    Case(1, 1, 4, (7, 5, 6), (3, 3, 3), padding=1),
+    Case(2, 20, 24, (5, 3, 5), (3, 1, 3), padding=1, bias=False),
+    Case(3, 4, 6, (5, 6, 7), (3, 3, 3), stride=(1, 2, 2), padding=(0, 1, 2), groups=2),
+]
