@@ -1,0 +1,117 @@
+"""Every shipped launch config runs once (under the interpreter on CPU) and matches the reference.
+
+Channel counts are chosen so that each config's tiles are partly masked (channels not a multiple
+of the block), and the gradient reductions run split over several programs.
+"""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lk3d
+from _cases import TOL, rel_err
+from lk3d.autotune.configs import CONFIG_SPACES, Problem, default_config
+from lk3d.kernels import tiled
+
+ARGS = dict(stride=(1, 2, 1), padding=(1, 0, 2), dilation=(2, 1, 1))
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(tiled, "POISON", True)
+
+
+def _ids(kind):
+    return [f"{kind}-" + "-".join(f"{k}{v}" for k, v in c.items()) for c in CONFIG_SPACES[kind]]
+
+
+def _dense(device, dtype=torch.float64, groups=2):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 2 * 17, 5, 6, 7, generator=g, dtype=torch.float64)
+    w = torch.randn(2 * 20, 17, 3, 2, 3, generator=g, dtype=torch.float64)
+    return x.to(device, dtype), w.to(device, dtype)
+
+
+def _depthwise(device, dtype=torch.float64, mult=2):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 9, 6, 7, generator=g, dtype=torch.float64)
+    w = torch.randn(3 * mult, 1, 3, 2, 5, generator=g, dtype=torch.float64)
+    return x.to(device, dtype), w.to(device, dtype)
+
+
+
+
+@pytest.mark.parametrize("config", CONFIG_SPACES["conv3d_fwd"], ids=_ids("conv3d_fwd"))
+def test_fwd_and_grad_input_configs(config, device):
+    x, w = _dense(device)
+    b = torch.randn(w.shape[0], dtype=x.dtype, device=device)
+    ref = F.conv3d(x.cpu(), w.cpu(), b.cpu(), **ARGS, groups=2)
+    y = tiled.conv3d_fwd(x, w, b, ARGS["stride"], ARGS["padding"], ARGS["dilation"], 2,
+                         ref.shape[2:], config)
+    assert rel_err(y, ref) < TOL[torch.float64]
+    gy = torch.randn_like(ref)
+    want = torch.nn.grad.conv3d_input(x.shape, w.cpu(), gy, **ARGS, groups=2)
+    got = tiled.conv3d_bwd_input(gy.to(device), w, x.shape, ARGS["stride"], ARGS["padding"],
+                                 ARGS["dilation"], 2, config)
+    assert rel_err(got, want) < TOL[torch.float64]
+
+
+@pytest.mark.parametrize("config", CONFIG_SPACES["conv3d_wgrad"], ids=_ids("conv3d_wgrad"))
+def test_wgrad_configs(config, device):
+    x, w = _dense(device)
+    gy = torch.randn_like(F.conv3d(x.cpu(), w.cpu(), None, **ARGS, groups=2))
+    want = torch.nn.grad.conv3d_weight(x.cpu(), w.shape, gy, **ARGS, groups=2)
+    got = tiled.conv3d_bwd_weight(x, gy.to(device), w.shape, ARGS["stride"], ARGS["padding"],
+                                  ARGS["dilation"], 2, dict(config, SPLIT=3))
+    assert rel_err(got, want) < TOL[torch.float64]
+
+
+@pytest.mark.parametrize("config", CONFIG_SPACES["conv3d_dw"], ids=_ids("conv3d_dw"))
+def test_depthwise_configs(config, device):
+    x, w = _depthwise(device)
+    b = torch.randn(w.shape[0], dtype=x.dtype, device=device)
+    ref = F.conv3d(x.cpu(), w.cpu(), b.cpu(), **ARGS, groups=3)
+    y = tiled.conv3d_dw_fwd(x, w, b, ARGS["stride"], ARGS["padding"], ARGS["dilation"],
+                            ref.shape[2:], config)
+    assert rel_err(y, ref) < TOL[torch.float64]
+    gy = torch.randn_like(ref)
+    want = torch.nn.grad.conv3d_input(x.shape, w.cpu(), gy, **ARGS, groups=3)
+    got = tiled.conv3d_dw_bwd_input(gy.to(device), w, x.shape, ARGS["stride"], ARGS["padding"],
+                                    ARGS["dilation"], config)
+    assert rel_err(got, want) < TOL[torch.float64]
+
+
+@pytest.mark.parametrize("config", CONFIG_SPACES["conv3d_dw_wgrad"], ids=_ids("conv3d_dw_wgrad"))
+def test_depthwise_wgrad_configs(config, device):
+    x, w = _depthwise(device)
+    gy = torch.randn_like(F.conv3d(x.cpu(), w.cpu(), None, **ARGS, groups=3))
+    want = torch.nn.grad.conv3d_weight(x.cpu(), w.shape, gy, **ARGS, groups=3)
+    got = tiled.conv3d_dw_bwd_weight(x, gy.to(device), w.shape, ARGS["stride"], ARGS["padding"],
+                                     ARGS["dilation"], dict(config, SPLIT=3))
+    assert rel_err(got, want) < TOL[torch.float64]
+
+
+@pytest.mark.parametrize("config", CONFIG_SPACES["bias_grad"], ids=_ids("bias_grad"))
+def test_bias_grad_configs(config, device):
+    gy = torch.randn(3, 5, 4, 7, 9, dtype=torch.float64)
+    got = tiled.bias_grad(gy.to(device), dict(config, SPLIT=4))
+    assert rel_err(got, gy.sum((0, 2, 3, 4))) < TOL[torch.float64]
+
+
+def test_forced_config_is_used(monkeypatch, device):
+    """LK3D_CONFIG forces the keys it names; the result is unchanged."""
+    forced = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
+    monkeypatch.setenv("LK3D_CONFIG", json.dumps(forced))
+    cfg = default_config(Problem("conv3d_fwd", M=1000, KC=40, NC=40), device)
+    assert {k: cfg[k] for k in forced} == forced
+    x, w = _dense(device)
+    y = lk3d.conv3d(x, w, None, **ARGS, groups=2)
+    assert rel_err(y, F.conv3d(x.cpu(), w.cpu(), None, **ARGS, groups=2)) < TOL[torch.float64]
+
+
+def test_launcher_rejects_incomplete_config(device):
+    x, w = _dense(device)
+    with pytest.raises(ValueError, match="config: expected keys"):
+        tiled.conv3d_fwd(x, w, None, (1, 1, 1), (0, 0, 0), (1, 1, 1), 2, (3, 5, 5),
+                         {"BLOCK_M": 32})
