@@ -19,10 +19,10 @@ import torch
 # Implicit GEMM (forward and grad-input). Shared memory ~ stages * (BM*BK + BK*BN) * bytes.
 CONV3D_FWD_CONFIGS = [
     dict(BLOCK_M=128, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=3),  # 4 warps spill on sm_80
     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
-    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),  # K64 spills on sm_80
 ]
 # Depthwise forward and grad-input: output voxels per program.
 CONV3D_DW_CONFIGS = [
