@@ -7,11 +7,11 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from lk3d import nn
-from lk3d.functional import conv3d
+from lk3d.functional import conv3d, explain
 
 try:
     __version__ = version("lk3d")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["conv3d", "nn", "__version__"]
+__all__ = ["conv3d", "explain", "nn", "__version__"]

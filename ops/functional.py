@@ -1,7 +1,7 @@
 """``lk3d.conv3d``: ``torch.nn.functional.conv3d`` semantics on lk3d's kernels."""
 import torch
 
-from lk3d._conv_ops import conv3d_op
+from lk3d._conv_ops import conv3d_op, plan
 from lk3d._spec import check_conv3d, check_tensor
 
 
@@ -15,11 +15,30 @@ def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     aten (or the kernels under ``TRITON_INTERPRET=1``). The result has the input's dtype and
     memory format. Differentiable in input, weight and bias; one node under ``torch.compile``.
     """
-    check_tensor("input", input, (4, 5))
-    unbatched = input.dim() == 4
-    if unbatched:
-        input = input.unsqueeze(0)
+    input, unbatched = _batched(input)
     spec = check_conv3d(input, weight, bias, stride, padding, dilation, groups)
     out = conv3d_op(input, weight, bias, list(spec.stride), spec.padding, list(spec.dilation),
                     spec.groups)
     return out.squeeze(0) if unbatched else out
+
+
+def _batched(input):
+    check_tensor("input", input, (4, 5))
+    return (input.unsqueeze(0), True) if input.dim() == 4 else (input, False)
+
+
+def explain(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """The plans ``conv3d`` would use for these arguments, without running anything.
+
+    Returns ``{"forward": plan, "grad_input": plan, "grad_weight": plan}``, each a dict with the
+    algorithm (``tiled``/``fft``/``aten``), the launch config (None: the default), where the
+    choice came from (``forced``/``cache``/``seed``/``measured``/``model``), the problem key and
+    the measured or modelled milliseconds per candidate.
+    """
+    input, _ = _batched(input)
+    spec = check_conv3d(input, weight, bias, stride, padding, dilation, groups)
+    geometry = (list(spec.stride), spec.padding, list(spec.dilation), spec.groups)
+    x_shape, w_shape = list(input.shape), list(weight.shape)
+    return {name: plan(op, input, x_shape, w_shape, *geometry).as_dict()
+            for name, op in (("forward", "conv3d"), ("grad_input", "conv3d_grad_input"),
+                             ("grad_weight", "conv3d_grad_weight"))}

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 
 import lk3d
 from _cases import CASES, TOL, Case, conv3d_ref, rel_err
-from lk3d import _conv_ops
 from lk3d.kernels import tiled
 
 
@@ -21,8 +20,10 @@ def poison(monkeypatch):
 
 
 def test_kernels_serve_the_test_device(device):
-    x = torch.randn(1, 2, 3, 3, 3, device=device)
-    assert _conv_ops.use_kernels(x), "the tests would not exercise the Triton kernels"
+    x = torch.randn(1, 2, 5, 5, 5, device=device)
+    w = torch.randn(2, 1, 3, 3, 3, device=device)
+    plans = lk3d.explain(x, w, groups=2)
+    assert {p["algo"] for p in plans.values()} == {"tiled"}, plans
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)

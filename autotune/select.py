@@ -1,0 +1,145 @@
+"""Which algorithm runs a convolution: forced, cached, measured, or modelled — in that order.
+
+    LK3D_ALGO=tiled|fft|aten   force one (where it can run here; else the choice goes on as usual)
+    LK3D_AUTOTUNE=1            measure the candidates on a cache miss and store the winner
+    LK3D_AUTOTUNE=0            never measure, also not inside ``tune()``
+    with lk3d.autotune.tune(): measure on a cache miss, for the calls inside the block
+
+A plan is keyed by the device fingerprint, the problem key (op, dtype, channels, groups, kernel,
+stride, dilation, padding exactly; batch and spatial sizes bucketed to powers of two) and a hash of
+the candidate list with the config spaces behind it (``cache.space_hash``). Modelled plans are not
+stored: a later measurement may still fill the entry. The choice is made where the op runs, never
+while a graph is traced, so ``torch.compile`` sees one node whatever is chosen.
+
+This module knows nothing of the algorithms themselves: the ops layer hands it the candidates, a
+cost model (milliseconds per candidate) and a way to run each one.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from lk3d.autotune.cache import default_cache, space_hash
+from lk3d.autotune.configs import CONFIG_SPACES
+from lk3d.autotune.fingerprint import device_fingerprint, fingerprint_id
+
+ALGOS = ("tiled", "fft", "aten")
+MODEL_VERSION = 1  # bump when the meaning of stored plans changes
+_local = threading.local()
+
+
+@dataclass(frozen=True)
+class Plan:
+    algo: str                  # "tiled" | "fft" | "aten"
+    source: str                # "forced" | "cache" | "seed" | "measured" | "model"
+    key: str                   # the problem key
+    config: Optional[dict] = None              # a launch config for "tiled"; None = the default
+    times_ms: dict = field(default_factory=dict)  # measured (or modelled) ms per candidate
+    note: str = ""
+
+    def as_dict(self):
+        return dict(algo=self.algo, source=self.source, key=self.key, config=self.config,
+                    times_ms=self.times_ms, note=self.note)
+
+
+def forced_algo() -> Optional[str]:
+    algo = os.environ.get("LK3D_ALGO", "").strip().lower()
+    if algo in ("", "auto"):
+        return None
+    if algo not in ALGOS:
+        raise ValueError(f"LK3D_ALGO: expected 'auto' or one of {ALGOS}, got {algo!r}")
+    return algo
+
+
+def measuring() -> bool:
+    """Whether a cache miss is measured now (LK3D_AUTOTUNE, or inside ``tune()``)."""
+    env = os.environ.get("LK3D_AUTOTUNE", "").strip()
+    if env not in ("", "0", "1"):
+        raise ValueError(f"LK3D_AUTOTUNE: expected '0' or '1', got {env!r}")
+    if env == "0":
+        return False
+    return env == "1" or getattr(_local, "tuning", 0) > 0
+
+
+@contextlib.contextmanager
+def tune():
+    """Measure the candidates of every convolution in the block whose plan is not cached yet,
+    and store the winners in the persistent cache."""
+    _local.tuning = getattr(_local, "tuning", 0) + 1
+    try:
+        yield
+    finally:
+        _local.tuning -= 1
+
+
+def space_of(candidates: Sequence[str], kernels: Sequence[str]) -> str:
+    """Hash of what a plan was chosen from: the candidates and the tiled kernels' config spaces."""
+    spaces = [{"model": MODEL_VERSION, "candidates": list(candidates)}]
+    spaces += [{"kernel": k, "configs": CONFIG_SPACES[k]} for k in kernels]
+    return space_hash(spaces)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, budget_ms: float = math.inf) -> float:
+    """Median milliseconds of ``fn()``. A first run that already exceeds ``budget_ms`` is
+    returned as it is (no repeats for a candidate that has lost)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        first = (time.perf_counter() - start) * 1e3
+        if first > budget_ms:
+            return first
+        from triton.testing import do_bench
+        return float(do_bench(fn, return_mode="median"))
+    start = time.perf_counter()
+    fn()
+    first = (time.perf_counter() - start) * 1e3
+    if first > budget_ms or first > 2000:
+        return first
+    import torch.utils.benchmark as benchmark
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min(1.0, max(0.05, 5 * first / 1e3))).median * 1e3
+
+
+def choose(op: str, key: str, device: torch.device, candidates: Sequence[str],
+           model_ms: Callable[[str], float], run: Optional[Callable[[str], object]] = None,
+           kernels: Sequence[str] = (), preferred: Optional[str] = None) -> Plan:
+    """The plan for one problem.
+
+    ``candidates``: the algorithms that can run it here; ``model_ms(algo)``: modelled ms;
+    ``run(algo)``: runs it once (for measuring); ``kernels``: config spaces behind "tiled";
+    ``preferred``: an algorithm that wins over cache and model when nothing is forced (the
+    Triton interpreter's CPU runs, whose purpose is to execute the kernels)."""
+    forced = forced_algo()
+    if forced is not None and forced in candidates:
+        return Plan(forced, "forced", key)
+    note = f"LK3D_ALGO={forced} cannot run here" if forced else ""
+    if preferred is not None and preferred in candidates:
+        return Plan(preferred, "model", key, note=note or "interpreter: the kernels are the test")
+    fid = fingerprint_id(device_fingerprint(device))
+    space = space_of(candidates, kernels)
+    cache = default_cache()
+    hit = cache.get(fid, key, space)
+    if hit is not None and hit.get("algo") in candidates:
+        source = "seed" if hit.get("source") == "seed" else "cache"
+        return Plan(hit["algo"], source, key, hit.get("config"), hit.get("times_ms", {}), note)
+    modelled = {a: float(model_ms(a)) for a in candidates}
+    if run is not None and measuring():
+        times = {}
+        for algo in sorted(candidates, key=modelled.get):
+            best = min(times.values(), default=math.inf)
+            times[algo] = time_ms(lambda: run(algo), device, budget_ms=3 * best)
+        algo = min(times, key=times.get)
+        cache.put(fid, key, space, {"algo": algo, "config": None, "times_ms": times,
+                                    "source": "measured", "op": op})
+        return Plan(algo, "measured", key, None, times, note)
+    algo = min(modelled, key=modelled.get)
+    return Plan(algo, "model", key, None, modelled, note)

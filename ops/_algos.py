@@ -1,0 +1,229 @@
+"""The three algorithms behind lk3d's dense conv3d ops, one runner per pass, and their cost model.
+
+    tiled   Triton kernels (lk3d.kernels.tiled): CUDA fp16/bf16/fp32; CPU fp16/fp32/fp64 when
+            Triton runs in its interpreter (TRITON_INTERPRET=1).
+    fft     overlap-save FFT (lk3d.fft): CPU and CUDA, every float dtype (computed in fp32/fp64).
+    aten    torch's own convolution (cuDNN, oneDNN); on the CPU through channels_last_3d, the
+            layout oneDNN is fast in (NCDHW collapses at large kernels).
+
+Padding is six ints (d_l, h_l, w_l, d_r, h_r, w_r). Every runner returns its result in the layout
+``memory_format`` gives for its main operand, as the fake impls promise.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from lk3d import fft
+from lk3d.autotune.configs import Problem, default_config
+from lk3d.kernels import HAS_TRITON, INTERPRETED, memory_format
+
+if HAS_TRITON:
+    from lk3d.kernels import tiled
+
+_KERNEL_DTYPES = {
+    "cuda": (torch.float16, torch.bfloat16, torch.float32),
+    # bf16 tl.dot is wrong in the interpreter (see CPU_FACTS); CPU bf16 goes elsewhere.
+    "cpu": (torch.float16, torch.float32, torch.float64),
+}
+
+
+def kernels_can_run(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels can serve a tensor like ``t`` (device, dtype, interpreter)."""
+    if not HAS_TRITON:
+        return False
+    if t.device.type == "cuda":
+        return t.dtype in _KERNEL_DTYPES["cuda"]
+    return t.device.type == "cpu" and INTERPRETED and t.dtype in _KERNEL_DTYPES["cpu"]
+
+
+def candidates(t: torch.Tensor):
+    algos = ["tiled"] if kernels_can_run(t) else []
+    if t.device.type in ("cpu", "cuda"):
+        algos.append("fft")
+    return algos + ["aten"]
+
+
+def split_pad(padding):
+    return tuple(padding[:3]), tuple(padding[3:])
+
+
+def out_size(spatial, kernel, stride, padding, dilation):
+    left, right = split_pad(padding)
+    return tuple((s + pl + pr - d * (k - 1) - 1) // st + 1 for s, k, st, pl, pr, d in
+                 zip(spatial, kernel, stride, left, right, dilation))
+
+
+def empty(shape, like, mf):
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=mf)
+
+
+def _allow_tf32():
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
+class _device:
+    """Make ``t``'s CUDA device current for a Triton launch (no-op on the CPU)."""
+
+    def __init__(self, t):
+        self.ctx = torch.cuda.device(t.device) if t.device.type == "cuda" else None
+
+    def __enter__(self):
+        return self.ctx.__enter__() if self.ctx else None
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc) if self.ctx else False
+
+
+# ---------------------------------------------------------------------------------------------
+# aten
+# ---------------------------------------------------------------------------------------------
+
+def _aten_layout(t):
+    """CPU: oneDNN's fast layout; CUDA: as given."""
+    return t.contiguous(memory_format=torch.channels_last_3d) if t.device.type == "cpu" else t
+
+
+def _aten_padded(x, padding):
+    """aten takes symmetric padding only: pad asymmetric cases explicitly (zeros)."""
+    left, right = split_pad(padding)
+    if left == right:
+        return x, list(left)
+    return F.pad(x, (left[2], right[2], left[1], right[1], left[0], right[0])), [0, 0, 0]
+
+
+def aten_forward(x, w, bias, stride, padding, dilation, groups):
+    xp, pad = _aten_padded(_aten_layout(x), padding)
+    return F.conv3d(xp, w, bias, stride, pad, dilation, groups)
+
+
+def aten_grad_input(grad, w, input_shape, stride, padding, dilation, groups):
+    left, right = split_pad(padding)
+    padded = [*input_shape[:2], *(s + pl + pr for s, pl, pr in zip(input_shape[2:], left, right))]
+    gx = torch.ops.aten.convolution_backward(
+        _aten_layout(grad), grad.new_empty(1).expand(padded), w, None, stride, [0, 0, 0],
+        dilation, False, [0, 0, 0], groups, [True, False, False])[0]
+    return gx[:, :, left[0]:left[0] + input_shape[2], left[1]:left[1] + input_shape[3],
+              left[2]:left[2] + input_shape[4]]
+
+
+def aten_grad_weight(grad, x, weight_shape, stride, padding, dilation, groups):
+    xp, pad = _aten_padded(_aten_layout(x), padding)
+    return torch.ops.aten.convolution_backward(
+        _aten_layout(grad), xp, grad.new_empty(1).expand(weight_shape), None, stride, pad,
+        dilation, False, [0, 0, 0], groups, [False, True, False])[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# tiled (Triton)
+# ---------------------------------------------------------------------------------------------
+
+def _taps(shape):
+    return shape[2] * shape[3] * shape[4]
+
+
+def tiled_forward(x, w, bias, stride, padding, dilation, groups, config=None):
+    size = out_size(x.shape[2:], w.shape[2:], stride, padding, dilation)
+    left = split_pad(padding)[0]
+    cout = w.shape[0]
+    with _device(x):
+        if w.shape[1] == 1:  # depthwise, with channel multiplier cout / cin
+            cfg = config or default_config(Problem("conv3d_dw", M=math.prod(size),
+                                                   taps=_taps(w.shape)), x.device)
+            return tiled.conv3d_dw_fwd(x, w, bias, stride, left, dilation, size, cfg)
+        cfg = config or default_config(Problem("conv3d_fwd", M=x.shape[0] * math.prod(size),
+                                               KC=w.shape[1], NC=cout // groups,
+                                               taps=_taps(w.shape)), x.device)
+        return tiled.conv3d_fwd(x, w, bias, stride, left, dilation, groups, size, cfg,
+                                allow_tf32=_allow_tf32())
+
+
+def tiled_grad_input(grad, w, input_shape, stride, padding, dilation, groups, config=None):
+    left = split_pad(padding)[0]
+    with _device(grad):
+        if w.shape[1] == 1:
+            cfg = config or default_config(Problem("conv3d_dw", M=math.prod(input_shape[2:]),
+                                                   taps=_taps(w.shape)), grad.device)
+            return tiled.conv3d_dw_bwd_input(grad, w, input_shape, stride, left, dilation, cfg)
+        cfg = config or default_config(Problem("conv3d_fwd", M=math.prod(input_shape) //
+                                               input_shape[1], KC=w.shape[0] // groups,
+                                               NC=w.shape[1], taps=_taps(w.shape)), grad.device)
+        return tiled.conv3d_bwd_input(grad, w, input_shape, stride, left, dilation, groups, cfg,
+                                      allow_tf32=_allow_tf32())
+
+
+def tiled_grad_weight(grad, x, weight_shape, stride, padding, dilation, groups, config=None):
+    left = split_pad(padding)[0]
+    cout, cig = weight_shape[0], weight_shape[1]
+    taps = _taps(weight_shape)
+    M = grad.numel() // cout
+    with _device(x):
+        if cig == 1:
+            base = dict(kind="conv3d_dw_wgrad", M=M, taps=taps, partial=cout * taps)
+            probe = default_config(Problem(**base), x.device)
+            cfg = config or default_config(
+                Problem(**base, programs=cout * -(-taps // probe["BLOCK_T"])), x.device)
+            return tiled.conv3d_dw_bwd_weight(x, grad, weight_shape, stride, left, dilation, cfg)
+        base = dict(kind="conv3d_wgrad", M=M, KC=cig, NC=cout // groups, taps=taps,
+                    partial=cout * cig * taps)
+        probe = default_config(Problem(**base), x.device)
+        programs = (taps * groups * -(-(cout // groups) // probe["BLOCK_CO"])
+                    * -(-cig // probe["BLOCK_CI"]))
+        cfg = config or default_config(Problem(**base, programs=programs), x.device)
+        return tiled.conv3d_bwd_weight(x, grad, weight_shape, stride, left, dilation, groups,
+                                       cfg, allow_tf32=_allow_tf32())
+
+
+def tiled_grad_bias(grad):
+    M = grad.numel() // grad.shape[1]
+    with _device(grad):
+        cfg = default_config(Problem("bias_grad", M=M, programs=grad.shape[1], partial=1),
+                             grad.device)
+        return tiled.bias_grad(grad, cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch tables and cost model
+# ---------------------------------------------------------------------------------------------
+
+FORWARD = {"tiled": tiled_forward, "fft": fft.conv3d_forward, "aten": aten_forward}
+GRAD_INPUT = {"tiled": tiled_grad_input, "fft": fft.conv3d_grad_input, "aten": aten_grad_input}
+GRAD_WEIGHT = {"tiled": tiled_grad_weight, "fft": fft.conv3d_grad_weight,
+               "aten": aten_grad_weight}
+KERNELS = {"conv3d": ("conv3d_fwd", "conv3d_dw"), "conv3d_grad_input": ("conv3d_fwd", "conv3d_dw"),
+           "conv3d_grad_weight": ("conv3d_wgrad", "conv3d_dw_wgrad")}
+
+# Sustained rates the model assumes (FLOP/s). CPU numbers were measured on a 2-core x86 machine
+# (oneDNN through channels_last_3d; per thread); CUDA ones are fractions of the device's dense
+# rate, untuned guesses until `lk3d tune` measures (or a shipped seed covers) the device.
+_CPU_ATEN_PER_THREAD = {"dense": 110e9, "depthwise": 90e9}
+_CUDA_FRACTION = {("tiled", "dense"): 0.45, ("tiled", "depthwise"): 0.08,
+                  ("aten", "dense"): 0.35, ("aten", "depthwise"): 0.01}
+_CUDA_FFT_SPEEDUP = 40.0  # a GPU's FFT pipeline against this file's CPU constants
+_FFT_CALIBRATION = 1.4    # measured / modelled seconds of lk3d.fft on the CPU
+
+
+def _cuda_rate(device, dtype):
+    p = torch.cuda.get_device_properties(device)
+    per_sm = 1024 * 1.7e9 if dtype in (torch.float16, torch.bfloat16) else 512 * 1.7e9
+    return p.multi_processor_count * per_sm
+
+
+def model_ms(algo, x_shape, w_shape, stride, padding, dilation, groups, dtype, device):
+    """Modelled milliseconds of one forward-sized pass of ``algo``."""
+    size = out_size(x_shape[2:], w_shape[2:], stride, padding, dilation)
+    flops = 2 * x_shape[0] * w_shape[0] * math.prod(size) * w_shape[1] * _taps(w_shape)
+    form = "depthwise" if w_shape[1] == 1 else "dense"
+    if algo == "fft":
+        K = tuple(w_shape[2:])
+        E = tuple(d * (k - 1) + 1 for d, k in zip(dilation, K))
+        Q = tuple(s + pl + pr - e + 1 for s, pl, pr, e in
+                  zip(x_shape[2:], *split_pad(padding), E))
+        secs = fft.plan_tiles(Q, E, K, x_shape[0], x_shape[1], w_shape[0], groups)[1]
+        secs *= _FFT_CALIBRATION * 2 / max(1, torch.get_num_threads())
+        return 1e3 * (secs / _CUDA_FFT_SPEEDUP if device.type == "cuda" else secs)
+    if device.type == "cuda":
+        return 1e3 * flops / (_CUDA_FRACTION[algo, form] * _cuda_rate(device, dtype)) + 0.01
+    if algo == "aten":
+        return 1e3 * flops / (_CPU_ATEN_PER_THREAD[form] * torch.get_num_threads()) + 0.05
+    return math.inf  # the interpreter is for checking kernels, not for speed

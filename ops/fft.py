@@ -1,0 +1,271 @@
+"""FFT convolution: the dense-form algorithm whose cost does not grow with the kernel volume.
+
+All three passes are one primitive, a grouped cross-correlation evaluated by overlap-save::
+
+    out[n, o, p] = sum_{c in group(o)} sum_a  x[n, c, p + a * dil] * w[o, c, a],   p < Q
+
+* forward      x = the padded input, then every ``stride``-th output is kept, plus bias;
+* grad-input   x = grad_output spread onto the stride-1 grid and padded by the dilated kernel
+               extent minus one, w = the flipped kernel with in/out channels swapped per group;
+* grad-weight  a correlation of the padded input with grad_output summed over the batch, by one
+               transform per axis (no tiling; it is a global reduction).
+
+Overlap-save: the output is cut into tiles of B voxels per axis; each tile reads an input window
+of L = B + E - 1 (E = dil·(k-1)+1, the dilated extent) and is one length-L transform, so circular
+wrap-around never reaches a kept output. L is picked per axis from fast sizes (2^a 3^b 5^c 7^d) by a
+cost model of this file's own steps: small L = many small transforms and a small kernel spectrum,
+large L = few big transforms and a kernel spectrum of L³ per channel pair.
+The kernel spectrum is made by three small DFT matmuls (one per axis, k taps -> L frequencies,
+the dilation folded into the DFT matrix), never by transforming a zero-padded L³ kernel; the
+per-frequency channel products are one batched matmul ([tiles·N, Cin/g] @ [Cin/g, Cout/g] per
+frequency and group), or an elementwise product for depthwise.
+
+Precision: fp16/bf16/fp32 inputs are computed in fp32 (complex64), fp64 in complex128; the result
+has the input's dtype. Stride > 1 computes the stride-1 output and keeps every stride-th voxel.
+
+Memory: work is chunked over groups/output channels and over the batch so that one chunk's
+spectra (kernel + input tiles + output tiles, complex) stay under ``LK3D_FFT_MEMORY_MB`` (default
+1024 MiB) when the problem allows it; the peak is about that budget plus the input, its padded copy
+and the output. A single (sample, channel group) whose spectra alone exceed the budget still runs.
+"""
+import functools
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+_FAST = sorted({2 ** a * 3 ** b * 5 ** c * 7 ** d for a in range(12) for b in range(7)
+                for c in range(5) for d in range(4) if 2 ** a * 3 ** b * 5 ** c * 7 ** d <= 4096})
+
+# Seconds per unit, measured on a 2-core x86 CPU (torch 2.13): complex FFT work (n log2 n per
+# transformed element), small-matrix batched complex matmul MACs, DFT (large matmul) MACs.
+_C_FFT, _C_BMM, _C_DFT, _C_ELEM = 2.1e-10, 1.3e-9, 3.7e-10, 2.0e-9
+
+
+def next_fast(n):
+    """Smallest 7-smooth size >= n (a fast transform length)."""
+    for f in _FAST:
+        if f >= n:
+            return f
+    return n
+
+
+def _budget_bytes():
+    return int(float(os.environ.get("LK3D_FFT_MEMORY_MB", "1024")) * 2 ** 20)
+
+
+def _complex(dtype):
+    return torch.complex128 if dtype == torch.float64 else torch.complex64
+
+
+def _real(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_tiles(Q, E, K, N, cin, cout, groups):
+    """Per-axis transform lengths L for outputs Q, dilated extents E, taps K; and the modelled
+    seconds. Returns ``(L, seconds)`` with L a 3-tuple."""
+    cands = []
+    for q, e in zip(Q, E):
+        hi = next_fast(q + e - 1)
+        axis = [f for f in _FAST if f >= e + 1 and f <= hi] or [hi]
+        # Keep lengths whose tile count differs: a longer L with the same tile count is wasted.
+        seen, keep = set(), []
+        for f in axis:
+            t = -(-q // (f - e + 1))
+            if t not in seen:
+                seen.add(t)
+                keep.append(f)
+        cands.append(keep[:12])
+    best = None
+    for ld in cands[0]:
+        for lh in cands[1]:
+            for lw in cands[2]:
+                s = fft_seconds((ld, lh, lw), Q, E, K, N, cin, cout, groups)
+                if best is None or s < best[1]:
+                    best = ((ld, lh, lw), s)
+    return best
+
+
+def fft_seconds(L, Q, E, K, N, cin, cout, groups):
+    """Modelled seconds of one overlap-save correlation with transform lengths L."""
+    B = [l - e + 1 for l, e in zip(L, E)]
+    T = math.prod(-(-q // b) for q, b in zip(Q, B))
+    vol = math.prod(L)
+    Fr = L[0] * L[1] * (L[2] // 2 + 1)
+    logv = math.log2(max(2, vol))
+    cg, og = cin // groups, cout // groups
+    fft = (N * cin * T + N * cout * T) * vol * logv
+    dft = cout * cg * (K[0] * K[1] * K[2] * (L[2] // 2 + 1) + K[0] * K[1] * L[1] * (L[2] // 2 + 1)
+                       + K[0] * L[0] * L[1] * (L[2] // 2 + 1))
+    prod = N * T * Fr * cg * og * groups
+    move = (N * cin * T + N * cout * T) * Fr  # permutes of spectra around the product
+    c_prod = _C_ELEM if cg == 1 else _C_BMM
+    return _C_FFT * fft + _C_DFT * dft + c_prod * prod + _C_ELEM * move
+
+
+def _dft_matrix(k, L, dil, half, dtype, device, sign):
+    """[k, F] matrix exp(sign·2πi·a·dil·f/L) for taps a < k; F = L//2+1 when ``half``."""
+    f = torch.arange(L // 2 + 1 if half else L, dtype=torch.float64, device=device)
+    a = torch.arange(k, dtype=torch.float64, device=device) * dil
+    ang = (sign * 2 * math.pi / L) * torch.outer(a, f)
+    return torch.polar(torch.ones_like(ang), ang).to(dtype)
+
+
+def kernel_spectrum(w, L, dil, groups, cdtype):
+    """conj(DFT) of the dilated kernel, contiguous [groups, Ld·Lh·(Lw//2+1), Cin/g, Cout/g].
+
+    Three matmuls, one per axis (taps -> frequencies), each writing its result already in the
+    layout the next one (and the channel product) reads: no permute of the large spectrum."""
+    cout, cg, kd, kh, kw = w.shape
+    og = cout // groups
+    rdtype = torch.float64 if cdtype == torch.complex128 else torch.float32
+    Gw = _dft_matrix(kw, L[2], dil[2], True, cdtype, w.device, +1).T     # [Fw, kw]
+    Gh = _dft_matrix(kh, L[1], dil[1], False, cdtype, w.device, +1).T    # [Lh, kh]
+    Gd = _dft_matrix(kd, L[0], dil[0], False, cdtype, w.device, +1).T    # [Ld, kd]
+    fw = Gw.shape[0]
+    wv = w.to(rdtype).reshape(groups, og, cg, kd, kh, kw).permute(0, 3, 4, 5, 2, 1)
+    wv = wv.reshape(groups, kd, kh, kw, cg * og)                          # real, tiny
+    s = torch.complex(torch.matmul(Gw.real.contiguous(), wv),
+                      torch.matmul(Gw.imag.contiguous(), wv))             # [G, kd, kh, Fw, CO]
+    s = torch.matmul(Gh, s.reshape(groups, kd, kh, fw * cg * og))        # [G, kd, Lh, Fw·CO]
+    s = torch.matmul(Gd, s.reshape(groups, kd, L[1] * fw * cg * og))     # [G, Ld, Lh·Fw·CO]
+    return s.reshape(groups, L[0] * L[1] * fw, cg, og)
+
+
+def _tiles(x, L, B, T):
+    """Overlapping input windows [N, C, Td, Th, Tw, Ld, Lh, Lw] of a zero-extended ``x``."""
+    need = [t * b + l - b for t, b, l in zip(T, B, L)]
+    ext = [max(0, n - s) for n, s in zip(need, x.shape[2:])]
+    x = F.pad(x, (0, ext[2], 0, ext[1], 0, ext[0]))
+    x = x[:, :, :need[0], :need[1], :need[2]]
+    return x.unfold(2, L[0], B[0]).unfold(3, L[1], B[1]).unfold(4, L[2], B[2])
+
+
+def xcorr(x, w, dil, Q, groups, L=None):
+    """The grouped correlation ``out[n,o,p] = sum_{c,a} x[n,c,p+a·dil] w[o,c,a]`` for p < Q
+    (x must cover Q + dilated extent - 1 per axis), by overlap-save FFT. Real result in the
+    compute dtype (fp32 or fp64)."""
+    N, cin = x.shape[:2]
+    cout, cg = w.shape[:2]
+    og = cout // groups
+    K = tuple(w.shape[2:])
+    E = tuple(d * (k - 1) + 1 for d, k in zip(dil, K))
+    if L is None:
+        L = plan_tiles(tuple(Q), E, K, N, cin, cout, groups)[0]
+    B = [l - e + 1 for l, e in zip(L, E)]
+    T = [-(-q // b) for q, b in zip(Q, B)]
+    nt = math.prod(T)
+    Fr = L[0] * L[1] * (L[2] // 2 + 1)
+    rdtype = _real(x.dtype)
+    cdtype = _complex(x.dtype)
+    esize = torch.empty((), dtype=cdtype).element_size()
+    x = x.to(rdtype)
+
+    out = torch.empty((N, cout, *(t * b for t, b in zip(T, B))), dtype=rdtype, device=x.device)
+    # Chunks: groups (with their output channels) and batch, each chunk's spectra within budget.
+    per_group = Fr * esize * (cg * og + nt * (cg + og))          # one sample, one group
+    g_chunk = max(1, min(groups, _budget_bytes() // max(1, per_group)))
+    n_chunk = max(1, min(N, _budget_bytes() // max(1, per_group * g_chunk)))
+    for g0 in range(0, groups, g_chunk):
+        g1 = min(groups, g0 + g_chunk)
+        g = g1 - g0
+        ws = kernel_spectrum(w[g0 * og:g1 * og], L, dil, g, cdtype)      # [g, Fr, cg, og]
+        for n0 in range(0, N, n_chunk):
+            n1 = min(N, n0 + n_chunk)
+            n = n1 - n0
+            xs = torch.fft.rfftn(_tiles(x[n0:n1, g0 * cg:g1 * cg], L, B, T), dim=(-3, -2, -1))
+            xs = xs.reshape(n, g, cg, nt, Fr)
+            if cg == 1:  # depthwise: an elementwise product per output channel
+                ys = xs * ws.permute(0, 3, 2, 1).unsqueeze(0)             # [n, g, og, T, Fr]
+            else:  # one [n·T, cg] @ [cg, og] product per group and frequency
+                xs = xs.permute(1, 4, 0, 3, 2).reshape(g, Fr, n * nt, cg).contiguous()
+                ys = torch.matmul(xs, ws).reshape(g, Fr, n, nt, og)
+                ys = ys.permute(2, 0, 4, 3, 1).contiguous()               # [n, g, og, T, Fr]
+            ys = ys.reshape(n, g * og, *T, L[0], L[1], L[2] // 2 + 1)
+            ys = torch.fft.irfftn(ys, s=L, dim=(-3, -2, -1))[..., :B[0], :B[1], :B[2]]
+            ys = ys.permute(0, 1, 2, 5, 3, 6, 4, 7)                      # [n, O, Td, Bd, ...]
+            out[n0:n1, g0 * og:g1 * og] = ys.reshape(n, g * og, *out.shape[2:])
+    return out[:, :, :Q[0], :Q[1], :Q[2]]
+
+
+def _pad(x, padding):
+    left, right = padding[:3], padding[3:]
+    return F.pad(x, (left[2], right[2], left[1], right[1], left[0], right[0]))
+
+
+def _extent(k, dil):
+    return tuple(d * (kk - 1) + 1 for kk, d in zip(k, dil))
+
+
+def conv3d_forward(x, w, bias, stride, padding, dilation, groups):
+    """``F.conv3d`` by FFT; ``padding`` is (d_l, h_l, w_l, d_r, h_r, w_r)."""
+    xp = _pad(x, padding)
+    E = _extent(w.shape[2:], dilation)
+    Q = [p - e + 1 for p, e in zip(xp.shape[2:], E)]
+    y = xcorr(xp, w, dilation, Q, groups)
+    if any(s > 1 for s in stride):
+        y = y[:, :, ::stride[0], ::stride[1], ::stride[2]]
+    if bias is not None:
+        y = y + bias.to(y.dtype).view(1, -1, 1, 1, 1)
+    return y.to(x.dtype)
+
+
+def conv3d_grad_input(grad, w, input_shape, stride, padding, dilation, groups):
+    """Gradient of ``conv3d_forward`` in its input, by the same correlation."""
+    cout, cg = w.shape[:2]
+    og = cout // groups
+    E = _extent(w.shape[2:], dilation)
+    P = [s + padding[i] + padding[i + 3] for i, s in enumerate(input_shape[2:])]
+    Q = [p - e + 1 for p, e in zip(P, E)]
+    if any(s > 1 for s in stride):  # spread grad onto the stride-1 output grid
+        up = grad.new_zeros((*grad.shape[:2], *Q))
+        up[:, :, ::stride[0], ::stride[1], ::stride[2]] = grad
+        grad = up
+    else:
+        grad = grad[:, :, :Q[0], :Q[1], :Q[2]]
+    gp = F.pad(grad, (E[2] - 1, E[2] - 1, E[1] - 1, E[1] - 1, E[0] - 1, E[0] - 1))
+    wt = w.reshape(groups, og, cg, *w.shape[2:]).transpose(1, 2)
+    wt = wt.reshape(groups * cg, og, *w.shape[2:]).flip(2, 3, 4)
+    gx = xcorr(gp, wt, dilation, P, groups)
+    left = padding[:3]
+    gx = gx[:, :, left[0]:left[0] + input_shape[2], left[1]:left[1] + input_shape[3],
+            left[2]:left[2] + input_shape[4]]
+    return gx.to(grad.dtype)
+
+
+def conv3d_grad_weight(grad, x, weight_shape, stride, padding, dilation, groups):
+    """Gradient of ``conv3d_forward`` in its weight: for every tap a,
+    ``dw[o,c,a] = sum_{n,p} g[n,o,p] · xp[n,c,p+a·dil]``, one length-L transform per axis."""
+    cout, cg = weight_shape[:2]
+    og = cout // groups
+    K = weight_shape[2:]
+    E = _extent(K, dilation)
+    xp = _pad(x, padding)
+    P = xp.shape[2:]
+    Q = [p - e + 1 for p, e in zip(P, E)]
+    rdtype, cdtype = _real(x.dtype), _complex(x.dtype)
+    if any(s > 1 for s in stride):
+        up = grad.new_zeros((*grad.shape[:2], *Q), dtype=rdtype)
+        up[:, :, ::stride[0], ::stride[1], ::stride[2]] = grad
+        grad = up
+    L = [next_fast(p) for p in P]
+    N = x.shape[0]
+    Fr = L[0] * L[1] * (L[2] // 2 + 1)
+    acc = torch.zeros((groups, Fr, cg, og), dtype=cdtype, device=x.device)
+    esize = torch.empty((), dtype=cdtype).element_size()
+    n_chunk = max(1, min(N, _budget_bytes() // max(1, Fr * esize * (cg + og) * groups)))
+    for n0 in range(0, N, n_chunk):
+        n1 = min(N, n0 + n_chunk)
+        n = n1 - n0
+        xs = torch.fft.rfftn(xp[n0:n1].to(rdtype), s=L, dim=(-3, -2, -1))
+        gs = torch.fft.rfftn(grad[n0:n1].to(rdtype), s=L, dim=(-3, -2, -1))
+        xs = xs.reshape(n, groups, cg, Fr).permute(1, 3, 2, 0)           # [G, Fr, cg, n]
+        gs = gs.reshape(n, groups, og, Fr).permute(1, 3, 0, 2).conj()    # [G, Fr, n, og]
+        acc += torch.matmul(xs, gs)
+    acc = acc.permute(0, 3, 2, 1).reshape(cout, cg, L[0], L[1], L[2] // 2 + 1)
+    corr = torch.fft.irfftn(acc, s=L, dim=(-3, -2, -1))
+    dw = corr[:, :, :E[0]:dilation[0], :E[1]:dilation[1], :E[2]:dilation[2]]
+    return dw.to(x.dtype).contiguous()
