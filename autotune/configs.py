@@ -126,6 +126,39 @@ def _forced():
     return forced
 
 
+_SMEM_LIMIT = {8: 163 * 1024, 9: 227 * 1024}  # opt-in bytes per block by major capability
+
+
+def shared_bytes(kind: str, config: dict, element_size: int) -> int:
+    """Estimated shared memory of one program: the pipelined operand tiles of a tl.dot."""
+    stages = config.get("num_stages", 1)
+    if kind == "conv3d_fwd":
+        return stages * (config["BLOCK_M"] + config["BLOCK_N"]) * config["BLOCK_K"] * element_size
+    if kind == "conv3d_wgrad":
+        return stages * (config["BLOCK_CO"] + config["BLOCK_CI"]) * config["BLOCK_K"] * element_size
+    return 0
+
+
+def candidate_configs(problem: Problem, device: torch.device, element_size: int) -> list:
+    """The shipped configs worth measuring for ``problem`` on ``device``: within the device's
+    shared memory, and no tile more than twice the problem's extent along its axis."""
+    configs = CONFIG_SPACES[problem.kind]
+    if _interpreted(device):
+        return [default_config(problem, device)]
+    major = torch.cuda.get_device_capability(device)[0]
+    limit = _SMEM_LIMIT.get(major, 99 * 1024)
+    extent = {"BLOCK_M": problem.M, "BLOCK_N": problem.NC, "BLOCK_CO": problem.NC,
+              "BLOCK_CI": problem.KC, "BLOCK": problem.M, "BLOCK_T": problem.taps}
+    keep = [dict(c) for c in configs
+            if shared_bytes(problem.kind, c, element_size) <= limit
+            and all(c[k] <= 2 * _pow2(v, 1, 1 << 30) for k, v in extent.items() if k in c)]
+    keep = keep or [dict(_pick(configs, problem))]
+    if problem.kind in ("conv3d_wgrad", "conv3d_dw_wgrad", "bias_grad"):
+        for c in keep:
+            c["SPLIT"] = default_split(problem, c, device)
+    return keep
+
+
 def default_config(problem: Problem, device: torch.device) -> dict:
     """The launch config for ``problem`` on ``device`` (a copy; callers may change it)."""
     configs = CONFIG_SPACES[problem.kind]

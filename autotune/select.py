@@ -111,13 +111,15 @@ def time_ms(fn: Callable[[], object], device: torch.device, budget_ms: float = m
 
 def choose(op: str, key: str, device: torch.device, candidates: Sequence[str],
            model_ms: Callable[[str], float], run: Optional[Callable[[str], object]] = None,
-           kernels: Sequence[str] = (), preferred: Optional[str] = None) -> Plan:
+           kernels: Sequence[str] = (), preferred: Optional[str] = None, *,
+           configs: Optional[Callable[[str], Sequence[dict]]] = None) -> Plan:
     """The plan for one problem.
 
     ``candidates``: the algorithms that can run it here; ``model_ms(algo)``: modelled ms;
     ``run(algo)``: runs it once (for measuring); ``kernels``: config spaces behind "tiled";
     ``preferred``: an algorithm that wins over cache and model when nothing is forced (the
-    Triton interpreter's CPU runs, whose purpose is to execute the kernels)."""
+    Triton interpreter's CPU runs, whose purpose is to execute the kernels); ``configs(algo)``:
+    launch configs to measure for an algorithm (then run is called as ``run(algo, config)``)."""
     forced = forced_algo()
     if forced is not None and forced in candidates:
         return Plan(forced, "forced", key)
@@ -133,13 +135,18 @@ def choose(op: str, key: str, device: torch.device, candidates: Sequence[str],
         return Plan(hit["algo"], source, key, hit.get("config"), hit.get("times_ms", {}), note)
     modelled = {a: float(model_ms(a)) for a in candidates}
     if run is not None and measuring():
-        times = {}
+        times, best_config = {}, {}
         for algo in sorted(candidates, key=modelled.get):
-            best = min(times.values(), default=math.inf)
-            times[algo] = time_ms(lambda: run(algo), device, budget_ms=3 * best)
+            for config in (configs(algo) if configs else None) or [None]:
+                best = min(times.values(), default=math.inf)
+                fn = (lambda: run(algo)) if config is None else (lambda: run(algo, config))
+                ms = time_ms(fn, device, budget_ms=3 * best)
+                if ms < times.get(algo, math.inf):
+                    times[algo], best_config[algo] = ms, config
         algo = min(times, key=times.get)
-        cache.put(fid, key, space, {"algo": algo, "config": None, "times_ms": times,
+        cfg = best_config[algo]
+        cache.put(fid, key, space, {"algo": algo, "config": cfg, "times_ms": times,
                                     "source": "measured", "op": op})
-        return Plan(algo, "measured", key, None, times, note)
+        return Plan(algo, "measured", key, cfg, times, note)
     algo = min(modelled, key=modelled.get)
     return Plan(algo, "model", key, None, modelled, note)

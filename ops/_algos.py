@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from lk3d import fft
-from lk3d.autotune.configs import Problem, default_config
+from lk3d.autotune.configs import Problem, candidate_configs, default_config
 from lk3d.kernels import HAS_TRITON, INTERPRETED, memory_format
 
 if HAS_TRITON:
@@ -122,54 +122,69 @@ def _taps(shape):
     return shape[2] * shape[3] * shape[4]
 
 
+def tiled_problem(op, x_shape, w_shape, stride, padding, dilation, groups, device):
+    """What the config choice of the Triton kernel serving pass ``op`` looks at."""
+    taps, cout, cig = _taps(w_shape), w_shape[0], w_shape[1]
+    size = out_size(x_shape[2:], w_shape[2:], stride, padding, dilation)
+    if op in ("conv3d", "conv3d_grad_input"):
+        produced = size if op == "conv3d" else x_shape[2:]
+        if cig == 1:
+            return Problem("conv3d_dw", M=math.prod(produced), taps=taps)
+        kc, nc = (cig, cout // groups) if op == "conv3d" else (cout // groups, cig)
+        return Problem("conv3d_fwd", M=x_shape[0] * math.prod(produced), KC=kc, NC=nc,
+                       taps=taps)
+    M = x_shape[0] * math.prod(size)
+    if cig == 1:
+        base = dict(kind="conv3d_dw_wgrad", M=M, taps=taps, partial=cout * taps)
+        probe = default_config(Problem(**base), device)
+        return Problem(**base, programs=cout * -(-taps // probe["BLOCK_T"]))
+    base = dict(kind="conv3d_wgrad", M=M, KC=cig, NC=cout // groups, taps=taps,
+                partial=cout * cig * taps)
+    probe = default_config(Problem(**base), device)
+    return Problem(**base, programs=taps * groups * -(-(cout // groups) // probe["BLOCK_CO"])
+                   * -(-cig // probe["BLOCK_CI"]))
+
+
+def tiled_configs(op, x_shape, w_shape, stride, padding, dilation, groups, dtype, device):
+    """Launch configs worth measuring for pass ``op`` on ``device``."""
+    problem = tiled_problem(op, x_shape, w_shape, stride, padding, dilation, groups, device)
+    return candidate_configs(problem, device, torch.empty((), dtype=dtype).element_size())
+
+
+def _config(config, op, x_shape, w_shape, geometry, device):
+    return config or default_config(tiled_problem(op, x_shape, w_shape, *geometry, device), device)
+
+
 def tiled_forward(x, w, bias, stride, padding, dilation, groups, config=None):
+    geometry = (stride, padding, dilation, groups)
+    cfg = _config(config, "conv3d", x.shape, w.shape, geometry, x.device)
     size = out_size(x.shape[2:], w.shape[2:], stride, padding, dilation)
     left = split_pad(padding)[0]
-    cout = w.shape[0]
     with _device(x):
         if w.shape[1] == 1:  # depthwise, with channel multiplier cout / cin
-            cfg = config or default_config(Problem("conv3d_dw", M=math.prod(size),
-                                                   taps=_taps(w.shape)), x.device)
             return tiled.conv3d_dw_fwd(x, w, bias, stride, left, dilation, size, cfg)
-        cfg = config or default_config(Problem("conv3d_fwd", M=x.shape[0] * math.prod(size),
-                                               KC=w.shape[1], NC=cout // groups,
-                                               taps=_taps(w.shape)), x.device)
         return tiled.conv3d_fwd(x, w, bias, stride, left, dilation, groups, size, cfg,
                                 allow_tf32=_allow_tf32())
 
 
 def tiled_grad_input(grad, w, input_shape, stride, padding, dilation, groups, config=None):
+    geometry = (stride, padding, dilation, groups)
+    cfg = _config(config, "conv3d_grad_input", input_shape, w.shape, geometry, grad.device)
     left = split_pad(padding)[0]
     with _device(grad):
         if w.shape[1] == 1:
-            cfg = config or default_config(Problem("conv3d_dw", M=math.prod(input_shape[2:]),
-                                                   taps=_taps(w.shape)), grad.device)
             return tiled.conv3d_dw_bwd_input(grad, w, input_shape, stride, left, dilation, cfg)
-        cfg = config or default_config(Problem("conv3d_fwd", M=math.prod(input_shape) //
-                                               input_shape[1], KC=w.shape[0] // groups,
-                                               NC=w.shape[1], taps=_taps(w.shape)), grad.device)
         return tiled.conv3d_bwd_input(grad, w, input_shape, stride, left, dilation, groups, cfg,
                                       allow_tf32=_allow_tf32())
 
 
 def tiled_grad_weight(grad, x, weight_shape, stride, padding, dilation, groups, config=None):
+    geometry = (stride, padding, dilation, groups)
+    cfg = _config(config, "conv3d_grad_weight", x.shape, weight_shape, geometry, x.device)
     left = split_pad(padding)[0]
-    cout, cig = weight_shape[0], weight_shape[1]
-    taps = _taps(weight_shape)
-    M = grad.numel() // cout
     with _device(x):
-        if cig == 1:
-            base = dict(kind="conv3d_dw_wgrad", M=M, taps=taps, partial=cout * taps)
-            probe = default_config(Problem(**base), x.device)
-            cfg = config or default_config(
-                Problem(**base, programs=cout * -(-taps // probe["BLOCK_T"])), x.device)
+        if weight_shape[1] == 1:
             return tiled.conv3d_dw_bwd_weight(x, grad, weight_shape, stride, left, dilation, cfg)
-        base = dict(kind="conv3d_wgrad", M=M, KC=cig, NC=cout // groups, taps=taps,
-                    partial=cout * cig * taps)
-        probe = default_config(Problem(**base), x.device)
-        programs = (taps * groups * -(-(cout // groups) // probe["BLOCK_CO"])
-                    * -(-cig // probe["BLOCK_CI"]))
-        cfg = config or default_config(Problem(**base, programs=programs), x.device)
         return tiled.conv3d_bwd_weight(x, grad, weight_shape, stride, left, dilation, groups,
                                        cfg, allow_tf32=_allow_tf32())
 

@@ -33,18 +33,25 @@ def plan(op, main, x_shape, w_shape, stride, padding, dilation, groups, run=None
         return _algos.model_ms(algo, x_shape, w_shape, stride, padding, dilation, groups,
                                main.dtype, main.device)
 
+    def configs(algo):
+        if algo != "tiled":
+            return None
+        return _algos.tiled_configs(op, x_shape, w_shape, stride, padding, dilation, groups,
+                                    main.dtype, main.device)
+
     preferred = "tiled" if (INTERPRETED and main.device.type == "cpu") else None
-    return select.choose(op, key, main.device, cands, model, run, _algos.KERNELS[op], preferred)
+    return select.choose(op, key, main.device, cands, model, run, _algos.KERNELS[op], preferred,
+                         configs=configs)
 
 
 def _run(table, op, main, x_shape, w_shape, args, geometry):
     """Choose and run one pass; ``args`` lead the runner's arguments, ``geometry`` ends them."""
-    def run(algo):
-        return table[algo](*args, *geometry)
+    def run(algo, config=None):
+        if config is None:
+            return table[algo](*args, *geometry)
+        return table[algo](*args, *geometry, config=config)
     p = plan(op, main, x_shape, w_shape, *geometry, run=run)
-    if p.config is not None and p.algo == "tiled":
-        return table["tiled"](*args, *geometry, config=p.config)
-    return run(p.algo)
+    return run(p.algo, p.config if p.algo == "tiled" else None)
 
 
 # ---------------------------------------------------------------------------------------------
