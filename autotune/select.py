@@ -121,6 +121,7 @@ def choose(op: str, key: str, device: torch.device, candidates: Sequence[str],
     Triton interpreter's CPU runs, whose purpose is to execute the kernels); ``configs(algo)``:
     launch configs to measure for an algorithm (then run is called as ``run(algo, config)``)."""
     forced = forced_algo()
+    tuning = measuring()  # read (and checked) on every call, not only on a cache miss
     if forced is not None and forced in candidates:
         return Plan(forced, "forced", key)
     note = f"LK3D_ALGO={forced} cannot run here" if forced else ""
@@ -134,7 +135,7 @@ def choose(op: str, key: str, device: torch.device, candidates: Sequence[str],
         source = "seed" if hit.get("source") == "seed" else "cache"
         return Plan(hit["algo"], source, key, hit.get("config"), hit.get("times_ms", {}), note)
     modelled = {a: float(model_ms(a)) for a in candidates}
-    if run is not None and measuring():
+    if run is not None and tuning:
         times, best_config = {}, {}
         for algo in sorted(candidates, key=modelled.get):
             for config in (configs(algo) if configs else None) or [None]:

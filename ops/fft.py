@@ -28,6 +28,7 @@ spectra (kernel + input tiles + output tiles, complex) stay under ``LK3D_FFT_MEM
 1024 MiB) when the problem allows it; the peak is about that budget plus the input, its padded copy
 and the output. A single (sample, channel group) whose spectra alone exceed the budget still runs.
 """
+import bisect
 import functools
 import math
 import os
@@ -35,8 +36,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-_FAST = sorted({2 ** a * 3 ** b * 5 ** c * 7 ** d for a in range(12) for b in range(7)
-                for c in range(5) for d in range(4) if 2 ** a * 3 ** b * 5 ** c * 7 ** d <= 4096})
+_FAST_MAX = 1 << 14
+_FAST = sorted({2 ** a * 3 ** b * 5 ** c * 7 ** d for a in range(15) for b in range(9)
+                for c in range(7) for d in range(6) if 2 ** a * 3 ** b * 5 ** c * 7 ** d <= _FAST_MAX})
 
 # Seconds per unit, measured on a 2-core x86 CPU (torch 2.13): complex FFT work (n log2 n per
 # transformed element), small-matrix batched complex matmul MACs, DFT (large matmul) MACs.
@@ -44,15 +46,18 @@ _C_FFT, _C_BMM, _C_DFT, _C_ELEM = 2.1e-10, 1.3e-9, 3.7e-10, 2.0e-9
 
 
 def next_fast(n):
-    """Smallest 7-smooth size >= n (a fast transform length)."""
-    for f in _FAST:
-        if f >= n:
-            return f
-    return n
+    """Smallest 7-smooth size >= n (a fast transform length); n itself past 2**14."""
+    i = bisect.bisect_left(_FAST, n)
+    return _FAST[i] if i < len(_FAST) else n
 
 
 def _budget_bytes():
-    return int(float(os.environ.get("LK3D_FFT_MEMORY_MB", "1024")) * 2 ** 20)
+    raw = os.environ.get("LK3D_FFT_MEMORY_MB", "1024")
+    try:
+        mb = float(raw)
+    except ValueError:
+        raise ValueError(f"LK3D_FFT_MEMORY_MB: expected a number of MiB, got {raw!r}") from None
+    return int(mb * 2 ** 20)
 
 
 def _complex(dtype):
@@ -71,14 +76,15 @@ def plan_tiles(Q, E, K, N, cin, cout, groups):
     for q, e in zip(Q, E):
         hi = next_fast(q + e - 1)
         axis = [f for f in _FAST if f >= e + 1 and f <= hi] or [hi]
-        # Keep lengths whose tile count differs: a longer L with the same tile count is wasted.
+        # Keep the shortest length of each tile count (a longer L with the same count is wasted),
+        # then the 8 shortest and the 16 longest of those: the search stays small on long axes.
         seen, keep = set(), []
         for f in axis:
             t = -(-q // (f - e + 1))
             if t not in seen:
                 seen.add(t)
                 keep.append(f)
-        cands.append(keep[:12])
+        cands.append(keep if len(keep) <= 24 else keep[:8] + keep[-16:])
     best = None
     for ld in cands[0]:
         for lh in cands[1]:

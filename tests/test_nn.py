@@ -40,7 +40,8 @@ class Case:
     def id(self):
         *n, c, d, h, w = self.shape
         fmt = (lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
-        return (f"N{n[0] if n else '-'}-C{c}-D{d}x{h}x{w}-k{fmt(self.kernel)}-s{fmt(self.stride)}"
+        batch = f"N{n[0]}" if n else "unbatched"
+        return (f"{batch}-C{c}-D{d}x{h}x{w}-k{fmt(self.kernel)}-s{fmt(self.stride)}"
                 f"-p{fmt(self.padding)}-d{fmt(self.dilation)}-g{self.groups}"
                 f"{'' if self.bias else '-nobias'}-{self.padding_mode}")
 
@@ -205,11 +206,18 @@ def test_convert_inplace_and_options(device):
     assert all(p is q for p, q in zip(out.parameters(), params))
     assert len(list(out.parameters())) == len(params)
 
-    # A bare conv, a non-cubic kernel judged by its largest side, and user subclasses.
-    bare = nn.Conv3d(2, 2, (1, 1, 7), padding=(0, 0, 3))
+    # A bare conv, a non-cubic kernel judged by its largest side, with a hook that carries over.
+    bare = nn.Conv3d(2, 2, (1, 1, 7), padding=(0, 0, 3), device=device)
+    seen = []
+    bare.register_forward_hook(lambda module, args, out: seen.append(type(module)))
     converted = lk3d.nn.convert(bare)
     assert type(converted) is lk3d.nn.Conv3d and type(bare) is nn.Conv3d
     assert torch.equal(converted.weight, bare.weight)
+    torch.manual_seed(1)
+    x = torch.randn(1, 2, 2, 3, 9, device=device)
+    torch.testing.assert_close(converted(x), bare(x), rtol=1e-4, atol=1e-5)
+    assert seen == [lk3d.nn.Conv3d, nn.Conv3d]
+    # Other sizes and user subclasses.
     assert type(lk3d.nn.convert(nn.Conv3d(2, 2, (1, 1, 7)), min_kernel_size=8)) is nn.Conv3d
     assert type(lk3d.nn.convert(MyConv3d(2, 2, 7))) is MyConv3d
     already = lk3d.nn.Conv3d(2, 2, 7)
@@ -221,7 +229,7 @@ def test_convert_inplace_and_options(device):
     assert model[0] is model[2] and type(model[0]) is lk3d.nn.Conv3d
 
 
-@pytest.mark.parametrize("kwargs, error, names", [
+BAD_ARGUMENTS = [  # (keyword arguments, error, what the message names)
     (dict(model="net"), TypeError, ["model", "str"]),
     (dict(min_kernel_size=0), ValueError, ["min_kernel_size", "0"]),
     (dict(min_kernel_size=-3), ValueError, ["min_kernel_size", "-3"]),
@@ -231,7 +239,12 @@ def test_convert_inplace_and_options(device):
     (dict(to="cp"), ValueError, ["to", "'dense'", "'cp'"]),
     (dict(to="block_sparse"), ValueError, ["to", "'dense'", "'block_sparse'"]),
     (dict(to=None), ValueError, ["to", "'dense'", "None"]),
-], ids=lambda v: "-".join(f"{k}={v[k]!r}" for k in v) if isinstance(v, dict) else None)
+]
+
+
+@pytest.mark.parametrize("kwargs, error, names", BAD_ARGUMENTS,
+                         ids=[",".join(f"{k}={v!r}" for k, v in kw.items())
+                              for kw, _, _ in BAD_ARGUMENTS])
 def test_convert_bad_arguments(kwargs, error, names):
     net = Net()
     kwargs = {"model": net, **kwargs}
@@ -262,14 +275,17 @@ class UXBlock(nn.Module):
         return x + y
 
 
-def test_uxnet_block_trains_like_torch_compiled(device, no_tf32):
+# aot_eager traces the same graph (fullgraph: no break, fake impls, registered autograd) without
+# inductor's cold compile of ~20 s on a CPU; the inductor run is the long variant.
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_uxnet_block_trains_like_torch_compiled(backend, device, no_tf32):
     torch.manual_seed(0)
     ref = UXBlock(4).to(device)
     model = UXBlock(4).to(device)
     model.load_state_dict(ref.state_dict())
     model = lk3d.nn.convert(model, inplace=True)
     assert type(model.dw) is lk3d.nn.Conv3d
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
     initial = {k: v.clone() for k, v in ref.state_dict().items()}
 
     torch.manual_seed(1)
