@@ -3,8 +3,9 @@
     tiled   Triton kernels (lk3d.kernels.tiled): CUDA fp16/bf16/fp32; CPU fp16/fp32/fp64 when
             Triton runs in its interpreter (TRITON_INTERPRET=1).
     fft     overlap-save FFT (lk3d.fft): CPU and CUDA, every float dtype (computed in fp32/fp64).
-    aten    torch's own convolution (cuDNN, oneDNN); on the CPU through channels_last_3d, the
-            layout oneDNN is fast in (NCDHW collapses at large kernels).
+    aten    torch's own convolution (cuDNN, oneDNN), on the input's own layout; on the CPU a dense
+            kernel of 15 or more on a side goes through channels_last_3d, since oneDNN's NCDHW
+            path collapses there (seconds at k=15, minutes at k=21; converting costs ~ms).
 
 Padding is six ints (d_l, h_l, w_l, d_r, h_r, w_r). Every runner returns its result in the layout
 ``memory_format`` gives for its main operand, as the fake impls promise.
@@ -79,9 +80,11 @@ class _device:
 # aten
 # ---------------------------------------------------------------------------------------------
 
-def _aten_layout(t):
-    """CPU: oneDNN's fast layout; CUDA: as given."""
-    return t.contiguous(memory_format=torch.channels_last_3d) if t.device.type == "cpu" else t
+def _aten_layout(t, w_shape):
+    """channels_last_3d for CPU dense kernels >= 15 on a side; the given layout otherwise."""
+    if t.device.type == "cpu" and w_shape[1] > 1 and max(w_shape[2:]) >= 15:
+        return t.contiguous(memory_format=torch.channels_last_3d)
+    return t
 
 
 def _aten_padded(x, padding):
@@ -93,25 +96,32 @@ def _aten_padded(x, padding):
 
 
 def aten_forward(x, w, bias, stride, padding, dilation, groups):
-    xp, pad = _aten_padded(_aten_layout(x), padding)
+    xp, pad = _aten_padded(_aten_layout(x, w.shape), padding)
     return F.conv3d(xp, w, bias, stride, pad, dilation, groups)
+
+
+def _stand_in(shape, like, w_shape=None):
+    """An uninitialised tensor that tells aten the shape (and layout) of an operand it does not
+    read. A stride-0 expand would be cheaper to make, but sends oneDNN down a path ~10x slower."""
+    mf = memory_format(_aten_layout(like, w_shape)) if w_shape is not None else None
+    return empty(shape, like, mf or torch.contiguous_format)
 
 
 def aten_grad_input(grad, w, input_shape, stride, padding, dilation, groups):
     left, right = split_pad(padding)
     padded = [*input_shape[:2], *(s + pl + pr for s, pl, pr in zip(input_shape[2:], left, right))]
     gx = torch.ops.aten.convolution_backward(
-        _aten_layout(grad), grad.new_empty(1).expand(padded), w, None, stride, [0, 0, 0],
-        dilation, False, [0, 0, 0], groups, [True, False, False])[0]
+        _aten_layout(grad, w.shape), _stand_in(padded, grad, w.shape), w, None, stride,
+        [0, 0, 0], dilation, False, [0, 0, 0], groups, [True, False, False])[0]
     return gx[:, :, left[0]:left[0] + input_shape[2], left[1]:left[1] + input_shape[3],
               left[2]:left[2] + input_shape[4]]
 
 
 def aten_grad_weight(grad, x, weight_shape, stride, padding, dilation, groups):
-    xp, pad = _aten_padded(_aten_layout(x), padding)
+    xp, pad = _aten_padded(_aten_layout(x, weight_shape), padding)
     return torch.ops.aten.convolution_backward(
-        _aten_layout(grad), xp, grad.new_empty(1).expand(weight_shape), None, stride, pad,
-        dilation, False, [0, 0, 0], groups, [False, True, False])[1]
+        _aten_layout(grad, weight_shape), xp, _stand_in(weight_shape, grad), None,
+        stride, pad, dilation, False, [0, 0, 0], groups, [False, True, False])[1]
 
 
 # ---------------------------------------------------------------------------------------------

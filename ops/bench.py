@@ -1,0 +1,641 @@
+"""Benchmarks: ``lk3d.conv3d`` against ``F.conv3d`` (NCDHW and channels_last_3d) on large kernels.
+
+A case (``Case``) is one convolution layer; a result (``Result``) is one (case, provider, mode)
+measurement. Providers:
+
+* ``lk3d``      ``lk3d.conv3d`` on NCDHW-contiguous tensors (whatever algorithm lk3d picks);
+* ``torch``     ``F.conv3d`` on NCDHW-contiguous tensors;
+* ``torch-cl``  ``F.conv3d`` with input and weight in ``channels_last_3d``.
+
+The baseline of a (case, mode) is the faster of the two torch layouts (oneDNN on the CPU is ~5x
+faster in channels_last_3d at k=15 and its NCDHW path collapses at k=21), and ``speedup`` is that
+baseline's time over the row's time (> 1: faster than the best torch layout). Modes: ``fwd`` and
+``fwdbwd`` (forward plus grad of input, weight and bias). FLOPs count the multiply-adds of the
+forward, ``2·N·Cout·OD·OH·OW·(Cin/g)·kd·kh·kw``, and three times that for ``fwdbwd``.
+
+Timing is the median of ``triton.testing.do_bench`` on CUDA and of
+``torch.utils.benchmark.Timer.blocked_autorange`` on the CPU (all torch threads). Before timing,
+lk3d's output is compared with ``F.conv3d``'s in the same dtype (relative L2 error, in the lk3d
+rows, with the algorithm lk3d's planner picked, from ``lk3d.explain``).
+
+Time limits: every measurement has a budget (``budget_s``). The first call is timed; when it
+predicts the measurement would pass the budget the row is ``skipped (budget)``. A first call can
+itself take minutes (CPU NCDHW ``F.conv3d`` at k=21 took > 200 s), so by default the measurements
+run in a worker process that is killed at 1.5 x budget + a start-up allowance, and the row is
+``skipped (budget)`` too; a new worker takes the next measurement. ``max_time_s`` bounds the whole
+run: what is left when it passes is ``skipped (time limit)``.
+"""
+import csv
+import math
+import multiprocessing
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+import lk3d
+
+OPS = ("dense", "depthwise")
+PROVIDERS = ("lk3d", "torch", "torch-cl")
+TORCH_PROVIDERS = ("torch", "torch-cl")
+MODES = ("fwd", "fwdbwd")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+          "float64": torch.float64}
+# lk3d vs F.conv3d in the same dtype, relative L2 error: above this the bench exits non-zero.
+# float32 on CUDA is TF32 in both when cuDNN's allow_tf32 is on (the default).
+TOLERANCE = {"float16": 5e-3, "bfloat16": 3e-2, "float32": 1e-4, "float64": 1e-9}
+TF32_TOLERANCE = 5e-3
+
+# Per-measurement time budget and timed repetitions (seconds), by device type.
+DEFAULT_BUDGET_S = {"cpu": 30.0, "cuda": 60.0}
+DEFAULT_MIN_RUN_TIME_S = {"cpu": 0.5, "cuda": 0.2}
+_START_ALLOWANCE_S = 30.0  # worker start-up (imports, CUDA context) and the first compile
+
+SKIPPED_BUDGET = "skipped (budget)"
+SKIPPED_TIME_LIMIT = "skipped (time limit)"
+
+
+def _triple(name, value):
+    vals = (value,) * 3 if isinstance(value, int) else tuple(value)
+    if len(vals) != 3 or any(not isinstance(v, int) or v < 1 for v in vals):
+        raise ValueError(f"{name}: expected a positive int or 3 positive ints, got {value!r}")
+    return vals
+
+
+@dataclass(frozen=True)
+class Case:
+    """One convolution layer to benchmark; stride and dilation 1."""
+    name: str
+    op: str          # "depthwise" (groups == Cin) or "dense" (dense or grouped)
+    N: int
+    Cin: int
+    Cout: int
+    groups: int
+    size: tuple      # input (D, H, W)
+    kernel: tuple    # (kd, kh, kw)
+    padding: str = "same"  # "same" or "valid"
+    dtype: str = "float32"  # a key of DTYPES
+    bias: bool = True
+
+    def __post_init__(self):
+        if self.op not in OPS:
+            raise ValueError(f"Case {self.name!r}: op: expected one of {OPS}, got {self.op!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"Case {self.name!r}: dtype: expected one of {tuple(DTYPES)}, "
+                             f"got {self.dtype!r}")
+        if self.padding not in ("same", "valid"):
+            raise ValueError(f"Case {self.name!r}: padding: expected 'same' or 'valid', "
+                             f"got {self.padding!r}")
+        if self.Cin % self.groups or self.Cout % self.groups:
+            raise ValueError(f"Case {self.name!r}: groups={self.groups} must divide "
+                             f"Cin={self.Cin} and Cout={self.Cout}")
+        if self.op == "depthwise" and self.groups != self.Cin:
+            raise ValueError(f"Case {self.name!r}: op='depthwise' needs groups == Cin, got "
+                             f"groups={self.groups}, Cin={self.Cin}")
+        _triple("size", self.size)
+        _triple("kernel", self.kernel)
+
+    @classmethod
+    def depthwise(cls, name, N, C, size, k, dtype="float32"):
+        return cls(name, "depthwise", N, C, C, C, _triple("size", size), _triple("kernel", k),
+                   dtype=dtype)
+
+    @classmethod
+    def dense(cls, name, N, Cin, Cout, size, k, dtype="float32", groups=1):
+        return cls(name, "dense", N, Cin, Cout, groups, _triple("size", size),
+                   _triple("kernel", k), dtype=dtype)
+
+    @property
+    def torch_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def out_size(self):
+        if self.padding == "same":
+            return tuple(self.size)
+        return tuple(s - k + 1 for s, k in zip(self.size, self.kernel))
+
+    @property
+    def shape(self):
+        """The layer in one line: ``N1 C16->16 g16 D32x32x32 k7x7x7 same float32``."""
+        return (f"N{self.N} C{self.Cin}->{self.Cout} g{self.groups} "
+                f"D{'x'.join(map(str, self.size))} k{'x'.join(map(str, self.kernel))} "
+                f"{self.padding} {self.dtype}")
+
+    def flops(self, mode: str) -> int:
+        fwd = (2 * self.N * self.Cout * math.prod(self.out_size) * (self.Cin // self.groups)
+               * math.prod(self.kernel))
+        return fwd if mode == "fwd" else 3 * fwd
+
+
+# A few large-kernel layers that run on a 2-core CPU in well under two minutes (fwd, all providers).
+QUICK_CASES = [
+    Case.depthwise("dw-N1-C16-D32-k7", 1, 16, 32, 7),
+    Case.depthwise("dw-N1-C16-D32-k21", 1, 16, 32, 21),
+    Case.dense("dense-N1-C16-D24-k7", 1, 16, 16, 24, 7),
+    Case.dense("dense-N1-C16-D24-k11", 1, 16, 16, 24, 11),
+    Case.dense("dense-N1-C16-D48-k15", 1, 16, 16, 48, 15),
+]
+
+# Real layers, for GPUs, most telling first (a run cut short by its time limit keeps those).
+# 3D UX-Net on 96³ patches: a stride-2 stem, then stages at 48³/24³/12³/6³ with C = 48..384 and
+# depthwise 7³; RepUX-Net's stages use depthwise 21³. Batch 2 as in their training recipes.
+FULL_CASES = [
+    Case.depthwise("uxnet-s1-dw7-C48-D48", 2, 48, 48, 7, "bfloat16"),
+    Case.depthwise("repux-s1-dw21-C48-D48", 2, 48, 48, 21, "bfloat16"),
+    Case.dense("dense7-C64-D32", 1, 64, 64, 32, 7, "bfloat16"),
+    Case.dense("dense15-C64-D32", 1, 64, 64, 32, 15, "bfloat16"),
+    Case.depthwise("uxnet-s2-dw7-C96-D24", 2, 96, 24, 7, "bfloat16"),
+    Case.depthwise("uxnet-s3-dw7-C192-D12", 2, 192, 12, 7, "bfloat16"),
+    Case.depthwise("uxnet-s4-dw7-C384-D6", 2, 384, 6, 7, "bfloat16"),
+    Case.depthwise("repux-s2-dw21-C96-D24", 2, 96, 24, 21, "bfloat16"),
+    Case.depthwise("repux-s3-dw21-C192-D12", 2, 192, 12, 21, "bfloat16"),
+    Case.dense("dense11-C64-D32", 1, 64, 64, 32, 11, "bfloat16"),
+    Case.depthwise("uxnet-s1-dw7-C48-D48-fp32", 2, 48, 48, 7, "float32"),
+    Case.dense("dense7-C64-D32-fp32", 1, 64, 64, 32, 7, "float32"),
+]
+
+# Seconds under the Triton interpreter: for tests of the benchmark machinery itself.
+TINY_CASES = [
+    Case.depthwise("tiny-dw-N1-C2-D6-k3", 1, 2, 6, 3),
+    Case.dense("tiny-dense-N1-C2-D4-k3", 1, 2, 2, 4, 3),
+]
+
+CASE_SETS = {"quick": QUICK_CASES, "full": FULL_CASES, "tiny": TINY_CASES}
+
+
+@dataclass(frozen=True)
+class Result:
+    """One measurement; the CSV's columns are these fields (None is written as empty)."""
+    case: str
+    op: str
+    shape: str
+    dtype: str
+    provider: str
+    mode: str
+    median_ms: Optional[float]
+    tflops: Optional[float]
+    speedup: Optional[float]  # baseline's median over this median
+    baseline: str             # the faster torch provider of this (case, mode), "" if none ran
+    rel_err: Optional[float]  # lk3d rows: vs F.conv3d in the same dtype
+    algo: str                 # lk3d rows: lk3d's plan, e.g. "fft" (fwd) or "fft/aten/fft"
+                              # (forward/grad-input/grad-weight); "" where unknown
+    status: str               # "ok", "skipped (budget)", "skipped (time limit)", "error: ..."
+    device: str
+    torch: str
+    triton: str
+    lk3d: str
+    commit: str
+    timestamp: str
+
+
+# ---------------------------------------------------------------------------------------------
+# environment
+# ---------------------------------------------------------------------------------------------
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        return f"{torch.cuda.get_device_name(index)} (sm_{major}{minor})"
+    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
+
+
+def triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "none"
+    return triton.__version__
+
+
+def git_commit() -> str:
+    """The commit lk3d's source tree is at (``-dirty`` with uncommitted changes), "unknown" where
+    there is no git checkout; ``LK3D_GIT_COMMIT`` overrides (a copied tree without .git)."""
+    forced = os.environ.get("LK3D_GIT_COMMIT", "").strip()
+    if forced:
+        return forced
+    root = Path(lk3d.__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                              capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD", "--"],
+                               capture_output=True, timeout=10).returncode == 1
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# one measurement (runs in the worker process, or in this one)
+# ---------------------------------------------------------------------------------------------
+
+_INPUTS = {}  # (case, device) -> (x, w, b): the last case's inputs, reused by its providers
+
+
+def _inputs(case: Case, device: str):
+    key = (case, device)
+    if key not in _INPUTS:
+        _INPUTS.clear()
+        g = torch.Generator().manual_seed(0)
+        fan_in = case.Cin // case.groups * math.prod(case.kernel)
+        x = torch.randn(case.N, case.Cin, *case.size, generator=g)
+        w = torch.randn(case.Cout, case.Cin // case.groups, *case.kernel, generator=g)
+        w = w / math.sqrt(fan_in)
+        b = torch.randn(case.Cout, generator=g) if case.bias else None
+        _INPUTS[key] = tuple(t if t is None else t.to(device, case.torch_dtype) for t in (x, w, b))
+    return _INPUTS[key]
+
+
+def _conv(provider, case, x, w, b):
+    fn = lk3d.conv3d if provider == "lk3d" else F.conv3d
+    return fn(x, w, b, 1, case.padding, 1, case.groups)
+
+
+def _provider_fn(case: Case, provider: str, mode: str, device: str):
+    """A no-argument callable that runs one (case, provider, mode) step."""
+    x, w, b = _inputs(case, device)
+    if provider == "torch-cl":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        w = w.contiguous(memory_format=torch.channels_last_3d)
+    if mode == "fwd":
+        def fwd():
+            with torch.no_grad():
+                return _conv(provider, case, x, w, b)
+        return fwd
+    leaves = [t.detach().requires_grad_() for t in (x, w, b) if t is not None]
+    xr, wr = leaves[:2]
+    br = leaves[2] if b is not None else None
+    with torch.no_grad():
+        grad = torch.randn_like(_conv(provider, case, x, w, b))  # in the output's layout
+
+    def fwdbwd():
+        return torch.autograd.grad(_conv(provider, case, xr, wr, br), leaves, grad)
+    return fwdbwd
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _first_call_s(fn, device):
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def time_case(case: Case, provider: str, mode: str, device: str, budget_s: float,
+              min_run_time: float) -> Optional[float]:
+    """Median milliseconds of one step, or None when the first calls say it would pass
+    ``budget_s``. The first call is not timed (Triton compiles, allocator and oneDNN warm-up);
+    on CUDA the budget counts from the second, so a one-time compile does not skip a row (the
+    worker's hard limit still bounds it)."""
+    fn = _provider_fn(case, provider, mode, device)
+    first = _first_call_s(fn, device)
+    if device == "cuda":
+        import triton.testing
+
+        steady = _first_call_s(fn, device)
+        # do_bench: one call, 5 to estimate, then warm-up and repetitions of ~min_run_time each
+        if steady * 8 + 2 * min_run_time > budget_s:
+            return None
+        return float(triton.testing.do_bench(fn, warmup=25, rep=max(1, int(min_run_time * 1e3)),
+                                             return_mode="median"))
+    # blocked_autorange: one call at least to size its blocks, then calls for min_run_time
+    if 2 * first + max(first, min_run_time) > budget_s:
+        return None
+    from torch.utils.benchmark import Timer
+
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def lk3d_plans(case: Case, device: str) -> dict:
+    """Which algorithm lk3d picks per pass for this case ("forward", "grad_input",
+    "grad_weight"), from ``lk3d.explain``; empty where this lk3d cannot tell."""
+    explain = getattr(lk3d, "explain", None)
+    if explain is None:
+        return {}
+    x, w, b = _inputs(case, device)
+    try:
+        plans = explain(x, w, b, 1, case.padding, 1, case.groups)
+        return {name: str(p["algo"]) for name, p in plans.items()}
+    except Exception:  # a plan is context for the table, never a reason to fail the run
+        return {}
+
+
+def check_case(case: Case, device: str):
+    """``(rel_err, plans)``: relative L2 error of lk3d.conv3d against F.conv3d, both in the case's
+    dtype, and ``lk3d_plans``. The reference runs channels_last_3d on the CPU (oneDNN's fast
+    layout at large k) and NCDHW on CUDA."""
+    x, w, b = _inputs(case, device)
+    xr, wr = x, w
+    if device == "cpu":
+        xr = x.contiguous(memory_format=torch.channels_last_3d)
+        wr = w.contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        y = _conv("lk3d", case, x, w, b).double()
+        ref = _conv("torch", case, xr, wr, b).double()
+        rel_err = float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+    return rel_err, lk3d_plans(case, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# where measurements run: a worker process with a hard time limit, or this process
+# ---------------------------------------------------------------------------------------------
+
+def _worker_main(conn, num_threads):
+    torch.set_num_threads(num_threads)
+    conn.send(("ready", None))
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            return
+        if job is None:
+            return
+        fn, args = job
+        try:
+            conn.send(("ok", fn(*args)))
+        except Exception as e:  # reported as the row's status; the worker goes on
+            _INPUTS.clear()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            conn.send(("error", f"{type(e).__name__}: {e}".splitlines()[0][:200]))
+
+
+class Worker:
+    """Runs ``fn(*args)`` (importable functions) in a spawned process; a call that outlives its
+    timeout kills the process and answers ``("timeout", None)``; the next call starts a new one."""
+
+    def __init__(self, start_timeout: float = 300.0):
+        self.start_timeout = start_timeout
+        self.proc = None
+        self.conn = None
+
+    def _start(self):
+        ctx = multiprocessing.get_context("spawn")  # fork would deadlock in OpenMP (libgomp)
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child, torch.get_num_threads()),
+                                daemon=True, name="lk3d-bench-worker")
+        self.proc.start()
+        child.close()
+        try:
+            if not self.conn.poll(self.start_timeout):
+                raise RuntimeError(f"the benchmark worker did not start in {self.start_timeout} s")
+            self.conn.recv()
+        except EOFError:
+            self.proc.join(5)
+            code = self.proc.exitcode
+            self.close()
+            raise RuntimeError(f"the benchmark worker exited at start-up (code {code})") from None
+        except RuntimeError:
+            self.close()
+            raise
+
+    def call(self, fn, args, timeout: float):
+        if self.proc is None or not self.proc.is_alive():
+            self._start()
+        self.conn.send((fn, args))
+        if not self.conn.poll(timeout):
+            self.close()
+            return "timeout", None
+        try:
+            return self.conn.recv()
+        except EOFError:
+            self.proc.join(5)
+            code = self.proc.exitcode
+            self.close()
+            return "error", f"worker exited with code {code}"
+
+    def close(self):
+        if self.proc is None:
+            return
+        if self.proc.is_alive():
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+            self.proc.join(0.5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(10)
+        self.conn.close()
+        self.proc = self.conn = None
+
+
+class InProcess:
+    """The same interface as ``Worker`` in this process: no hard time limit."""
+
+    def call(self, fn, args, timeout: float):
+        try:
+            return "ok", fn(*args)
+        except Exception as e:
+            _INPUTS.clear()
+            return "error", f"{type(e).__name__}: {e}".splitlines()[0][:200]
+
+    def close(self):
+        _INPUTS.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# a run
+# ---------------------------------------------------------------------------------------------
+
+def _progress(total, enabled):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is a dependency, but a --no-deps install may lack it
+        return None
+    return tqdm(total=total, disable=not enabled, file=sys.stderr, unit="step", leave=False,
+                dynamic_ncols=True)
+
+
+def run(cases: Sequence[Case], device=None, providers: Sequence[str] = PROVIDERS,
+        modes: Optional[Sequence[str]] = None, budget_s: Optional[float] = None,
+        min_run_time: Optional[float] = None, max_time_s: Optional[float] = None,
+        isolate: bool = True, progress: bool = True) -> list:
+    """Benchmark ``cases`` on ``device`` (default: cuda if available, else cpu); one ``Result``
+    per (case, mode, provider), in that order. ``modes`` defaults to fwd+fwdbwd on CUDA and fwd on
+    the CPU (the CPU backward of large kernels takes seconds to minutes per call)."""
+    device = torch.device(device if device is not None else default_device())
+    dev = device.type
+    if dev not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected cpu or cuda, got {device}")
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda requested but torch.cuda.is_available() is False")
+    modes = tuple(modes) if modes is not None else (MODES if dev == "cuda" else ("fwd",))
+    for name, given, allowed in (("providers", providers, PROVIDERS), ("modes", modes, MODES)):
+        bad = [v for v in given if v not in allowed]
+        if bad or not given:
+            raise ValueError(f"{name}: expected a non-empty subset of {allowed}, "
+                             f"got {tuple(given)}")
+    budget_s = DEFAULT_BUDGET_S[dev] if budget_s is None else float(budget_s)
+    min_run_time = DEFAULT_MIN_RUN_TIME_S[dev] if min_run_time is None else float(min_run_time)
+    hard_timeout = 1.5 * budget_s + _START_ALLOWANCE_S
+    deadline = None if max_time_s is None else time.monotonic() + max_time_s
+
+    env = dict(device=device_name(device), torch=torch.__version__, triton=triton_version(),
+               lk3d=lk3d.__version__, commit=git_commit(),
+               timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    runner = Worker() if isolate else InProcess()
+    bar = _progress(len(cases) * (1 + len(providers) * len(modes)), progress)
+
+    def step(label, fn, args):
+        if bar is not None:
+            bar.set_description(label)
+        if deadline is not None and time.monotonic() > deadline:
+            outcome = ("skipped", SKIPPED_TIME_LIMIT)
+        else:
+            outcome = runner.call(fn, args, hard_timeout)
+        if bar is not None:
+            bar.update()
+        return outcome
+
+    results = []
+    try:
+        for case in cases:
+            kind, value = step(f"{case.name} check", check_case, (case, dev))
+            rel_err, plans = value if kind == "ok" else (None, {})
+            for mode in modes:
+                timed = {}
+                for provider in providers:
+                    kind, value = step(f"{case.name} {provider} {mode}", time_case,
+                                       (case, provider, mode, dev, budget_s, min_run_time))
+                    if kind == "ok":
+                        timed[provider] = (value, "ok" if value is not None else SKIPPED_BUDGET)
+                    elif kind == "timeout":
+                        timed[provider] = (None, SKIPPED_BUDGET)
+                    elif kind == "skipped":
+                        timed[provider] = (None, value)
+                    else:
+                        timed[provider] = (None, f"error: {value}")
+                results += _rows(case, mode, providers, timed, rel_err, _algo(plans, mode), env)
+    finally:
+        runner.close()
+        if bar is not None:
+            bar.close()
+    return results
+
+
+def _algo(plans, mode):
+    if mode == "fwd":
+        return plans.get("forward", "")
+    passes = [plans.get(k, "?") for k in ("forward", "grad_input", "grad_weight")]
+    return "" if not plans else passes[0] if len(set(passes)) == 1 else "/".join(passes)
+
+
+def _rows(case, mode, providers, timed, rel_err, algo, env):
+    ran = {p: ms for p, (ms, _) in timed.items() if p in TORCH_PROVIDERS and ms is not None}
+    baseline = min(ran, key=ran.get) if ran else ""
+    rows = []
+    for provider in providers:
+        ms, status = timed[provider]
+        rows.append(Result(
+            case=case.name, op=case.op, shape=case.shape, dtype=case.dtype, provider=provider,
+            mode=mode, median_ms=ms,
+            tflops=None if ms is None else case.flops(mode) / (ms * 1e-3) / 1e12,
+            speedup=None if ms is None or not baseline else ran[baseline] / ms,
+            baseline=baseline, rel_err=rel_err if provider == "lk3d" else None,
+            algo=algo if provider == "lk3d" else "",
+            status=status, **env))
+    return rows
+
+
+def tolerance(dtype: str, device: str) -> float:
+    if dtype == "float32" and device == "cuda" and torch.backends.cudnn.allow_tf32:
+        return TF32_TOLERANCE
+    return TOLERANCE[dtype]
+
+
+def accuracy_failures(results, device: str) -> list:
+    """lk3d rows whose error against F.conv3d passes the dtype's tolerance (one per case)."""
+    seen, bad = set(), []
+    for r in results:
+        if r.provider == "lk3d" and r.rel_err is not None and r.case not in seen:
+            seen.add(r.case)
+            if not r.rel_err <= tolerance(r.dtype, device):  # NaN fails too
+                bad.append(r)
+    return bad
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------------------------
+
+def _fmt(value, spec, suffix=""):
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def format_table(results) -> str:
+    """A plain-text table, one line per result; runs of the same case show its name once."""
+    header = ("case", "provider", "mode", "ms", "TFLOP/s", "speedup", "rel.err", "algo")
+    lines = []
+    last = None
+    for r in results:
+        ms = r.status if r.median_ms is None else f"{r.median_ms:.3f}"
+        lines.append((r.case if r.case != last else "", r.provider, r.mode, ms,
+                      _fmt(r.tflops, ".3g"), _fmt(r.speedup, ".2f", "x"), _fmt(r.rel_err, ".1e"),
+                      r.algo))
+        last = r.case
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
+              for i, h in enumerate(header)]
+    right = {3, 4, 5, 6}
+
+    def join(cells):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    out = [join(header), join(["-" * w for w in widths])] + [join(line) for line in lines]
+    return "\n".join(out)
+
+
+def describe(results) -> str:
+    """The run's context: device, versions, commit, time."""
+    if not results:
+        return "no results"
+    r = results[0]
+    return (f"device: {r.device}\ntorch {r.torch}, triton {r.triton}, lk3d {r.lk3d}, "
+            f"commit {r.commit}, {r.timestamp}")
+
+
+CSV_COLUMNS = tuple(f.name for f in fields(Result))
+
+
+def write_csv(results, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for r in results:
+            writer.writerow({k: "" if v is None else v for k, v in asdict(r).items()})

@@ -1,0 +1,122 @@
+"""The dispatch benchmark: does automatic algorithm choice find the fastest path?
+
+On a grid of layers (dense and depthwise, k = 3…21, [N, C, S³] input, ``padding="same"``) it times
+every way to run the forward pass in one process and the same run:
+
+    torch       F.conv3d on an NCDHW input
+    torch-cl    F.conv3d on a channels_last_3d input (oneDNN's fast layout on the CPU)
+    lk3d-fft    lk3d's overlap-save FFT
+    lk3d-tiled  lk3d's Triton kernels (CUDA only)
+    lk3d-auto   lk3d.conv3d as a user calls it: the plan comes from the cache, else the cost model
+
+and reports lk3d-auto's time over the fastest provider's (the goal: within 1.1x everywhere) and
+the FFT's speedup over the faster torch layout. Providers known to be pathological are skipped
+with the reason in the row instead of hanging the run (CPU aten, NCDHW, dense k >= 21: minutes).
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import lk3d
+from lk3d import _algos, fft
+from lk3d.autotune.select import time_ms
+
+
+@dataclass(frozen=True)
+class Shape:
+    N: int
+    C: int
+    S: int
+    k: int
+    depthwise: bool
+
+    @property
+    def name(self):
+        return f"{'dw' if self.depthwise else 'dense'}-k{self.k}-N{self.N}-C{self.C}-S{self.S}"
+
+    def tensors(self, device, dtype=torch.float32):
+        g = torch.Generator().manual_seed(self.k)
+        x = torch.randn(self.N, self.C, self.S, self.S, self.S, generator=g)
+        w = torch.randn(self.C, 1 if self.depthwise else self.C, self.k, self.k, self.k,
+                        generator=g) / self.k ** 1.5
+        return x.to(device, dtype), w.to(device, dtype)
+
+
+def grid(N=1, C=16, S=48, kernels=(3, 5, 7, 11, 15, 21)):
+    return [Shape(N, C, S, k, dw) for dw in (False, True) for k in kernels]
+
+
+def _skip(provider, shape, device):
+    if device.type == "cpu" and provider == "torch" and not shape.depthwise and shape.k >= 21:
+        return "skipped: NCDHW aten on the CPU takes minutes at k >= 21 (dense)"
+    return ""
+
+
+def run(shapes, device, progress=True):
+    """One row per shape: provider -> ms (or a skip reason), auto's choice and the ratios."""
+    from tqdm import tqdm
+
+    rows = []
+    for shape in tqdm(shapes, desc="dispatch", disable=not progress):
+        x, w = shape.tensors(device)
+        groups = shape.C if shape.depthwise else 1
+        p = (shape.k - 1) // 2
+        xcl = x.contiguous(memory_format=torch.channels_last_3d)
+        providers = {
+            "torch": lambda: F.conv3d(x, w, None, 1, p, 1, groups),
+            "torch-cl": lambda: F.conv3d(xcl, w, None, 1, p, 1, groups),
+            "lk3d-fft": lambda: fft.conv3d_forward(x, w, None, (1, 1, 1), [p] * 6, (1, 1, 1),
+                                                   groups),
+            "lk3d-auto": lambda: lk3d.conv3d(x, w, None, 1, p, 1, groups),
+        }
+        if _algos.kernels_can_run(x) and device.type == "cuda":
+            providers["lk3d-tiled"] = lambda: _algos.tiled_forward(
+                x, w, None, (1, 1, 1), [p] * 6, (1, 1, 1), groups)
+        times, skipped = {}, {}
+        with torch.no_grad():
+            for name, fn in providers.items():
+                reason = _skip(name, shape, device)
+                if reason:
+                    skipped[name] = reason
+                    continue
+                times[name] = time_ms(fn, device)
+        plan = lk3d.explain(x, w, None, 1, p, 1, groups)["forward"]
+        others = {k: v for k, v in times.items() if k != "lk3d-auto"}
+        best = min(others, key=others.get)
+        torch_best = min(v for k, v in times.items() if k.startswith("torch"))
+        rows.append(dict(shape=shape.name, times_ms=times, skipped=skipped, auto=plan["algo"],
+                         auto_source=plan["source"], best=best,
+                         auto_over_best=times["lk3d-auto"] / others[best],
+                         fft_speedup=torch_best / times["lk3d-fft"]))
+    return rows
+
+
+def format_rows(rows):
+    names = ["torch", "torch-cl", "lk3d-fft", "lk3d-tiled", "lk3d-auto"]
+    names = [n for n in names if any(n in r["times_ms"] or n in r["skipped"] for r in rows)]
+    head = f"{'shape':<26}" + "".join(f"{n + ' ms':>14}" for n in names) + \
+        f"{'auto':>7} {'best':>10} {'auto/best':>10} {'fft speedup':>12}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        cells = "".join(f"{r['times_ms'][n]:>14.1f}" if n in r["times_ms"] else f"{'skip':>14}"
+                        for n in names)
+        lines.append(f"{r['shape']:<26}{cells}{r['auto']:>7} {r['best']:>10} "
+                     f"{r['auto_over_best']:>9.2f}x {r['fft_speedup']:>11.2f}x")
+    skipped = sorted({reason for r in rows for reason in r["skipped"].values()})
+    lines += [f"  ({reason})" for reason in skipped]
+    lines.append(f"  device: {_device_name(rows)}; torch {torch.__version__}; "
+                 f"threads {torch.get_num_threads()}")
+    return "\n".join(lines)
+
+
+def _device_name(rows):
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return os.environ.get("LK3D_CPU_NAME") or _cpu_name()
+
+
+def _cpu_name():
+    from lk3d.autotune.fingerprint import device_fingerprint
+    return device_fingerprint(torch.device("cpu"))["name"]

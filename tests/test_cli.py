@@ -1,0 +1,201 @@
+"""The ``lk3d`` command line and the benchmark machinery behind ``lk3d bench``.
+
+The bench runs on the hidden ``--tiny`` cases (seconds under the Triton interpreter, which
+conftest switches on for CPU runs), so the lk3d rows exercise the real kernels.
+"""
+import csv
+import math
+import operator
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import lk3d
+from lk3d import bench
+from lk3d import cli
+from lk3d.cli import main
+
+TINY_ARGS = ["bench", "--tiny", "--no-progress", "--min-run-time", "0.01"]
+
+
+def _device_args(device):
+    return ["--device", device.type]
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for word in ("lk3d", "torch", "triton", "python", "interpreter", "cpu", "cuda",
+                 "algorithms", "tiled =", "aten  ="):
+        assert word in out, f"{word!r} missing from lk3d info:\n{out}"
+    from lk3d import kernels
+    assert f"interpreter  {'on' if kernels.INTERPRETED else 'off'}" in out
+
+
+def test_console_script_info():
+    script = Path(sys.executable).with_name("lk3d")
+    exe = str(script) if script.exists() else shutil.which("lk3d")
+    assert exe, "the lk3d console script is not installed (pip install -e .)"
+    proc = subprocess.run([exe, "info"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("lk3d "), proc.stdout
+
+
+def test_bench_tiny_table_and_csv(capsys, tmp_path, device):
+    path = tmp_path / "out" / "bench.csv"
+    rc = main(TINY_ARGS + _device_args(device) + ["--no-isolate", "--modes", "fwd,fwdbwd",
+                                                  "--csv", str(path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("case "))
+    assert lines[header].split() == ["case", "provider", "mode", "ms", "TFLOP/s", "speedup",
+                                     "rel.err", "algo"]
+    n_rows = len(bench.TINY_CASES) * len(bench.PROVIDERS) * len(bench.MODES)
+    body = lines[header + 2:header + 2 + n_rows]
+    assert {line.split()[0] for line in body if not line.startswith(" ")} == {
+        c.name for c in bench.TINY_CASES}
+    assert f"wrote {n_rows} rows to {path}" in out
+
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == bench.CSV_COLUMNS
+    for column in ("case", "provider", "mode", "median_ms", "tflops", "speedup", "rel_err",
+                   "device", "torch", "triton", "lk3d", "commit", "timestamp"):
+        assert column in reader.fieldnames
+    assert len(rows) == n_rows
+    assert {(r["case"], r["provider"], r["mode"]) for r in rows} == {
+        (c.name, p, m) for c in bench.TINY_CASES for p in bench.PROVIDERS for m in bench.MODES}
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert float(r["median_ms"]) > 0 and float(r["tflops"]) > 0
+        assert r["baseline"] in bench.TORCH_PROVIDERS
+        if r["provider"] == "lk3d":
+            assert float(r["rel_err"]) <= bench.tolerance(r["dtype"], device.type), r
+            if hasattr(lk3d, "explain"):  # the planner names what ran
+                assert r["algo"], r
+        else:
+            assert r["rel_err"] == ""
+        if r["provider"] == r["baseline"]:
+            assert float(r["speedup"]) == pytest.approx(1.0)
+
+
+def test_bench_budget_skips_in_worker(capsys, device):
+    """A budget no call can meet: every row is skipped, the run still ends with a table."""
+    rc = main(TINY_ARGS + _device_args(device) + ["--filter", "dw", "--budget", "0.001"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert out.count(bench.SKIPPED_BUDGET) == len(bench.PROVIDERS)
+
+
+def test_worker_kills_a_call_past_its_timeout():
+    worker = bench.Worker()
+    try:
+        assert worker.call(operator.add, (1, 2), timeout=60) == ("ok", 3)
+        t0 = time.perf_counter()
+        assert worker.call(time.sleep, (60,), timeout=0.5) == ("timeout", None)
+        assert time.perf_counter() - t0 < 30
+        assert worker.proc is None
+        kind, msg = worker.call(math.sqrt, (-1.0,), timeout=60)  # a new worker; errors reported
+        assert kind == "error" and "ValueError" in msg
+        assert worker.call(math.sqrt, (4.0,), timeout=60) == ("ok", 2.0)
+    finally:
+        worker.close()
+
+
+def test_max_time_skips_the_rest(device):
+    results = bench.run(bench.TINY_CASES, device=device, modes=("fwd",), max_time_s=1e-9,
+                        isolate=False, progress=False)
+    assert {r.status for r in results} == {bench.SKIPPED_TIME_LIMIT}
+    assert all(r.median_ms is None and r.speedup is None for r in results)
+    assert "skipped (time limit)" in bench.format_table(results)
+
+
+def test_flops_and_cases():
+    case = bench.Case.dense("d", 2, 6, 4, (5, 6, 7), (3, 5, 7), groups=2)
+    assert case.flops("fwd") == 2 * 2 * 4 * (5 * 6 * 7) * 3 * (3 * 5 * 7)
+    assert case.flops("fwdbwd") == 3 * case.flops("fwd")
+    valid = bench.Case("v", "dense", 1, 2, 2, 1, (9, 9, 9), (3, 3, 3), padding="valid")
+    assert valid.out_size == (7, 7, 7)
+    for cases in bench.CASE_SETS.values():
+        assert len({c.name for c in cases}) == len(cases)
+    assert all(c.op == "depthwise" and c.groups == c.Cin for c in bench.CASE_SETS["full"]
+               if "dw" in c.name)
+    with pytest.raises(ValueError, match="depthwise"):
+        bench.Case("x", "depthwise", 1, 4, 4, 1, (4, 4, 4), (3, 3, 3))
+    with pytest.raises(ValueError, match="dtype"):
+        bench.Case.dense("x", 1, 4, 4, 4, 3, dtype="int8")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--modes", "sideways"], "--modes"),
+    (["bench", "--providers", "lk3d,cudnn"], "--providers"),
+    (["bench", "--device", "tpu"], "--device"),
+    (["bench", "--budget", "-1"], "--budget"),
+    (["bench", "--quick", "--filter", "no-such-case"], "matches no quick case"),
+    (["bench", "--quick", "--tiny"], "not allowed with"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_arguments_exit_with_a_message(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_no_command_prints_usage(capsys):
+    assert main([]) == 2
+    assert "usage: lk3d" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.environ.get("LK3D_TEST_DEVICE", "cpu") == "cuda",
+                    reason="checks the message for a machine without CUDA")
+def test_cuda_requested_without_a_gpu(capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(SystemExit):
+        main(["bench", "--device", "cuda"])
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_tune_and_cache_commands(tmp_path, monkeypatch, capsys):
+    """`lk3d tune --layers` measures (fft vs aten here), `lk3d cache` exports, clears, imports."""
+    from lk3d import _algos, _conv_ops
+
+    monkeypatch.setattr(_algos, "kernels_can_run", lambda t: False)
+    monkeypatch.setattr(_conv_ops, "INTERPRETED", False)
+    monkeypatch.setenv("LK3D_CACHE_DIR", str(tmp_path / "cache"))
+    layers = tmp_path / "layers.json"
+    layers.write_text('[{"name": "tiny-dw", "N": 1, "cin": 2, "cout": 2, "groups": 2, '
+                      '"size": 6, "kernel": 3}]')
+    assert cli.main(["tune", "--layers", str(layers), "--device", "cpu", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-dw" in out and "grad_weight" in out and "3 entries (3 new)" in out
+    exported = tmp_path / "plans.json"
+    assert cli.main(["cache", "export", str(exported)]) == 0
+    assert cli.main(["cache", "clear"]) == 0
+    assert cli.main(["cache"]) == 0
+    assert ": 0 entries" in capsys.readouterr().out
+    assert cli.main(["cache", "import", str(exported)]) == 0
+    assert "imported 3 entries" in capsys.readouterr().out
+    assert "(3 entries)" in cli.info_text()
+    bad = tmp_path / "bad.json"
+    bad.write_text("not json")
+    assert cli.main(["cache", "import", str(bad)]) == 1
+    assert "bad.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["tune", "--layers", str(bad)])
+
+
+def test_bench_dispatch_tiny(capsys):
+    assert cli.main(["bench", "--dispatch", "--tiny", "--device", "cpu", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "dense-k3-N1-C2-S6" in out and "dw-k5-N1-C2-S6" in out
+    assert "auto-dispatch over the fastest provider: worst" in out
