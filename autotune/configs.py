@@ -142,21 +142,26 @@ def shared_bytes(kind: str, config: dict, element_size: int) -> int:
 def candidate_configs(problem: Problem, device: torch.device, element_size: int) -> list:
     """The shipped configs worth measuring for ``problem`` on ``device``: within the device's
     shared memory, and no tile more than twice the problem's extent along its axis."""
-    configs = CONFIG_SPACES[problem.kind]
     if _interpreted(device):
         return [default_config(problem, device)]
     major = torch.cuda.get_device_capability(device)[0]
-    limit = _SMEM_LIMIT.get(major, 99 * 1024)
-    extent = {"BLOCK_M": problem.M, "BLOCK_N": problem.NC, "BLOCK_CO": problem.NC,
-              "BLOCK_CI": problem.KC, "BLOCK": problem.M, "BLOCK_T": problem.taps}
-    keep = [dict(c) for c in configs
-            if shared_bytes(problem.kind, c, element_size) <= limit
-            and all(c[k] <= 2 * _pow2(v, 1, 1 << 30) for k, v in extent.items() if k in c)]
-    keep = keep or [dict(_pick(configs, problem))]
+    keep = prune(CONFIG_SPACES[problem.kind], problem, _SMEM_LIMIT.get(major, 99 * 1024),
+                 element_size)
     if problem.kind in ("conv3d_wgrad", "conv3d_dw_wgrad", "bias_grad"):
         for c in keep:
             c["SPLIT"] = default_split(problem, c, device)
     return keep
+
+
+def prune(configs, problem: Problem, smem_limit: int, element_size: int) -> list:
+    """Copies of the configs within ``smem_limit`` bytes of shared memory whose tiles are at most
+    twice the problem's extent along their axis; the default pick when none is left."""
+    extent = {"BLOCK_M": problem.M, "BLOCK_N": problem.NC, "BLOCK_CO": problem.NC,
+              "BLOCK_CI": problem.KC, "BLOCK": problem.M, "BLOCK_T": problem.taps}
+    keep = [dict(c) for c in configs
+            if shared_bytes(problem.kind, c, element_size) <= smem_limit
+            and all(c[k] <= 2 * _pow2(v, 1, 1 << 30) for k, v in extent.items() if k in c)]
+    return keep or [dict(_pick(configs, problem))]
 
 
 def default_config(problem: Problem, device: torch.device) -> dict:

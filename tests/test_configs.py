@@ -115,3 +115,21 @@ def test_launcher_rejects_incomplete_config(device):
     with pytest.raises(ValueError, match="config: expected keys"):
         tiled.conv3d_fwd(x, w, None, (1, 1, 1), (0, 0, 0), (1, 1, 1), 2, (3, 5, 5),
                          {"BLOCK_M": 32})
+
+
+def test_prune_by_shared_memory_and_extent():
+    from lk3d.autotune.configs import prune, shared_bytes
+
+    configs = CONFIG_SPACES["conv3d_fwd"]
+    big = Problem("conv3d_fwd", M=10**6, KC=256, NC=256)
+    assert prune(configs, big, 10**9, 2) == configs
+    limit = 40 * 1024
+    kept = prune(configs, big, limit, 4)
+    assert kept and all(shared_bytes("conv3d_fwd", c, 4) <= limit for c in kept)
+    assert len(kept) < len(configs)
+    small = Problem("conv3d_fwd", M=10**6, KC=8, NC=8)  # 8 output channels: N tiles <= 16
+    assert {c["BLOCK_N"] for c in prune(configs, small, 10**9, 2)} == {16}
+    tiny = Problem("conv3d_fwd", M=4, KC=8, NC=8)       # nothing fits: the default pick
+    assert len(prune(configs, tiny, 10**9, 2)) == 1
+    dw = Problem("conv3d_dw", M=100)
+    assert [c["BLOCK"] for c in prune(CONFIG_SPACES["conv3d_dw"], dw, 10**9, 2)] == [128, 256]
