@@ -17,6 +17,7 @@ cost model (milliseconds per candidate) and a way to run each one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import threading
@@ -81,6 +82,11 @@ def tune():
 
 def space_of(candidates: Sequence[str], kernels: Sequence[str]) -> str:
     """Hash of what a plan was chosen from: the candidates and the tiled kernels' config spaces."""
+    return _space_of(tuple(candidates), tuple(kernels))
+
+
+@functools.lru_cache(maxsize=256)
+def _space_of(candidates, kernels):
     spaces = [{"model": MODEL_VERSION, "candidates": list(candidates)}]
     spaces += [{"kernel": k, "configs": CONFIG_SPACES[k]} for k in kernels]
     return space_hash(spaces)

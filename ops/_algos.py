@@ -218,14 +218,17 @@ GRAD_WEIGHT = {"tiled": tiled_grad_weight, "fft": fft.conv3d_grad_weight,
 KERNELS = {"conv3d": ("conv3d_fwd", "conv3d_dw"), "conv3d_grad_input": ("conv3d_fwd", "conv3d_dw"),
            "conv3d_grad_weight": ("conv3d_wgrad", "conv3d_dw_wgrad")}
 
-# Sustained rates the model assumes (FLOP/s). CPU numbers were measured on a 2-core x86 machine
-# (oneDNN through channels_last_3d; per thread); CUDA ones are fractions of the device's dense
-# rate, untuned guesses until `lk3d tune` measures (or a shipped seed covers) the device.
-_CPU_ATEN_PER_THREAD = {"dense": 110e9, "depthwise": 90e9}
+# Sustained rates the model assumes (FLOP/s). CPU numbers were fitted to `lk3d bench --dispatch`
+# on a 2-core x86 machine (oneDNN, [1,16,48³], k=3..21; per thread) plus the time to stream input
+# and output once; CUDA ones are fractions of the device's dense rate, untuned guesses until
+# `lk3d tune` measures (or a shipped seed covers) the device.
+_CPU_ATEN_PER_THREAD = {"dense": 280e9, "depthwise": 175e9}
+_CPU_BYTES_PER_S = 10e9
 _CUDA_FRACTION = {("tiled", "dense"): 0.45, ("tiled", "depthwise"): 0.08,
                   ("aten", "dense"): 0.35, ("aten", "depthwise"): 0.01}
 _CUDA_FFT_SPEEDUP = 40.0  # a GPU's FFT pipeline against this file's CPU constants
-_FFT_CALIBRATION = 1.4    # measured / modelled seconds of lk3d.fft on the CPU
+_FFT_CALIBRATION = 0.35   # measured / modelled seconds of lk3d.fft on the CPU (same fit)
+_FFT_OVERHEAD_MS = 0.3    # its ~40 torch calls, whatever the size
 
 
 def _cuda_rate(device, dtype):
@@ -246,9 +249,13 @@ def model_ms(algo, x_shape, w_shape, stride, padding, dilation, groups, dtype, d
                   zip(x_shape[2:], *split_pad(padding), E))
         secs = fft.plan_tiles(Q, E, K, x_shape[0], x_shape[1], w_shape[0], groups)[1]
         secs *= _FFT_CALIBRATION * 2 / max(1, torch.get_num_threads())
-        return 1e3 * (secs / _CUDA_FFT_SPEEDUP if device.type == "cuda" else secs)
+        return 1e3 * (secs / _CUDA_FFT_SPEEDUP if device.type == "cuda" else secs) + \
+            _FFT_OVERHEAD_MS
     if device.type == "cuda":
         return 1e3 * flops / (_CUDA_FRACTION[algo, form] * _cuda_rate(device, dtype)) + 0.01
     if algo == "aten":
-        return 1e3 * flops / (_CPU_ATEN_PER_THREAD[form] * torch.get_num_threads()) + 0.05
+        moved = 4 * x_shape[0] * (x_shape[1] * math.prod(x_shape[2:])
+                                  + w_shape[0] * math.prod(size))
+        return 1e3 * (flops / (_CPU_ATEN_PER_THREAD[form] * torch.get_num_threads())
+                      + moved / _CPU_BYTES_PER_S) + 0.05
     return math.inf  # the interpreter is for checking kernels, not for speed
