@@ -22,6 +22,7 @@ import math
 import os
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -147,9 +148,17 @@ def choose(op: str, key: str, device: torch.device, candidates: Sequence[str],
             for config in (configs(algo) if configs else None) or [None]:
                 best = min(times.values(), default=math.inf)
                 fn = (lambda: run(algo)) if config is None else (lambda: run(algo, config))
-                ms = time_ms(fn, device, budget_ms=3 * best)
+                try:
+                    ms = time_ms(fn, device, budget_ms=3 * best)
+                except Exception as e:  # a config the device cannot launch loses, loudly
+                    warnings.warn(f"lk3d autotune: {op} {algo} {config or ''} failed while "
+                                  f"being measured and is skipped: {type(e).__name__}: {e}",
+                                  RuntimeWarning)
+                    continue
                 if ms < times.get(algo, math.inf):
                     times[algo], best_config[algo] = ms, config
+        if not times:
+            raise RuntimeError(f"lk3d autotune: every candidate of {op} failed ({key})")
         algo = min(times, key=times.get)
         cfg = best_config[algo]
         cache.put(fid, key, space, {"algo": algo, "config": cfg, "times_ms": times,

@@ -319,3 +319,24 @@ def test_cost_model_cpu():
     for k in (3, 21):
         assert 0 < _model("fft", k) < math.inf and 0 < _model("aten", k) < math.inf
     assert _model("aten", 3) < _model("aten", 21)
+
+
+def test_a_failing_candidate_is_skipped_with_a_warning(tmp_path, monkeypatch):
+    """A launch config that fails while measured (say, out of shared memory) loses; the others
+    are still compared."""
+    monkeypatch.setenv("LK3D_CACHE_DIR", str(tmp_path))
+    from lk3d.autotune import select as sel
+
+    def run(algo, config=None):
+        if config == {"BLOCK": 2}:
+            raise RuntimeError("out of resources")
+        return algo, None if config is None else config["BLOCK"]
+
+    fake_ms = {("aten", None): 5.0, ("fft", None): 3.0, ("tiled", 1): 4.0}
+    monkeypatch.setattr(sel, "time_ms", lambda fn, device, budget_ms=None: fake_ms[fn()])
+    with sel.tune(), pytest.warns(RuntimeWarning, match="out of resources"):
+        plan = sel.choose("conv3d", "k-fail", torch.device("cpu"), ["tiled", "fft", "aten"],
+                          lambda a: 1.0, run,
+                          configs=lambda a: [{"BLOCK": 1}, {"BLOCK": 2}] if a == "tiled" else None)
+    assert plan.algo == "fft" and plan.source == "measured"
+    assert plan.times_ms == {"tiled": 4.0, "fft": 3.0, "aten": 5.0}
