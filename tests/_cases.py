@@ -53,6 +53,22 @@ def conv3d_ref(x, w, b, **args):
     return F.conv3d(up(x), up(w), up(b), **args)
 
 
+def with_layout(x, w, layout):
+    """``x`` (and for "strided" also ``w``) in one of the layouts the kernels read by strides:
+    "contiguous", "channels_last_3d", "strided" (every other element of a larger tensor along W)
+    or "permuted" (channels and depth swapped in memory)."""
+    if layout == "channels_last_3d":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    elif layout == "strided":
+        x = torch.repeat_interleave(x, 2, dim=-1)[..., ::2]
+        w = w.transpose(3, 4).contiguous().transpose(3, 4)
+    elif layout == "permuted":
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    elif layout != "contiguous":
+        raise ValueError(f"layout: unknown {layout!r}")
+    return x, w
+
+
 def rel_err(y, ref):
     y = y.detach().to("cpu", torch.float64)
     ref = ref.detach().to("cpu", torch.float64)

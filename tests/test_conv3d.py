@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import lk3d
-from _cases import CASES, TOL, Case, conv3d_ref, rel_err
+from _cases import CASES, TOL, Case, conv3d_ref, rel_err, with_layout
 from lk3d.kernels import tiled
 
 
@@ -53,13 +53,7 @@ def test_layouts(case, layout, device):
     """Non-contiguous and channels_last_3d inputs (and a non-contiguous weight) are read through
     their strides; the output keeps the input's memory format, as F.conv3d's does."""
     x, w, b = case.tensors(device=device, dtype=torch.float32)
-    if layout == "channels_last_3d":
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-    elif layout == "strided":
-        x = torch.repeat_interleave(x, 2, dim=-1)[..., ::2]
-        w = w.transpose(3, 4).contiguous().transpose(3, 4)
-    else:
-        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    x, w = with_layout(x, w, layout)
     x_before, w_before = x.clone(), w.clone()
     y = lk3d.conv3d(x, w, b, **case.args())
     assert rel_err(y, conv3d_ref(x, w, b, **case.args())) < TOL[torch.float32]

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lk3d
-from _cases import CASES, TOL, Case, conv3d_ref, rel_err
+from _cases import CASES, TOL, Case, conv3d_ref, rel_err, with_layout
 from lk3d import fft
 
 # The FFT rounds more than a direct sum: fp64 results are ~1e-15 relative, far inside this.
@@ -321,13 +321,7 @@ def test_kernel_spectrum(cout, cg, groups, dil, device):
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[11]], ids=lambda c: c.id)
 def test_layouts(case, layout, device):
     x, w, b = case.tensors(device=device, dtype=torch.float32)
-    if layout == "channels_last_3d":
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-    elif layout == "strided":
-        x = torch.repeat_interleave(x, 2, dim=-1)[..., ::2]
-        w = w.transpose(3, 4).contiguous().transpose(3, 4)
-    elif layout == "permuted":
-        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    x, w = with_layout(x, w, layout)
     before = [t.clone() for t in (x, w, b)]
     x.requires_grad_()
     y = lk3d.conv3d(x, w, b, **case.args())

@@ -12,10 +12,7 @@ import torch
 from torch import nn
 
 import lk3d
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
+from _cases import rel_err
 
 
 def assert_close_rel(name, got, want, tol):
