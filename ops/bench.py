@@ -11,7 +11,11 @@ The baseline of a (case, mode) is the faster of the two torch layouts (oneDNN on
 faster in channels_last_3d at k=15 and its NCDHW path collapses at k=21), and ``speedup`` is that
 baseline's time over the row's time (> 1: faster than the best torch layout). Modes: ``fwd`` and
 ``fwdbwd`` (forward plus grad of input, weight and bias). FLOPs count the multiply-adds of the
-forward, ``2·N·Cout·OD·OH·OW·(Cin/g)·kd·kh·kw``, and three times that for ``fwdbwd``.
+forward, ``2·N·Cout·OD·OH·OW·(Cin/g)·kd·kh·kw``, and three times that for ``fwdbwd``; bytes are
+the least traffic of the step (``lk3d.roofline``). ``roofline_fraction`` is the roofline's time
+over the measured time, with ceilings measured in the same run and process (a large matmul in the
+case's dtype, a large tensor copy). ``peak_mem_mb`` (CUDA only; empty on the CPU, which has no
+allocator statistics) is the most memory one step allocates above its inputs, in MiB.
 
 Timing is the median of ``triton.testing.do_bench`` on CUDA and of
 ``torch.utils.benchmark.Timer.blocked_autorange`` on the CPU (all torch threads). Before timing,
@@ -30,6 +34,7 @@ import math
 import multiprocessing
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -42,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 import lk3d
+from lk3d import roofline
 
 OPS = ("dense", "depthwise")
 PROVIDERS = ("lk3d", "torch", "torch-cl")
@@ -131,9 +137,13 @@ class Case:
                 f"{self.padding} {self.dtype}")
 
     def flops(self, mode: str) -> int:
-        fwd = (2 * self.N * self.Cout * math.prod(self.out_size) * (self.Cin // self.groups)
-               * math.prod(self.kernel))
-        return fwd if mode == "fwd" else 3 * fwd
+        return roofline.conv3d_flops(self.N, self.Cin, self.Cout, self.groups, self.out_size,
+                                     self.kernel, mode)
+
+    def bytes(self, mode: str) -> int:
+        return roofline.conv3d_bytes(self.N, self.Cin, self.Cout, self.groups, self.size,
+                                     self.out_size, self.kernel, mode, self.bias,
+                                     self.torch_dtype.itemsize)
 
 
 # A few large-kernel layers that run on a 2-core CPU in well under two minutes (fwd, all providers).
@@ -184,6 +194,8 @@ class Result:
     median_ms: Optional[float]
     tflops: Optional[float]
     speedup: Optional[float]  # baseline's median over this median
+    roofline_fraction: Optional[float]  # the roofline's time over median_ms
+    peak_mem_mb: Optional[float]  # CUDA: MiB one step allocates above its inputs; CPU: None
     baseline: str             # the faster torch provider of this (case, mode), "" if none ran
     rel_err: Optional[float]  # lk3d rows: vs F.conv3d in the same dtype
     algo: str                 # lk3d rows: lk3d's plan, e.g. "fft" (fwd) or "fft/aten/fft"
@@ -195,6 +207,8 @@ class Result:
     lk3d: str
     commit: str
     timestamp: str
+    ceiling_tflops: Optional[float] = None  # this run's matmul rate in the case's dtype
+    ceiling_gbps: Optional[float] = None    # this run's copy bandwidth (GB/s, read + write)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +237,28 @@ def device_name(device) -> str:
         major, minor = torch.cuda.get_device_capability(index)
         return f"{torch.cuda.get_device_name(index)} (sm_{major}{minor})"
     return f"{cpu_name()} ({torch.get_num_threads()} threads)"
+
+
+def slug(text: str) -> str:
+    """Lowercase, every run of non-alphanumerics one '-': ``NVIDIA H100 80GB HBM3`` ->
+    ``nvidia-h100-80gb-hbm3``."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def device_slug(device) -> str:
+    """A folder name for the device: the GPU's name on CUDA, the CPU's model name and torch's
+    thread count on the CPU (``amd-epyc-2t``); trademark marks and clock speeds dropped."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return slug(torch.cuda.get_device_name(index))
+    name = re.sub(r"\((R|TM|tm|r)\)|\bCPU\b|@.*$", " ", cpu_name())
+    return f"{slug(name)}-{torch.get_num_threads()}t"
+
+
+def default_report_dir(device, root="perf_reports") -> Path:
+    """``<root>/<lk3d version>/<device slug>``: where ``lk3d bench`` writes its report."""
+    return Path(root) / lk3d.__version__ / device_slug(device)
 
 
 def triton_version() -> str:
@@ -337,6 +373,32 @@ def time_case(case: Case, provider: str, mode: str, device: str, budget_s: float
 
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def peak_mem_mb(case: Case, provider: str, mode: str, device: str) -> Optional[float]:
+    """MiB one step allocates at its peak above what was allocated before it (outputs,
+    workspace, saved tensors); None on the CPU (no allocator statistics there)."""
+    if device != "cuda":
+        return None
+    fn = _provider_fn(case, provider, mode, device)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del out
+    return (peak - before) / 2**20
+
+
+def measure_case(case: Case, provider: str, mode: str, device: str, budget_s: float,
+                 min_run_time: float):
+    """``(median_ms, peak_mem_mb)`` of one step (``time_case``, ``peak_mem_mb``); ``(None,
+    None)`` when the budget skips it."""
+    ms = time_case(case, provider, mode, device, budget_s, min_run_time)
+    if ms is None:
+        return None, None
+    return ms, peak_mem_mb(case, provider, mode, device)
 
 
 def lk3d_plans(case: Case, device: str) -> dict:
@@ -508,7 +570,8 @@ def run(cases: Sequence[Case], device=None, providers: Sequence[str] = PROVIDERS
                lk3d=lk3d.__version__, commit=git_commit(),
                timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     runner = Worker() if isolate else InProcess()
-    bar = _progress(len(cases) * (1 + len(providers) * len(modes)), progress)
+    dtypes = list(dict.fromkeys(c.dtype for c in cases))
+    bar = _progress(len(dtypes) + len(cases) * (1 + len(providers) * len(modes)), progress)
 
     def step(label, fn, args):
         if bar is not None:
@@ -523,23 +586,30 @@ def run(cases: Sequence[Case], device=None, providers: Sequence[str] = PROVIDERS
 
     results = []
     try:
+        ceilings = {}
+        for dtype in dtypes:  # first, on an idle machine; None where it fails or times out
+            kind, value = step(f"ceilings {dtype}", roofline.measure_ceilings_by_name,
+                               (dev, dtype))
+            ceilings[dtype] = value if kind == "ok" else None
         for case in cases:
             kind, value = step(f"{case.name} check", check_case, (case, dev))
             rel_err, plans = value if kind == "ok" else (None, {})
             for mode in modes:
                 timed = {}
                 for provider in providers:
-                    kind, value = step(f"{case.name} {provider} {mode}", time_case,
+                    kind, value = step(f"{case.name} {provider} {mode}", measure_case,
                                        (case, provider, mode, dev, budget_s, min_run_time))
                     if kind == "ok":
-                        timed[provider] = (value, "ok" if value is not None else SKIPPED_BUDGET)
+                        ms, mem = value
+                        timed[provider] = (ms, mem, "ok" if ms is not None else SKIPPED_BUDGET)
                     elif kind == "timeout":
-                        timed[provider] = (None, SKIPPED_BUDGET)
+                        timed[provider] = (None, None, SKIPPED_BUDGET)
                     elif kind == "skipped":
-                        timed[provider] = (None, value)
+                        timed[provider] = (None, None, value)
                     else:
-                        timed[provider] = (None, f"error: {value}")
-                results += _rows(case, mode, providers, timed, rel_err, _algo(plans, mode), env)
+                        timed[provider] = (None, None, f"error: {value}")
+                results += _rows(case, mode, providers, timed, rel_err, _algo(plans, mode),
+                                 ceilings[case.dtype], env)
     finally:
         runner.close()
         if bar is not None:
@@ -554,20 +624,24 @@ def _algo(plans, mode):
     return "" if not plans else passes[0] if len(set(passes)) == 1 else "/".join(passes)
 
 
-def _rows(case, mode, providers, timed, rel_err, algo, env):
-    ran = {p: ms for p, (ms, _) in timed.items() if p in TORCH_PROVIDERS and ms is not None}
+def _rows(case, mode, providers, timed, rel_err, algo, ceilings, env):
+    ran = {p: ms for p, (ms, _, _) in timed.items() if p in TORCH_PROVIDERS and ms is not None}
     baseline = min(ran, key=ran.get) if ran else ""
     rows = []
     for provider in providers:
-        ms, status = timed[provider]
+        ms, mem, status = timed[provider]
+        seconds = None if ms is None else ms * 1e-3
         rows.append(Result(
             case=case.name, op=case.op, shape=case.shape, dtype=case.dtype, provider=provider,
             mode=mode, median_ms=ms,
-            tflops=None if ms is None else case.flops(mode) / (ms * 1e-3) / 1e12,
+            tflops=None if ms is None else case.flops(mode) / seconds / 1e12,
             speedup=None if ms is None or not baseline else ran[baseline] / ms,
-            baseline=baseline, rel_err=rel_err if provider == "lk3d" else None,
-            algo=algo if provider == "lk3d" else "",
-            status=status, **env))
+            roofline_fraction=roofline.roofline_fraction(case.flops(mode), case.bytes(mode),
+                                                         seconds, ceilings),
+            peak_mem_mb=mem, baseline=baseline, rel_err=rel_err if provider == "lk3d" else None,
+            algo=algo if provider == "lk3d" else "", status=status,
+            ceiling_tflops=None if ceilings is None else ceilings.flops_per_s / 1e12,
+            ceiling_gbps=None if ceilings is None else ceilings.bytes_per_s / 1e9, **env))
     return rows
 
 
@@ -597,19 +671,25 @@ def _fmt(value, spec, suffix=""):
 
 
 def format_table(results) -> str:
-    """A plain-text table, one line per result; runs of the same case show its name once."""
-    header = ("case", "provider", "mode", "ms", "TFLOP/s", "speedup", "rel.err", "algo")
+    """A plain-text table, one line per result; runs of the same case show its name once.
+    ``roofline`` is the roofline fraction in percent; a ``peak MB`` column comes where any row
+    measured memory (CUDA)."""
+    with_mem = any(r.peak_mem_mb is not None for r in results)
+    header = ("case", "provider", "mode", "ms", "TFLOP/s", "roofline", "speedup", "rel.err") + \
+        (("peak MB",) if with_mem else ()) + ("algo",)
     lines = []
     last = None
     for r in results:
         ms = r.status if r.median_ms is None else f"{r.median_ms:.3f}"
+        roof = "-" if r.roofline_fraction is None else f"{100 * r.roofline_fraction:.3g}%"
+        mem = (_fmt(r.peak_mem_mb, ".1f"),) if with_mem else ()
         lines.append((r.case if r.case != last else "", r.provider, r.mode, ms,
-                      _fmt(r.tflops, ".3g"), _fmt(r.speedup, ".2f", "x"), _fmt(r.rel_err, ".1e"),
-                      r.algo))
+                      _fmt(r.tflops, ".3g"), roof, _fmt(r.speedup, ".2f", "x"),
+                      _fmt(r.rel_err, ".1e"), *mem, r.algo))
         last = r.case
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
               for i, h in enumerate(header)]
-    right = {3, 4, 5, 6}
+    right = set(range(3, len(header) - 1))
 
     def join(cells):
         return "  ".join(c.rjust(w) if i in right else c.ljust(w)
@@ -624,8 +704,12 @@ def describe(results) -> str:
     if not results:
         return "no results"
     r = results[0]
+    ceilings = {x.dtype: (x.ceiling_tflops, x.ceiling_gbps) for x in results
+                if x.ceiling_tflops is not None}
+    roof = "; ".join(f"{dtype} matmul {tf:.3g} TFLOP/s, copy {gb:.3g} GB/s"
+                     for dtype, (tf, gb) in ceilings.items()) or "not measured"
     return (f"device: {r.device}\ntorch {r.torch}, triton {r.triton}, lk3d {r.lk3d}, "
-            f"commit {r.commit}, {r.timestamp}")
+            f"commit {r.commit}, {r.timestamp}\nceilings (this run): {roof}")
 
 
 CSV_COLUMNS = tuple(f.name for f in fields(Result))

@@ -1,9 +1,11 @@
 """The ``lk3d`` command line.
 
     lk3d info                       versions, devices, which algorithms run where, the cache
-    lk3d bench --quick              a few large-kernel layers on this machine (CPU: < 2 min)
-    lk3d bench --device cuda --csv perf_reports/bench.csv
+    lk3d bench --quick              a few large-kernel layers on this machine (CPU: < 2 min);
+                                    the report: perf_reports/<version>/<device>/ (CSV + plots)
+    lk3d bench --device cuda [--out DIR | --no-report] [--csv PATH]
     lk3d bench --dispatch           does auto-dispatch find the fastest path? (12 layers)
+    lk3d report [--dir perf_reports]    redraw the plots, refresh perf_reports/README.md
     lk3d tune [--suite gpu|cpu] [--layers FILE.json]   measure and cache the best algorithms
     lk3d cache clear | export FILE | import FILE        manage the per-device plan cache
 
@@ -18,7 +20,7 @@ import time
 import torch
 
 import lk3d
-from lk3d import bench
+from lk3d import bench, report
 
 _ENV_VARS = ("TRITON_INTERPRET", "LK3D_ALGO", "LK3D_CONFIG", "LK3D_AUTOTUNE", "LK3D_CACHE_DIR",
              "LK3D_FFT_MEMORY_MB", "LK3D_TEST_DEVICE", "TRITON_CACHE_DIR", "CUDA_VISIBLE_DEVICES")
@@ -195,6 +197,11 @@ def _cmd_bench(args, parser):
                      "(torch.cuda.is_available() is False); use --device cpu")
     if args.csv and os.path.isdir(args.csv):
         parser.error(f"--csv: expected a file path, got the directory {args.csv!r}")
+    if args.out and os.path.isfile(args.out):
+        parser.error(f"--out: expected a folder, got the file {args.out!r}")
+    # the hidden --tiny set (tests) never lands in perf_reports/ unless asked to
+    out_dir = None if args.no_report or (args.tiny and not args.out) else \
+        args.out or bench.default_report_dir(device)
 
     modes = args.modes or (bench.MODES if device == "cuda" else ("fwd",))
     busy = _cpu_busy() if device == "cpu" else None
@@ -216,12 +223,22 @@ def _cmd_bench(args, parser):
     print(bench.describe(results))
     print(bench.format_table(results))
     print("speedup = median of the faster torch layout / this median (> 1: faster than torch); "
+          "roofline = max(FLOPs/matmul rate, bytes/copy rate) / time; "
           "rel.err = lk3d vs F.conv3d, same dtype")
     print(f"took {elapsed:.1f} s")
+    rc = 0
     if args.csv:
         bench.write_csv(results, args.csv)
         print(f"wrote {len(results)} rows to {args.csv}")
-    rc = 0
+    if out_dir is not None:
+        try:
+            path, pngs = report.write_report(results, out_dir)
+        except (OSError, report.ReportError) as e:
+            print(f"lk3d bench: cannot write the report: {e}", file=sys.stderr)
+            rc = 1
+        else:
+            print(f"report: {path} and {len(pngs)} plot(s) in {path.parent} "
+                  "(`lk3d report` refreshes the summary in perf_reports/README.md)")
     for r in bench.accuracy_failures(results, device):
         print(f"lk3d bench: {r.case}: lk3d differs from F.conv3d by {r.rel_err:.2e} "
               f"(tolerance {bench.tolerance(r.dtype, device):.0e} for {r.dtype})", file=sys.stderr)
@@ -231,6 +248,18 @@ def _cmd_bench(args, parser):
             print(f"lk3d bench: {r.case} {r.provider} {r.mode}: {r.status}", file=sys.stderr)
             rc = 1
     return rc
+
+
+def _cmd_report(args, parser):
+    try:
+        csvs, pngs, readme = report.regenerate(args.dir)
+    except (OSError, report.ReportError) as e:
+        print(f"lk3d report: {e}", file=sys.stderr)
+        return 1
+    for path in csvs:
+        print(f"{path}: {sum(p.parent == path.parent for p in pngs)} plot(s)")
+    print(f"summary of {len(csvs)} result file(s) in {readme}")
+    return 0
 
 
 def _cmd_dispatch(args, parser):
@@ -300,22 +329,30 @@ def _cmd_cache(args, parser):
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="lk3d", description="lk3d: large 3D convolution "
-                                     "kernels in Triton. Commands: info, bench, tune, cache.")
-    sub = parser.add_subparsers(dest="command", metavar="{info,bench,tune,cache}")
+                                     "kernels in Triton. Commands: info, bench, report, tune, "
+                                     "cache.")
+    sub = parser.add_subparsers(dest="command", metavar="{info,bench,report,tune,cache}")
 
     p = sub.add_parser("info", help="versions, devices, and which algorithms run where")
     p.set_defaults(func=_cmd_info, subparser=p)
 
     p = sub.add_parser("bench", help="time lk3d.conv3d against F.conv3d on large kernels",
                        description="Time lk3d.conv3d against F.conv3d (NCDHW and "
-                       "channels_last_3d) on large-kernel layers; prints a table.")
+                       "channels_last_3d) on large-kernel layers; prints a table and writes the "
+                       "report (results.csv and plots) to perf_reports/<lk3d version>/<device>/.")
     cases = p.add_mutually_exclusive_group()
     cases.add_argument("--quick", action="store_true",
                        help="a few small large-kernel layers (CPU: under 2 minutes)")
     cases.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests
     p.add_argument("--device", choices=("cpu", "cuda"),
                    help="default: cuda if available, else cpu")
-    p.add_argument("--csv", metavar="PATH", help="also write the results to this CSV file")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", metavar="DIR",
+                       help="write the report (results.csv and plots) here instead of "
+                       "perf_reports/<lk3d version>/<device>/ under the current folder")
+    where.add_argument("--no-report", action="store_true", help="write no report")
+    p.add_argument("--csv", metavar="PATH",
+                   help="also write one row per measurement (every field, wide) to this CSV")
     p.add_argument("--modes", type=_subset(bench.MODES, "modes"),
                    help="comma-separated: fwd,fwdbwd (default: both on cuda, fwd on cpu)")
     p.add_argument("--providers", type=_subset(bench.PROVIDERS, "providers"),
@@ -339,6 +376,15 @@ def build_parser():
                    help="the dispatch grid instead: k=3..21, dense and depthwise, every "
                    "provider and lk3d's automatic choice")
     p.set_defaults(func=_cmd_bench, subparser=p)
+
+    p = sub.add_parser("report", help="redraw the plots of every results.csv and refresh the "
+                       "summary in README.md",
+                       description="Redraw the plots of every results.csv under DIR (from the "
+                       "CSVs only) and refresh the summary tables in DIR/README.md between "
+                       f"{report.MARK_START} and {report.MARK_END}.")
+    p.add_argument("--dir", default="perf_reports", metavar="DIR",
+                   help="the folder to search for results.csv (default: perf_reports)")
+    p.set_defaults(func=_cmd_report, subparser=p)
 
     p = sub.add_parser("tune", help="measure every algorithm on a list of layers; cache winners")
     p.add_argument("--suite", choices=("gpu", "cpu"), help="built-in layers (default: gpu on "

@@ -54,8 +54,8 @@ def test_bench_tiny_table_and_csv(capsys, tmp_path, device):
     assert rc == 0, out
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("case "))
-    assert lines[header].split() == ["case", "provider", "mode", "ms", "TFLOP/s", "speedup",
-                                     "rel.err", "algo"]
+    assert lines[header].split() == ["case", "provider", "mode", "ms", "TFLOP/s", "roofline",
+                                     "speedup", "rel.err", "algo"]
     n_rows = len(bench.TINY_CASES) * len(bench.PROVIDERS) * len(bench.MODES)
     body = lines[header + 2:header + 2 + n_rows]
     assert {line.split()[0] for line in body if not line.startswith(" ")} == {
