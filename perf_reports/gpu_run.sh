@@ -10,7 +10,9 @@
 # each under its own `timeout`. A failed step does not stop the others; the exit status is
 # non-zero when a required step failed. OUTDIR receives 8 files (the device tool's limit):
 # steps.txt (one line per step: name, exit status, seconds), info.txt (install log, nvidia-smi,
-# lk3d info), tests.log, aot.txt, tune.txt, plans.json, bench.txt, bench.csv.
+# lk3d info), tests.log, aot.txt, tune.txt, plans.json, bench.txt, results.csv (the report's
+# long-format CSV: `lk3d report` redraws its plots here, once it is committed under
+# perf_reports/<version>/<device>/).
 # LK3D_GIT_COMMIT (set it on the command line) goes into the benchmark rows when the tree has
 # no .git.
 set -uo pipefail
@@ -73,8 +75,10 @@ export LK3D_CACHE_DIR="${TMPDIR:-/tmp}/lk3d-gpu-plans"
 step tune 90 optional "$OUT/tune.txt" "$PY" -m lk3d.cli tune --device cuda --no-progress
 "$PY" -m lk3d.cli cache export "$OUT/plans.json" >>"$OUT/tune.txt" 2>&1
 # A measurement starts only in the first 80 s and is killed past 1.5 x 20 s + 30 s.
+report="${TMPDIR:-/tmp}/lk3d-gpu-report"
 step bench 150 required "$OUT/bench.txt" "$PY" -m lk3d.cli bench --device cuda --no-progress \
-    --budget 20 --max-time 80 --csv "$OUT/bench.csv"
+    --budget 20 --max-time 80 --out "$report"
+cp "$report/results.csv" "$OUT/results.csv" 2>/dev/null || echo "no results.csv" >>"$OUT/bench.txt"
 
 echo "== bench table"
 cat "$OUT/bench.txt"
