@@ -3,10 +3,13 @@
     import lk3d
     y = lk3d.conv3d(x, w, b, stride=1, padding="same", groups=x.shape[1])   # like F.conv3d
     model = lk3d.nn.convert(model)                                           # swap nn.Conv3d
+    factors, err = lk3d.decompose.cp(w, rank=16)                             # rank-16 CP kernel
+    y = lk3d.cp_conv3d(x, factors, b, padding="same")                        # = F.conv3d(x, W_cp)
 """
 from importlib.metadata import PackageNotFoundError, version
 
-from lk3d import nn
+from lk3d import decompose, nn
+from lk3d.cp import CPFactors, cp_conv3d
 from lk3d.functional import conv3d, explain
 
 try:
@@ -14,4 +17,4 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["conv3d", "explain", "nn", "__version__"]
+__all__ = ["conv3d", "explain", "cp_conv3d", "CPFactors", "decompose", "nn", "__version__"]

@@ -1,7 +1,9 @@
-"""``lk3d.nn``: a drop-in ``Conv3d`` module and ``convert``, which swaps one into a model.
+"""``lk3d.nn``: a drop-in ``Conv3d`` module, low-rank ``CPConv3d`` and ``TuckerConv3d``, and
+``convert``, which swaps them into a model.
 
     conv = lk3d.nn.Conv3d(32, 32, 7, padding=3, groups=32)       # like torch.nn.Conv3d
     model = lk3d.nn.convert(model, min_kernel_size=5)            # swap the large nn.Conv3d
+    model = lk3d.nn.convert(model, to="cp", rank=16)             # ... for rank-16 CP convs
 
 ``Conv3d`` subclasses ``torch.nn.Conv3d``: same constructor, initialisation, parameters
 (``weight``, ``bias``), ``state_dict`` keys and ``padding_mode`` handling, and
@@ -9,21 +11,31 @@
 ``lk3d.conv3d``, so one converted module is one ``lk3d::conv3d`` node under ``torch.compile``
 (plus an ``F.pad`` for the ``reflect``/``replicate``/``circular`` padding modes, as in torch).
 
-``convert`` takes the dense form only for now (``to="dense"``); the CP and block-sparse forms of
-DESIGN.md will come in as further values of ``to``.
+``CPConv3d`` holds a rank-R CP kernel (``U_out``, ``U_in``, ``A``, ``B``, ``C``: see
+``lk3d.CPFactors``) and runs ``lk3d.cp_conv3d``; ``TuckerConv3d`` holds a Tucker-2 kernel and runs
+a 1×1×1 conv, a reduced dense conv and a 1×1×1 conv through ``lk3d.conv3d``. Both take
+``nn.Conv3d``'s arguments (groups = 1), are initialised so that their output has the variance of
+``nn.Conv3d``'s default initialisation, and are built from a trained conv by ``from_conv``
+(``lk3d.decompose``). ``convert`` takes ``to="dense"`` and ``to="cp"``; the block-sparse form of
+DESIGN.md will come in as a further value of ``to``.
 """
 import copy
+import math
 from numbers import Integral
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lk3d import decompose
+from lk3d._spec import _triple
+from lk3d.cp import CPFactors, cp_conv3d
 from lk3d.functional import conv3d
 
-__all__ = ["Conv3d", "convert"]
+__all__ = ["Conv3d", "CPConv3d", "TuckerConv3d", "convert"]
 
-_CONVERT_TO = ("dense",)
+_CONVERT_TO = ("dense", "cp")
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 class Conv3d(nn.Conv3d):
@@ -44,19 +56,271 @@ class Conv3d(nn.Conv3d):
         return "lk3d.nn.Conv3d"
 
 
-def convert(model, min_kernel_size=5, inplace=False, to="dense"):
-    """Swap every ``torch.nn.Conv3d`` in ``model`` whose largest kernel side is at least
-    ``min_kernel_size`` for an ``lk3d.nn.Conv3d``, and return the model.
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name}: expected a positive int, got {value!r} "
+                        f"({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value}")
+    return int(value)
 
-    ``model`` may itself be an ``nn.Conv3d``. A swapped module keeps its configuration, its
-    ``Parameter`` objects (so data, device, dtype and ``requires_grad``), training mode, hooks and
-    any other attribute: it is the same object with its class changed to ``lk3d.nn.Conv3d`` (a
-    subclass adding no state, so the change is exact). Shared modules stay shared. With
-    ``inplace=False`` (the default) ``model`` is deep-copied first and left untouched; with
-    ``inplace=True`` it is converted in place, and an optimizer built on its parameters still
-    holds the right ones. Only modules of type exactly ``nn.Conv3d`` are swapped: subclasses
-    (custom ``forward``, parametrized weights) are left as they are. ``to`` picks the form of the
-    large kernels; only ``"dense"`` (the same weights on lk3d's kernels) exists so far.
+
+def _uniform_(t, var):
+    """Fill ``t`` from U(-b, b) with variance ``var`` (b = sqrt(3·var))."""
+    bound = math.sqrt(3.0 * var)
+    return nn.init.uniform_(t, -bound, bound)
+
+
+class _FactoredConv3d(nn.Module):
+    """What ``CPConv3d`` and ``TuckerConv3d`` share: ``nn.Conv3d``'s configuration (groups = 1),
+    checked as torch checks it, the bias and its initialisation, the padding modes."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, bias,
+                 padding_mode, factory_kwargs):
+        super().__init__()
+        self.in_channels = _positive_int("in_channels", in_channels)
+        self.out_channels = _positive_int("out_channels", out_channels)
+        self.kernel_size = _triple("kernel_size", kernel_size, 1)
+        self.stride = _triple("stride", stride, 1)
+        self.dilation = _triple("dilation", dilation, 1)
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding: expected 'same', 'valid', an int or a tuple of 3 "
+                                 f"ints, got {padding!r}")
+            if padding == "same" and self.stride != (1, 1, 1):
+                raise ValueError(f"padding: 'same' expects stride 1, got stride {self.stride}")
+            self.padding = padding
+        else:
+            self.padding = _triple("padding", padding, 0)
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(f"padding_mode: expected one of {', '.join(map(repr, _PADDING_MODES))}"
+                             f", got {padding_mode!r}")
+        self.padding_mode = padding_mode
+        # F.pad's order (w_l, w_r, h_l, h_r, d_l, d_r), for the non-zero padding modes.
+        if self.padding == "same":
+            total = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+            pads = [(t // 2, t - t // 2) for t in total]
+        elif self.padding == "valid":
+            pads = [(0, 0)] * 3
+        else:
+            pads = [(p, p) for p in self.padding]
+        self._reversed_padding_repeated_twice = [v for pair in reversed(pads) for v in pair]
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias: expected a bool, got {bias!r} ({type(bias).__name__})")
+        self._has_bias = bias
+
+    def _add_bias(self, factory_kwargs):
+        """Register ``bias`` (after the factors, so ``parameters()`` ends with it as in torch)."""
+        if self._has_bias:
+            self.bias = nn.Parameter(torch.empty(self.out_channels, **factory_kwargs))
+        else:
+            self.register_parameter("bias", None)
+
+    @property
+    def fan_in(self):
+        return self.in_channels * math.prod(self.kernel_size)
+
+    def _reset_bias(self):
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.fan_in)  # nn.Conv3d's
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def _padded(self, input):
+        """``(input, padding)`` for the convolution: the input padded explicitly for the
+        non-zero padding modes (as torch does), else as it is with the module's padding."""
+        if self.padding_mode == "zeros":
+            return input, self.padding
+        return F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
+
+    def _copy_conv(self, conv):
+        """Take ``conv``'s bias, ``requires_grad`` and training mode (after the factors)."""
+        with torch.no_grad():
+            if self.bias is not None:
+                self.bias.copy_(conv.bias)
+                self.bias.requires_grad_(conv.bias.requires_grad)
+        for p in self.parameters():
+            if p is not self.bias:
+                p.requires_grad_(conv.weight.requires_grad)
+        self.train(conv.training)
+        return self
+
+    def extra_repr(self):
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
+        s += self._rank_repr()
+        if self.stride != (1, 1, 1):
+            s += f", stride={self.stride}"
+        if self.padding != (0, 0, 0):
+            s += f", padding={self.padding!r}"
+        if self.dilation != (1, 1, 1):
+            s += f", dilation={self.dilation}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return s
+
+
+def _conv_config(conv, rank_name):
+    if not isinstance(conv, nn.Conv3d):
+        raise TypeError(f"conv: expected a torch.nn.Conv3d, got {type(conv).__name__}")
+    if conv.groups != 1:
+        raise ValueError(f"conv: expected groups=1 (a {rank_name} form of a grouped conv is not "
+                         f"supported), got groups={conv.groups}")
+    return dict(in_channels=conv.in_channels, out_channels=conv.out_channels,
+                kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                dilation=conv.dilation, bias=conv.bias is not None,
+                padding_mode=conv.padding_mode, device=conv.weight.device,
+                dtype=conv.weight.dtype)
+
+
+class CPConv3d(_FactoredConv3d):
+    """A 3D convolution with a rank-``rank`` CP kernel, running ``lk3d.cp_conv3d``.
+
+    Arguments as ``torch.nn.Conv3d`` (no ``groups``: a CP conv is dense), plus ``rank``.
+    Parameters ``U_out [out, R]``, ``U_in [in, R]``, ``A [kd, R]``, ``B [kh, R]``,
+    ``C [kw, R]`` and ``bias``; ``factors`` gives them as an ``lk3d.CPFactors``.
+
+    Initialisation: ``nn.Conv3d``'s default (kaiming_uniform with a=sqrt(5)) draws weights of
+    variance ``1 / (3·fan_in)``, ``fan_in = in·kd·kh·kw``. A dense element here is a sum of R
+    products of five independent zero-mean factor entries, so its variance is
+    ``R·Var(U_out)·Var(U_in)·Var(A)·Var(B)·Var(C)``, and distinct elements are uncorrelated, so
+    the output variance follows. The factors are uniform with ``Var(U_in) = 1/in``,
+    ``Var(A) = 1/kd``, ``Var(B) = 1/kh``, ``Var(C) = 1/kw`` (each stage of the factored sequence
+    keeps the variance of what it reads) and ``Var(U_out) = 1/(3·R)``, which gives
+    ``1 / (3·fan_in)``. The bias is initialised as ``nn.Conv3d``'s.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, rank, stride=1, padding=0,
+                 dilation=1, bias=True, padding_mode="zeros", device=None, dtype=None):
+        factory_kwargs = dict(device=device, dtype=dtype)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias,
+                         padding_mode, factory_kwargs)
+        self.rank = _positive_int("rank", rank)
+        rows = (self.out_channels, self.in_channels, *self.kernel_size)
+        for name, n in zip(("U_out", "U_in", "A", "B", "C"), rows):
+            setattr(self, name, nn.Parameter(torch.empty(n, self.rank, **factory_kwargs)))
+        self._add_bias(factory_kwargs)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        _uniform_(self.U_out, 1.0 / (3 * self.rank))
+        for name, n in zip(("U_in", "A", "B", "C"), (self.in_channels, *self.kernel_size)):
+            _uniform_(getattr(self, name), 1.0 / n)
+        self._reset_bias()
+
+    @property
+    def factors(self) -> CPFactors:
+        return CPFactors(self.U_out, self.U_in, self.A, self.B, self.C)
+
+    def forward(self, input):
+        input, padding = self._padded(input)
+        return cp_conv3d(input, self.factors, self.bias, self.stride, padding, self.dilation)
+
+    def _rank_repr(self):
+        return f", rank={self.rank}"
+
+    @classmethod
+    def from_conv(cls, conv, rank, **kwargs):
+        """A ``CPConv3d`` approximating ``conv`` (an ``nn.Conv3d`` with groups=1): its weight's
+        rank-``rank`` CP decomposition (``lk3d.decompose.cp``, which takes ``kwargs``), its
+        bias and configuration, on its device and dtype. The decomposition's component scales
+        are spread evenly over the five factors. The relative error of the weight is kept in
+        ``decomposition_error`` (a float)."""
+        module = cls(**_conv_config(conv, "CP"), rank=rank)
+        factors, err = decompose.cp(conv.weight.detach(), module.rank, **kwargs)
+        scale = factors.weights
+        sign, mag = scale.sign(), scale.abs() ** (1.0 / 5)
+        with torch.no_grad():
+            module.U_out.copy_(factors.U_out * (sign * mag))
+            for name in ("U_in", "A", "B", "C"):
+                getattr(module, name).copy_(getattr(factors, name) * mag)
+        module.decomposition_error = err
+        return module._copy_conv(conv)
+
+
+class TuckerConv3d(_FactoredConv3d):
+    """A 3D convolution with a Tucker-2 kernel: a 1×1×1 conv ``in -> in_rank``, a dense conv
+    ``in_rank -> out_rank`` with the kernel, stride, padding and dilation, and a 1×1×1 conv
+    ``out_rank -> out`` with the bias, each through ``lk3d.conv3d``.
+
+    Arguments as ``torch.nn.Conv3d`` (no ``groups``), plus ``ranks``: ``(out_rank, in_rank)`` or
+    one int for both. Parameters ``U_in [in, in_rank]``, ``core [out_rank, in_rank, kd, kh, kw]``,
+    ``U_out [out, out_rank]``, ``bias``. Initialised as ``CPConv3d``, for the same output
+    variance as ``nn.Conv3d``: ``Var(U_in) = 1/in``, ``Var(core) = 1/(in_rank·kd·kh·kw)``,
+    ``Var(U_out) = 1/(3·out_rank)``, so a dense element has variance
+    ``out_rank·in_rank·Var(U_out)·Var(core)·Var(U_in) = 1 / (3·fan_in)``.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, ranks, stride=1, padding=0,
+                 dilation=1, bias=True, padding_mode="zeros", device=None, dtype=None):
+        factory_kwargs = dict(device=device, dtype=dtype)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias,
+                         padding_mode, factory_kwargs)
+        self.ranks = decompose._tucker_ranks(ranks, self.out_channels, self.in_channels)
+        r_out, r_in = self.ranks
+        self.U_in = nn.Parameter(torch.empty(self.in_channels, r_in, **factory_kwargs))
+        self.core = nn.Parameter(torch.empty(r_out, r_in, *self.kernel_size, **factory_kwargs))
+        self.U_out = nn.Parameter(torch.empty(self.out_channels, r_out, **factory_kwargs))
+        self._add_bias(factory_kwargs)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        r_out, r_in = self.ranks
+        _uniform_(self.U_in, 1.0 / self.in_channels)
+        _uniform_(self.core, 1.0 / (r_in * math.prod(self.kernel_size)))
+        _uniform_(self.U_out, 1.0 / (3 * r_out))
+        self._reset_bias()
+
+    @property
+    def factors(self) -> "decompose.TuckerFactors":
+        return decompose.TuckerFactors(self.core, self.U_out, self.U_in)
+
+    def forward(self, input):
+        # The 1×1×1 conv commutes with every padding mode, so pad the in_rank channels after it.
+        h = conv3d(input, self.U_in.t()[..., None, None, None])
+        h, padding = self._padded(h)
+        h = conv3d(h, self.core, None, self.stride, padding, self.dilation)
+        return conv3d(h, self.U_out[..., None, None, None], self.bias)
+
+    def _rank_repr(self):
+        return f", ranks={self.ranks}"
+
+    @classmethod
+    def from_conv(cls, conv, ranks, **kwargs):
+        """A ``TuckerConv3d`` approximating ``conv`` (an ``nn.Conv3d`` with groups=1) by the
+        Tucker-2 decomposition of its weight (``lk3d.decompose.tucker``, which takes
+        ``kwargs``), with its bias and configuration; the relative error of the weight is kept
+        in ``decomposition_error``."""
+        module = cls(**_conv_config(conv, "Tucker"), ranks=ranks)
+        factors, err = decompose.tucker(conv.weight.detach(), module.ranks, **kwargs)
+        with torch.no_grad():
+            for name in ("U_in", "core", "U_out"):
+                getattr(module, name).copy_(getattr(factors, name))
+        module.decomposition_error = err
+        return module._copy_conv(conv)
+
+
+def convert(model, min_kernel_size=5, inplace=False, to="dense", rank=None):
+    """Swap the large ``torch.nn.Conv3d`` in ``model`` for lk3d's: every one whose largest kernel
+    side is at least ``min_kernel_size``, in the form ``to`` names, and return the model.
+
+    ``to="dense"`` (the default) swaps for an ``lk3d.nn.Conv3d`` with the same weights. A swapped
+    module keeps its configuration, its ``Parameter`` objects (so data, device, dtype and
+    ``requires_grad``), training mode, hooks and any other attribute: it is the same object with
+    its class changed to ``lk3d.nn.Conv3d`` (a subclass adding no state, so the change is exact).
+    Only modules of type exactly ``nn.Conv3d`` are swapped: subclasses (custom ``forward``,
+    parametrized weights) are left as they are.
+
+    ``to="cp"`` replaces each such conv with groups=1 (of type ``nn.Conv3d`` or
+    ``lk3d.nn.Conv3d``) by ``CPConv3d.from_conv(conv, rank)``: a new module holding the
+    rank-``rank`` CP decomposition of its weight, its bias, configuration, training mode and
+    ``requires_grad`` (not its hooks); grouped and depthwise convs stay as they are. ``rank``
+    is required with ``"cp"`` and taken by no other form.
+
+    ``model`` may itself be a conv (then the result may be a new module). Shared modules stay
+    shared. With ``inplace=False`` (the default) ``model`` is deep-copied first and left
+    untouched; with ``inplace=True`` it is converted in place (for ``"dense"`` an optimizer built
+    on its parameters still holds the right ones; ``"cp"`` brings new parameters).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -71,10 +335,38 @@ def convert(model, min_kernel_size=5, inplace=False, to="dense"):
         supported = ", ".join(repr(t) for t in _CONVERT_TO)
         raise ValueError(f"to: expected one of {supported} (the forms supported so far), "
                          f"got {to!r}")
+    if to == "cp":
+        if isinstance(rank, bool) or not isinstance(rank, Integral) or rank < 1:
+            integral = isinstance(rank, Integral) and not isinstance(rank, bool)
+            error = ValueError if rank is None or integral else TypeError
+            raise error(f"rank: expected a positive int with to='cp' (to='dense' takes none), "
+                        f"got {rank!r}")
+    elif rank is not None:
+        raise ValueError(f"rank: only to='cp' takes a rank, got rank={rank!r} with to={to!r}")
 
     if not inplace:
         model = copy.deepcopy(model)
-    for module in model.modules():
-        if type(module) is nn.Conv3d and max(module.kernel_size) >= min_kernel_size:
-            module.__class__ = Conv3d
+    if to == "dense":
+        for module in model.modules():
+            if type(module) is nn.Conv3d and max(module.kernel_size) >= min_kernel_size:
+                module.__class__ = Conv3d
+        return model
+
+    def matches(module):
+        return (type(module) in (nn.Conv3d, Conv3d) and module.groups == 1
+                and max(module.kernel_size) >= min_kernel_size)
+
+    done = {}
+
+    def replacement(conv):
+        if id(conv) not in done:
+            done[id(conv)] = CPConv3d.from_conv(conv, rank)
+        return done[id(conv)]
+
+    if matches(model):
+        return replacement(model)
+    for module in list(model.modules()):
+        for name, child in list(module._modules.items()):  # shared children at every name
+            if matches(child):
+                setattr(module, name, replacement(child))
     return model

@@ -233,7 +233,8 @@ BAD_ARGUMENTS = [  # (keyword arguments, error, what the message names)
     (dict(min_kernel_size=2.5), TypeError, ["min_kernel_size", "2.5"]),
     (dict(min_kernel_size=True), TypeError, ["min_kernel_size", "True"]),
     (dict(inplace="yes"), TypeError, ["inplace", "'yes'"]),
-    (dict(to="cp"), ValueError, ["to", "'dense'", "'cp'"]),
+    (dict(to="cp"), ValueError, ["rank", "to='cp'", "None"]),
+    (dict(to="dense", rank=4), ValueError, ["rank"]),
     (dict(to="block_sparse"), ValueError, ["to", "'dense'", "'block_sparse'"]),
     (dict(to=None), ValueError, ["to", "'dense'", "None"]),
 ]

@@ -1,0 +1,425 @@
+"""Rank-R CP convolution: ``lk3d.CPFactors``, ``lk3d.cp_conv3d`` and the ``lk3d::cp_conv3d`` op.
+
+A rank-R CP kernel holds a dense weight ``[Cout, Cin, kd, kh, kw]`` as five factor matrices::
+
+    W[o, i, a, b, c] = sum_r  U_out[o, r] * weights[r] * U_in[i, r] * A[a, r] * B[b, r] * C[c, r]
+
+so the convolution factors into a sequence (DESIGN.md, "rank-R CP")::
+
+    y[n, o, p] = sum_r U_out[o, r] weights[r] sum_{a,b,c} A[a, r] B[b, r] C[c, r]
+                                            sum_i U_in[i, r] x[n, i, p * stride + (a, b, c) * dil]
+
+costing ``2·R·(Cin + kd + kh + kw + Cout)`` FLOPs per output voxel instead of
+``2·Cin·kd·kh·kw`` (when the stride is 1).
+
+Layout: NCDHW or channels_last_3d input (the output keeps the input's layout), batched or
+unbatched. Supported: stride, dilation and padding (ints, 3-tuples, ``"same"`` with even kernels,
+``"valid"``) exactly as ``F.conv3d(input, factors.to_dense(), bias, ...)``; groups = 1 only.
+
+Where it runs: ``lk3d::cp_conv3d`` runs the factored sequence in torch (``cp_conv3d_torch``):
+a pointwise conv with ``U_in`` (x -> [N, R, D, H, W]), three 1-D depthwise convs (groups=R) with
+``A``, ``B``, ``C`` along D, H and W, each taking that axis's stride, dilation and padding, then a
+pointwise conv with ``U_out·weights`` and the bias. Its backward op (``lk3d::cp_conv3d_backward``)
+recomputes the sequence and runs ``aten.convolution_backward`` through it in reverse. The fused
+Triton kernel (``lk3d.kernels.cp``, not written yet) plugs in behind the same two ops: see
+``_forward`` and ``_backward_impl``. Known limits: no double backward (as ``lk3d.conv3d``).
+"""
+from dataclasses import dataclass
+from numbers import Integral
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from lk3d._spec import (Conv3dSpec, _triple, check_same, check_tensor, conv_output_size)
+from lk3d.kernels import memory_format
+
+__all__ = ["CPFactors", "cp_conv3d", "cp_conv3d_torch", "cp_conv3d_ref", "check_cp_conv3d"]
+
+_FACTOR_ROWS = (("U_out", "out_channels"), ("U_in", "in_channels"), ("A", "kernel depth kd"),
+                ("B", "kernel height kh"), ("C", "kernel width kw"))
+
+
+@dataclass(frozen=True, eq=False)
+class CPFactors:
+    """The five factor matrices (and optional per-component weights) of a rank-R CP kernel.
+
+    ``U_out [Cout, R]``, ``U_in [Cin, R]``, ``A [kd, R]``, ``B [kh, R]``, ``C [kw, R]``,
+    ``weights [R]`` or None (all ones). All floating tensors of one dtype on one device; checked
+    on construction (``TypeError``/``ValueError`` naming the factor). ``to_dense()`` gives the
+    full weight ``[Cout, Cin, kd, kh, kw]`` that ``F.conv3d`` would take.
+    """
+    U_out: torch.Tensor
+    U_in: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    C: torch.Tensor
+    weights: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        for name, what in _FACTOR_ROWS:
+            t = getattr(self, name)
+            check_tensor(name, t)
+            if t.dim() != 2:
+                raise ValueError(f"{name}: expected a 2-D tensor [{what}, rank], got {t.dim()}-D "
+                                 f"with shape {tuple(t.shape)}")
+            if t.shape[0] < 1:
+                raise ValueError(f"{name}: expected at least one row ({what}), got shape "
+                                 f"{tuple(t.shape)}")
+            if name != "U_out":
+                check_same(name, t, self.U_out, "U_out")
+        ranks = {name: getattr(self, name).shape[1] for name, _ in _FACTOR_ROWS}
+        if len(set(ranks.values())) != 1:
+            shapes = ", ".join(f"{n} {tuple(getattr(self, n).shape)}" for n, _ in _FACTOR_ROWS)
+            raise ValueError(f"factors: expected the same number of columns (the rank) in every "
+                             f"factor, got {shapes}")
+        if self.U_out.shape[1] < 1:
+            raise ValueError(f"rank: expected a rank of at least 1 (factors with one column or "
+                             f"more), got factors of shape {tuple(self.U_out.shape)}")
+        if self.weights is not None:
+            check_tensor("weights", self.weights)
+            check_same("weights", self.weights, self.U_out, "U_out")
+            if tuple(self.weights.shape) != (self.rank,):
+                raise ValueError(f"weights: expected shape ({self.rank},) (one per rank "
+                                 f"component), got {tuple(self.weights.shape)}")
+
+    @property
+    def rank(self) -> int:
+        return self.U_out.shape[1]
+
+    @property
+    def kernel_size(self) -> tuple:
+        return (self.A.shape[0], self.B.shape[0], self.C.shape[0])
+
+    @property
+    def out_channels(self) -> int:
+        return self.U_out.shape[0]
+
+    @property
+    def in_channels(self) -> int:
+        return self.U_in.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.U_out.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.U_out.device
+
+    def tensors(self) -> tuple:
+        """``(U_out, U_in, A, B, C, weights)``, the order the custom ops take them in."""
+        return (self.U_out, self.U_in, self.A, self.B, self.C, self.weights)
+
+    def scaled_out(self) -> torch.Tensor:
+        """``U_out`` with ``weights`` folded in: ``U_out * weights`` (or ``U_out``)."""
+        return self.U_out if self.weights is None else self.U_out * self.weights
+
+    def to(self, *args, **kwargs) -> "CPFactors":
+        """The factors moved/cast as ``torch.Tensor.to(*args, **kwargs)`` does."""
+        return CPFactors(*(None if t is None else t.to(*args, **kwargs) for t in self.tensors()))
+
+    def to_dense(self) -> torch.Tensor:
+        """The full weight ``[Cout, Cin, kd, kh, kw]`` (differentiable in every factor)."""
+        return torch.einsum("or,ir,ar,br,cr->oiabc", self.scaled_out(), self.U_in, self.A,
+                            self.B, self.C)
+
+    def __repr__(self):
+        kd, kh, kw = self.kernel_size
+        return (f"CPFactors(rank={self.rank}, out_channels={self.out_channels}, "
+                f"in_channels={self.in_channels}, kernel_size=({kd}, {kh}, {kw}), "
+                f"weights={self.weights is not None}, dtype={self.dtype}, device={self.device})")
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks
+# ---------------------------------------------------------------------------------------------
+
+def _same_padding(kernel, dilation):
+    total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+    return tuple(t // 2 for t in total), tuple(t - t // 2 for t in total)
+
+
+def check_cp_conv3d(input, factors, bias, stride, padding, dilation, groups) -> Conv3dSpec:
+    """Check the arguments of ``cp_conv3d`` (``input`` 5-D here) and return the normalised spec."""
+    check_tensor("input", input, (5,))
+    if not isinstance(factors, CPFactors):
+        raise TypeError(f"factors: expected an lk3d.CPFactors, got {type(factors).__name__}")
+    check_same("factors", factors.U_out, input)
+    if bias is not None:
+        check_tensor("bias", bias, (1,))
+        check_same("bias", bias, input)
+        if tuple(bias.shape) != (factors.out_channels,):
+            raise ValueError(f"bias: expected shape ({factors.out_channels},) to match U_out's "
+                             f"{factors.out_channels} rows, got {tuple(bias.shape)}")
+    if isinstance(groups, bool) or not isinstance(groups, Integral):
+        raise TypeError(f"groups: expected an int, got {groups!r} ({type(groups).__name__})")
+    if groups != 1:
+        raise ValueError(f"groups: a CP convolution takes groups=1 only, got {groups}")
+    if input.shape[1] != factors.in_channels:
+        raise ValueError(f"input: expected {factors.in_channels} channels (the rows of U_in), "
+                         f"got input of shape {tuple(input.shape)}")
+    stride = _triple("stride", stride, 1)
+    dilation = _triple("dilation", dilation, 1)
+    kernel = factors.kernel_size
+    if isinstance(padding, str):
+        if padding == "valid":
+            pad_left = pad_right = (0, 0, 0)
+        elif padding == "same":
+            if stride != (1, 1, 1):
+                raise ValueError(f"padding: 'same' expects stride 1, got stride {stride}")
+            pad_left, pad_right = _same_padding(kernel, dilation)
+        else:
+            raise ValueError(f"padding: expected 'same', 'valid', an int or a tuple of 3 ints, "
+                             f"got {padding!r}")
+    else:
+        pad_left = pad_right = _triple("padding", padding, 0)
+
+    spatial = tuple(input.shape[2:])
+    out = tuple(conv_output_size(s, k, st, pl, pr, d) for s, k, st, pl, pr, d in
+                zip(spatial, kernel, stride, pad_left, pad_right, dilation))
+    if min(out) < 1:
+        padded = tuple(s + pl + pr for s, pl, pr in zip(spatial, pad_left, pad_right))
+        extent = tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel))
+        raise ValueError(f"factors: kernel extent {extent} (kernel {kernel}, dilation "
+                         f"{dilation}) is larger than the padded input {padded}")
+    return Conv3dSpec(stride, pad_left, pad_right, dilation, 1, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# the factored sequence in torch
+# ---------------------------------------------------------------------------------------------
+
+def _out_size(spatial, kernel, stride, padding, dilation):
+    return tuple(conv_output_size(s, k, st, pl, pr, d) for s, k, st, pl, pr, d in
+                 zip(spatial, kernel, stride, padding[:3], padding[3:], dilation))
+
+
+@dataclass(frozen=True)
+class _AxisConv:
+    """One 1-D depthwise conv of the sequence, along spatial ``axis`` (0: D, 1: H, 2: W): the
+    symmetric part of the padding goes to the conv, the rest to an ``F.pad`` before it."""
+    axis: int
+    stride: list
+    padding: list
+    dilation: list
+    extra: list  # F.pad's six values (w_l, w_r, h_l, h_r, d_l, d_r), or None
+
+    def kernel(self, factor):
+        """``factor [k, R]`` as a depthwise weight ``[R, 1, k, 1, 1]`` (k on this axis)."""
+        shape = [factor.shape[1], 1, 1, 1, 1]
+        shape[2 + self.axis] = factor.shape[0]
+        return factor.t().reshape(shape)
+
+    def pad(self, z):
+        return z if self.extra is None else F.pad(z, self.extra)
+
+    def forward(self, z, factor):
+        return F.conv3d(self.pad(z), self.kernel(factor), None, self.stride, self.padding,
+                        self.dilation, factor.shape[1])
+
+    def backward(self, grad, z, factor, need_input, need_factor):
+        """Gradients of ``forward(z, factor)`` in ``z`` and in ``factor`` (None where not
+        needed)."""
+        gz, gw, _ = torch.ops.aten.convolution_backward(
+            grad, self.pad(z), self.kernel(factor), None, self.stride, self.padding,
+            self.dilation, False, [0, 0, 0], factor.shape[1], [need_input, need_factor, False])
+        if need_input and self.extra is not None:
+            gz = F.pad(gz, [-p for p in self.extra])
+        gfactor = gw.reshape(factor.shape[1], factor.shape[0]).t() if need_factor else None
+        return gz, gfactor
+
+
+def _axis_convs(stride, padding, dilation):
+    convs = []
+    for axis in range(3):
+        left, right = padding[axis], padding[3 + axis]
+        sym = min(left, right)
+        extra = None
+        if left != right:
+            extra = [0] * 6
+            extra[2 * (2 - axis)] = left - sym
+            extra[2 * (2 - axis) + 1] = right - sym
+        one = [1, 1, 1]
+        st, pd, dl = list(one), [0, 0, 0], list(one)
+        st[axis], pd[axis], dl[axis] = stride[axis], sym, dilation[axis]
+        convs.append(_AxisConv(axis, st, pd, dl, extra))
+    return convs
+
+
+def _pointwise(factor):
+    """``factor [C, R]`` as the weight ``[R, C, 1, 1, 1]`` of a 1×1×1 conv C -> R channels."""
+    return factor.t().reshape(factor.shape[1], factor.shape[0], 1, 1, 1)
+
+
+def _sequence(x, U_in, A, B, C, stride, padding, dilation):
+    """``[z0, z1, z2, z3]``: after the U_in pointwise conv and after each 1-D conv."""
+    zs = [F.conv3d(x, _pointwise(U_in))]
+    for conv, factor in zip(_axis_convs(stride, padding, dilation), (A, B, C)):
+        zs.append(conv.forward(zs[-1], factor))
+    return zs
+
+
+def cp_conv3d_torch(input, U_out, U_in, A, B, C, weights, bias, stride, padding, dilation):
+    """The factored sequence with torch's convolutions; arguments as ``lk3d::cp_conv3d``
+    (``input`` 5-D, ``padding`` six ints ``(d_l, h_l, w_l, d_r, h_r, w_r)``)."""
+    z3 = _sequence(input, U_in, A, B, C, stride, padding, dilation)[-1]
+    u_out = U_out if weights is None else U_out * weights
+    return F.conv3d(z3, u_out.reshape(*u_out.shape, 1, 1, 1), bias)
+
+
+def cp_conv3d_torch_backward(grad, input, U_out, U_in, A, B, C, weights, stride, padding,
+                             dilation, output_mask):
+    """Gradients of ``cp_conv3d_torch`` in (input, U_out, U_in, A, B, C, weights); entries whose
+    ``output_mask`` is False come back as zeros. (The bias gradient is ``grad.sum((0, 2, 3,
+    4))``.)"""
+    need_x, need_uo, need_ui, need_a, need_b, need_c, need_w = output_mask
+    zs = _sequence(input, U_in, A, B, C, stride, padding, dilation)
+    u_out = U_out if weights is None else U_out * weights
+    grads = [None] * 7
+    if need_uo or need_w:
+        g_uout = torch.einsum("no...,nr...->or", grad, zs[-1])
+        grads[1] = g_uout if weights is None else g_uout * weights
+        if weights is not None:
+            grads[6] = (g_uout * U_out).sum(0)
+    # How far back the chain must go: the earliest factor (or the input) asked for.
+    need = [need_x or need_ui, need_a, need_b, need_c]
+    if any(need):
+        first = need.index(True)
+        gz = F.conv3d(grad, u_out.t().reshape(*u_out.t().shape, 1, 1, 1))
+        convs = _axis_convs(stride, padding, dilation)
+        for step in (2, 1, 0):
+            if step + 1 < first:
+                break
+            gz, gfactor = convs[step].backward(gz, zs[step], (A, B, C)[step], step >= first,
+                                               output_mask[3 + step])
+            grads[3 + step] = gfactor
+        if first == 0:
+            gx, gw, _ = torch.ops.aten.convolution_backward(
+                gz, input, _pointwise(U_in), None, [1, 1, 1], [0, 0, 0], [1, 1, 1], False,
+                [0, 0, 0], 1, [need_x, need_ui, False])
+            grads[0] = gx
+            if need_ui:
+                grads[2] = gw.reshape(gw.shape[0], gw.shape[1]).t()
+    like = (input, U_out, U_in, A, B, C, weights if weights is not None else U_out[0])
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
+
+
+def cp_conv3d_ref(input, factors, bias=None, **args):
+    """Float64 reference on the CPU: ``F.conv3d`` with the reconstructed dense weight."""
+    up = (lambda t: None if t is None else t.detach().to("cpu", torch.float64))
+    return F.conv3d(up(input), up(factors.to_dense()), up(bias), **args)
+
+
+# ---------------------------------------------------------------------------------------------
+# the custom ops
+# ---------------------------------------------------------------------------------------------
+
+def _forward(input, U_out, U_in, A, B, C, weights, bias, stride, padding, dilation):
+    # The fused Triton kernel (lk3d.kernels.cp) plugs in here, for the tensors it can serve.
+    return cp_conv3d_torch(input, U_out, U_in, A, B, C, weights, bias, stride, padding, dilation)
+
+
+def _backward_impl(grad, input, U_out, U_in, A, B, C, weights, stride, padding, dilation,
+                   output_mask):
+    # ... and its backward kernels here.
+    return cp_conv3d_torch_backward(grad, input, U_out, U_in, A, B, C, weights, stride, padding,
+                                    dilation, output_mask)
+
+
+def _empty(shape, like, mf=torch.contiguous_format):
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=mf)
+
+
+@torch.library.custom_op("lk3d::cp_conv3d", mutates_args=())
+def cp_conv3d_op(input: torch.Tensor, U_out: torch.Tensor, U_in: torch.Tensor, A: torch.Tensor,
+                 B: torch.Tensor, C: torch.Tensor, weights: Optional[torch.Tensor],
+                 bias: Optional[torch.Tensor], stride: List[int], padding: List[int],
+                 dilation: List[int]) -> torch.Tensor:
+    kernel = (A.shape[0], B.shape[0], C.shape[0])
+    size = _out_size(input.shape[2:], kernel, stride, padding, dilation)
+    mf = memory_format(input)
+    if input.shape[0] == 0:
+        return _empty((0, U_out.shape[0], *size), input, mf)
+    y = _forward(input, U_out, U_in, A, B, C, weights, bias, stride, padding, dilation)
+    return y.to(input.dtype).contiguous(memory_format=mf)
+
+
+@cp_conv3d_op.register_fake
+def _(input, U_out, U_in, A, B, C, weights, bias, stride, padding, dilation):
+    kernel = (A.shape[0], B.shape[0], C.shape[0])
+    size = _out_size(input.shape[2:], kernel, stride, padding, dilation)
+    return _empty((input.shape[0], U_out.shape[0], *size), input, memory_format(input))
+
+
+@torch.library.custom_op("lk3d::cp_conv3d_backward", mutates_args=())
+def cp_conv3d_backward_op(grad: torch.Tensor, input: torch.Tensor, U_out: torch.Tensor,
+                          U_in: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                          weights: Optional[torch.Tensor], stride: List[int], padding: List[int],
+                          dilation: List[int], output_mask: List[bool]) -> List[torch.Tensor]:
+    """Gradients in (input, U_out, U_in, A, B, C, weights); where ``output_mask`` is False, or
+    for ``weights`` when it is None, the entry is zeros (of shape [R] for a missing ``weights``)."""
+    like = (input, U_out, U_in, A, B, C, weights if weights is not None else U_out[0])
+    if grad.numel() == 0 or input.numel() == 0:
+        return [torch.zeros_like(t) for t in like]
+    grads = _backward_impl(grad, input, U_out, U_in, A, B, C, weights, stride, padding, dilation,
+                           list(output_mask))
+    out = [g.to(t.dtype).contiguous() for g, t in zip(grads, like)]
+    out[0] = out[0].contiguous(memory_format=memory_format(input))
+    return out
+
+
+@cp_conv3d_backward_op.register_fake
+def _(grad, input, U_out, U_in, A, B, C, weights, stride, padding, dilation, output_mask):
+    like = (U_out, U_in, A, B, C, weights if weights is not None else U_out[0])
+    return ([_empty(input.shape, input, memory_format(input))]
+            + [_empty(t.shape, t) for t in like])
+
+
+def _setup_context(ctx, inputs, output):
+    input, U_out, U_in, A, B, C, weights, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(input, U_out, U_in, A, B, C, weights)
+    ctx.has_bias = bias is not None
+    ctx.args = (list(stride), list(padding), list(dilation))
+
+
+def _backward(ctx, grad):
+    input, U_out, U_in, A, B, C, weights = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad)
+    mask = needs[:6] + [weights is not None and needs[6]]
+    grads = [None] * 7
+    if any(mask):
+        grads = cp_conv3d_backward_op(grad, input, U_out, U_in, A, B, C, weights, *ctx.args,
+                                      mask)
+        grads = [g if m else None for g, m in zip(grads, mask)]
+    gb = grad.sum(dim=(0, 2, 3, 4)) if ctx.has_bias and needs[7] else None
+    return (*grads, gb, None, None, None)
+
+
+cp_conv3d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# the functional
+# ---------------------------------------------------------------------------------------------
+
+def cp_conv3d(input, factors, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """3D convolution with a rank-R CP kernel: ``F.conv3d(input, factors.to_dense(), bias, stride,
+    padding, dilation)`` without building the dense weight.
+
+    ``input`` is ``[N, Cin, D, H, W]`` or unbatched ``[Cin, D, H, W]``; ``factors`` an
+    ``lk3d.CPFactors`` of the input's dtype and device with ``Cin`` rows in ``U_in``; ``stride``,
+    ``dilation`` and ``padding`` take an int or a tuple of 3, and ``padding`` also ``"same"``
+    (stride 1 only) or ``"valid"``. ``groups`` must be 1 (it is there so a grouped call fails
+    loudly). Differentiable in the input, every factor, the weights and the bias; one
+    ``lk3d::cp_conv3d`` node under ``torch.compile``.
+    """
+    check_tensor("input", input, (4, 5))
+    unbatched = input.dim() == 4
+    if unbatched:
+        input = input.unsqueeze(0)
+    spec = check_cp_conv3d(input, factors, bias, stride, padding, dilation, groups)
+    out = cp_conv3d_op(input, *factors.tensors(), bias, list(spec.stride), spec.padding,
+                       list(spec.dilation))
+    return out.squeeze(0) if unbatched else out
+
