@@ -198,4 +198,4 @@ def test_bench_dispatch_tiny(capsys):
     assert cli.main(["bench", "--dispatch", "--tiny", "--device", "cpu", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "dense-k3-N1-C2-S6" in out and "dw-k5-N1-C2-S6" in out
-    assert "auto-dispatch over the fastest provider: worst" in out
+    assert "the plan's pick over the fastest candidate: worst" in out
