@@ -42,6 +42,16 @@ def _triple(name, value, minimum):
     return tuple(int(v) for v in vals)
 
 
+def positive_int(name, value):
+    """``value`` as an int >= 1, else a TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name}: expected a positive int, got {value!r} "
+                        f"({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value}")
+    return int(value)
+
+
 def check_tensor(name, t, dims=None):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -75,11 +85,7 @@ def check_conv3d(input, weight, bias, stride, padding, dilation, groups) -> Conv
     if bias is not None:
         check_tensor("bias", bias, (1,))
         check_same("bias", bias, input)
-    if isinstance(groups, bool) or not isinstance(groups, Integral):
-        raise TypeError(f"groups: expected an int, got {groups!r} ({type(groups).__name__})")
-    if groups < 1:
-        raise ValueError(f"groups: expected a positive int, got {groups}")
-    groups = int(groups)
+    groups = positive_int("groups", groups)
     stride = _triple("stride", stride, 1)
     dilation = _triple("dilation", dilation, 1)
 
@@ -99,6 +105,13 @@ def check_conv3d(input, weight, bias, stride, padding, dilation, groups) -> Conv
         raise ValueError(f"bias: expected shape ({cout},) to match weight's output channels, "
                          f"got {tuple(bias.shape)}")
 
+    return geometry(input.shape[2:], kernel, stride, padding, dilation, groups)
+
+
+def geometry(spatial, kernel, stride, padding, dilation, groups=1, kernel_arg="weight"):
+    """The spec of a convolution of ``kernel`` over ``spatial``: ``stride`` and ``dilation``
+    already checked triples, ``padding`` as the user gave it (checked here). A kernel that does
+    not fit the padded input is an error on ``kernel_arg``."""
     if isinstance(padding, str):
         if padding == "valid":
             pad_left = pad_right = (0, 0, 0)
@@ -114,12 +127,12 @@ def check_conv3d(input, weight, bias, stride, padding, dilation, groups) -> Conv
     else:
         pad_left = pad_right = _triple("padding", padding, 0)
 
-    spatial = tuple(input.shape[2:])
+    spatial = tuple(spatial)
     out = tuple(conv_output_size(s, k, st, pl, pr, d) for s, k, st, pl, pr, d in
                 zip(spatial, kernel, stride, pad_left, pad_right, dilation))
     if min(out) < 1:
         padded = tuple(s + pl + pr for s, pl, pr in zip(spatial, pad_left, pad_right))
         extent = tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel))
-        raise ValueError(f"weight: kernel extent {extent} (kernel {kernel}, dilation {dilation}) "
-                         f"is larger than the padded input {padded}")
+        raise ValueError(f"{kernel_arg}: kernel extent {extent} (kernel {kernel}, dilation "
+                         f"{dilation}) is larger than the padded input {padded}")
     return Conv3dSpec(stride, pad_left, pad_right, dilation, groups, out)

@@ -31,7 +31,8 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from lk3d._spec import (Conv3dSpec, _triple, check_same, check_tensor, conv_output_size)
+from lk3d._spec import (Conv3dSpec, _triple, check_same, check_tensor, conv_output_size,
+                        geometry)
 from lk3d.kernels import memory_format
 
 __all__ = ["CPFactors", "cp_conv3d", "cp_conv3d_torch", "cp_conv3d_ref", "check_cp_conv3d"]
@@ -135,11 +136,6 @@ class CPFactors:
 # argument checks
 # ---------------------------------------------------------------------------------------------
 
-def _same_padding(kernel, dilation):
-    total = [d * (k - 1) for d, k in zip(dilation, kernel)]
-    return tuple(t // 2 for t in total), tuple(t - t // 2 for t in total)
-
-
 def check_cp_conv3d(input, factors, bias, stride, padding, dilation, groups) -> Conv3dSpec:
     """Check the arguments of ``cp_conv3d`` (``input`` 5-D here) and return the normalised spec."""
     check_tensor("input", input, (5,))
@@ -161,29 +157,8 @@ def check_cp_conv3d(input, factors, bias, stride, padding, dilation, groups) -> 
                          f"got input of shape {tuple(input.shape)}")
     stride = _triple("stride", stride, 1)
     dilation = _triple("dilation", dilation, 1)
-    kernel = factors.kernel_size
-    if isinstance(padding, str):
-        if padding == "valid":
-            pad_left = pad_right = (0, 0, 0)
-        elif padding == "same":
-            if stride != (1, 1, 1):
-                raise ValueError(f"padding: 'same' expects stride 1, got stride {stride}")
-            pad_left, pad_right = _same_padding(kernel, dilation)
-        else:
-            raise ValueError(f"padding: expected 'same', 'valid', an int or a tuple of 3 ints, "
-                             f"got {padding!r}")
-    else:
-        pad_left = pad_right = _triple("padding", padding, 0)
-
-    spatial = tuple(input.shape[2:])
-    out = tuple(conv_output_size(s, k, st, pl, pr, d) for s, k, st, pl, pr, d in
-                zip(spatial, kernel, stride, pad_left, pad_right, dilation))
-    if min(out) < 1:
-        padded = tuple(s + pl + pr for s, pl, pr in zip(spatial, pad_left, pad_right))
-        extent = tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel))
-        raise ValueError(f"factors: kernel extent {extent} (kernel {kernel}, dilation "
-                         f"{dilation}) is larger than the padded input {padded}")
-    return Conv3dSpec(stride, pad_left, pad_right, dilation, 1, out)
+    return geometry(input.shape[2:], factors.kernel_size, stride, padding, dilation,
+                    kernel_arg="factors")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import torch
 
 from lk3d._spec import check_same, check_tensor
 from lk3d.cp import CPFactors
+from lk3d._spec import positive_int
 
 __all__ = ["cp", "tucker", "TuckerFactors"]
 
@@ -69,20 +70,11 @@ class TuckerFactors:
 # helpers
 # ---------------------------------------------------------------------------------------------
 
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name}: expected a positive int, got {value!r} "
-                        f"({type(value).__name__})")
-    if value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value}")
-    return int(value)
-
-
 def _check_common(weight, n_iter_max, seed):
     check_tensor("weight", weight, (5,))
     if min(weight.shape) < 1:
         raise ValueError(f"weight: expected a non-empty weight, got shape {tuple(weight.shape)}")
-    _positive_int("n_iter_max", n_iter_max)
+    positive_int("n_iter_max", n_iter_max)
     if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
         raise TypeError(f"seed: expected a non-negative int, got {seed!r} "
                         f"({type(seed).__name__})")
@@ -156,7 +148,7 @@ def cp(weight, rank, n_iter_max=100, seed=0, tol=1e-8, linesearch=False):
     (twice the weight's memory more) every other sweep.
     """
     _check_common(weight, n_iter_max, seed)
-    rank = _positive_int("rank", rank)
+    rank = positive_int("rank", rank)
     from tensorly.decomposition import parafac
 
     dtype = _compute_dtype(weight)

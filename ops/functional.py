@@ -1,5 +1,4 @@
 """``lk3d.conv3d``: ``torch.nn.functional.conv3d`` semantics on lk3d's kernels."""
-import torch
 
 from lk3d._conv_ops import conv3d_op, plan
 from lk3d._spec import check_conv3d, check_tensor

@@ -31,6 +31,7 @@ from lk3d import decompose
 from lk3d._spec import _triple
 from lk3d.cp import CPFactors, cp_conv3d
 from lk3d.functional import conv3d
+from lk3d._spec import positive_int
 
 __all__ = ["Conv3d", "CPConv3d", "TuckerConv3d", "convert"]
 
@@ -56,15 +57,6 @@ class Conv3d(nn.Conv3d):
         return "lk3d.nn.Conv3d"
 
 
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name}: expected a positive int, got {value!r} "
-                        f"({type(value).__name__})")
-    if value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value}")
-    return int(value)
-
-
 def _uniform_(t, var):
     """Fill ``t`` from U(-b, b) with variance ``var`` (b = sqrt(3·var))."""
     bound = math.sqrt(3.0 * var)
@@ -78,8 +70,8 @@ class _FactoredConv3d(nn.Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, bias,
                  padding_mode, factory_kwargs):
         super().__init__()
-        self.in_channels = _positive_int("in_channels", in_channels)
-        self.out_channels = _positive_int("out_channels", out_channels)
+        self.in_channels = positive_int("in_channels", in_channels)
+        self.out_channels = positive_int("out_channels", out_channels)
         self.kernel_size = _triple("kernel_size", kernel_size, 1)
         self.stride = _triple("stride", stride, 1)
         self.dilation = _triple("dilation", dilation, 1)
@@ -195,7 +187,7 @@ class CPConv3d(_FactoredConv3d):
         factory_kwargs = dict(device=device, dtype=dtype)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias,
                          padding_mode, factory_kwargs)
-        self.rank = _positive_int("rank", rank)
+        self.rank = positive_int("rank", rank)
         rows = (self.out_channels, self.in_channels, *self.kernel_size)
         for name, n in zip(("U_out", "U_in", "A", "B", "C"), rows):
             setattr(self, name, nn.Parameter(torch.empty(n, self.rank, **factory_kwargs)))
