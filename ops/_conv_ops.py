@@ -148,5 +148,3 @@ def _backward(ctx, grad):
 
 
 conv3d_op.register_autograd(_backward, setup_context=_setup_context)
-
-use_kernels = kernels_can_run  # the name the command line's `info` reads

@@ -56,13 +56,9 @@ def _cuda_lines():
 def _candidates(device_type, dtype):
     """The algorithms lk3d.conv3d chooses among for a tensor of this device and dtype, as the ops
     layer decides it (Triton present, interpreter on); LK3D_ALGO then forces one of them."""
-    t = torch.empty(0, dtype=dtype, device=device_type)
-    try:
-        from lk3d._algos import candidates
-    except ImportError:  # an ops layer without the planner: tiled or aten
-        from lk3d._conv_ops import use_kernels
-        return (["tiled"] if use_kernels(t) else []) + ["aten"]
-    return list(candidates(t))
+    from lk3d._algos import candidates
+
+    return list(candidates(torch.empty(0, dtype=dtype, device=device_type)))
 
 
 def _algorithm_lines(has_triton, interpreted):
