@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lk3d import fft
+from lk3d._spec import empty, out_size
 from lk3d.autotune.configs import Problem, candidate_configs, default_config
 from lk3d.kernels import HAS_TRITON, INTERPRETED, memory_format
 
@@ -47,16 +48,6 @@ def candidates(t: torch.Tensor):
 
 def split_pad(padding):
     return tuple(padding[:3]), tuple(padding[3:])
-
-
-def out_size(spatial, kernel, stride, padding, dilation):
-    left, right = split_pad(padding)
-    return tuple((s + pl + pr - d * (k - 1) - 1) // st + 1 for s, k, st, pl, pr, d in
-                 zip(spatial, kernel, stride, left, right, dilation))
-
-
-def empty(shape, like, mf):
-    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=mf)
 
 
 def _allow_tf32():

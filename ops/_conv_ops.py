@@ -18,7 +18,8 @@ from typing import List, Optional
 import torch
 
 from lk3d import _algos
-from lk3d._algos import candidates, empty, kernels_can_run, out_size
+from lk3d._algos import candidates, kernels_can_run
+from lk3d._spec import empty, out_size
 from lk3d.autotune import select
 from lk3d.autotune.cache import problem_key
 from lk3d.kernels import INTERPRETED, memory_format

@@ -77,6 +77,17 @@ def conv_output_size(size, k, stride, pad_left, pad_right, dilation):
     return (size + pad_left + pad_right - dilation * (k - 1) - 1) // stride + 1
 
 
+def out_size(spatial, kernel, stride, padding, dilation):
+    """Output extent per axis; ``padding`` as the ops take it: (d_l, h_l, w_l, d_r, h_r, w_r)."""
+    return tuple(conv_output_size(s, k, st, pl, pr, d) for s, k, st, pl, pr, d in
+                 zip(spatial, kernel, stride, padding[:3], padding[3:], dilation))
+
+
+def empty(shape, like, memory_format=torch.contiguous_format):
+    """An uninitialised tensor with ``like``'s dtype and device."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
+
+
 def check_conv3d(input, weight, bias, stride, padding, dilation, groups) -> Conv3dSpec:
     """Check the arguments of ``conv3d`` (``input`` 5-D here) and return the normalised spec."""
     check_tensor("input", input, (5,))

@@ -31,8 +31,8 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from lk3d._spec import (Conv3dSpec, _triple, check_same, check_tensor, conv_output_size,
-                        geometry)
+from lk3d._spec import (Conv3dSpec, _triple, check_same, check_tensor, empty, geometry,
+                        out_size)
 from lk3d.kernels import memory_format
 
 __all__ = ["CPFactors", "cp_conv3d", "cp_conv3d_torch", "cp_conv3d_ref", "check_cp_conv3d"]
@@ -164,11 +164,6 @@ def check_cp_conv3d(input, factors, bias, stride, padding, dilation, groups) -> 
 # ---------------------------------------------------------------------------------------------
 # the factored sequence in torch
 # ---------------------------------------------------------------------------------------------
-
-def _out_size(spatial, kernel, stride, padding, dilation):
-    return tuple(conv_output_size(s, k, st, pl, pr, d) for s, k, st, pl, pr, d in
-                 zip(spatial, kernel, stride, padding[:3], padding[3:], dilation))
-
 
 @dataclass(frozen=True)
 class _AxisConv:
@@ -302,20 +297,16 @@ def _backward_impl(grad, input, U_out, U_in, A, B, C, weights, stride, padding, 
                                     dilation, output_mask)
 
 
-def _empty(shape, like, mf=torch.contiguous_format):
-    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=mf)
-
-
 @torch.library.custom_op("lk3d::cp_conv3d", mutates_args=())
 def cp_conv3d_op(input: torch.Tensor, U_out: torch.Tensor, U_in: torch.Tensor, A: torch.Tensor,
                  B: torch.Tensor, C: torch.Tensor, weights: Optional[torch.Tensor],
                  bias: Optional[torch.Tensor], stride: List[int], padding: List[int],
                  dilation: List[int]) -> torch.Tensor:
     kernel = (A.shape[0], B.shape[0], C.shape[0])
-    size = _out_size(input.shape[2:], kernel, stride, padding, dilation)
+    size = out_size(input.shape[2:], kernel, stride, padding, dilation)
     mf = memory_format(input)
     if input.shape[0] == 0:
-        return _empty((0, U_out.shape[0], *size), input, mf)
+        return empty((0, U_out.shape[0], *size), input, mf)
     y = _forward(input, U_out, U_in, A, B, C, weights, bias, stride, padding, dilation)
     return y.to(input.dtype).contiguous(memory_format=mf)
 
@@ -323,8 +314,8 @@ def cp_conv3d_op(input: torch.Tensor, U_out: torch.Tensor, U_in: torch.Tensor, A
 @cp_conv3d_op.register_fake
 def _(input, U_out, U_in, A, B, C, weights, bias, stride, padding, dilation):
     kernel = (A.shape[0], B.shape[0], C.shape[0])
-    size = _out_size(input.shape[2:], kernel, stride, padding, dilation)
-    return _empty((input.shape[0], U_out.shape[0], *size), input, memory_format(input))
+    size = out_size(input.shape[2:], kernel, stride, padding, dilation)
+    return empty((input.shape[0], U_out.shape[0], *size), input, memory_format(input))
 
 
 @torch.library.custom_op("lk3d::cp_conv3d_backward", mutates_args=())
@@ -347,8 +338,8 @@ def cp_conv3d_backward_op(grad: torch.Tensor, input: torch.Tensor, U_out: torch.
 @cp_conv3d_backward_op.register_fake
 def _(grad, input, U_out, U_in, A, B, C, weights, stride, padding, dilation, output_mask):
     like = (U_out, U_in, A, B, C, weights if weights is not None else U_out[0])
-    return ([_empty(input.shape, input, memory_format(input))]
-            + [_empty(t.shape, t) for t in like])
+    return ([empty(input.shape, input, memory_format(input))]
+            + [empty(t.shape, t) for t in like])
 
 
 def _setup_context(ctx, inputs, output):
