@@ -218,7 +218,8 @@ def shipped_cases():
             CO=64, MULT=1, **_GEOMETRY, **_strides(1))))
     for config in CONFIG_SPACES["bias_grad"]:
         cases.append(_case(tiled._bias_grad_kernel, "bias_grad", "bf16", config, dict(C=64)))
-    return cases
+    from lk3d.autotune import block_sparse_configs, cp_configs  # their kernels' own spaces
+    return cases + cp_configs.aot_cases() + block_sparse_configs.aot_cases()
 
 
 def problems(case, arch, usage):

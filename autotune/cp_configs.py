@@ -1,0 +1,12 @@
+"""Launch-config spaces of the cp kernels (lk3d.kernels.cp), as data, and their AOT cases.
+
+Filled in with the kernels; ``aot_cases()`` gives the cases ``lk3d.autotune.aot.shipped_cases``
+compiles for sm_80 and sm_90.
+"""
+
+CONFIG_SPACES = {}
+
+
+def aot_cases():
+    """AOT compile cases (built with ``lk3d.autotune.aot._case``) for every shipped config."""
+    return []
