@@ -9,21 +9,47 @@ so the convolution factors into a sequence (DESIGN.md, "rank-R CP")::
     y[n, o, p] = sum_r U_out[o, r] weights[r] sum_{a,b,c} A[a, r] B[b, r] C[c, r]
                                             sum_i U_in[i, r] x[n, i, p * stride + (a, b, c) * dil]
 
-costing ``2·R·(Cin + kd + kh + kw + Cout)`` FLOPs per output voxel instead of
-``2·Cin·kd·kh·kw`` (when the stride is 1).
-
 Layout: NCDHW or channels_last_3d input (the output keeps the input's layout), batched or
 unbatched. Supported: stride, dilation and padding (ints, 3-tuples, ``"same"`` with even kernels,
 ``"valid"``) exactly as ``F.conv3d(input, factors.to_dense(), bias, ...)``; groups = 1 only.
 
-Where it runs: ``lk3d::cp_conv3d`` runs the factored sequence in torch (``cp_conv3d_torch``):
-a pointwise conv with ``U_in`` (x -> [N, R, D, H, W]), three 1-D depthwise convs (groups=R) with
-``A``, ``B``, ``C`` along D, H and W, each taking that axis's stride, dilation and padding, then a
-pointwise conv with ``U_out·weights`` and the bias. Its backward op (``lk3d::cp_conv3d_backward``)
-recomputes the sequence and runs ``aten.convolution_backward`` through it in reverse. The fused
-Triton kernel (``lk3d.kernels.cp``, not written yet) plugs in behind the same two ops: see
-``_forward`` and ``_backward_impl``. Known limits: no double backward (as ``lk3d.conv3d``).
+Where it runs. ``lk3d::cp_conv3d`` and its backward op ``lk3d::cp_conv3d_backward`` run the
+Triton kernels of ``lk3d.kernels.cp`` for every call they can serve (``_algos.kernels_can_run``:
+CUDA fp16/bf16/fp32; CPU fp16/fp32/fp64 under the interpreter, ``TRITON_INTERPRET=1``; all
+tensors of one dtype and device), with the launch config from ``lk3d.autotune.cp_configs``:
+
+    forward      ``cp_conv3d_fwd``: one fused kernel per tile of output voxels; gathers x per tap,
+                 projects it through ``U_in`` with the tap's ``A·B·C`` row folded in, accumulates
+                 z [voxels, R] in registers and writes ``z·weights @ U_out^T + bias`` once. Reads x,
+                 writes y, nothing else: no ``[N, R, D, H, W]`` intermediate.
+    grad input   ``cp_conv3d_bwd_input``: the same kernel through the transposed tap map
+    + grad U_in  (grad_output projected through ``U_out·weights``, then ``U_in``); with grad U_in
+                 asked for it also sums ``x^T @ gu`` per program.
+    grad U_out, weights, A, B, C
+                 ``cp_conv3d_bwd_factors``: per output tile, ``gz = grad_y @ U_out·weights`` and
+                 the forward's z; it sums ``D[tap, r] = sum gz·u_tap`` and ``G = grad_y^T z``, and
+                 here (tiny tensors) grad A = sum_{b,c} D B C (likewise B, C), grad U_out =
+                 G·weights, grad weights = sum_o G·U_out. Only what ``output_mask`` asks for is
+                 computed; bias grad is ``grad.sum((0, 2, 3, 4))``.
+
+FLOPs per output voxel of the fused forward: ``2·k³·Cin·R + 2·R·Cout`` (k³ = kd·kh·kw), not the
+separable ``2·R·(Cin + kd + kh + kw + Cout)``: running U_in, then A, B, C one axis at a time,
+needs each intermediate staged on chip and re-read along one axis, and Triton has no addressable
+on-chip staging for a halo'd 3-D tile (shared memory is the compiler's); the staged separable
+kernel is future work. Against the dense kernel (``2·k³·Cin·Cout``) it still saves a factor
+``Cout / R`` and never builds the dense weight; grad-input costs the same with Cin and Cout
+swapped, the factor gradients about twice the forward.
+
+Everywhere else (CPU without the interpreter, CPU bf16, float64 on CUDA, mixed dtypes) the ops
+run the factored sequence in torch (``cp_conv3d_torch``): a pointwise conv with ``U_in``
+(x -> [N, R, D, H, W]), three 1-D depthwise convs (groups=R) with ``A``, ``B``, ``C`` along D, H
+and W, each taking that axis's stride, dilation and padding, then a pointwise conv with
+``U_out·weights`` and the bias; the separable ``2·R·(Cin + kd + kh + kw + Cout)`` FLOPs per output
+voxel (stride 1), at the price of materialising the intermediates. Its backward recomputes the
+sequence and runs ``aten.convolution_backward`` through it in reverse. Both paths match
+``F.conv3d`` with the dense weight. Known limits: no double backward (as ``lk3d.conv3d``).
 """
+import math
 from dataclasses import dataclass
 from numbers import Integral
 from typing import List, Optional
@@ -31,11 +57,21 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from lk3d import _algos
+from lk3d._algos import kernels_can_run
 from lk3d._spec import (Conv3dSpec, _triple, check_same, check_tensor, empty, geometry,
                         out_size)
-from lk3d.kernels import memory_format
+from lk3d.autotune import cp_configs
+from lk3d.autotune.cp_configs import CPProblem
+from lk3d.kernels import HAS_TRITON, memory_format
+
+if HAS_TRITON:
+    from lk3d.kernels import cp as cp_kernels
 
 __all__ = ["CPFactors", "cp_conv3d", "cp_conv3d_torch", "cp_conv3d_ref", "check_cp_conv3d"]
+
+# Set to False to run the torch path even where the Triton kernels could serve.
+USE_KERNELS = True
 
 _FACTOR_ROWS = (("U_out", "out_channels"), ("U_in", "in_channels"), ("A", "kernel depth kd"),
                 ("B", "kernel height kh"), ("C", "kernel width kw"))
@@ -285,16 +321,71 @@ def cp_conv3d_ref(input, factors, bias=None, **args):
 # the custom ops
 # ---------------------------------------------------------------------------------------------
 
+def _kernels_serve(input, *tensors):
+    """Whether the Triton kernels serve this call: ``USE_KERNELS`` on, ``input`` of a device and
+    dtype they take (``lk3d._algos.kernels_can_run``), every other tensor alike."""
+    return USE_KERNELS and kernels_can_run(input) and all(
+        t is None or (t.dtype == input.dtype and t.device == input.device) for t in tensors)
+
+
+def _problem(kind, M, kc, nc, A, B, C, rank, partials=False):
+    return CPProblem(kind, M=M, KC=kc, NC=nc, taps=A.shape[0] * B.shape[0] * C.shape[0],
+                     rank=rank, partials=partials)
+
+
 def _forward(input, U_out, U_in, A, B, C, weights, bias, stride, padding, dilation):
-    # The fused Triton kernel (lk3d.kernels.cp) plugs in here, for the tensors it can serve.
-    return cp_conv3d_torch(input, U_out, U_in, A, B, C, weights, bias, stride, padding, dilation)
+    if not _kernels_serve(input, U_out, U_in, A, B, C, weights, bias):
+        return cp_conv3d_torch(input, U_out, U_in, A, B, C, weights, bias, stride, padding,
+                               dilation)
+    size = out_size(input.shape[2:], (A.shape[0], B.shape[0], C.shape[0]), stride, padding,
+                    dilation)
+    cin, (cout, rank) = input.shape[1], U_out.shape
+    config = cp_configs.default_config(
+        _problem("cp_conv", input.shape[0] * math.prod(size), cin, cout, A, B, C, rank),
+        input.device)
+    with _algos._device(input):
+        return cp_kernels.cp_conv3d_fwd(input, U_out, U_in, A, B, C, weights, bias, stride,
+                                        padding[:3], dilation, size, config,
+                                        allow_tf32=_algos._allow_tf32())
 
 
 def _backward_impl(grad, input, U_out, U_in, A, B, C, weights, stride, padding, dilation,
                    output_mask):
-    # ... and its backward kernels here.
-    return cp_conv3d_torch_backward(grad, input, U_out, U_in, A, B, C, weights, stride, padding,
-                                    dilation, output_mask)
+    if not _kernels_serve(input, grad, U_out, U_in, A, B, C, weights):
+        return cp_conv3d_torch_backward(grad, input, U_out, U_in, A, B, C, weights, stride,
+                                        padding, dilation, output_mask)
+    need_x, need_uo, need_ui, need_a, need_b, need_c, need_w = output_mask
+    need_taps, need_out = need_a or need_b or need_c, need_uo or need_w
+    N, cin = input.shape[:2]
+    cout, rank = U_out.shape
+    geometry = (stride, padding[:3], dilation)
+    tf32 = _algos._allow_tf32()
+    grads = [None] * 7
+    with _algos._device(input):
+        if need_x or need_ui:
+            config = cp_configs.default_config(
+                _problem("cp_conv", N * math.prod(input.shape[2:]), cout, cin, A, B, C, rank,
+                         partials=need_ui), input.device)
+            grads[0], grads[2] = cp_kernels.cp_conv3d_bwd_input(
+                grad, input, U_out, U_in, A, B, C, weights, *geometry, config,
+                need_input=need_x, need_u_in=need_ui, allow_tf32=tf32)
+        if need_taps or need_out:
+            config = cp_configs.default_config(
+                _problem("cp_grad", N * math.prod(grad.shape[2:]), cin, cout, A, B, C, rank,
+                         partials=True), input.device)
+            D, G = cp_kernels.cp_conv3d_bwd_factors(
+                input, grad, U_out, U_in, A, B, C, weights, *geometry, config,
+                need_taps=need_taps, need_out=need_out, allow_tf32=tf32)
+    if need_out:
+        grads[1] = G if weights is None else G * weights
+        if weights is not None:
+            grads[6] = (G * U_out).sum(0)
+    for i, (spec, factor) in enumerate((("abcr,br,cr->ar", (B, C)), ("abcr,ar,cr->br", (A, C)),
+                                        ("abcr,ar,br->cr", (A, B)))):
+        if output_mask[3 + i]:
+            grads[3 + i] = torch.einsum(spec, D, *(f.to(D.dtype) for f in factor))
+    like = (input, U_out, U_in, A, B, C, weights if weights is not None else U_out[0])
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
 
 
 @torch.library.custom_op("lk3d::cp_conv3d", mutates_args=())

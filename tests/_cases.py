@@ -3,6 +3,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from hypothesis import strategies as st
 
 # Relative error ||y - ref|| / ||ref|| against a float64 reference, per dtype of the computation.
 TOL = {
@@ -45,6 +46,35 @@ class Case:
     def args(self):
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation,
                     groups=self.groups)
+
+
+def draw_geometry(draw, max_kernel, slack):
+    """A hypothesis draw of a convolution's geometry, as a dict with ``kernel``, ``stride``,
+    ``padding`` (an int, a 3-tuple, "same" (then stride 1) or "valid"), ``dilation`` and an input
+    ``size`` that the dilated kernel fits, with up to ``slack`` voxels to spare per axis; stride
+    and dilation are sometimes a single int where all three sides agree."""
+    kernel = tuple(draw(st.integers(1, max_kernel)) for _ in range(3))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(3))
+    stride = tuple(draw(st.integers(1, 3)) for _ in range(3))
+    kind = draw(st.sampled_from(["int", "tuple", "same", "valid"]))
+    if kind == "same":
+        stride, padding = (1, 1, 1), "same"
+    elif kind == "valid":
+        padding = "valid"
+    elif kind == "int":
+        padding = draw(st.integers(0, 2))
+    else:
+        padding = tuple(draw(st.integers(0, 2)) for _ in range(3))
+    pads = (padding,) * 3 if isinstance(padding, int) else padding
+    extent = [d * (k - 1) + 1 for d, k in zip(dilation, kernel)]
+    if isinstance(padding, str):
+        size = tuple(draw(st.integers(e, e + slack)) for e in extent)
+    else:
+        size = tuple(draw(st.integers(max(1, e - 2 * p), e + slack))
+                     for e, p in zip(extent, pads))
+    squeeze = lambda v: v[0] if len(set(v)) == 1 and draw(st.booleans()) else v  # noqa: E731
+    return dict(kernel=kernel, stride=squeeze(stride), padding=padding,
+                dilation=squeeze(dilation), size=size)
 
 
 def conv3d_ref(x, w, b, **args):

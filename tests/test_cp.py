@@ -4,8 +4,10 @@ gradients (gradcheck, and against autograd through the dense kernel), the ``lk3d
 ops (opcheck, ``torch.compile(fullgraph=True)``), a hypothesis fuzz, argument errors, and
 ``lk3d.nn.CPConv3d`` / ``lk3d.nn.convert(to="cp")``.
 
-``cp_conv3d`` runs the factored torch sequence on the CPU (no Triton), so these tests are quick
-under the interpreter too.
+Every test here runs the torch path, the factored sequence (``lk3d.cp.USE_KERNELS`` is switched
+off by an autouse fixture): it is what CPU users get without the interpreter. The fuzz runs both
+that path and the Triton kernels (under the interpreter on the CPU); the kernels have their own
+tests in test_cp_kernel.py.
 """
 from dataclasses import dataclass
 
@@ -17,10 +19,16 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lk3d
-from _cases import TOL, rel_err
+from _cases import TOL, draw_geometry, rel_err
+from lk3d import cp as cp_ops
 from lk3d.cp import cp_conv3d_ref
 
 FACTOR_NAMES = ("U_out", "U_in", "A", "B", "C", "weights")
+
+
+@pytest.fixture(autouse=True)
+def torch_path(monkeypatch):
+    monkeypatch.setattr(cp_ops, "USE_KERNELS", False)
 
 
 @dataclass(frozen=True)
@@ -332,36 +340,18 @@ def test_compile_sees_one_node():
 
 @st.composite
 def cp_cases(draw):
-    kernel = tuple(draw(st.integers(1, 5)) for _ in range(3))
-    dilation = tuple(draw(st.integers(1, 2)) for _ in range(3))
-    stride = tuple(draw(st.integers(1, 3)) for _ in range(3))
-    kind = draw(st.sampled_from(["int", "tuple", "same", "valid"]))
-    if kind == "same":
-        stride, padding = (1, 1, 1), "same"
-    elif kind == "valid":
-        padding = "valid"
-    elif kind == "int":
-        padding = draw(st.integers(0, 2))
-    else:
-        padding = tuple(draw(st.integers(0, 2)) for _ in range(3))
-    pads = (padding,) * 3 if isinstance(padding, int) else padding
-    extent = [d * (k - 1) + 1 for d, k in zip(dilation, kernel)]
-    if isinstance(padding, str):
-        size = tuple(draw(st.integers(e, e + 4)) for e in extent)
-    else:
-        size = tuple(draw(st.integers(max(1, e - 2 * p), e + 4)) for e, p in zip(extent, pads))
-    squeeze = lambda v: v[0] if len(set(v)) == 1 and draw(st.booleans()) else v  # noqa: E731
     return CPCase(N=draw(st.sampled_from([None, 1, 2])), cin=draw(st.integers(1, 5)),
-                  cout=draw(st.integers(1, 5)), size=size, kernel=kernel,
-                  rank=draw(st.integers(1, 32)), stride=squeeze(stride), padding=padding,
-                  dilation=squeeze(dilation), bias=draw(st.booleans()),
+                  cout=draw(st.integers(1, 5)), rank=draw(st.integers(1, 32)),
+                  **draw_geometry(draw, max_kernel=5, slack=4), bias=draw(st.booleans()),
                   weights=draw(st.booleans()),
                   layout=draw(st.sampled_from(["contiguous", "channels_last_3d"])))
 
 
+@pytest.mark.parametrize("path", ["torch", "kernels"])
 @given(case=cp_cases(), seed=st.integers(0, 2 ** 16))
-def test_fuzz_matches_dense(case, seed):
+def test_fuzz_matches_dense(path, case, seed):
     from conftest import DEVICE
+    cp_ops.USE_KERNELS = path == "kernels"  # the autouse fixture restores it
     if case.N is None and case.layout != "contiguous":
         case = CPCase(**{**case.__dict__, "layout": "contiguous"})
     x, factors, bias = case.tensors(seed=seed, device=DEVICE)
