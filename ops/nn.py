@@ -4,6 +4,7 @@
     conv = lk3d.nn.Conv3d(32, 32, 7, padding=3, groups=32)       # like torch.nn.Conv3d
     model = lk3d.nn.convert(model, min_kernel_size=5)            # swap the large nn.Conv3d
     model = lk3d.nn.convert(model, to="cp", rank=16)             # ... for rank-16 CP convs
+    model = lk3d.nn.convert(model, to="block_sparse", block_shape=(4, 4, 1, 1, 1), density=0.25)
 
 ``Conv3d`` subclasses ``torch.nn.Conv3d``: same constructor, initialisation, parameters
 (``weight``, ``bias``), ``state_dict`` keys and ``padding_mode`` handling, and
@@ -16,8 +17,14 @@
 a 1×1×1 conv, a reduced dense conv and a 1×1×1 conv through ``lk3d.conv3d``. Both take
 ``nn.Conv3d``'s arguments (groups = 1), are initialised so that their output has the variance of
 ``nn.Conv3d``'s default initialisation, and are built from a trained conv by ``from_conv``
-(``lk3d.decompose``). ``convert`` takes ``to="dense"`` and ``to="cp"``; the block-sparse form of
-DESIGN.md will come in as a further value of ``to``.
+(``lk3d.decompose``).
+
+``BlockSparseConv3d`` holds a block-sparse kernel (``values``, a parameter, and its pattern
+``row_ptr``/``col``, buffers: see ``lk3d.BlockSparseWeight``) and runs
+``lk3d.block_sparse_conv3d``; it takes every ``nn.Conv3d`` argument (groups included), is built
+from a trained conv by ``from_conv`` (pruning its blocks by norm), and changes its pattern during
+training with ``prune`` and ``set_mask`` (dynamic sparsity). ``convert`` takes ``to="dense"``,
+``to="cp"`` and ``to="block_sparse"``.
 """
 import copy
 import math
@@ -27,15 +34,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lk3d import decompose
+from lk3d import block_sparse, decompose
 from lk3d._spec import _triple
+from lk3d.block_sparse import BlockSparseWeight
 from lk3d.cp import CPFactors, cp_conv3d
 from lk3d.functional import conv3d
 from lk3d._spec import positive_int
 
-__all__ = ["Conv3d", "CPConv3d", "TuckerConv3d", "convert"]
+__all__ = ["Conv3d", "CPConv3d", "TuckerConv3d", "BlockSparseConv3d", "convert"]
 
-_CONVERT_TO = ("dense", "cp")
+_CONVERT_TO = ("dense", "cp", "block_sparse")
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
@@ -155,7 +163,7 @@ class _FactoredConv3d(nn.Module):
 def _conv_config(conv, rank_name):
     if not isinstance(conv, nn.Conv3d):
         raise TypeError(f"conv: expected a torch.nn.Conv3d, got {type(conv).__name__}")
-    if conv.groups != 1:
+    if rank_name is not None and conv.groups != 1:
         raise ValueError(f"conv: expected groups=1 (a {rank_name} form of a grouped conv is not "
                          f"supported), got groups={conv.groups}")
     return dict(in_channels=conv.in_channels, out_channels=conv.out_channels,
@@ -292,7 +300,160 @@ class TuckerConv3d(_FactoredConv3d):
         return module._copy_conv(conv)
 
 
-def convert(model, min_kernel_size=5, inplace=False, to="dense", rank=None):
+class BlockSparseConv3d(_FactoredConv3d):
+    """A 3D convolution with a block-sparse kernel, running ``lk3d.block_sparse_conv3d``.
+
+    Arguments as ``torch.nn.Conv3d`` (groups included), plus ``block_shape`` ``(bo, bi, bd, bh,
+    bw)``, each side dividing its dim of the dense weight ``[out, in/groups, kd, kh, kw]`` (with
+    groups > 1 and ``in/groups > 1`` also ``(out/groups) % bo == 0``), and ``density`` in (0, 1]:
+    the fraction of blocks stored, drawn at random (``round(density · blocks)``, at least one).
+
+    State: the parameter ``values [nnz, bo, bi, bd, bh, bw]``, the buffers ``row_ptr`` (int32
+    ``[out/bo + 1]``) and ``col`` (int32 ``[nnz]``), and ``bias``; ``weight_sparse`` gives them as
+    an ``lk3d.BlockSparseWeight``. ``load_state_dict`` takes a state of another pattern (another
+    nnz) of the same ``block_shape``: the module takes that pattern. ``prune`` and ``set_mask``
+    change the pattern, for dynamic sparsity. While the number of stored blocks stays the same
+    (SLaK-style prune-and-regrow in one ``set_mask``), ``values`` keeps its ``Parameter`` object,
+    so an optimizer built on it goes on (its per-element state, such as momenta, stays with the
+    slot, not the block: reset it for moved blocks if that matters). A change of nnz brings a
+    new ``values`` Parameter (with the old ``requires_grad``): rebuild the optimizer then.
+
+    Initialisation: each stored value as ``nn.Conv3d``'s weights (uniform, variance
+    ``1 / (3·fan_in)``, ``fan_in = in/groups·kd·kh·kw``), the bias as ``nn.Conv3d``'s.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, block_shape, density=1.0,
+                 stride=1, padding=0, dilation=1, groups=1, bias=True, padding_mode="zeros",
+                 device=None, dtype=None):
+        factory_kwargs = dict(device=device, dtype=dtype)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias,
+                         padding_mode, factory_kwargs)
+        self.groups = positive_int("groups", groups)
+        for name, n in (("in_channels", self.in_channels), ("out_channels", self.out_channels)):
+            if n % self.groups:
+                raise ValueError(f"groups: expected a divisor of {name} = {n}, got {groups}")
+        self.weight_shape = (self.out_channels, self.in_channels // self.groups,
+                             *self.kernel_size)
+        self.block_shape = block_sparse.check_block_shape(self.weight_shape, block_shape,
+                                                          self.groups)
+        grid = [n // b for n, b in zip(self.weight_shape, self.block_shape)]
+        count = block_sparse.block_count(density, math.prod(grid))
+        keys = torch.randperm(math.prod(grid), device=device)[:count].sort().values
+        per_row = math.prod(grid[1:])
+        row_ptr = torch.zeros(grid[0] + 1, dtype=torch.int32, device=device)
+        row_ptr[1:] = torch.bincount(keys // per_row, minlength=grid[0]).cumsum(0)
+        self.values = nn.Parameter(torch.empty(count, *self.block_shape, **factory_kwargs))
+        self.register_buffer("row_ptr", row_ptr)
+        self.register_buffer("col", (keys % per_row).to(torch.int32))
+        self._add_bias(factory_kwargs)
+        self.reset_parameters()
+
+    @property
+    def fan_in(self):
+        return self.in_channels // self.groups * math.prod(self.kernel_size)
+
+    def reset_parameters(self):
+        _uniform_(self.values, 1.0 / (3 * self.fan_in))
+        self._reset_bias()
+
+    @property
+    def weight_sparse(self) -> BlockSparseWeight:
+        """The kernel as an ``lk3d.BlockSparseWeight`` (its ``values`` is the parameter)."""
+        return BlockSparseWeight(self.weight_shape, self.block_shape, self.values, self.row_ptr,
+                                 self.col)
+
+    @property
+    def nnz(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def density(self) -> float:
+        return self.nnz / math.prod(n // b for n, b in zip(self.weight_shape, self.block_shape))
+
+    def forward(self, input):
+        input, padding = self._padded(input)
+        return block_sparse._conv(input, self.weight_shape, self.block_shape, self.values,
+                                  self.row_ptr, self.col, self.bias, self.stride, padding,
+                                  self.dilation, self.groups)
+
+    def _resize(self, nnz):
+        """A new ``values`` Parameter of ``nnz`` blocks if that is another count (a resized
+        Parameter would clash with the autograd graphs of earlier calls that are still alive)."""
+        if nnz != self.values.shape[0]:
+            self.values = nn.Parameter(self.values.new_empty(nnz, *self.block_shape),
+                                       requires_grad=self.values.requires_grad)
+            self.col = self.col.new_empty(nnz)
+
+    def _set_pattern(self, weight):
+        """Take ``weight``'s pattern and values (into the same ``values`` Parameter while nnz is
+        unchanged); the stale ``values.grad`` is dropped."""
+        self._resize(weight.nnz)
+        with torch.no_grad():
+            self.values.copy_(weight.values)
+        self.values.grad = None
+        self.row_ptr = weight.row_ptr.clone()
+        self.col = weight.col.clone()
+        return self
+
+    def prune(self, density=None, threshold=None):
+        """Keep, among the stored blocks, those with Frobenius norm > ``threshold`` or the
+        largest up to ``density`` of all blocks (``BlockSparseWeight.prune``); returns self.
+        For prune-and-regrow at a constant count, give ``set_mask`` the union of
+        ``weight_sparse.prune(...).block_mask()`` and the regrown blocks instead."""
+        return self._set_pattern(self.weight_sparse.prune(density=density, threshold=threshold))
+
+    def set_mask(self, block_mask):
+        """Store exactly the blocks where ``block_mask`` (bool ``[NO, NI, ND, NH, NW]``) holds:
+        the current values where stored, zeros for new blocks (``BlockSparseWeight.with_mask``);
+        returns self."""
+        return self._set_pattern(self.weight_sparse.with_mask(block_mask))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        keys = [prefix + name for name in ("values", "row_ptr", "col")]
+        if all(k in state_dict for k in keys):
+            values, row_ptr, col = (state_dict[k] for k in keys)
+            try:
+                BlockSparseWeight(self.weight_shape, self.block_shape, values.detach(),
+                                  row_ptr.to(values.device), col.to(values.device))
+            except (TypeError, ValueError) as e:
+                error_msgs.append(f"{prefix}values/row_ptr/col: not a block-sparse kernel of "
+                                  f"shape {self.weight_shape} and block_shape "
+                                  f"{self.block_shape}: {e}")
+                return
+            self._resize(values.shape[0])  # another number of blocks: take it
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _rank_repr(self):
+        s = f", block_shape={self.block_shape}, density={self.density:.3g}"
+        return s + (f", groups={self.groups}" if self.groups != 1 else "")
+
+    @classmethod
+    def from_conv(cls, conv, block_shape, density=None, threshold=None):
+        """A ``BlockSparseConv3d`` from ``conv`` (an ``nn.Conv3d``, any groups): its weight's
+        blocks kept by ``BlockSparseWeight.from_dense(weight, block_shape, threshold, density)``
+        (with neither: every block not all zero), its bias, configuration, training mode and
+        ``requires_grad``, on its device and dtype."""
+        config = _conv_config(conv, None)
+        weight = BlockSparseWeight.from_dense(conv.weight.detach(), block_shape,
+                                              threshold=threshold, density=density)
+        module = cls(**config, groups=conv.groups, block_shape=block_shape)
+        module._set_pattern(weight)
+        return module._copy_conv(conv)
+
+
+def _block_shape_fits(conv, block_shape):
+    """Whether ``block_shape`` fits ``conv``'s weight and groups (``BlockSparseConv3d``)."""
+    try:
+        block_sparse.check_block_shape(tuple(conv.weight.shape), block_shape, conv.groups)
+    except ValueError:
+        return False
+    return True
+
+
+def convert(model, min_kernel_size=5, inplace=False, to="dense", rank=None, block_shape=None,
+            density=None, threshold=None):
     """Swap the large ``torch.nn.Conv3d`` in ``model`` for lk3d's: every one whose largest kernel
     side is at least ``min_kernel_size``, in the form ``to`` names, and return the model.
 
@@ -309,10 +470,19 @@ def convert(model, min_kernel_size=5, inplace=False, to="dense", rank=None):
     ``requires_grad`` (not its hooks); grouped and depthwise convs stay as they are. ``rank``
     is required with ``"cp"`` and taken by no other form.
 
+    ``to="block_sparse"`` replaces each such conv (any groups) that ``block_shape`` fits by
+    ``BlockSparseConv3d.from_conv(conv, block_shape, density, threshold)``: its weight's blocks
+    kept by norm (the top ``density`` fraction, those above ``threshold``, or with neither every
+    block not all zero), its bias, configuration, training mode and ``requires_grad`` (not its
+    hooks); a conv whose weight ``block_shape`` does not divide (or whose block rows would span
+    groups) stays as it is. ``block_shape`` is required with ``"block_sparse"``; it, ``density``
+    and ``threshold`` are taken by no other form.
+
     ``model`` may itself be a conv (then the result may be a new module). Shared modules stay
     shared. With ``inplace=False`` (the default) ``model`` is deep-copied first and left
     untouched; with ``inplace=True`` it is converted in place (for ``"dense"`` an optimizer built
-    on its parameters still holds the right ones; ``"cp"`` brings new parameters).
+    on its parameters still holds the right ones; ``"cp"`` and ``"block_sparse"`` bring new
+    parameters).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -335,6 +505,25 @@ def convert(model, min_kernel_size=5, inplace=False, to="dense", rank=None):
                         f"got {rank!r}")
     elif rank is not None:
         raise ValueError(f"rank: only to='cp' takes a rank, got rank={rank!r} with to={to!r}")
+    if to == "block_sparse":
+        if block_shape is None:
+            raise ValueError("block_shape: expected a tuple of 5 positive ints (bo, bi, bd, bh, "
+                             "bw) with to='block_sparse' (to='dense' and to='cp' take none), "
+                             "got None")
+        block_sparse._five("block_shape", block_shape)
+        if threshold is not None and density is not None:
+            raise ValueError(f"threshold, density: expected at most one of them, got "
+                             f"threshold={threshold!r} and density={density!r}")
+        if threshold is not None:
+            block_sparse.check_threshold(threshold)
+        if density is not None:
+            block_sparse.block_count(density, 1)
+    else:
+        for name, value in (("block_shape", block_shape), ("density", density),
+                            ("threshold", threshold)):
+            if value is not None:
+                raise ValueError(f"{name}: only to='block_sparse' takes a {name}, got "
+                                 f"{name}={value!r} with to={to!r}")
 
     if not inplace:
         model = copy.deepcopy(model)
@@ -345,14 +534,19 @@ def convert(model, min_kernel_size=5, inplace=False, to="dense", rank=None):
         return model
 
     def matches(module):
-        return (type(module) in (nn.Conv3d, Conv3d) and module.groups == 1
-                and max(module.kernel_size) >= min_kernel_size)
+        if type(module) not in (nn.Conv3d, Conv3d) or max(module.kernel_size) < min_kernel_size:
+            return False
+        if to == "cp":
+            return module.groups == 1
+        return _block_shape_fits(module, block_shape)
 
     done = {}
 
     def replacement(conv):
         if id(conv) not in done:
-            done[id(conv)] = CPConv3d.from_conv(conv, rank)
+            done[id(conv)] = (CPConv3d.from_conv(conv, rank) if to == "cp" else
+                              BlockSparseConv3d.from_conv(conv, block_shape, density=density,
+                                                          threshold=threshold))
         return done[id(conv)]
 
     if matches(model):
