@@ -1,26 +1,42 @@
-"""Benchmarks: ``lk3d.conv3d`` against ``F.conv3d`` (NCDHW and channels_last_3d) on large kernels.
+"""Benchmarks: lk3d's large-kernel convolutions against what users run today, side by side.
 
 A case (``Case``) is one convolution layer; a result (``Result``) is one (case, provider, mode)
-measurement. Providers:
+measurement. A case's op decides its providers (``OP_PROVIDERS``):
 
-* ``lk3d``      ``lk3d.conv3d`` on NCDHW-contiguous tensors (whatever algorithm lk3d picks);
-* ``torch``     ``F.conv3d`` on NCDHW-contiguous tensors;
-* ``torch-cl``  ``F.conv3d`` with input and weight in ``channels_last_3d``.
+* dense / depthwise: ``lk3d`` (``lk3d.conv3d``, whatever algorithm lk3d picks), ``lk3d-fft`` and
+  ``lk3d-tiled`` (the same op with ``LK3D_ALGO`` forcing one algorithm; tiled only where the
+  Triton kernels run), ``torch`` (``F.conv3d`` on NCDHW tensors) and ``torch-cl`` (input and
+  weight in ``channels_last_3d``);
+* cp (a rank-R CP kernel): ``lk3d`` (``lk3d.cp_conv3d``), ``cp-unfused`` (the chain of five
+  convolutions written in plain torch: pointwise Cin->R, three 1-D depthwise convs, pointwise
+  R->Cout, each writing its [N, R, ...] intermediate), ``tensorly`` (tensorly-torch's
+  ``FactorizedConv`` from the same factors, factorized implementation; only where ``tltorch`` is
+  installed: ``pip install tensorly-torch``), and ``torch`` / ``torch-cl`` (dense ``F.conv3d``
+  with the same kernel reconstructed, ``factors.to_dense()``);
+* block_sparse (a block-sparse kernel of density ``density``): ``lk3d``
+  (``lk3d.block_sparse_conv3d``), ``lk3d-dense`` (``lk3d.conv3d`` with the same kernel dense),
+  ``torch-mask`` (``F.conv3d`` with a dense weight times its block mask every step, as masked
+  sparse training does) and ``torch`` / ``torch-cl`` (``F.conv3d``, the same kernel dense).
 
-The baseline of a (case, mode) is the faster of the two torch layouts (oneDNN on the CPU is ~5x
+The baseline of a (case, mode) is its fastest provider not from lk3d (oneDNN on the CPU is ~5x
 faster in channels_last_3d at k=15 and its NCDHW path collapses at k=21), and ``speedup`` is that
-baseline's time over the row's time (> 1: faster than the best torch layout). Modes: ``fwd`` and
-``fwdbwd`` (forward plus grad of input, weight and bias). FLOPs count the multiply-adds of the
-forward, ``2·N·Cout·OD·OH·OW·(Cin/g)·kd·kh·kw``, and three times that for ``fwdbwd``; bytes are
-the least traffic of the step (``lk3d.roofline``). ``roofline_fraction`` is the roofline's time
-over the measured time, with ceilings measured in the same run and process (a large matmul in the
-case's dtype, a large tensor copy). ``peak_mem_mb`` (CUDA only; empty on the CPU, which has no
-allocator statistics) is the most memory one step allocates above its inputs, in MiB.
+baseline's time over the row's time (> 1: faster than everything else measured). Modes: ``fwd``,
+``bwd`` (grads of the input, the weight or factors or stored blocks, and the bias, from a graph
+built once) and ``fwdbwd`` (both). FLOPs count the least work of the op (``lk3d.roofline``):
+``2·N·Cout·OD·OH·OW·(Cin/g)·kd·kh·kw`` for a dense kernel, that times the density for a
+block-sparse one, ``2·N·OD·OH·OW·R·(Cin + kd + kh + kw + Cout)`` for a CP one; twice that for
+``bwd`` and three times for ``fwdbwd``; TFLOP/s of every provider of a case use that same count.
+Bytes are the least traffic of the step (the input, the output and the weight as the op stores
+it). ``roofline_fraction`` is the roofline's time over the measured time, with ceilings measured
+in the same run and process (a large matmul in the case's dtype, a large tensor copy).
+``peak_mem_mb`` (CUDA only; empty on the CPU, which has no allocator statistics) is the most
+memory one step allocates above its inputs, in MiB.
 
 Timing is the median of ``triton.testing.do_bench`` on CUDA and of
 ``torch.utils.benchmark.Timer.blocked_autorange`` on the CPU (all torch threads). Before timing,
-lk3d's output is compared with ``F.conv3d``'s in the same dtype (relative L2 error, in the lk3d
-rows, with the algorithm lk3d's planner picked, from ``lk3d.explain``).
+lk3d's output is compared with ``F.conv3d``'s of the same (dense) kernel in the same dtype
+(relative L2 error, in the lk3d rows, with the algorithm lk3d's planner picked for dense and
+depthwise cases, from ``lk3d.explain``).
 
 Time limits: every measurement has a budget (``budget_s``). The first call is timed; when it
 predicts the measurement would pass the budget the row is ``skipped (budget)``. A first call can
@@ -29,6 +45,7 @@ run in a worker process that is killed at 1.5 x budget + a start-up allowance, a
 ``skipped (budget)`` too; a new worker takes the next measurement. ``max_time_s`` bounds the whole
 run: what is left when it passes is ``skipped (time limit)``.
 """
+import contextlib
 import csv
 import math
 import multiprocessing
@@ -49,10 +66,17 @@ import torch.nn.functional as F
 import lk3d
 from lk3d import roofline
 
-OPS = ("dense", "depthwise")
-PROVIDERS = ("lk3d", "torch", "torch-cl")
-TORCH_PROVIDERS = ("torch", "torch-cl")
-MODES = ("fwd", "fwdbwd")
+OPS = ("dense", "depthwise", "cp", "block_sparse")
+_DENSE_PROVIDERS = ("lk3d", "lk3d-fft", "lk3d-tiled", "torch", "torch-cl")
+OP_PROVIDERS = {
+    "dense": _DENSE_PROVIDERS,
+    "depthwise": _DENSE_PROVIDERS,
+    "cp": ("lk3d", "cp-unfused", "tensorly", "torch", "torch-cl"),
+    "block_sparse": ("lk3d", "lk3d-dense", "torch-mask", "torch", "torch-cl"),
+}
+PROVIDERS = tuple(dict.fromkeys(p for ps in OP_PROVIDERS.values() for p in ps))
+_FORCED_ALGO = {"lk3d-fft": "fft", "lk3d-tiled": "tiled"}  # providers that force LK3D_ALGO
+MODES = ("fwd", "bwd", "fwdbwd")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
           "float64": torch.float64}
 # lk3d vs F.conv3d in the same dtype, relative L2 error: above this the bench exits non-zero.
@@ -80,7 +104,7 @@ def _triple(name, value):
 class Case:
     """One convolution layer to benchmark; stride and dilation 1."""
     name: str
-    op: str          # "depthwise" (groups == Cin) or "dense" (dense or grouped)
+    op: str          # "depthwise" (groups == Cin), "dense" (dense or grouped), "cp", "block_sparse"
     N: int
     Cin: int
     Cout: int
@@ -90,24 +114,36 @@ class Case:
     padding: str = "same"  # "same" or "valid"
     dtype: str = "float32"  # a key of DTYPES
     bias: bool = True
+    rank: int = 0          # cp: the CP rank R
+    density: float = 1.0   # block_sparse: the fraction of weight blocks stored
+    block: tuple = ()      # block_sparse: the block shape (bo, bi, bd, bh, bw)
 
     def __post_init__(self):
+        def bad(what):
+            return ValueError(f"Case {self.name!r}: {what}")
         if self.op not in OPS:
-            raise ValueError(f"Case {self.name!r}: op: expected one of {OPS}, got {self.op!r}")
+            raise bad(f"op: expected one of {OPS}, got {self.op!r}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"Case {self.name!r}: dtype: expected one of {tuple(DTYPES)}, "
-                             f"got {self.dtype!r}")
+            raise bad(f"dtype: expected one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.padding not in ("same", "valid"):
-            raise ValueError(f"Case {self.name!r}: padding: expected 'same' or 'valid', "
-                             f"got {self.padding!r}")
+            raise bad(f"padding: expected 'same' or 'valid', got {self.padding!r}")
         if self.Cin % self.groups or self.Cout % self.groups:
-            raise ValueError(f"Case {self.name!r}: groups={self.groups} must divide "
-                             f"Cin={self.Cin} and Cout={self.Cout}")
+            raise bad(f"groups={self.groups} must divide Cin={self.Cin} and Cout={self.Cout}")
         if self.op == "depthwise" and self.groups != self.Cin:
-            raise ValueError(f"Case {self.name!r}: op='depthwise' needs groups == Cin, got "
-                             f"groups={self.groups}, Cin={self.Cin}")
+            raise bad(f"op='depthwise' needs groups == Cin, got groups={self.groups}, "
+                      f"Cin={self.Cin}")
         _triple("size", self.size)
         _triple("kernel", self.kernel)
+        if self.op == "cp" and (self.groups != 1 or self.rank < 1):
+            raise bad(f"op='cp' needs groups=1 and rank >= 1, got groups={self.groups}, "
+                      f"rank={self.rank}")
+        if self.op == "block_sparse":
+            if not 0 < self.density <= 1:
+                raise bad(f"density: expected a value in (0, 1], got {self.density}")
+            dims = (self.Cout, self.Cin // self.groups, *self.kernel)
+            if len(self.block) != 5 or any(d % b for d, b in zip(dims, self.block)):
+                raise bad(f"block: expected 5 ints dividing the weight shape {dims}, "
+                          f"got {self.block}")
 
     @classmethod
     def depthwise(cls, name, N, C, size, k, dtype="float32"):
@@ -118,6 +154,17 @@ class Case:
     def dense(cls, name, N, Cin, Cout, size, k, dtype="float32", groups=1):
         return cls(name, "dense", N, Cin, Cout, groups, _triple("size", size),
                    _triple("kernel", k), dtype=dtype)
+
+    @classmethod
+    def cp(cls, name, N, Cin, Cout, size, k, rank, dtype="float32"):
+        return cls(name, "cp", N, Cin, Cout, 1, _triple("size", size), _triple("kernel", k),
+                   dtype=dtype, rank=rank)
+
+    @classmethod
+    def block_sparse(cls, name, N, Cin, Cout, size, k, density, block, dtype="float32",
+                     groups=1):
+        return cls(name, "block_sparse", N, Cin, Cout, groups, _triple("size", size),
+                   _triple("kernel", k), dtype=dtype, density=density, block=tuple(block))
 
     @property
     def torch_dtype(self):
@@ -131,19 +178,33 @@ class Case:
 
     @property
     def shape(self):
-        """The layer in one line: ``N1 C16->16 g16 D32x32x32 k7x7x7 same float32``."""
+        """The layer in one line: ``N1 C16->16 g16 D32x32x32 k7x7x7 same float32`` (plus
+        ``R8`` for CP, ``density0.1 block16x16x1x1x1`` for block-sparse)."""
+        extra = {"cp": f" R{self.rank}",
+                 "block_sparse": f" density{self.density:g} block{'x'.join(map(str, self.block))}"}
         return (f"N{self.N} C{self.Cin}->{self.Cout} g{self.groups} "
                 f"D{'x'.join(map(str, self.size))} k{'x'.join(map(str, self.kernel))} "
-                f"{self.padding} {self.dtype}")
+                f"{self.padding} {self.dtype}{extra.get(self.op, '')}")
 
     def flops(self, mode: str) -> int:
-        return roofline.conv3d_flops(self.N, self.Cin, self.Cout, self.groups, self.out_size,
+        if self.op == "cp":
+            return roofline.cp_flops(self.N, self.Cin, self.Cout, self.rank, self.out_size,
                                      self.kernel, mode)
+        dense = roofline.conv3d_flops(self.N, self.Cin, self.Cout, self.groups, self.out_size,
+                                      self.kernel, mode)
+        return round(dense * self.density) if self.op == "block_sparse" else dense
+
+    def weight_elems(self) -> int:
+        """Elements of the weight as the op stores it."""
+        dense = self.Cout * (self.Cin // self.groups) * math.prod(self.kernel)
+        if self.op == "cp":
+            return self.rank * (self.Cin + sum(self.kernel) + self.Cout)
+        return round(dense * self.density) if self.op == "block_sparse" else dense
 
     def bytes(self, mode: str) -> int:
         return roofline.conv3d_bytes(self.N, self.Cin, self.Cout, self.groups, self.size,
                                      self.out_size, self.kernel, mode, self.bias,
-                                     self.torch_dtype.itemsize)
+                                     self.torch_dtype.itemsize, self.weight_elems())
 
 
 # A few large-kernel layers that run on a 2-core CPU in well under two minutes (fwd, all providers).
@@ -153,16 +214,39 @@ QUICK_CASES = [
     Case.dense("dense-N1-C16-D24-k7", 1, 16, 16, 24, 7),
     Case.dense("dense-N1-C16-D24-k11", 1, 16, 16, 24, 11),
     Case.dense("dense-N1-C16-D48-k15", 1, 16, 16, 48, 15),
+    Case.cp("cp-R8-N1-C16-D32-k15", 1, 16, 16, 32, 15, rank=8),
+    *(Case.block_sparse(f"bs-N1-C32-D24-k7-density{d:g}", 1, 32, 32, 24, 7, d, (8, 8, 1, 1, 1))
+      for d in (0.1, 0.5, 1.0)),
 ]
 
-# Real layers, for GPUs, most telling first (a run cut short by its time limit keeps those).
-# 3D UX-Net on 96³ patches: a stride-2 stem, then stages at 48³/24³/12³/6³ with C = 48..384 and
-# depthwise 7³; RepUX-Net's stages use depthwise 21³. Batch 2 as in their training recipes.
+def _cp_full(r):
+    return Case.cp(f"cp-R{r}-C64-D32-k21", 1, 64, 64, 32, 21, rank=r, dtype="bfloat16")
+
+
+def _bs_full(d):
+    return Case.block_sparse(f"bs-C64-D32-k15-density{d:g}", 1, 64, 64, 32, 15, d,
+                             (16, 16, 1, 1, 1), "bfloat16")
+
+
+# Real layers, for GPUs, each op early (a run cut short by its time limit keeps the most telling
+# case of each), then the rest. 3D UX-Net on 96³ patches: a stride-2 stem, then stages at
+# 48³/24³/12³/6³ with C = 48..384 and depthwise 7³; RepUX-Net's stages use depthwise 21³; batch 2
+# as in their training recipes. Rank-R CP at k=21 (a dense 64->64 21³ weight is 38 M
+# parameters; rank 16: 2 k); block-sparse with 16x16 channel blocks per tap of a dense 15³
+# kernel, 5% to 100% stored.
 FULL_CASES = [
     Case.depthwise("uxnet-s1-dw7-C48-D48", 2, 48, 48, 7, "bfloat16"),
     Case.depthwise("repux-s1-dw21-C48-D48", 2, 48, 48, 21, "bfloat16"),
     Case.dense("dense7-C64-D32", 1, 64, 64, 32, 7, "bfloat16"),
+    _cp_full(16),
+    _bs_full(0.1),
+    _bs_full(1.0),
     Case.dense("dense15-C64-D32", 1, 64, 64, 32, 15, "bfloat16"),
+    _bs_full(0.5),
+    _cp_full(8),
+    _cp_full(32),
+    _bs_full(0.05),
+    _bs_full(0.25),
     Case.depthwise("uxnet-s2-dw7-C96-D24", 2, 96, 24, 7, "bfloat16"),
     Case.depthwise("uxnet-s3-dw7-C192-D12", 2, 192, 12, 7, "bfloat16"),
     Case.depthwise("uxnet-s4-dw7-C384-D6", 2, 384, 6, 7, "bfloat16"),
@@ -177,6 +261,8 @@ FULL_CASES = [
 TINY_CASES = [
     Case.depthwise("tiny-dw-N1-C2-D6-k3", 1, 2, 6, 3),
     Case.dense("tiny-dense-N1-C2-D4-k3", 1, 2, 2, 4, 3),
+    Case.cp("tiny-cp-R2-N1-C2-D5-k3", 1, 2, 3, 5, 3, rank=2),
+    Case.block_sparse("tiny-bs-N1-C4-D5-k3-density0.5", 1, 4, 4, 5, 3, 0.5, (2, 2, 1, 1, 1)),
 ]
 
 CASE_SETS = {"quick": QUICK_CASES, "full": FULL_CASES, "tiny": TINY_CASES}
@@ -196,7 +282,7 @@ class Result:
     speedup: Optional[float]  # baseline's median over this median
     roofline_fraction: Optional[float]  # the roofline's time over median_ms
     peak_mem_mb: Optional[float]  # CUDA: MiB one step allocates above its inputs; CPU: None
-    baseline: str             # the faster torch provider of this (case, mode), "" if none ran
+    baseline: str             # the fastest non-lk3d provider of this (case, mode), "" if none ran
     rel_err: Optional[float]  # lk3d rows: vs F.conv3d in the same dtype
     algo: str                 # lk3d rows: lk3d's plan, e.g. "fft" (fwd) or "fft/aten/fft"
                               # (forward/grad-input/grad-weight); "" where unknown
@@ -292,48 +378,185 @@ def git_commit() -> str:
 # one measurement (runs in the worker process, or in this one)
 # ---------------------------------------------------------------------------------------------
 
-_INPUTS = {}  # (case, device) -> (x, w, b): the last case's inputs, reused by its providers
+_INPUTS = {}  # (case, device) -> the case's tensors (``_make_inputs``), reused by its providers
 
 
-def _inputs(case: Case, device: str):
+def _make_inputs(case: Case) -> dict:
+    """The case's tensors (float32, CPU, seeded): ``x``, ``b`` (or None), ``w`` (the dense kernel
+    the torch providers use), and by op ``factors`` (cp: U_out, U_in, A, B, C), ``sparse`` (a
+    ``lk3d.BlockSparseWeight``), ``full`` and ``mask`` (block_sparse: the unpruned weight and
+    the 0/1 mask of the stored blocks). Weights have the variance of a fan-in-scaled dense one."""
+    g = torch.Generator().manual_seed(0)
+    fan_in = case.Cin // case.groups * math.prod(case.kernel)
+    t = dict(x=torch.randn(case.N, case.Cin, *case.size, generator=g))
+    t["b"] = torch.randn(case.Cout, generator=g) if case.bias else None
+    if case.op == "cp":
+        # W sums R products of five N(0, s²) entries: variance R·s^10 = 1/fan_in.
+        s = (fan_in * case.rank) ** -0.1
+        rows = (case.Cout, case.Cin, *case.kernel)
+        t["factors"] = [s * torch.randn(n, case.rank, generator=g) for n in rows]
+        t["w"] = lk3d.CPFactors(*t["factors"]).to_dense()
+        return t
+    w = torch.randn(case.Cout, case.Cin // case.groups, *case.kernel, generator=g)
+    t["w"] = w / math.sqrt(fan_in)
+    if case.op == "block_sparse":
+        t["full"] = t["w"]
+        t["sparse"] = lk3d.BlockSparseWeight.from_dense(t["full"], case.block,
+                                                        density=case.density)
+        t["w"] = t["sparse"].to_dense()
+        t["mask"] = (t["w"] != 0).to(t["w"].dtype)
+    return t
+
+
+def _inputs(case: Case, device: str) -> dict:
     key = (case, device)
     if key not in _INPUTS:
         _INPUTS.clear()
-        g = torch.Generator().manual_seed(0)
-        fan_in = case.Cin // case.groups * math.prod(case.kernel)
-        x = torch.randn(case.N, case.Cin, *case.size, generator=g)
-        w = torch.randn(case.Cout, case.Cin // case.groups, *case.kernel, generator=g)
-        w = w / math.sqrt(fan_in)
-        b = torch.randn(case.Cout, generator=g) if case.bias else None
-        _INPUTS[key] = tuple(t if t is None else t.to(device, case.torch_dtype) for t in (x, w, b))
+        moved = {}
+        for name, v in _make_inputs(case).items():
+            if isinstance(v, list):
+                v = [f.to(device, case.torch_dtype) for f in v]
+            elif v is not None:
+                v = v.to(device, case.torch_dtype)
+            moved[name] = v
+        _INPUTS[key] = moved
     return _INPUTS[key]
 
 
-def _conv(provider, case, x, w, b):
-    fn = lk3d.conv3d if provider == "lk3d" else F.conv3d
-    return fn(x, w, b, 1, case.padding, 1, case.groups)
+def cp_unfused(x, U_out, U_in, A, B, C, bias, padding):
+    """A rank-R CP convolution as five separate convolutions in plain torch (stride and dilation
+    1): pointwise Cin->R, 1-D depthwise along D, H and W, pointwise R->Cout; each step writes an
+    [N, R, ...] intermediate. The unfused baseline of the cp cases."""
+    rank = U_out.shape[1]
+    z = F.conv3d(x, U_in.t().reshape(rank, -1, 1, 1, 1))
+    for axis, factor in enumerate((A, B, C)):
+        shape = [rank, 1, 1, 1, 1]
+        shape[2 + axis] = factor.shape[0]
+        z = F.conv3d(z, factor.t().reshape(shape), None, 1, padding, 1, rank)
+    return F.conv3d(z, U_out.reshape(*U_out.shape, 1, 1, 1), bias)
+
+
+def _operands(case: Case, provider: str, t: dict):
+    """``(x, params)``: the input and what the provider's step differentiates besides it, in its
+    layout (None for an absent bias)."""
+    x, b = t["x"], t["b"]
+    if case.op == "cp" and provider in ("lk3d", "cp-unfused"):
+        return x, [*t["factors"], b]
+    if provider == "tensorly":  # the module's own parameters (it holds the factors)
+        if "tensorly" not in t:
+            t["tensorly"] = _tensorly_conv(case, t)
+        return x, list(t["tensorly"].parameters())
+    if case.op == "block_sparse" and provider == "lk3d":
+        return x, [t["sparse"].values, b]
+    if case.op == "block_sparse" and provider == "torch-mask":
+        return x, [t["full"], b]
+    w = t["w"]
+    if provider == "torch-cl":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        w = w.contiguous(memory_format=torch.channels_last_3d)
+    return x, [w, b]
+
+
+def _call(case: Case, provider: str, t: dict, x, params):
+    """One forward of ``provider`` on operands from ``_operands``."""
+    pad, groups = case.padding, case.groups
+    if case.op == "cp" and provider == "lk3d":
+        *factors, b = params
+        return lk3d.cp_conv3d(x, lk3d.CPFactors(*factors), b, 1, pad)
+    if provider == "cp-unfused":
+        return cp_unfused(x, *params, pad)
+    if provider == "tensorly":
+        return t["tensorly"](x)
+    if case.op == "block_sparse" and provider == "lk3d":
+        values, b = params
+        weight = t["sparse"].with_values(values)
+        return lk3d.block_sparse_conv3d(x, weight, b, 1, pad, 1, groups)
+    w, b = params
+    if provider == "torch-mask":
+        return F.conv3d(x, w * t["mask"], b, 1, pad, 1, groups)
+    fn = lk3d.conv3d if provider.startswith("lk3d") else F.conv3d
+    return fn(x, w, b, 1, pad, 1, groups)
+
+
+def _tensorly_conv(case: Case, t: dict):
+    """tensorly-torch's ``FactorizedConv`` holding the case's CP factors and bias."""
+    from tltorch import FactorizedConv
+    from tltorch.factorized_tensors import CPTensor
+
+    factors = t["factors"]
+    weights = torch.ones(case.rank, device=factors[0].device, dtype=factors[0].dtype)
+    padding = tuple(k // 2 for k in case.kernel) if case.padding == "same" else 0
+    conv = FactorizedConv.from_factorization(CPTensor(weights, [f.clone() for f in factors]),
+                                             implementation="factorized", padding=padding,
+                                             bias=None if t["b"] is None else t["b"].clone())
+    return conv.to(factors[0].device)
+
+
+@contextlib.contextmanager
+def _forced_algo(provider: str):
+    """``LK3D_ALGO`` set to the algorithm ``provider`` forces (none: unchanged) for the block."""
+    algo = _FORCED_ALGO.get(provider)
+    old = os.environ.get("LK3D_ALGO")
+    if algo is not None:
+        os.environ["LK3D_ALGO"] = algo
+    try:
+        yield
+    finally:
+        if algo is not None:
+            if old is None:
+                os.environ.pop("LK3D_ALGO", None)
+            else:
+                os.environ["LK3D_ALGO"] = old
+
+
+def available(provider: str, case: Case, device: str) -> bool:
+    """Whether ``provider`` measures ``case`` on ``device``: one of its op's providers, and for
+    ``lk3d-tiled`` the Triton kernels can run such tensors here."""
+    if provider not in OP_PROVIDERS[case.op]:
+        return False
+    if provider == "tensorly":
+        import importlib.util
+
+        return importlib.util.find_spec("tltorch") is not None and all(k % 2 for k in case.kernel)
+    if provider == "lk3d-tiled":
+        from lk3d._algos import kernels_can_run
+
+        return kernels_can_run(torch.empty(0, dtype=case.torch_dtype, device=device))
+    return True
 
 
 def _provider_fn(case: Case, provider: str, mode: str, device: str):
     """A no-argument callable that runs one (case, provider, mode) step."""
-    x, w, b = _inputs(case, device)
-    if provider == "torch-cl":
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-        w = w.contiguous(memory_format=torch.channels_last_3d)
+    t = _inputs(case, device)
+    x, params = _operands(case, provider, t)
+
+    def forward(x, params):
+        with _forced_algo(provider):
+            return _call(case, provider, t, x, params)
+
     if mode == "fwd":
         def fwd():
             with torch.no_grad():
-                return _conv(provider, case, x, w, b)
+                return forward(x, params)
         return fwd
-    leaves = [t.detach().requires_grad_() for t in (x, w, b) if t is not None]
-    xr, wr = leaves[:2]
-    br = leaves[2] if b is not None else None
+    leaves = [p if isinstance(p, torch.nn.Parameter) else p.detach().requires_grad_()
+              for p in [x, *params] if p is not None]
+    it = iter(leaves)
+    lx = next(it)
+    lparams = [None if p is None else next(it) for p in params]
     with torch.no_grad():
-        grad = torch.randn_like(_conv(provider, case, x, w, b))  # in the output's layout
+        grad = torch.randn_like(forward(x, params))  # in the output's layout
+    if mode == "fwdbwd":
+        def fwdbwd():
+            with _forced_algo(provider):
+                return torch.autograd.grad(forward(lx, lparams), leaves, grad)
+        return fwdbwd
+    y = forward(lx, lparams)
 
-    def fwdbwd():
-        return torch.autograd.grad(_conv(provider, case, xr, wr, br), leaves, grad)
-    return fwdbwd
+    def bwd():
+        with _forced_algo(provider):
+            return torch.autograd.grad(y, leaves, grad, retain_graph=True)
+    return bwd
 
 
 def _sync(device):
@@ -402,31 +625,29 @@ def measure_case(case: Case, provider: str, mode: str, device: str, budget_s: fl
 
 
 def lk3d_plans(case: Case, device: str) -> dict:
-    """Which algorithm lk3d picks per pass for this case ("forward", "grad_input",
-    "grad_weight"), from ``lk3d.explain``; empty where this lk3d cannot tell."""
+    """Which algorithm lk3d picks per pass for a dense or depthwise case ("forward",
+    "grad_input", "grad_weight"), from ``lk3d.explain``; empty for other ops or where this lk3d
+    cannot tell."""
     explain = getattr(lk3d, "explain", None)
-    if explain is None:
+    if explain is None or case.op not in ("dense", "depthwise"):
         return {}
-    x, w, b = _inputs(case, device)
+    t = _inputs(case, device)
     try:
-        plans = explain(x, w, b, 1, case.padding, 1, case.groups)
+        plans = explain(t["x"], t["w"], t["b"], 1, case.padding, 1, case.groups)
         return {name: str(p["algo"]) for name, p in plans.items()}
     except Exception:  # a plan is context for the table, never a reason to fail the run
         return {}
 
 
 def check_case(case: Case, device: str):
-    """``(rel_err, plans)``: relative L2 error of lk3d.conv3d against F.conv3d, both in the case's
-    dtype, and ``lk3d_plans``. The reference runs channels_last_3d on the CPU (oneDNN's fast
-    layout at large k) and NCDHW on CUDA."""
-    x, w, b = _inputs(case, device)
-    xr, wr = x, w
-    if device == "cpu":
-        xr = x.contiguous(memory_format=torch.channels_last_3d)
-        wr = w.contiguous(memory_format=torch.channels_last_3d)
+    """``(rel_err, plans)``: relative L2 error of lk3d's op against ``F.conv3d`` with the same
+    (dense) kernel, both in the case's dtype, and ``lk3d_plans``. The reference runs
+    channels_last_3d on the CPU (oneDNN's fast layout at large k) and NCDHW on CUDA."""
+    t = _inputs(case, device)
+    ref_provider = "torch-cl" if device == "cpu" else "torch"
     with torch.no_grad():
-        y = _conv("lk3d", case, x, w, b).double()
-        ref = _conv("torch", case, xr, wr, b).double()
+        y = _call(case, "lk3d", t, *_operands(case, "lk3d", t)).double()
+        ref = _call(case, ref_provider, t, *_operands(case, ref_provider, t)).double()
         rel_err = float((y - ref).norm() / ref.norm().clamp_min(1e-30))
     return rel_err, lk3d_plans(case, device)
 
@@ -547,7 +768,8 @@ def run(cases: Sequence[Case], device=None, providers: Sequence[str] = PROVIDERS
         min_run_time: Optional[float] = None, max_time_s: Optional[float] = None,
         isolate: bool = True, progress: bool = True) -> list:
     """Benchmark ``cases`` on ``device`` (default: cuda if available, else cpu); one ``Result``
-    per (case, mode, provider), in that order. ``modes`` defaults to fwd+fwdbwd on CUDA and fwd on
+    per (case, mode, provider) for the providers of each case's op that are in ``providers``
+    and ``available`` here, in that order. ``modes`` defaults to fwd+fwdbwd on CUDA and fwd on
     the CPU (the CPU backward of large kernels takes seconds to minutes per call)."""
     device = torch.device(device if device is not None else default_device())
     dev = device.type
@@ -555,7 +777,8 @@ def run(cases: Sequence[Case], device=None, providers: Sequence[str] = PROVIDERS
         raise ValueError(f"device: expected cpu or cuda, got {device}")
     if dev == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: cuda requested but torch.cuda.is_available() is False")
-    modes = tuple(modes) if modes is not None else (MODES if dev == "cuda" else ("fwd",))
+    modes = tuple(modes) if modes is not None else (("fwd", "fwdbwd") if dev == "cuda"
+                                                    else ("fwd",))
     for name, given, allowed in (("providers", providers, PROVIDERS), ("modes", modes, MODES)):
         bad = [v for v in given if v not in allowed]
         if bad or not given:
@@ -571,7 +794,10 @@ def run(cases: Sequence[Case], device=None, providers: Sequence[str] = PROVIDERS
                timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     runner = Worker() if isolate else InProcess()
     dtypes = list(dict.fromkeys(c.dtype for c in cases))
-    bar = _progress(len(dtypes) + len(cases) * (1 + len(providers) * len(modes)), progress)
+    measured = {c: [p for p in OP_PROVIDERS[c.op] if p in providers and available(p, c, dev)]
+                for c in cases}
+    bar = _progress(len(dtypes) + sum(1 + len(measured[c]) * len(modes) for c in cases),
+                    progress)
 
     def step(label, fn, args):
         if bar is not None:
@@ -596,7 +822,7 @@ def run(cases: Sequence[Case], device=None, providers: Sequence[str] = PROVIDERS
             rel_err, plans = value if kind == "ok" else (None, {})
             for mode in modes:
                 timed = {}
-                for provider in providers:
+                for provider in measured[case]:
                     kind, value = step(f"{case.name} {provider} {mode}", measure_case,
                                        (case, provider, mode, dev, budget_s, min_run_time))
                     if kind == "ok":
@@ -608,7 +834,7 @@ def run(cases: Sequence[Case], device=None, providers: Sequence[str] = PROVIDERS
                         timed[provider] = (None, None, value)
                     else:
                         timed[provider] = (None, None, f"error: {value}")
-                results += _rows(case, mode, providers, timed, rel_err, _algo(plans, mode),
+                results += _rows(case, mode, timed, rel_err, _algo(plans, mode),
                                  ceilings[case.dtype], env)
     finally:
         runner.close()
@@ -624,11 +850,16 @@ def _algo(plans, mode):
     return "" if not plans else passes[0] if len(set(passes)) == 1 else "/".join(passes)
 
 
-def _rows(case, mode, providers, timed, rel_err, algo, ceilings, env):
-    ran = {p: ms for p, (ms, _, _) in timed.items() if p in TORCH_PROVIDERS and ms is not None}
+def is_baseline(provider: str) -> bool:
+    """Providers not from lk3d: the ones a speedup is measured against."""
+    return not provider.startswith("lk3d")
+
+
+def _rows(case, mode, timed, rel_err, algo, ceilings, env):
+    ran = {p: ms for p, (ms, _, _) in timed.items() if is_baseline(p) and ms is not None}
     baseline = min(ran, key=ran.get) if ran else ""
     rows = []
-    for provider in providers:
+    for provider in timed:
         ms, mem, status = timed[provider]
         seconds = None if ms is None else ms * 1e-3
         rows.append(Result(
@@ -639,7 +870,7 @@ def _rows(case, mode, providers, timed, rel_err, algo, ceilings, env):
             roofline_fraction=roofline.roofline_fraction(case.flops(mode), case.bytes(mode),
                                                          seconds, ceilings),
             peak_mem_mb=mem, baseline=baseline, rel_err=rel_err if provider == "lk3d" else None,
-            algo=algo if provider == "lk3d" else "", status=status,
+            algo=algo if provider == "lk3d" else _FORCED_ALGO.get(provider, ""), status=status,
             ceiling_tflops=None if ceilings is None else ceilings.flops_per_s / 1e12,
             ceiling_gbps=None if ceilings is None else ceilings.bytes_per_s / 1e9, **env))
     return rows

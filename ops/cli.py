@@ -199,7 +199,7 @@ def _cmd_bench(args, parser):
     out_dir = None if args.no_report or (args.tiny and not args.out) else \
         args.out or bench.default_report_dir(device)
 
-    modes = args.modes or (bench.MODES if device == "cuda" else ("fwd",))
+    modes = args.modes or (("fwd", "fwdbwd") if device == "cuda" else ("fwd",))
     busy = _cpu_busy() if device == "cpu" else None
     if busy is not None and busy > 0.25:
         print(f"note: other processes keep {busy:.0%} of the {os.cpu_count()} CPUs busy: "
@@ -218,9 +218,9 @@ def _cmd_bench(args, parser):
     elapsed = time.perf_counter() - t0
     print(bench.describe(results))
     print(bench.format_table(results))
-    print("speedup = median of the faster torch layout / this median (> 1: faster than torch); "
-          "roofline = max(FLOPs/matmul rate, bytes/copy rate) / time; "
-          "rel.err = lk3d vs F.conv3d, same dtype")
+    print("speedup = median of the fastest non-lk3d provider / this median (> 1: faster than "
+          "all of them); roofline = max(FLOPs/matmul rate, bytes/copy rate) / time; "
+          "rel.err = lk3d vs F.conv3d with the same dense kernel, same dtype")
     print(f"took {elapsed:.1f} s")
     rc = 0
     if args.csv:
@@ -333,10 +333,12 @@ def build_parser():
     p = sub.add_parser("info", help="versions, devices, and which algorithms run where")
     p.set_defaults(func=_cmd_info, subparser=p)
 
-    p = sub.add_parser("bench", help="time lk3d.conv3d against F.conv3d on large kernels",
-                       description="Time lk3d.conv3d against F.conv3d (NCDHW and "
-                       "channels_last_3d) on large-kernel layers; prints a table and writes the "
-                       "report (results.csv and plots) to perf_reports/<lk3d version>/<device>/.")
+    p = sub.add_parser("bench", help="time lk3d's large-kernel convolutions against torch",
+                       description="Time lk3d's dense, depthwise, CP and block-sparse "
+                       "convolutions against F.conv3d (NCDHW and channels_last_3d), the unfused "
+                       "CP chain and the masked dense weight on large-kernel layers; prints a "
+                       "table and writes the report (results.csv and plots) to "
+                       "perf_reports/<lk3d version>/<device>/.")
     cases = p.add_mutually_exclusive_group()
     cases.add_argument("--quick", action="store_true",
                        help="a few small large-kernel layers (CPU: under 2 minutes)")
@@ -351,10 +353,12 @@ def build_parser():
     p.add_argument("--csv", metavar="PATH",
                    help="also write one row per measurement (every field, wide) to this CSV")
     p.add_argument("--modes", type=_subset(bench.MODES, "modes"),
-                   help="comma-separated: fwd,fwdbwd (default: both on cuda, fwd on cpu)")
+                   help=f"comma-separated: {','.join(bench.MODES)} (default: fwd,fwdbwd on "
+                   "cuda, fwd on cpu)")
     p.add_argument("--providers", type=_subset(bench.PROVIDERS, "providers"),
                    default=bench.PROVIDERS,
-                   help="comma-separated: lk3d,torch,torch-cl (default: all)")
+                   help=f"comma-separated: {','.join(bench.PROVIDERS)} (default: all; each case "
+                   "runs those of its op)")
     p.add_argument("--filter", metavar="TEXT", help="only the cases whose name contains TEXT")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument("--budget", type=_positive, metavar="S",

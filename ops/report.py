@@ -9,8 +9,8 @@ The CSV has one row per (case, provider, mode, metric) and exactly the columns `
 
     case, provider, mode, metric, value, device, torch, triton, lk3d, commit, timestamp
 
-Metrics (``METRICS``): ``median_ms``, ``tflops``, ``speedup`` (the faster torch layout's median
-over this one), ``roofline_fraction``, ``peak_mem_mb`` (CUDA only) and ``rel_err`` (lk3d rows
+Metrics (``METRICS``): ``median_ms``, ``tflops``, ``speedup`` (the fastest non-lk3d provider's
+median over this one), ``roofline_fraction``, ``peak_mem_mb`` (CUDA only) and ``rel_err`` (lk3d rows
 only). A metric that was not measured (a skipped row, memory on the CPU) has no row. The ceilings
 the roofline fractions are relative to are rows too: case ``ceiling``, mode ``-``, provider
 ``matmul-<dtype>`` with metric ``tflops`` and provider ``copy`` with metric ``gb_per_s``.
@@ -18,8 +18,9 @@ the roofline fractions are relative to are rows too: case ``ceiling``, mode ``-`
 Plots (PNG, beside the CSV): ``speedup_vs_kernel.png`` (lk3d's speedup against the kernel size,
 one panel per op, one line per mode and dtype), ``roofline_fraction.png`` (every provider, per
 case), and only where such rows exist: ``time_vs_density.png`` (block-sparse cases, named with a
-``density<float>`` token, e.g. ``bs-k21-C48-density0.25``) and ``cp_fused_vs_unfused.png``
-(providers named ``lk3d-cp*``, e.g. ``lk3d-cp`` against ``lk3d-cp-unfused``). A case's op, kernel
+``density<float>`` token, e.g. ``bs-k21-C48-density0.25``: every provider's time against the
+density) and ``cp_fused_vs_unfused.png`` (CP cases, named with a ``cp`` token: lk3d's CP op
+against the unfused chain and the dense convolution of the same kernel). A case's op, kernel
 size and dtype come from lk3d's case lists (``lk3d.bench``), else from its name.
 """
 import csv
@@ -34,7 +35,7 @@ from typing import Optional, Sequence
 COLUMNS = ("case", "provider", "mode", "metric", "value", "device", "torch", "triton", "lk3d",
            "commit", "timestamp")
 METRICS = ("median_ms", "tflops", "speedup", "roofline_fraction", "peak_mem_mb", "rel_err")
-MODES = ("fwd", "fwdbwd")
+MODES = ("fwd", "bwd", "fwdbwd")
 CEILING_CASE = "ceiling"
 CEILING_METRICS = ("tflops", "gb_per_s")
 RESULTS_NAME = "results.csv"
@@ -151,7 +152,8 @@ def case_info(name: str) -> CaseInfo:
             return CaseInfo(case.op, max(case.kernel), case.dtype, density)
     tokens = re.split(r"[-_]", name.lower())
     op = "depthwise" if "dw" in tokens or "depthwise" in tokens else \
-        "dense" if "dense" in tokens or any(t.startswith("dense") for t in tokens) else ""
+        "dense" if "dense" in tokens or any(t.startswith("dense") for t in tokens) else \
+        "cp" if "cp" in tokens else "block_sparse" if "bs" in tokens or density else ""
     k = next((int(t[1:]) for t in tokens if re.fullmatch(r"k\d+", t)), None)
     if k is None:
         k = next((int(m.group(1)) for t in tokens if (m := re.fullmatch(r"\D+(\d+)", t))
@@ -203,7 +205,7 @@ def _plot_speedup(plt, rows, path):
     lines = defaultdict(lambda: defaultdict(list))  # op -> (mode, dtype) -> [(k, speedup)]
     for (case, provider, mode), value in speedup.items():
         info = case_info(case)
-        if provider == "lk3d" and info.k is not None and info.op:
+        if provider == "lk3d" and info.k is not None and info.op in ("dense", "depthwise"):
             lines[info.op][(mode, info.dtype or "?")].append((info.k, value))
     if not lines:
         return False
@@ -217,7 +219,7 @@ def _plot_speedup(plt, rows, path):
             (line,) = ax.plot(ks, geo, marker="o", label=f"{mode} {dtype}")
             ax.scatter([k for k, _ in points], [v for _, v in points], s=12,
                        color=line.get_color(), alpha=0.5)
-        ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="faster torch layout")
+        ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="fastest non-lk3d")
         values = [v for points in lines[op].values() for _, v in points] + [1.0]
         if max(values) / min(values) > 8:  # e.g. the interpreter's 1e-4x: a log axis
             ax.set_yscale("log", base=2)
@@ -227,7 +229,7 @@ def _plot_speedup(plt, rows, path):
         ax.set_xticks(sorted({k for points in lines[op].values() for k, _ in points}))
         ax.set_title(op)
         ax.set_xlabel("kernel size k (k×k×k)")
-        ax.set_ylabel("lk3d speedup over the faster torch layout")
+        ax.set_ylabel("lk3d speedup over the fastest non-lk3d provider")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(_title(rows, "lk3d speedup vs kernel size (geometric mean per k, dots: cases)"),
@@ -291,11 +293,11 @@ def _plot_density(plt, rows, path):
 
 
 def _plot_cp(plt, rows, path):
-    ms = _values(rows, "median_ms")
-    providers = sorted({p for (_, p, _) in ms if p.startswith("lk3d-cp")})
+    ms = {k: v for k, v in _values(rows, "median_ms").items() if case_info(k[0]).op == "cp"}
+    providers = list(dict.fromkeys(p for (_, p, _) in ms))
     if not providers:
         return False
-    labels = list(dict.fromkeys((c, m) for (c, p, m) in ms if p in providers))
+    labels = list(dict.fromkeys((c, m) for (c, _, m) in ms))
     width = 0.8 / len(providers)
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) * len(providers)), 4.5))
     for i, provider in enumerate(providers):
@@ -307,7 +309,8 @@ def _plot_cp(plt, rows, path):
     ax.set_ylabel("median time (ms)")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(_title(rows, "CP: fused vs unfused"), fontsize=10)
+    ax.set_title(_title(rows, "CP kernel: lk3d vs the unfused chain vs dense F.conv3d"),
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
@@ -349,7 +352,7 @@ def _fmt(value, spec, suffix=""):
 
 def summary_table(rows, title: str, plots: Sequence[str] = ()) -> str:
     """Markdown: a heading, the device and versions, the plots, then one line per (case, mode)
-    with lk3d's median, the faster torch layout's, lk3d's speedup and roofline fraction."""
+    with lk3d's median, the fastest non-lk3d provider's, lk3d's speedup and roofline fraction."""
     ms, speedup = _values(rows, "median_ms"), _values(rows, "speedup")
     roof = _values(rows, "roofline_fraction")
     out = [f"### {title}", "",
@@ -363,7 +366,7 @@ def summary_table(rows, title: str, plots: Sequence[str] = ()) -> str:
         out.append("")
         out.append("Plots: " + ", ".join(f"[{Path(p).stem.replace('_', ' ')}]({p})"
                                          for p in plots) + ".")
-    out += ["", "| case | mode | lk3d ms | best torch ms | speedup | roofline fraction |",
+    out += ["", "| case | mode | lk3d ms | best other ms | speedup | roofline fraction |",
             "|---|---|---:|---:|---:|---:|"]
     modes = list(dict.fromkeys(m for (_, _, m) in ms)) or list(MODES)
     for case in _cases(rows):
@@ -371,7 +374,7 @@ def summary_table(rows, title: str, plots: Sequence[str] = ()) -> str:
             keys = [k for k in ms if k[0] == case and k[2] == mode]
             if not keys and (case, "lk3d", mode) not in roof:
                 continue
-            torch_ms = {k[1]: ms[k] for k in keys if k[1].startswith("torch")}
+            torch_ms = {k[1]: ms[k] for k in keys if not k[1].startswith("lk3d")}
             best = min(torch_ms, key=torch_ms.get) if torch_ms else None
             best_txt = f"{torch_ms[best]:.3f} ({best})" if best else "-"
             lk = (case, "lk3d", mode)
@@ -423,8 +426,8 @@ def regenerate(root="perf_reports", readme=None):
         links = [Path(os.path.relpath(p, readme.parent)).as_posix() for p in drawn]
         sections.append(summary_table(rows, title, links))
     body = ("Generated by `lk3d report` from the `results.csv` files below (do not edit by "
-            "hand; rerun it). Speedup: the faster torch layout's median over lk3d's (> 1: lk3d "
-            "is faster). Roofline fraction: max(FLOPs / matmul FLOP/s, bytes / copy bandwidth) "
+            "hand; rerun it). Speedup: the fastest non-lk3d provider's median over lk3d's (> 1: "
+            "lk3d is faster). Roofline fraction: max(FLOPs / matmul FLOP/s, bytes / copy bandwidth) "
             "over the measured time.\n\n" + "\n\n".join(sections))
     update_readme(readme, body)
     return csvs, pngs, readme

@@ -4,12 +4,17 @@ A convolution of input ``[N, Cin, D, H, W]`` with weight ``[Cout, Cin/g, kd, kh,
 ``[N, Cout, OD, OH, OW]`` is a GEMM with M = N·OD·OH·OW, N = Cout, K = Cin/g·kd·kh·kw:
 
 * FLOPs (``conv3d_flops``): ``2·N·Cout·OD·OH·OW·(Cin/g)·kd·kh·kw`` for the forward (a multiply
-  and an add per tap; the bias is not counted). ``fwdbwd`` is three times that: grad-input and
-  grad-weight are each a convolution of the same size.
+  and an add per tap; the bias is not counted). ``bwd`` is twice that and ``fwdbwd`` three times:
+  grad-input and grad-weight are each a convolution of the same size.
 * Bytes (``conv3d_bytes``): the least memory traffic any algorithm needs, each tensor moved once,
   times the element size. Forward: read the input, the weight and the bias, write the output.
-  ``fwdbwd`` adds the backward: read the input, the weight and grad-output, write grad-input,
-  grad-weight and grad-bias (no saved workspace, no recomputation counted).
+  ``bwd`` is the backward alone: read the input, the weight and grad-output, write grad-input,
+  grad-weight and grad-bias (no saved workspace, no recomputation counted); ``fwdbwd`` both.
+* A rank-R CP kernel (``cp_flops``, ``cp_bytes``) needs, per output voxel, the factored sequence's
+  ``2·R·(Cin + kd + kh + kw + Cout)`` FLOPs (stride 1: each of the four stages once per voxel),
+  and the traffic of the input, the output and the factors. A block-sparse kernel needs the
+  dense count times its density, and moves its stored blocks instead of the dense weight
+  (``weight_elems``).
 
 The ceilings (``measure_ceilings``) are measured, not taken from a datasheet: FLOP/s of a large
 square matmul in the case's dtype (float32 on the CPU; on CUDA float32 runs as TF32 exactly when
@@ -27,7 +32,8 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-MODES = ("fwd", "fwdbwd")
+MODES = ("fwd", "bwd", "fwdbwd")
+_PASSES = {"fwd": 1, "bwd": 2, "fwdbwd": 3}  # convolutions of the forward's size per mode
 
 # Ceiling measurements: sizes that reach steady state but stay well inside memory, and timed
 # repetitions short enough that the CPU measurement takes < 2 s in all.
@@ -50,28 +56,40 @@ def _check_mode(mode):
 
 def conv3d_flops(N: int, cin: int, cout: int, groups: int, out_size: Sequence[int],
                  kernel: Sequence[int], mode: str = "fwd") -> int:
-    """FLOPs of one step: ``2·N·Cout·OD·OH·OW·(Cin/g)·kd·kh·kw``, three times that for fwdbwd."""
+    """FLOPs of one step: ``2·N·Cout·OD·OH·OW·(Cin/g)·kd·kh·kw``; twice that for bwd, three
+    times for fwdbwd."""
     _check_mode(mode)
     if cin % groups:
         raise ValueError(f"groups={groups} must divide cin={cin}")
     fwd = 2 * N * cout * math.prod(out_size) * (cin // groups) * math.prod(kernel)
-    return fwd if mode == "fwd" else 3 * fwd
+    return _PASSES[mode] * fwd
+
+
+def cp_flops(N: int, cin: int, cout: int, rank: int, out_size: Sequence[int],
+             kernel: Sequence[int], mode: str = "fwd") -> int:
+    """FLOPs of a rank-R CP convolution's factored sequence, ``2·N·OD·OH·OW·R·(Cin + kd + kh +
+    kw + Cout)``; twice that for bwd, three times for fwdbwd."""
+    _check_mode(mode)
+    fwd = 2 * N * math.prod(out_size) * rank * (cin + sum(kernel) + cout)
+    return _PASSES[mode] * fwd
 
 
 def conv3d_bytes(N: int, cin: int, cout: int, groups: int, in_size: Sequence[int],
                  out_size: Sequence[int], kernel: Sequence[int], mode: str = "fwd",
-                 bias: bool = True, elem_size: int = 4) -> int:
-    """Least bytes moved by one step (see the module docstring for the model)."""
+                 bias: bool = True, elem_size: int = 4,
+                 weight_elems: Optional[int] = None) -> int:
+    """Least bytes moved by one step (see the module docstring for the model); ``weight_elems``
+    replaces the dense weight's element count (CP factors, stored sparse blocks)."""
     _check_mode(mode)
     if cin % groups:
         raise ValueError(f"groups={groups} must divide cin={cin}")
     x = N * cin * math.prod(in_size)
-    w = cout * (cin // groups) * math.prod(kernel)
+    w = cout * (cin // groups) * math.prod(kernel) if weight_elems is None else weight_elems
     b = cout if bias else 0
     y = N * cout * math.prod(out_size)
-    elems = x + w + b + y                        # forward: read x, w, b; write y
-    if mode == "fwdbwd":
-        elems += (x + w + y) + (x + w + b)       # backward: read x, w, grad_y; write the grads
+    fwd = x + w + b + y                   # forward: read x, w, b; write y
+    bwd = (x + w + y) + (x + w + b)       # backward: read x, w, grad_y; write the grads
+    elems = {"fwd": fwd, "bwd": bwd, "fwdbwd": fwd + bwd}[mode]
     return elems * elem_size
 
 

@@ -69,15 +69,15 @@ step nvidia-smi 10 optional "$OUT/nvidia-smi.txt" nvidia-smi
 step info 30 required "$OUT/info.txt.part" "$PY" -m lk3d.cli info
 cat "$OUT/install.log" "$OUT/nvidia-smi.txt" "$OUT/info.txt.part" >"$OUT/info.txt"
 rm -f "$OUT/install.log" "$OUT/nvidia-smi.txt" "$OUT/info.txt.part"
-step tests 160 required "$OUT/tests.log" env LK3D_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider
+step tests 150 required "$OUT/tests.log" env LK3D_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider
 step aot 60 optional "$OUT/aot.txt" "$PY" -m lk3d.autotune.aot
 export LK3D_CACHE_DIR="${TMPDIR:-/tmp}/lk3d-gpu-plans"
-step tune 90 optional "$OUT/tune.txt" "$PY" -m lk3d.cli tune --device cuda --no-progress
+step tune 70 optional "$OUT/tune.txt" "$PY" -m lk3d.cli tune --device cuda --no-progress
 "$PY" -m lk3d.cli cache export "$OUT/plans.json" >>"$OUT/tune.txt" 2>&1
-# A measurement starts only in the first 80 s and is killed past 1.5 x 20 s + 30 s.
+# A measurement starts only in the first 110 s and is killed past 1.5 x 20 s + 30 s.
 report="${TMPDIR:-/tmp}/lk3d-gpu-report"
-step bench 150 required "$OUT/bench.txt" "$PY" -m lk3d.cli bench --device cuda --no-progress \
-    --budget 20 --max-time 80 --out "$report"
+step bench 180 required "$OUT/bench.txt" "$PY" -m lk3d.cli bench --device cuda --no-progress \
+    --budget 20 --max-time 110 --out "$report"
 cp "$report/results.csv" "$OUT/results.csv" 2>/dev/null || echo "no results.csv" >>"$OUT/bench.txt"
 
 echo "== bench table"

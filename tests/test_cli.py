@@ -56,7 +56,13 @@ def test_bench_tiny_table_and_csv(capsys, tmp_path, device):
     header = next(i for i, line in enumerate(lines) if line.startswith("case "))
     assert lines[header].split() == ["case", "provider", "mode", "ms", "TFLOP/s", "roofline",
                                      "speedup", "rel.err", "algo"]
-    n_rows = len(bench.TINY_CASES) * len(bench.PROVIDERS) * len(bench.MODES)
+    modes = ("fwd", "fwdbwd")
+    expected = {(c.name, p, m) for c in bench.TINY_CASES for m in modes
+                for p in bench.OP_PROVIDERS[c.op] if bench.available(p, c, device.type)}
+    assert {"lk3d-tiled", "lk3d-fft", "cp-unfused", "torch-mask", "lk3d-dense"} <= {
+        p for _, p, _ in expected} or device.type == "cpu" and not bench.available(
+        "lk3d-tiled", bench.TINY_CASES[0], "cpu")
+    n_rows = len(expected)
     body = lines[header + 2:header + 2 + n_rows]
     assert {line.split()[0] for line in body if not line.startswith(" ")} == {
         c.name for c in bench.TINY_CASES}
@@ -70,18 +76,21 @@ def test_bench_tiny_table_and_csv(capsys, tmp_path, device):
                    "device", "torch", "triton", "lk3d", "commit", "timestamp"):
         assert column in reader.fieldnames
     assert len(rows) == n_rows
-    assert {(r["case"], r["provider"], r["mode"]) for r in rows} == {
-        (c.name, p, m) for c in bench.TINY_CASES for p in bench.PROVIDERS for m in bench.MODES}
+    assert {(r["case"], r["provider"], r["mode"]) for r in rows} == expected
+    ops = {c.name: c.op for c in bench.TINY_CASES}
     for r in rows:
         assert r["status"] == "ok", r
         assert float(r["median_ms"]) > 0 and float(r["tflops"]) > 0
-        assert r["baseline"] in bench.TORCH_PROVIDERS
+        assert r["baseline"] and bench.is_baseline(r["baseline"]), r
+        assert not r["baseline"].startswith("lk3d")
         if r["provider"] == "lk3d":
             assert float(r["rel_err"]) <= bench.tolerance(r["dtype"], device.type), r
-            if hasattr(lk3d, "explain"):  # the planner names what ran
+            if ops[r["case"]] in ("dense", "depthwise"):  # the planner names what ran
                 assert r["algo"], r
         else:
             assert r["rel_err"] == ""
+        if r["provider"] in ("lk3d-fft", "lk3d-tiled"):
+            assert r["algo"] == r["provider"].removeprefix("lk3d-")
         if r["provider"] == r["baseline"]:
             assert float(r["speedup"]) == pytest.approx(1.0)
 
@@ -91,7 +100,9 @@ def test_bench_budget_skips_in_worker(capsys, device):
     rc = main(TINY_ARGS + _device_args(device) + ["--filter", "dw", "--budget", "0.001"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert out.count(bench.SKIPPED_BUDGET) == len(bench.PROVIDERS)
+    dw = [c for c in bench.TINY_CASES if "dw" in c.name]
+    assert out.count(bench.SKIPPED_BUDGET) == sum(
+        bench.available(p, c, device.type) for c in dw for p in bench.OP_PROVIDERS[c.op])
 
 
 def test_worker_kills_a_call_past_its_timeout():
@@ -131,6 +142,25 @@ def test_flops_and_cases():
         bench.Case("x", "depthwise", 1, 4, 4, 1, (4, 4, 4), (3, 3, 3))
     with pytest.raises(ValueError, match="dtype"):
         bench.Case.dense("x", 1, 4, 4, 4, 3, dtype="int8")
+    assert case.flops("bwd") == 2 * case.flops("fwd")
+    # CP, rank 4, 2 -> 5 channels, 3x5x7 kernel, 4x4x4 "same": 2·64·4·(2 + 15 + 5) FLOPs
+    cp = bench.Case.cp("c", 1, 2, 5, 4, (3, 5, 7), rank=4)
+    assert cp.flops("fwd") == 2 * 64 * 4 * (2 + 15 + 5) and cp.flops("fwdbwd") == 3 * cp.flops("fwd")
+    assert cp.weight_elems() == 4 * (2 + 15 + 5)
+    # block-sparse at density 0.25: a quarter of the dense count and of the dense weight
+    bs = bench.Case.block_sparse("b", 1, 4, 4, 4, 3, 0.25, (2, 2, 1, 1, 1))
+    dense = bench.Case.dense("d", 1, 4, 4, 4, 3)
+    assert bs.flops("fwd") == dense.flops("fwd") // 4
+    assert bs.weight_elems() == 4 * 4 * 27 // 4
+    assert dense.bytes("fwd") - bs.bytes("fwd") == 4 * (4 * 4 * 27 * 3 // 4)
+    with pytest.raises(ValueError, match="rank"):
+        bench.Case.cp("x", 1, 4, 4, 4, 3, rank=0)
+    with pytest.raises(ValueError, match="density"):
+        bench.Case.block_sparse("x", 1, 4, 4, 4, 3, 0.0, (2, 2, 1, 1, 1))
+    with pytest.raises(ValueError, match="block"):
+        bench.Case.block_sparse("x", 1, 4, 4, 4, 3, 0.5, (3, 2, 1, 1, 1))
+    for cases in bench.CASE_SETS.values():  # every op in every set
+        assert {c.op for c in cases} == set(bench.OPS)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -41,6 +41,13 @@ def test_conv3d_bytes_hand_checked():
     #   backward: read x, w, grad_y (128 + 162 + 192) and write grad_x, grad_w, grad_b
     #   (128 + 162 + 3): 775 more elements, 1260 in all = 5040 bytes
     assert roofline.conv3d_bytes(1, 2, 3, 1, (4, 4, 4), (4, 4, 4), (3, 3, 3), "fwdbwd") == 5040
+    assert roofline.conv3d_bytes(1, 2, 3, 1, (4, 4, 4), (4, 4, 4), (3, 3, 3), "bwd") == 775 * 4
+    # a weight stored as 10 elements instead of 162 (CP factors, sparse blocks): 152 fewer
+    assert roofline.conv3d_bytes(1, 2, 3, 1, (4, 4, 4), (4, 4, 4), (3, 3, 3), "fwd",
+                                 weight_elems=10) == 1940 - 152 * 4
+    # CP rank 2, 2 -> 3 channels, 3³ kernel, 4³ out: 2·64·2·(2 + 9 + 3) = 3584 FLOPs
+    assert roofline.cp_flops(1, 2, 3, 2, (4, 4, 4), (3, 3, 3)) == 3584
+    assert roofline.cp_flops(1, 2, 3, 2, (4, 4, 4), (3, 3, 3), "bwd") == 2 * 3584
     # no bias, bf16 (2 bytes): fwd 128 + 162 + 192 = 482 elements = 964 bytes
     assert roofline.conv3d_bytes(1, 2, 3, 1, (4, 4, 4), (4, 4, 4), (3, 3, 3), "fwd",
                                  bias=False, elem_size=2) == 964
@@ -72,7 +79,7 @@ def test_roofline_fraction_hand_checked():
 
 def test_roofline_argument_errors():
     with pytest.raises(ValueError, match="mode"):
-        roofline.conv3d_flops(1, 2, 3, 1, (4, 4, 4), (3, 3, 3), "bwd")
+        roofline.conv3d_flops(1, 2, 3, 1, (4, 4, 4), (3, 3, 3), "back")
     with pytest.raises(ValueError, match="groups=2"):
         roofline.conv3d_bytes(1, 3, 4, 2, (4, 4, 4), (4, 4, 4), (3, 3, 3))
 
@@ -100,6 +107,8 @@ def test_case_info():
     assert report.case_info("bs-dense-k21-bf16-density0.25") == report.CaseInfo(
         "dense", 21, "bfloat16", 0.25)
     assert report.case_info("something-else") == report.CaseInfo("", None, "", None)
+    assert report.case_info("cp-R8-k21").op == "cp"
+    assert report.case_info("bs-k7-density0.5") == report.CaseInfo("block_sparse", 7, "", 0.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +151,8 @@ def test_bench_writes_a_well_formed_results_csv(tiny_report):
         assert r["triton"] == bench.triton_version()
     metrics = {(r["case"], r["provider"], r["mode"], r["metric"]) for r in rows}
     for case in bench.TINY_CASES:
-        for provider in bench.PROVIDERS:
+        for provider in [p for p in bench.OP_PROVIDERS[case.op]
+                         if bench.available(p, case, "cuda" if on_cuda else "cpu")]:
             expected = {"median_ms", "tflops", "speedup", "roofline_fraction"}
             expected |= {"rel_err"} if provider == "lk3d" else set()
             expected |= {"peak_mem_mb"} if on_cuda else set()
@@ -157,11 +167,8 @@ def test_bench_writes_a_well_formed_results_csv(tiny_report):
 
 
 def test_bench_draws_the_plots(tiny_report):
-    for name in ("speedup_vs_kernel.png", "roofline_fraction.png"):
+    for name in report.PLOTS:  # the tiny set has dense, depthwise, CP and block-sparse cases
         assert _png_ok(tiny_report / name), name
-    # no block-sparse or CP rows in this run: those plots are not drawn
-    assert not (tiny_report / "time_vs_density.png").exists()
-    assert not (tiny_report / "cp_fused_vs_unfused.png").exists()
 
 
 def test_report_regenerates_plots_and_readme(tiny_report, tmp_path, capsys):
@@ -184,7 +191,7 @@ def test_report_regenerates_plots_and_readme(tiny_report, tmp_path, capsys):
     assert "old" not in text
     inside = text[text.index(report.MARK_START):text.index(report.MARK_END)]
     assert f"### {lk3d.__version__}/tiny-device" in inside
-    assert "| case | mode | lk3d ms | best torch ms | speedup | roofline fraction |" in inside
+    assert "| case | mode | lk3d ms | best other ms | speedup | roofline fraction |" in inside
     for case in bench.TINY_CASES:
         assert f"| {case.name} | fwd |" in inside
     assert f"({lk3d.__version__}/tiny-device/speedup_vs_kernel.png)" in inside
@@ -235,8 +242,8 @@ def test_optional_plots_only_with_their_rows(tmp_path):
                  value=ms, **env)
             for d, ms in ((0.125, 1.0), (0.25, 2.0), (0.5, 4.0))
             for p in ("lk3d", "torch")]
-    rows += [dict(case="cp-dense-k21", provider=p, mode="fwd", metric="median_ms", value=ms,
-                  **env) for p, ms in (("lk3d-cp", 1.0), ("lk3d-cp-unfused", 3.0))]
+    rows += [dict(case="cp-R8-k21", provider=p, mode="fwd", metric="median_ms", value=ms,
+                  **env) for p, ms in (("lk3d", 1.0), ("cp-unfused", 3.0), ("torch", 9.0))]
     path = tmp_path / "results.csv"
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=report.COLUMNS)
