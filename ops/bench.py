@@ -47,6 +47,7 @@ run: what is left when it passes is ``skipped (time limit)``.
 """
 import contextlib
 import csv
+import json
 import math
 import multiprocessing
 import os
@@ -56,6 +57,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
+from importlib import resources
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional, Sequence
@@ -65,6 +67,7 @@ import torch.nn.functional as F
 
 import lk3d
 from lk3d import roofline
+from lk3d._data import read_data
 
 OPS = ("dense", "depthwise", "cp", "block_sparse")
 _DENSE_PROVIDERS = ("lk3d", "lk3d-fft", "lk3d-tiled", "torch", "torch-cl")
@@ -207,65 +210,67 @@ class Case:
                                      self.torch_dtype.itemsize, self.weight_elems())
 
 
-# A few large-kernel layers that run on a 2-core CPU in well under two minutes (fwd, all providers).
-QUICK_CASES = [
-    Case.depthwise("dw-N1-C16-D32-k7", 1, 16, 32, 7),
-    Case.depthwise("dw-N1-C16-D32-k21", 1, 16, 32, 21),
-    Case.dense("dense-N1-C16-D24-k7", 1, 16, 16, 24, 7),
-    Case.dense("dense-N1-C16-D24-k11", 1, 16, 16, 24, 11),
-    Case.dense("dense-N1-C16-D48-k15", 1, 16, 16, 48, 15),
-    Case.cp("cp-R8-N1-C16-D32-k15", 1, 16, 16, 32, 15, rank=8),
-    *(Case.block_sparse(f"bs-N1-C32-D24-k7-density{d:g}", 1, 32, 32, 24, 7, d, (8, 8, 1, 1, 1))
-      for d in (0.1, 0.5, 1.0)),
-]
-
-def _cp_full(r):
-    return Case.cp(f"cp-R{r}-C64-D32-k21", 1, 64, 64, 32, 21, rank=r, dtype="bfloat16")
+_CASE_KEYS = {f.name for f in fields(Case)} | {"C"}
 
 
-def _bs_full(d):
-    return Case.block_sparse(f"bs-C64-D32-k15-density{d:g}", 1, 64, 64, 32, 15, d,
-                             (16, 16, 1, 1, 1), "bfloat16")
+def parse_cases(items, where) -> list:
+    """Cases from a list of dicts with ``Case``'s fields (``where`` names their source in
+    errors). ``size`` and ``kernel`` take an int or 3 ints; a ``"depthwise"`` case may give
+    ``C`` for its channels (then Cin = Cout = groups = C); ``block`` takes a list; the rest
+    keep ``Case``'s defaults. Errors are ``ValueError``s naming the source and the case."""
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise ValueError(f"{where}: expected a list of case objects, got "
+                         f"{type(items).__name__}")
+    cases = []
+    for i, item in enumerate(items):
+        item = dict(item)
+        label = f"{where}: case {item.get('name', i)!r}"
+        unknown = sorted(set(item) - _CASE_KEYS)
+        if unknown:
+            raise ValueError(f"{label}: unknown keys {unknown} (expected some of "
+                             f"{sorted(_CASE_KEYS)})")
+        if "C" in item:
+            if item.get("op") != "depthwise":
+                raise ValueError(f"{label}: 'C' is for op 'depthwise' cases; give Cin and Cout")
+            c = item.pop("C")
+            item.update(Cin=c, Cout=c, groups=c)
+        item.setdefault("groups", 1)
+        for key in ("size", "kernel"):
+            if key in item:
+                item[key] = _triple(f"{label}: {key}", item[key])
+        if "block" in item:
+            item["block"] = tuple(item["block"])
+        try:
+            cases.append(Case(**item))
+        except TypeError as e:
+            raise ValueError(f"{label}: {e}") from None
+    names = [c.name for c in cases]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{where}: case names must be unique, got "
+                         f"{sorted({n for n in names if names.count(n) > 1})} more than once")
+    return cases
 
 
-# Real layers, for GPUs, each op early (a run cut short by its time limit keeps the most telling
-# case of each), then the rest. 3D UX-Net on 96³ patches: a stride-2 stem, then stages at
-# 48³/24³/12³/6³ with C = 48..384 and depthwise 7³; RepUX-Net's stages use depthwise 21³; batch 2
-# as in their training recipes. Rank-R CP at k=21 (a dense 64->64 21³ weight is 38 M
-# parameters; rank 16: 2 k); block-sparse with 16x16 channel blocks per tap of a dense 15³
-# kernel, 5% to 100% stored.
-FULL_CASES = [
-    Case.depthwise("uxnet-s1-dw7-C48-D48", 2, 48, 48, 7, "bfloat16"),
-    Case.depthwise("repux-s1-dw21-C48-D48", 2, 48, 48, 21, "bfloat16"),
-    Case.dense("dense7-C64-D32", 1, 64, 64, 32, 7, "bfloat16"),
-    _cp_full(16),
-    _bs_full(0.1),
-    _bs_full(1.0),
-    Case.dense("dense15-C64-D32", 1, 64, 64, 32, 15, "bfloat16"),
-    _bs_full(0.5),
-    _cp_full(8),
-    _cp_full(32),
-    _bs_full(0.05),
-    _bs_full(0.25),
-    Case.depthwise("uxnet-s2-dw7-C96-D24", 2, 96, 24, 7, "bfloat16"),
-    Case.depthwise("uxnet-s3-dw7-C192-D12", 2, 192, 12, 7, "bfloat16"),
-    Case.depthwise("uxnet-s4-dw7-C384-D6", 2, 384, 6, 7, "bfloat16"),
-    Case.depthwise("repux-s2-dw21-C96-D24", 2, 96, 24, 21, "bfloat16"),
-    Case.depthwise("repux-s3-dw21-C192-D12", 2, 192, 12, 21, "bfloat16"),
-    Case.dense("dense11-C64-D32", 1, 64, 64, 32, 11, "bfloat16"),
-    Case.depthwise("uxnet-s1-dw7-C48-D48-fp32", 2, 48, 48, 7, "float32"),
-    Case.dense("dense7-C64-D32-fp32", 1, 64, 64, 32, 7, "float32"),
-]
+def load_cases(path) -> list:
+    """Cases from a JSON (or YAML, with PyYAML) file holding a list of case objects
+    (``parse_cases``), e.g. ``[{"name": "my-dw21", "op": "depthwise", "N": 1, "C": 32,
+    "size": 64, "kernel": 21, "dtype": "bfloat16"}]``."""
+    return parse_cases(read_data(path, "benchmark cases"), str(path))
 
-# Seconds under the Triton interpreter: for tests of the benchmark machinery itself.
-TINY_CASES = [
-    Case.depthwise("tiny-dw-N1-C2-D6-k3", 1, 2, 6, 3),
-    Case.dense("tiny-dense-N1-C2-D4-k3", 1, 2, 2, 4, 3),
-    Case.cp("tiny-cp-R2-N1-C2-D5-k3", 1, 2, 3, 5, 3, rank=2),
-    Case.block_sparse("tiny-bs-N1-C4-D5-k3-density0.5", 1, 4, 4, 5, 3, 0.5, (2, 2, 1, 1, 1)),
-]
 
-CASE_SETS = {"quick": QUICK_CASES, "full": FULL_CASES, "tiny": TINY_CASES}
+def _builtin_case_sets() -> dict:
+    """The case sets shipped in ``bench_cases.json`` (beside this file): name -> cases."""
+    raw = json.loads(resources.files("lk3d").joinpath(CASES_FILE).read_text())
+    return {name: parse_cases(s["cases"], f"{CASES_FILE} [{name}]") for name, s in raw.items()}
+
+
+# The shipped sets (``bench_cases.json`` says why each holds what it holds): "quick", a few
+# layers of every op that a 2-core CPU runs in well under two minutes (the README's main job);
+# "full", real layers for GPUs (3D UX-Net, RepUX-Net, dense 7³-15³, CP at k = 21,
+# block-sparse at 5-100% density); "tiny", seconds under the interpreter (tests).
+CASES_FILE = "bench_cases.json"
+CASE_SETS = _builtin_case_sets()
+QUICK_CASES, FULL_CASES, TINY_CASES = (CASE_SETS[k] for k in ("quick", "full", "tiny"))
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@
     lk3d bench --quick              a few large-kernel layers on this machine (CPU: < 2 min);
                                     the report: perf_reports/<version>/<device>/ (CSV + plots)
     lk3d bench --device cuda [--out DIR | --no-report] [--csv PATH]
+    lk3d bench --cases FILE.json    your own layers (no report unless --out DIR)
     lk3d bench --dispatch           does auto-dispatch find the fastest path? (12 layers)
     lk3d report [--dir perf_reports]    redraw the plots, refresh perf_reports/README.md
     lk3d tune [--suite gpu|cpu] [--layers FILE.json]   measure and cache the best algorithms
@@ -176,12 +177,19 @@ def _cpu_busy(seconds=0.3):
 def _cmd_bench(args, parser):
     if args.dispatch:
         return _cmd_dispatch(args, parser)
-    which = "tiny" if args.tiny else "quick" if args.quick else "full"
-    cases = bench.CASE_SETS[which]
+    which = "tiny" if args.tiny else "quick" if args.quick else "file" if args.cases else "full"
+    if args.cases:
+        try:
+            cases = bench.load_cases(args.cases)
+        except ValueError as e:
+            parser.error(f"--cases: {e}")
+    else:
+        cases = bench.CASE_SETS[which]
     if args.filter:
+        every = cases
         cases = [c for c in cases if args.filter in c.name]
         if not cases:
-            names = ", ".join(c.name for c in bench.CASE_SETS[which])
+            names = ", ".join(c.name for c in every)
             parser.error(f"--filter {args.filter!r} matches no {which} case (cases: {names})")
     if args.list:
         for c in cases:
@@ -195,8 +203,9 @@ def _cmd_bench(args, parser):
         parser.error(f"--csv: expected a file path, got the directory {args.csv!r}")
     if args.out and os.path.isfile(args.out):
         parser.error(f"--out: expected a folder, got the file {args.out!r}")
-    # the hidden --tiny set (tests) never lands in perf_reports/ unless asked to
-    out_dir = None if args.no_report or (args.tiny and not args.out) else \
+    # the hidden --tiny set (tests) and a user's case file never land in the release report
+    # (perf_reports/) unless asked to with --out
+    out_dir = None if args.no_report or ((args.tiny or args.cases) and not args.out) else \
         args.out or bench.default_report_dir(device)
 
     modes = args.modes or (("fwd", "fwdbwd") if device == "cuda" else ("fwd",))
@@ -343,6 +352,10 @@ def build_parser():
     cases.add_argument("--quick", action="store_true",
                        help="a few small large-kernel layers (CPU: under 2 minutes)")
     cases.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests
+    cases.add_argument("--cases", metavar="FILE",
+                       help="the cases of a JSON (or YAML) list of case objects with the fields "
+                       "of lk3d.bench.Case, as in lk3d's own bench_cases.json (default: its "
+                       "full set)")
     p.add_argument("--device", choices=("cpu", "cuda"),
                    help="default: cuda if available, else cpu")
     where = p.add_mutually_exclusive_group()

@@ -10,11 +10,11 @@ whose plan is not cached yet measures its candidates (Triton tiled with its laun
 aten) and stores the winner. The table printed afterwards has one row per pass: the winner, its
 time, aten's time and the speedup over aten.
 """
-import json
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from lk3d._data import read_data
 from lk3d.autotune import select
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -71,20 +71,7 @@ CPU_SUITE = [
 
 def load_layers(path):
     """Layers from a JSON (or, with PyYAML, YAML) file holding a list of layer dicts."""
-    with open(path) as f:
-        text = f.read()
-    if str(path).endswith((".yaml", ".yml")):
-        try:
-            import yaml
-        except ImportError:
-            raise ValueError(f"{path}: YAML needs PyYAML (pip install pyyaml); "
-                             f"or give the layers as JSON") from None
-        items = yaml.safe_load(text)
-    else:
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: expected a JSON list of layers ({e})") from None
+    items = read_data(path, "layers")
     if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
         raise ValueError(f"{path}: expected a list of layer objects, got {type(items).__name__}")
     layers = []

@@ -4,6 +4,7 @@ The bench runs on the hidden ``--tiny`` cases (seconds under the Triton interpre
 conftest switches on for CPU runs), so the lk3d rows exercise the real kernels.
 """
 import csv
+import json
 import math
 import operator
 import os
@@ -161,6 +162,45 @@ def test_flops_and_cases():
         bench.Case.block_sparse("x", 1, 4, 4, 4, 3, 0.5, (3, 2, 1, 1, 1))
     for cases in bench.CASE_SETS.values():  # every op in every set
         assert {c.op for c in cases} == set(bench.OPS)
+
+
+def test_case_files(tmp_path, capsys):
+    """The shipped sets come from bench_cases.json; a user's file of cases runs with --cases."""
+    quick = {c.name: c for c in bench.CASE_SETS["quick"]}
+    dw = quick["dw-N1-C16-D32-k21"]
+    assert (dw.op, dw.Cin, dw.Cout, dw.groups, dw.size, dw.kernel) == (
+        "depthwise", 16, 16, 16, (32,) * 3, (21,) * 3)
+    path = tmp_path / "cases.json"
+    path.write_text(json.dumps([
+        {"name": "mine-dw5", "op": "depthwise", "N": 1, "C": 3, "size": [5, 6, 4], "kernel": 3},
+        {"name": "mine-bs", "op": "block_sparse", "N": 1, "Cin": 4, "Cout": 4, "size": 5,
+         "kernel": 3, "density": 0.5, "block": [2, 2, 1, 1, 1]}]))
+    a, b = bench.load_cases(path)
+    assert (a.groups, a.size, b.block, b.density) == (3, (5, 6, 4), (2, 2, 1, 1, 1), 0.5)
+    assert main(["bench", "--cases", str(path), "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "mine-dw5" in out and "mine-bs" in out
+    bad = [({"name": "x", "op": "dense", "N": 1, "Cin": 2, "Cout": 2, "size": 4, "kernel": 3,
+             "colour": "red"}, "colour"),
+           ({"name": "x", "op": "dense", "N": 1, "C": 2, "size": 4, "kernel": 3}, "'C'"),
+           ({"name": "x", "op": "dense", "N": 1, "Cin": 2, "Cout": 2, "size": 0, "kernel": 3},
+            "size"),
+           ({"name": "x", "op": "dense", "N": 1, "Cin": 2, "size": 4, "kernel": 3}, "Cout")]
+    for item, word in bad:
+        path.write_text(json.dumps([item]))
+        with pytest.raises(ValueError, match=word) as info:
+            bench.load_cases(path)
+        assert "cases.json" in str(info.value) and "'x'" in str(info.value)
+    path.write_text(json.dumps([{"name": "x", "op": "dense", "N": 1, "Cin": 2, "Cout": 2,
+                                 "size": 4, "kernel": 3}] * 2))
+    with pytest.raises(ValueError, match="unique"):
+        bench.load_cases(path)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="cases.json"):
+        bench.load_cases(path)
+    with pytest.raises(SystemExit):
+        main(["bench", "--cases", str(tmp_path / "missing.json")])
+    assert "--cases" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
