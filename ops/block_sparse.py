@@ -21,11 +21,16 @@ groups > 1 and ``Cin/g > 1`` a block row may not span two groups (``(Cout/g) % b
 depthwise weight (``Cin/g == 1``) takes any ``bo`` dividing ``Cout``.
 
 Where it runs: the Triton kernels of ``lk3d.kernels.block_sparse`` when they are there and can
-serve the tensors (``_forward``, ``_grad_input``, ``_grad_values``), else the torch path
-(``block_sparse_conv3d_torch``): the input is padded once; for every kernel tap covered by a
-stored block, the stored blocks at that tap gather their input-channel blocks from the strided,
-shifted view of the padded input and multiply them in one batched product, which is added into
-their output block rows. Its cost is ``nnz·bo·bi·bd·bh·bw`` multiply-adds per output voxel
+serve the tensors (``_forward``, ``_grad_input``, ``_grad_values``), else the torch path, by one
+of two routes with the same result, whichever a cost model says is cheaper (``explain`` tells
+which; ``ROUTE`` forces one): the dense route runs the dense convolution of ``to_dense()`` with
+lk3d.conv3d's aten or FFT algorithm (oneDNN's dense kernels beat per-block torch products on
+small channel blocks at all but low densities), the sparse route
+(``block_sparse_conv3d_torch``) works in proportion to the stored blocks: the input is padded
+once; for every kernel tap covered by a stored block, the stored blocks at that tap gather their
+input-channel blocks from the strided, shifted view of the padded input and multiply them in one
+batched product, which is added into their output block rows (bricks of several taps run as one
+grouped ``F.conv3d``). Its cost is ``nnz·bo·bi·bd·bh·bw`` multiply-adds per output voxel
 (``block_sparse_conv3d_macs``), the dense cost times the block density; the backward passes
 (grad-input, the transposed sum; grad-values, per tap products of output-gradient blocks and
 shifted input blocks) cost the same each. The pattern (``row_ptr``, ``col``) is fixed within a
@@ -176,10 +181,7 @@ class BlockSparseWeight:
 
     def _keys(self):
         """``row·(NI·ND·NH·NW) + col`` of every stored block (int64, ascending)."""
-        counts = self.row_ptr.long().diff()
-        rows = torch.repeat_interleave(torch.arange(self.grid[0], device=self.device), counts,
-                                       output_size=self.nnz)
-        return rows * math.prod(self.grid[1:]) + self.col.long()
+        return _keys(self.row_ptr, self.col, self.grid)
 
     def block_mask(self) -> torch.Tensor:
         """A bool tensor ``[NO, NI, ND, NH, NW]``: which blocks are stored."""
@@ -190,11 +192,7 @@ class BlockSparseWeight:
     def to_dense(self) -> torch.Tensor:
         """The dense weight ``shape`` (zeros outside the stored blocks; differentiable in
         ``values``)."""
-        vol = math.prod(self.block_shape)
-        flat = self.values.new_zeros(math.prod(self.grid), vol)
-        flat = flat.index_copy(0, self._keys(), self.values.reshape(self.nnz, vol))
-        blocks = flat.view(*self.grid, *self.block_shape)
-        return blocks.permute(0, 5, 1, 6, 2, 7, 3, 8, 4, 9).reshape(self.shape)
+        return _to_dense(self.values, self.row_ptr, self.col, self.shape, self.block_shape)
 
     def to(self, *args, **kwargs) -> "BlockSparseWeight":
         """Moved/cast as ``torch.Tensor.to(*args, **kwargs)`` does: the values take the dtype,
@@ -228,9 +226,7 @@ class BlockSparseWeight:
         block_shape = _five("block_shape", block_shape)
         _check_block_shape(tuple(weight.shape), block_shape)
         grid = tuple(n // b for n, b in zip(weight.shape, block_shape))
-        bo, bi, bd, bh, bw = block_shape
-        blocks = weight.reshape(grid[0], bo, grid[1], bi, grid[2], bd, grid[3], bh, grid[4], bw)
-        blocks = blocks.permute(0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
+        blocks = _blocks(weight, block_shape)
         flat = blocks.reshape(*grid, -1)
         mask = _select(flat.detach().norm(dim=-1), (flat != 0).any(-1), threshold, density,
                        math.prod(grid))
@@ -328,6 +324,31 @@ class BlockSparseWeight:
         stored = self.block_mask().reshape(-1)
         mask = _select(norms, nonzero, threshold, density, norms.numel(), stored)
         return self.with_mask(mask.view(self.grid))
+
+
+def _blocks(weight, block_shape):
+    """A view of the dense ``weight`` as its blocks ``[NO, NI, ND, NH, NW, bo, bi, bd, bh, bw]``."""
+    grid = [n // b for n, b in zip(weight.shape, block_shape)]
+    bo, bi, bd, bh, bw = block_shape
+    blocks = weight.reshape(grid[0], bo, grid[1], bi, grid[2], bd, grid[3], bh, grid[4], bw)
+    return blocks.permute(0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
+
+
+def _keys(row_ptr, col, grid):
+    """``row·(NI·ND·NH·NW) + col`` of every stored block (int64, ascending)."""
+    rows = torch.repeat_interleave(torch.arange(grid[0], device=col.device),
+                                   row_ptr.long().diff(), output_size=col.shape[0])
+    return rows * math.prod(grid[1:]) + col.long()
+
+
+def _to_dense(values, row_ptr, col, shape, block_shape):
+    """The dense weight of stored blocks ``values`` in the pattern ``row_ptr``/``col``."""
+    grid = [n // b for n, b in zip(shape, block_shape)]
+    vol = math.prod(block_shape)
+    flat = values.new_zeros(math.prod(grid), vol)
+    flat = flat.index_copy(0, _keys(row_ptr, col, grid), values.reshape(-1, vol))
+    blocks = flat.view(*grid, *block_shape)
+    return blocks.permute(0, 5, 1, 6, 2, 7, 3, 8, 4, 9).reshape(shape)
 
 
 def _check_block_shape(shape, block_shape):
@@ -532,8 +553,9 @@ def _plan(input, padding, row_ptr, col, weight_shape, block_shape, groups):
 
 def block_sparse_conv3d_torch(input, values, row_ptr, col, bias, weight_shape, block_shape,
                               stride, padding, dilation, groups):
-    """The torch path of ``lk3d::block_sparse_conv3d`` (arguments as the op's; ``padding`` six
-    ints ``(d_l, h_l, w_l, d_r, h_r, w_r)``), computed in float32 for half dtypes."""
+    """The torch path's sparse route of ``lk3d::block_sparse_conv3d`` (arguments as the op's;
+    ``padding`` six ints ``(d_l, h_l, w_l, d_r, h_r, w_r)``), computed in float32 for half
+    dtypes."""
     acc = _acc_dtype(input.dtype)
     size = out_size(input.shape[2:], weight_shape[2:], stride, padding, dilation)
     out = input.new_zeros(input.shape[0], weight_shape[0], *size, dtype=acc)
@@ -620,6 +642,109 @@ def block_sparse_conv3d_macs(input, weight, stride=1, padding=0, dilation=1, gro
 # the custom ops
 # ---------------------------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------------------------
+# the torch path's route: the stored blocks, or the dense convolution of the same kernel
+# ---------------------------------------------------------------------------------------------
+
+# Where the Triton kernels do not serve, a call runs one of two routes with the same result:
+# "sparse" (block_sparse_conv3d_torch, work ∝ the stored blocks) or "dense" (the dense
+# convolution of ``to_dense()`` by lk3d.conv3d's aten or FFT algorithm, whichever its cost
+# model prefers). Small blocks cost the sparse route far more per multiply-add than oneDNN's
+# dense kernels (gathers and scatters of channel slices, small batched products), so it wins
+# only below some density; the cost model below picks the cheaper. Its constants were fitted to
+# measured times of the sparse route on a 2-core x86 CPU (torch 2.13; blocks 4x4 to 32x32 per
+# tap, 4³ bricks, depthwise; 5% to 100% density): per element gathered or scattered, per
+# multiply-add of a one-tap brick (batched small products) and of a brick run as a grouped
+# F.conv3d (oneDNN), and per brick.
+_MOVE_NS = 0.3
+_TAP_MAC_NS = 0.02
+_CONV_MAC_NS = 0.005
+_BRICK_MS = 0.03
+
+# "auto" (the cost model), or "sparse" / "dense" to force a route (the tests force "sparse").
+ROUTE = "auto"
+
+
+def sparse_route_ms(input, row_ptr, col, weight_shape, block_shape, stride, padding, dilation,
+                    groups) -> float:
+    """Modelled milliseconds of the sparse route (``block_sparse_conv3d_torch``, a forward):
+    per stored block its gathered input channels and scattered output channels (twice for an
+    elementwise depthwise tap) and its multiply-adds; per occupied spatial block one brick."""
+    size = out_size(input.shape[2:], weight_shape[2:], stride, padding, dilation)
+    n, nnz = input.shape[0], col.shape[0]
+    out_vox = n * math.prod(size)
+    bo, bi = block_shape[:2]
+    taps = math.prod(block_shape[2:])
+    one_tap = taps == 1
+    window = out_vox if one_tap else n * math.prod(
+        (o - 1) * s + (b - 1) * d + 1 for o, s, b, d in zip(size, stride, block_shape[2:],
+                                                             dilation))
+    cout_g = weight_shape[0] // groups
+    per_output = cout_g % bo != 0  # as in _bricks: one input channel per output channel
+    elementwise = one_tap and (per_output or bo == bi == 1)
+    gathered = bo if per_output else bi
+    moved = nnz * (gathered * window + bo * out_vox * (2 if elementwise else 1))
+    macs = nnz * bo * (1 if per_output else bi) * taps * out_vox
+    spatial = math.prod(k // b for k, b in zip(weight_shape[2:], block_shape[2:]))
+    bricks = torch.unique(col.long() % spatial).numel() if nnz else 0
+    scale = 2 / max(1, torch.get_num_threads())
+    ns = moved * _MOVE_NS + macs * scale * (_TAP_MAC_NS if one_tap else _CONV_MAC_NS)
+    return ns * 1e-6 + _BRICK_MS * bricks
+
+
+def _dense_algo(input, weight_shape, stride, padding, dilation, groups):
+    """``(algo, ms)``: lk3d.conv3d's modelled-fastest non-Triton algorithm for the dense
+    convolution of the same kernel."""
+    times = {a: _algos.model_ms(a, list(input.shape), list(weight_shape), stride, padding,
+                                dilation, groups, input.dtype, input.device)
+             for a in _algos.candidates(input) if a != "tiled"}
+    algo = min(times, key=times.get)
+    return algo, times[algo]
+
+
+def _route(input, row_ptr, col, weight_shape, block_shape, stride, padding, dilation, groups):
+    """``(route, dense algo or None, modelled ms per route)`` of a torch-path call (see
+    ``ROUTE``)."""
+    if ROUTE not in ("auto", "sparse", "dense"):
+        raise ValueError(f"lk3d.block_sparse.ROUTE: expected 'auto', 'sparse' or 'dense', got "
+                         f"{ROUTE!r}")
+    times, algo = {}, None
+    if ROUTE != "dense":
+        times["sparse"] = sparse_route_ms(input, row_ptr, col, weight_shape, block_shape, stride,
+                                          padding, dilation, groups)
+    if ROUTE != "sparse":
+        algo, times["dense"] = _dense_algo(input, weight_shape, stride, padding, dilation,
+                                           groups)
+    route = min(times, key=times.get)
+    return route, algo if route == "dense" else None, times
+
+
+def explain(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> dict:
+    """How ``block_sparse_conv3d(input, weight, ...)`` would run here: ``{"path": "kernels"}``
+    where the Triton kernels serve, else ``{"path": "torch", "route": "sparse" | "dense",
+    "algo": the dense route's algorithm or None, "times_ms": modelled ms per route}``."""
+    if not isinstance(weight, BlockSparseWeight):
+        raise TypeError(f"weight: expected an lk3d.BlockSparseWeight, got "
+                        f"{type(weight).__name__}")
+    check_tensor("input", input, (4, 5))
+    x = input.unsqueeze(0) if input.dim() == 4 else input
+    spec = check_block_sparse_conv3d(x, weight.shape, weight.block_shape, weight.values, bias,
+                                     stride, padding, dilation, groups)
+    if _launcher("block_sparse_fwd", x) is not None:
+        return dict(path="kernels")
+    route, algo, times = _route(x, weight.row_ptr, weight.col, weight.shape,
+                                   weight.block_shape, list(spec.stride), list(spec.padding),
+                                   list(spec.dilation), spec.groups)
+    return dict(path="torch", route=route, algo=algo, times_ms=times)
+
+
+def _dense_blocks(grad_weight, row_ptr, col, block_shape):
+    """The stored blocks' part of a dense weight gradient: ``[nnz, bo, bi, bd, bh, bw]``."""
+    grid = [n // b for n, b in zip(grad_weight.shape, block_shape)]
+    blocks = _blocks(grad_weight, block_shape).reshape(-1, *block_shape)
+    return blocks[_keys(row_ptr, col, grid)]
+
+
 def _launcher(name, t):
     """The Triton launcher ``name`` of ``lk3d.kernels.block_sparse`` if it exists and can serve
     tensors like ``t``, else None."""
@@ -634,6 +759,11 @@ def _forward(input, values, row_ptr, col, bias, weight_shape, block_shape, strid
     if run is not None:
         return run(input, values, row_ptr, col, weight_shape, block_shape, bias, stride,
                    padding, dilation, groups)
+    route, algo, _ = _route(input, row_ptr, col, weight_shape, block_shape, stride,
+                                    padding, dilation, groups)
+    if route == "dense":
+        w = _to_dense(values, row_ptr, col, weight_shape, block_shape)
+        return _algos.FORWARD[algo](input, w, bias, stride, padding, dilation, groups)
     return block_sparse_conv3d_torch(input, values, row_ptr, col, bias, weight_shape,
                                      block_shape, stride, padding, dilation, groups)
 
@@ -644,6 +774,12 @@ def _grad_input(grad, values, row_ptr, col, weight_shape, block_shape, input, st
     if run is not None:
         return run(grad, values, row_ptr, col, weight_shape, block_shape, list(input.shape),
                    stride, padding, dilation, groups)
+    route, algo, _ = _route(input, row_ptr, col, weight_shape, block_shape, stride,
+                                    padding, dilation, groups)
+    if route == "dense":
+        w = _to_dense(values, row_ptr, col, weight_shape, block_shape)
+        return _algos.GRAD_INPUT[algo](grad, w, list(input.shape), stride, padding, dilation,
+                                       groups)
     return block_sparse_conv3d_torch_backward(grad, input, values, row_ptr, col, weight_shape,
                                               block_shape, stride, padding, dilation, groups,
                                               need_values=False)[0]
@@ -655,6 +791,12 @@ def _grad_values(grad, input, values, row_ptr, col, weight_shape, block_shape, s
     if run is not None:
         return run(grad, input, values, row_ptr, col, weight_shape, block_shape, stride, padding,
                    dilation, groups)
+    route, algo, _ = _route(input, row_ptr, col, weight_shape, block_shape, stride,
+                                    padding, dilation, groups)
+    if route == "dense":
+        gw = _algos.GRAD_WEIGHT[algo](grad, input, list(weight_shape), stride, padding, dilation,
+                                      groups)
+        return _dense_blocks(gw, row_ptr, col, block_shape)
     return block_sparse_conv3d_torch_backward(grad, input, values, row_ptr, col, weight_shape,
                                               block_shape, stride, padding, dilation, groups,
                                               need_input=False)[1]

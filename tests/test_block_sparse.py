@@ -7,7 +7,9 @@ against autograd through the dense weight), the work count of the torch path, th
 and argument errors.
 
 Every test here runs the torch path (``lk3d.block_sparse.USE_KERNELS`` is switched off by an
-autouse fixture): the Triton kernels are tested with the kernels.
+autouse fixture): the Triton kernels are tested with the kernels. The fixture also forces the
+torch path's sparse route (``ROUTE = "sparse"``); its dense route and the cost model that picks
+between them have their own tests.
 """
 import math
 from dataclasses import dataclass, replace
@@ -26,6 +28,7 @@ from lk3d import block_sparse
 @pytest.fixture(autouse=True)
 def torch_path(monkeypatch):
     monkeypatch.setattr(block_sparse, "USE_KERNELS", False)
+    monkeypatch.setattr(block_sparse, "ROUTE", "sparse")
 
 
 def assert_close_rel(name, got, want, tol):
@@ -153,6 +156,44 @@ def test_matches_dense_conv3d(case, device):
         assert got.is_contiguous(memory_format=torch.channels_last_3d)
     for t, b in zip((x, ws.values, ws.row_ptr, ws.col), before):
         assert torch.equal(t, b), "an input was changed"
+
+
+@pytest.mark.parametrize("case", [CASES[i] for i in (0, 1, 3, 6, 8, 10, 13)],
+                         ids=lambda c: c.id)
+def test_dense_route_matches_dense_conv3d(case, device, monkeypatch):
+    """The dense route (the dense conv of to_dense(), by aten or FFT) gives the same output and
+    gradients, the stored blocks' part of the dense weight gradient included."""
+    monkeypatch.setattr(block_sparse, "ROUTE", "dense")
+    x, ws, bias = case.tensors(device=device)
+    assert block_sparse.explain(x, ws, bias, **case.args())["route"] == "dense"
+    _check_against_dense(case, x, ws, bias)
+
+
+def test_route_follows_the_cost_model(monkeypatch):
+    """"auto" takes the route with the smaller modelled time: the sparse one for a few large
+    bricks, the dense one for many small channel blocks at full density; both give the same
+    result."""
+    monkeypatch.setattr(block_sparse, "ROUTE", "auto")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 32, 12, 12, 12, generator=g, dtype=torch.float64)
+    w = torch.randn(32, 32, 8, 8, 8, generator=g, dtype=torch.float64)
+    bricks = lk3d.BlockSparseWeight.from_dense(w, (32, 32, 4, 4, 4), density=0.125)
+    small = lk3d.BlockSparseWeight.from_dense(w[:, :, :3, :3, :3], (2, 2, 1, 1, 1))
+    plans = {}
+    for name, ws in (("bricks", bricks), ("small", small)):
+        plan = block_sparse.explain(x, ws, padding="same")
+        assert plan["path"] == "torch" and set(plan["times_ms"]) == {"sparse", "dense"}
+        times = plan["times_ms"]
+        assert plan["route"] == min(times, key=times.get)
+        assert (plan["algo"] is None) == (plan["route"] == "sparse")
+        plans[name] = plan["route"]
+        got = lk3d.block_sparse_conv3d(x, ws, padding="same")
+        assert_close_rel(name, got, F.conv3d(x, ws.to_dense(), padding="same"),
+                         TOL[torch.float64])
+    assert plans == {"bricks": "sparse", "small": "dense"}
+    monkeypatch.setattr(block_sparse, "ROUTE", "sideways")
+    with pytest.raises(ValueError, match="ROUTE"):
+        lk3d.block_sparse_conv3d(x, small, padding="same")
 
 
 def test_no_stored_block_gives_the_bias():
