@@ -7,7 +7,8 @@ against autograd through the dense weight), the work count of the torch path, th
 and argument errors.
 
 Every test here runs the torch path (``lk3d.block_sparse.USE_KERNELS`` is switched off by an
-autouse fixture): the Triton kernels are tested with the kernels. The fixture also forces the
+autouse fixture) but for the gradcheck and the fuzz, which run both the torch path and the Triton
+kernels (the interpreter on the CPU); the kernels have their own tests beside them. The fixture also forces the
 torch path's sparse route (``ROUTE = "sparse"``); its dense route and the cost model that picks
 between them have their own tests.
 """
@@ -17,7 +18,7 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lk3d
@@ -229,12 +230,14 @@ def test_low_precision(dtype):
            padding=(1, 0, 1), groups=2),
     BSCase(None, 2, 4, (4, 3, 3), (3, 3, 1), (4, 1, 1, 1, 1), 0.5, padding="valid", groups=2),
 ], ids=lambda c: c.id)
-def test_gradcheck(case, device):
+@pytest.mark.parametrize("path", ["torch", "kernels"])
+def test_gradcheck(case, path, device):
+    block_sparse.USE_KERNELS = path == "kernels"  # the autouse fixture restores it
     x, ws, bias = case.tensors(device=device)
     _, leaves, rebuild = _leaves(x, ws, bias)
     # The full Jacobian costs two calls per element: fast mode (random projections) on the
-    # larger cases.
-    fast = x.numel() + ws.values.numel() > 200
+    # larger cases, and for the kernels (the interpreter on the CPU).
+    fast = path == "kernels" or x.numel() + ws.values.numel() > 200
     assert torch.autograd.gradcheck(
         lambda *t: lk3d.block_sparse_conv3d(*rebuild(t), **case.args()), leaves,
         fast_mode=fast)
@@ -672,10 +675,22 @@ def bs_cases(draw):
                   layout=draw(st.sampled_from(["contiguous", "channels_last_3d"])))
 
 
-@given(case=bs_cases(), seed=st.integers(0, 2 ** 16))
-def test_fuzz_matches_dense(case, seed):
+def _fuzz(case, seed):
     from conftest import DEVICE
     if case.N is None and case.layout != "contiguous":
         case = replace(case, layout="contiguous")
     x, ws, bias = case.tensors(seed=seed, device=DEVICE)
     _check_against_dense(case, x, ws, bias)
+
+
+@given(case=bs_cases(), seed=st.integers(0, 2 ** 16))
+def test_fuzz_matches_dense(case, seed):
+    _fuzz(case, seed)
+
+
+# Under the interpreter an example costs ~2 s (forward, grad-input and grad-values kernels).
+@settings(max_examples=15)
+@given(case=bs_cases(), seed=st.integers(0, 2 ** 16))
+def test_fuzz_kernels_match_dense(case, seed):
+    block_sparse.USE_KERNELS = True  # the autouse fixture restores it
+    _fuzz(case, seed)
