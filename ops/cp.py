@@ -13,10 +13,16 @@ Layout: NCDHW or channels_last_3d input (the output keeps the input's layout), b
 unbatched. Supported: stride, dilation and padding (ints, 3-tuples, ``"same"`` with even kernels,
 ``"valid"``) exactly as ``F.conv3d(input, factors.to_dense(), bias, ...)``; groups = 1 only.
 
-Where it runs. ``lk3d::cp_conv3d`` and its backward op ``lk3d::cp_conv3d_backward`` run the
-Triton kernels of ``lk3d.kernels.cp`` for every call they can serve (``_algos.kernels_can_run``:
-CUDA fp16/bf16/fp32; CPU fp16/fp32/fp64 under the interpreter, ``TRITON_INTERPRET=1``; all
-tensors of one dtype and device), with the launch config from ``lk3d.autotune.cp_configs``:
+Where it runs. ``lk3d::cp_conv3d`` and its backward op ``lk3d::cp_conv3d_backward`` each pick,
+per call, one of two algorithms through ``lk3d.autotune.select`` (``explain`` shows the plans):
+``tiled``, the Triton kernels of ``lk3d.kernels.cp``, where they can serve the tensors
+(``_algos.kernels_can_run``: CUDA fp16/bf16/fp32; CPU fp16/fp32/fp64 under the interpreter,
+``TRITON_INTERPRET=1``, where they are always taken; all tensors of one dtype and device), and
+``aten``, the factored torch sequence below. ``LK3D_ALGO=tiled|aten`` forces one; a cached or
+measured plan (``LK3D_AUTOTUNE=1``, ``lk3d.autotune.tune()``) wins over the cost model
+(``model_ms``), which weighs the fused kernels' FLOPs against the sequence's memory traffic: the
+sequence wins at large kernels. The kernels take their launch config from
+``lk3d.autotune.cp_configs``:
 
     forward      ``cp_conv3d_fwd``: one fused kernel per tile of output voxels; gathers x per tap,
                  projects it through ``U_in`` with the tap's ``A·B·C`` row folded in, accumulates
@@ -40,8 +46,8 @@ kernel is future work. Against the dense kernel (``2·k³·Cin·Cout``) it still
 ``Cout / R`` and never builds the dense weight; grad-input costs the same with Cin and Cout
 swapped, the factor gradients about twice the forward.
 
-Everywhere else (CPU without the interpreter, CPU bf16, float64 on CUDA, mixed dtypes) the ops
-run the factored sequence in torch (``cp_conv3d_torch``): a pointwise conv with ``U_in``
+The ``aten`` algorithm, and everywhere the kernels do not serve (CPU without the interpreter,
+CPU bf16, float64 on CUDA, mixed dtypes), is the factored sequence in torch (``cp_conv3d_torch``): a pointwise conv with ``U_in``
 (x -> [N, R, D, H, W]), three 1-D depthwise convs (groups=R) with ``A``, ``B``, ``C`` along D, H
 and W, each taking that axis's stride, dilation and padding, then a pointwise conv with
 ``U_out·weights`` and the bias; the separable ``2·R·(Cin + kd + kh + kw + Cout)`` FLOPs per output
@@ -61,14 +67,16 @@ from lk3d import _algos
 from lk3d._algos import kernels_can_run
 from lk3d._spec import (Conv3dSpec, _triple, check_same, check_tensor, empty, geometry,
                         out_size)
-from lk3d.autotune import cp_configs
+from lk3d.autotune import cp_configs, select
+from lk3d.autotune.cache import problem_key
 from lk3d.autotune.cp_configs import CPProblem
-from lk3d.kernels import HAS_TRITON, memory_format
+from lk3d.kernels import HAS_TRITON, INTERPRETED, memory_format
 
 if HAS_TRITON:
     from lk3d.kernels import cp as cp_kernels
 
-__all__ = ["CPFactors", "cp_conv3d", "cp_conv3d_torch", "cp_conv3d_ref", "check_cp_conv3d"]
+__all__ = ["CPFactors", "cp_conv3d", "cp_conv3d_torch", "cp_conv3d_ref", "check_cp_conv3d",
+           "explain"]
 
 # Set to False to run the torch path even where the Triton kernels could serve.
 USE_KERNELS = True
@@ -333,10 +341,73 @@ def _problem(kind, M, kc, nc, A, B, C, rank, partials=False):
                      rank=rank, partials=partials)
 
 
+# The choice between the fused kernels ("tiled") and the factored torch sequence ("aten"), made
+# where the ops run by lk3d.autotune.select as for lk3d.conv3d: LK3D_ALGO=tiled|aten forces one,
+# a cached or (under LK3D_AUTOTUNE=1 / tune()) measured plan wins, else this cost model. Under the
+# Triton interpreter the kernels are preferred (they are what the tests check). The fused
+# kernels cost 2·k³·Cin·R FLOPs per output voxel (compute-bound), the sequence about its memory
+# traffic (five convolutions, four R-channel intermediates): the sequence wins at large kernels.
+# CUDA constants are untuned guesses until `lk3d tune` measures the device.
+_CUDA_TILED_FRACTION = 0.45   # of the device's dense rate (as lk3d.conv3d's tiled kernels)
+_CUDA_BYTES_PER_S = 2.0e12    # sustained bandwidth of the sequence's memory-bound convolutions
+_CUDA_LAUNCH_MS = 0.008       # per kernel launch
+
+
+def model_ms(algo, x_shape, cout, rank, kernel, stride, padding, dilation, dtype, device,
+             backward=False) -> float:
+    """Modelled milliseconds of a CP convolution's forward (or, with ``backward``, its backward:
+    about twice the forward's work) by ``algo``: "tiled" (the fused Triton kernels) or "aten"
+    (the factored sequence of convolutions)."""
+    size = out_size(x_shape[2:], kernel, stride, padding, dilation)
+    n, cin = x_shape[:2]
+    m_in, m_out = n * math.prod(x_shape[2:]), n * math.prod(size)
+    passes = 2 if backward else 1
+    if algo == "tiled":
+        if device.type != "cuda":
+            return math.inf  # the interpreter checks kernels; it is not for speed
+        flops = 2 * m_out * (math.prod(kernel) * cin * rank + rank * cout)
+        rate = _CUDA_TILED_FRACTION * _algos._cuda_rate(device, dtype)
+        return passes * 1e3 * flops / rate + _CUDA_LAUNCH_MS
+    elem = torch.empty((), dtype=dtype).element_size()
+    moved = elem * (m_in * (cin + 7 * rank) + m_out * (rank + cout))
+    flops = 2 * (m_in * rank * (cin + sum(kernel)) + m_out * rank * cout)
+    if device.type == "cuda":
+        secs = moved / _CUDA_BYTES_PER_S + flops / (0.35 * _algos._cuda_rate(device, dtype))
+        return passes * 1e3 * secs + 5 * passes * _CUDA_LAUNCH_MS
+    secs = moved / _algos._CPU_BYTES_PER_S + flops / (
+        _algos._CPU_ATEN_PER_THREAD["depthwise"] * torch.get_num_threads())
+    return passes * 1e3 * secs + 0.05
+
+
+def _plan(op, input, U_out, A, B, C, stride, padding, dilation, serve, run=None):
+    """The ``select.Plan`` of one pass (``op``: "cp_conv3d" or "cp_conv3d_backward");
+    ``serve``: whether the kernels can take the call's tensors."""
+    cout, rank = U_out.shape
+    kernel = [A.shape[0], B.shape[0], C.shape[0]]
+    key = problem_key(op, input.dtype, list(input.shape), [cout, input.shape[1], *kernel],
+                      stride, padding, dilation, 1) + f"|R{rank}"
+    cands = (["tiled"] if serve else []) + ["aten"]
+    if len(cands) == 1:
+        return select.Plan("aten", "only", key)
+
+    def model(algo):
+        return model_ms(algo, list(input.shape), cout, rank, kernel, stride, padding, dilation,
+                        input.dtype, input.device, backward=op != "cp_conv3d")
+
+    preferred = "tiled" if INTERPRETED and input.device.type == "cpu" else None
+    return select.choose(op, key, input.device, cands, model, run, (), preferred)
+
+
 def _forward(input, U_out, U_in, A, B, C, weights, bias, stride, padding, dilation):
-    if not _kernels_serve(input, U_out, U_in, A, B, C, weights, bias):
-        return cp_conv3d_torch(input, U_out, U_in, A, B, C, weights, bias, stride, padding,
-                               dilation)
+    args = (input, U_out, U_in, A, B, C, weights, bias, stride, padding, dilation)
+    run = {"tiled": _forward_kernels, "aten": cp_conv3d_torch}
+    plan = _plan("cp_conv3d", input, U_out, A, B, C, stride, padding, dilation,
+                 _kernels_serve(input, U_out, U_in, A, B, C, weights, bias),
+                 lambda algo: run[algo](*args))
+    return run[plan.algo](*args)
+
+
+def _forward_kernels(input, U_out, U_in, A, B, C, weights, bias, stride, padding, dilation):
     size = out_size(input.shape[2:], (A.shape[0], B.shape[0], C.shape[0]), stride, padding,
                     dilation)
     cin, (cout, rank) = input.shape[1], U_out.shape
@@ -351,9 +422,16 @@ def _forward(input, U_out, U_in, A, B, C, weights, bias, stride, padding, dilati
 
 def _backward_impl(grad, input, U_out, U_in, A, B, C, weights, stride, padding, dilation,
                    output_mask):
-    if not _kernels_serve(input, grad, U_out, U_in, A, B, C, weights):
-        return cp_conv3d_torch_backward(grad, input, U_out, U_in, A, B, C, weights, stride,
-                                        padding, dilation, output_mask)
+    args = (grad, input, U_out, U_in, A, B, C, weights, stride, padding, dilation, output_mask)
+    run = {"tiled": _backward_kernels, "aten": cp_conv3d_torch_backward}
+    plan = _plan("cp_conv3d_backward", input, U_out, A, B, C, stride, padding, dilation,
+                 _kernels_serve(input, grad, U_out, U_in, A, B, C, weights),
+                 lambda algo: run[algo](*args))
+    return run[plan.algo](*args)
+
+
+def _backward_kernels(grad, input, U_out, U_in, A, B, C, weights, stride, padding, dilation,
+                      output_mask):
     need_x, need_uo, need_ui, need_a, need_b, need_c, need_w = output_mask
     need_taps, need_out = need_a or need_b or need_c, need_uo or need_w
     N, cin = input.shape[:2]
@@ -459,6 +537,22 @@ cp_conv3d_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 # the functional
 # ---------------------------------------------------------------------------------------------
+
+def explain(input, factors, bias=None, stride=1, padding=0, dilation=1, groups=1) -> dict:
+    """The plans ``cp_conv3d`` would use for these arguments, without running anything:
+    ``{"forward": plan, "backward": plan}``, each a dict as ``lk3d.explain`` gives (algorithm
+    "tiled", the fused Triton kernels, or "aten", the factored torch sequence; where the choice
+    came from, "only" where the kernels cannot take the tensors; modelled or measured ms per
+    candidate)."""
+    check_tensor("input", input, (4, 5))
+    x = input.unsqueeze(0) if input.dim() == 4 else input
+    spec = check_cp_conv3d(x, factors, bias, stride, padding, dilation, groups)
+    U_out, U_in, A, B, C, weights = factors.tensors()
+    geometry = (list(spec.stride), spec.padding, list(spec.dilation))
+    return {name: _plan(op, x, U_out, A, B, C, *geometry,
+                        _kernels_serve(x, U_out, U_in, A, B, C, weights, bias)).as_dict()
+            for name, op in (("forward", "cp_conv3d"), ("backward", "cp_conv3d_backward"))}
+
 
 def cp_conv3d(input, factors, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """3D convolution with a rank-R CP kernel: ``F.conv3d(input, factors.to_dense(), bias, stride,

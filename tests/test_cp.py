@@ -9,6 +9,7 @@ off by an autouse fixture): it is what CPU users get without the interpreter. Th
 that path and the Triton kernels (under the interpreter on the CPU); the kernels have their own
 tests in test_cp_kernel.py.
 """
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -156,6 +157,25 @@ def test_gradcheck(case, device):
     _, leaves, rebuild = _leaves(x, factors, bias)
     assert torch.autograd.gradcheck(lambda *t: lk3d.cp_conv3d(*rebuild(t), **case.args()),
                                     leaves)
+
+
+def test_cuda_cost_model_prefers_the_sequence_at_large_kernels(monkeypatch):
+    """The plan's CUDA model: the fused kernels (2·k³·Cin·R FLOPs per voxel) win at a 3³ kernel,
+    the factored sequence (memory-bound) at 21³; the backward costs more than the forward."""
+    from lk3d import _algos
+    monkeypatch.setattr(_algos, "_cuda_rate", lambda device, dtype: 1e15)
+    cuda = torch.device("cuda")
+
+    def ms(algo, k, backward=False):
+        return cp_ops.model_ms(algo, [1, 64, 64, 64, 64], 64, 16, (k,) * 3, [1, 1, 1],
+                               [k // 2] * 6, [1, 1, 1], torch.bfloat16, cuda, backward)
+    assert ms("tiled", 3) < ms("aten", 3)
+    assert ms("tiled", 21) > 10 * ms("aten", 21)
+    for algo in ("tiled", "aten"):
+        assert ms(algo, 7, backward=True) > ms(algo, 7)
+    cpu = cp_ops.model_ms("aten", [1, 16, 32, 32, 32], 16, 8, (15,) * 3, [1, 1, 1], [7] * 6,
+                          [1, 1, 1], torch.float32, torch.device("cpu"))
+    assert 0 < cpu < math.inf
 
 
 @pytest.mark.parametrize("wanted", [(0,), (1,), (2,), (3,), (4,), (5,), (6,), (7,), (0, 4),

@@ -248,6 +248,32 @@ def test_kernels_used(device, monkeypatch):
     _check_against_dense(CASES[0], device)
 
 
+def test_plans_and_forcing(device, monkeypatch):
+    """Under the interpreter the kernels are the plan; LK3D_ALGO=aten forces the torch sequence
+    (no kernel runs, same result); a dtype the kernels do not take leaves only the sequence."""
+    case = CASES[0]
+    x, *f, b = case.tensors(device)
+    factors = lk3d.CPFactors(*f)
+    plans = cp_ops.explain(x, factors, b, **case.args())
+    assert set(plans) == {"forward", "backward"}
+    if device.type == "cpu":
+        assert {p["algo"] for p in plans.values()} == {"tiled"}
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a kernel ran")
+    for name in ("cp_conv3d_fwd", "cp_conv3d_bwd_input", "cp_conv3d_bwd_factors"):
+        monkeypatch.setattr(cp_kernels, name, fail)
+    monkeypatch.setenv("LK3D_ALGO", "aten")
+    plans = cp_ops.explain(x, factors, b, **case.args())
+    assert {(p["algo"], p["source"]) for p in plans.values()} == {("aten", "forced")}
+    _check_against_dense(case, device)
+    monkeypatch.delenv("LK3D_ALGO")
+    half = lk3d.CPFactors(*(t.to(torch.bfloat16) for t in f))
+    plans = cp_ops.explain(x.to(torch.bfloat16), half, **case.args())
+    if device.type == "cpu":
+        assert {(p["algo"], p["source"]) for p in plans.values()} == {("aten", "only")}
+
+
 def test_unserved_dtype_takes_torch_path(monkeypatch):
     """bf16 on the CPU (the interpreter's bf16 tl.dot is wrong) stays on the torch sequence."""
     def fail(*args, **kwargs):
