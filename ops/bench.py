@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 
 import lk3d
-from lk3d import roofline
+from lk3d import cpu_memory, roofline
 from lk3d._data import read_data
 
 OPS = ("dense", "depthwise", "cp", "block_sparse")
@@ -681,12 +681,22 @@ def _worker_main(conn, num_threads):
             conn.send(("error", f"{type(e).__name__}: {e}".splitlines()[0][:200]))
 
 
+def worker_env(device_type: str, huge_pages: bool = True) -> dict:
+    """The environment a benchmark worker adds: on the CPU, PyTorch's transparent huge pages for
+    large tensors (``THP_MEM_ALLOC_ENABLE=1``, see ``lk3d.cpu_memory``) unless ``huge_pages`` is
+    False, in which case it is switched off even where this process has it."""
+    if device_type != "cpu":
+        return {}
+    return {cpu_memory.THP_ENV: "1" if huge_pages else "0"}
+
+
 class Worker:
     """Runs ``fn(*args)`` (importable functions) in a spawned process; a call that outlives its
     timeout kills the process and answers ``("timeout", None)``; the next call starts a new one."""
 
-    def __init__(self, start_timeout: float = 300.0):
+    def __init__(self, start_timeout: float = 300.0, env: Optional[dict] = None):
         self.start_timeout = start_timeout
+        self.env = dict(env or {})  # extra environment of the worker process
         self.proc = None
         self.conn = None
 
@@ -695,7 +705,16 @@ class Worker:
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_worker_main, args=(child, torch.get_num_threads()),
                                 daemon=True, name="lk3d-bench-worker")
-        self.proc.start()
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)  # a spawned process takes the environment at start()
+        try:
+            self.proc.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         child.close()
         try:
             if not self.conn.poll(self.start_timeout):
@@ -771,11 +790,13 @@ def _progress(total, enabled):
 def run(cases: Sequence[Case], device=None, providers: Sequence[str] = PROVIDERS,
         modes: Optional[Sequence[str]] = None, budget_s: Optional[float] = None,
         min_run_time: Optional[float] = None, max_time_s: Optional[float] = None,
-        isolate: bool = True, progress: bool = True) -> list:
+        isolate: bool = True, progress: bool = True, huge_pages: bool = True) -> list:
     """Benchmark ``cases`` on ``device`` (default: cuda if available, else cpu); one ``Result``
     per (case, mode, provider) for the providers of each case's op that are in ``providers``
     and ``available`` here, in that order. ``modes`` defaults to fwd+fwdbwd on CUDA and fwd on
-    the CPU (the CPU backward of large kernels takes seconds to minutes per call)."""
+    the CPU (the CPU backward of large kernels takes seconds to minutes per call). With
+    ``isolate``, measurements run in a worker process, on the CPU with PyTorch's huge pages for
+    large tensors unless ``huge_pages`` is False (``worker_env``, ``lk3d.cpu_memory``)."""
     device = torch.device(device if device is not None else default_device())
     dev = device.type
     if dev not in ("cpu", "cuda"):
@@ -797,7 +818,7 @@ def run(cases: Sequence[Case], device=None, providers: Sequence[str] = PROVIDERS
     env = dict(device=device_name(device), torch=torch.__version__, triton=triton_version(),
                lk3d=lk3d.__version__, commit=git_commit(),
                timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    runner = Worker() if isolate else InProcess()
+    runner = Worker(env=worker_env(dev, huge_pages)) if isolate else InProcess()
     dtypes = list(dict.fromkeys(c.dtype for c in cases))
     measured = {c: [p for p in OP_PROVIDERS[c.op] if p in providers and available(p, c, dev)]
                 for c in cases}

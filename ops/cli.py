@@ -21,10 +21,11 @@ import time
 import torch
 
 import lk3d
-from lk3d import bench, report
+from lk3d import bench, cpu_memory, report
 
 _ENV_VARS = ("TRITON_INTERPRET", "LK3D_ALGO", "LK3D_CONFIG", "LK3D_AUTOTUNE", "LK3D_CACHE_DIR",
-             "LK3D_FFT_MEMORY_MB", "LK3D_TEST_DEVICE", "TRITON_CACHE_DIR", "CUDA_VISIBLE_DEVICES")
+             "LK3D_FFT_MEMORY_MB", "LK3D_TEST_DEVICE", "TRITON_CACHE_DIR", "CUDA_VISIBLE_DEVICES",
+             "THP_MEM_ALLOC_ENABLE")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,6 +96,7 @@ def info_text() -> str:
     has_triton, triton_txt = _triton_status()
     interpreted = bool(getattr(kernels, "INTERPRETED", False))
     interp_env = os.environ.get("TRITON_INTERPRET", "")
+    huge, huge_why = cpu_memory.huge_pages()
     lines = [
         f"lk3d         {lk3d.__version__} ({os.path.dirname(lk3d.__file__)})",
         f"python       {platform.python_version()} ({platform.python_implementation()}, "
@@ -104,6 +106,7 @@ def info_text() -> str:
         f"interpreter  {'on' if interpreted else 'off'} (TRITON_INTERPRET={interp_env or 'unset'})",
         f"cpu          {bench.cpu_name()}, {os.cpu_count()} logical CPUs, "
         f"{torch.get_num_threads()} torch threads",
+        f"huge pages   {'on' if huge else 'off'} for large CPU tensors ({huge_why})",
         *_cuda_lines(),
         *_algorithm_lines(has_triton, interpreted),
     ]
@@ -174,6 +177,21 @@ def _cpu_busy(seconds=0.3):
     return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
 
 
+def _huge_pages_note(args, device, isolated):
+    """Says how CPU memory is set up for the measurements (lk3d.cpu_memory)."""
+    if device != "cpu":
+        return
+    if isolated:
+        how = ("without huge pages (--no-huge-pages)" if args.no_huge_pages else
+               f"with {cpu_memory.THP_ENV}=1: PyTorch's transparent huge pages for large CPU "
+               "tensors (--no-huge-pages measures without)")
+        print(f"cpu memory: measured in a worker process {how}", flush=True)
+    else:
+        on, why = cpu_memory.huge_pages()
+        print(f"cpu memory: huge pages {'on' if on else 'off'} in this process ({why})",
+              flush=True)
+
+
 def _cmd_bench(args, parser):
     if args.dispatch:
         return _cmd_dispatch(args, parser)
@@ -208,6 +226,7 @@ def _cmd_bench(args, parser):
     out_dir = None if args.no_report or ((args.tiny or args.cases) and not args.out) else \
         args.out or bench.default_report_dir(device)
 
+    _huge_pages_note(args, device, not args.no_isolate)
     modes = args.modes or (("fwd", "fwdbwd") if device == "cuda" else ("fwd",))
     busy = _cpu_busy() if device == "cpu" else None
     if busy is not None and busy > 0.25:
@@ -220,7 +239,7 @@ def _cmd_bench(args, parser):
         results = bench.run(cases, device=device, providers=args.providers, modes=modes,
                             budget_s=args.budget, min_run_time=args.min_run_time,
                             max_time_s=args.max_time, isolate=not args.no_isolate,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, huge_pages=not args.no_huge_pages)
     except (RuntimeError, ValueError) as e:
         print(f"lk3d bench: {e}", file=sys.stderr)
         return 1
@@ -272,7 +291,20 @@ def _cmd_dispatch(args, parser):
 
     device = torch.device(args.device or bench.default_device())
     shapes = bench_dispatch.grid(C=2, S=6, kernels=(3, 5)) if args.tiny else bench_dispatch.grid()
-    rows = bench_dispatch.run(shapes, device, progress=not args.no_progress)
+    run_args = (shapes, device, not args.no_progress)
+    if args.no_isolate:
+        _huge_pages_note(args, device.type, False)
+        rows = bench_dispatch.run(*run_args)
+    else:  # in a worker, for the CPU's huge-page setting (it must be there before torch loads)
+        _huge_pages_note(args, device.type, True)
+        worker = bench.Worker(env=bench.worker_env(device.type, not args.no_huge_pages))
+        try:
+            status, rows = worker.call(bench_dispatch.run, run_args, timeout=3600)
+        finally:
+            worker.close()
+        if status != "ok":
+            print(f"lk3d bench --dispatch: the worker failed: {status}: {rows}", file=sys.stderr)
+            return 1
     print(bench_dispatch.format_rows(rows))
     worst = max(r["pick_over_best"] for r in rows)
     print(f"the plan's pick over the fastest candidate: worst {worst:.2f}x (goal: 1.10x); "
@@ -386,6 +418,10 @@ def build_parser():
     p.add_argument("--no-isolate", action="store_true",
                    help="measure in this process (no worker; the budget cannot stop a call)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-huge-pages", action="store_true",
+                   help="on the CPU, measure without PyTorch's transparent huge pages for large "
+                   f"tensors (default: the worker runs with {'THP_MEM_ALLOC_ENABLE'}=1; see "
+                   "lk3d.cpu_memory)")
     p.add_argument("--dispatch", action="store_true",
                    help="the dispatch grid instead: k=3..21, dense and depthwise, every "
                    "provider and lk3d's automatic choice")
