@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -367,11 +367,21 @@ def cp_cases(draw):
                   layout=draw(st.sampled_from(["contiguous", "channels_last_3d"])))
 
 
-@pytest.mark.parametrize("path", ["torch", "kernels"])
 @given(case=cp_cases(), seed=st.integers(0, 2 ** 16))
-def test_fuzz_matches_dense(path, case, seed):
+def test_fuzz_matches_dense(case, seed):
+    _fuzz(case, seed)
+
+
+# ~0.2 s an example through the kernels under the interpreter.
+@settings(max_examples=80)
+@given(case=cp_cases(), seed=st.integers(0, 2 ** 16))
+def test_fuzz_kernels_match_dense(case, seed):
+    cp_ops.USE_KERNELS = True  # the autouse fixture restores it
+    _fuzz(case, seed)
+
+
+def _fuzz(case, seed):
     from conftest import DEVICE
-    cp_ops.USE_KERNELS = path == "kernels"  # the autouse fixture restores it
     if case.N is None and case.layout != "contiguous":
         case = CPCase(**{**case.__dict__, "layout": "contiguous"})
     x, factors, bias = case.tensors(seed=seed, device=DEVICE)
