@@ -689,7 +689,7 @@ def test_fuzz_matches_dense(case, seed):
 
 
 # Under the interpreter an example costs ~2 s (forward, grad-input and grad-values kernels).
-@settings(max_examples=15)
+@settings(max_examples=8)
 @given(case=bs_cases(), seed=st.integers(0, 2 ** 16))
 def test_fuzz_kernels_match_dense(case, seed):
     block_sparse.USE_KERNELS = True  # the autouse fixture restores it

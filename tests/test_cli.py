@@ -265,7 +265,9 @@ def test_tune_and_cache_commands(tmp_path, monkeypatch, capsys):
 
 
 def test_bench_dispatch_tiny(capsys):
-    assert cli.main(["bench", "--dispatch", "--tiny", "--device", "cpu", "--no-progress"]) == 0
+    # in this process (--no-isolate): the worker process is tested in test_cpu_memory.py
+    assert cli.main(["bench", "--dispatch", "--tiny", "--device", "cpu", "--no-progress",
+                     "--no-isolate"]) == 0
     out = capsys.readouterr().out
     assert "dense-k3-N1-C2-S6" in out and "dw-k5-N1-C2-S6" in out
     assert "the plan's pick over the fastest candidate: worst" in out
