@@ -64,6 +64,13 @@ def check_tensor(name, t, dims=None):
                          f"{tuple(t.shape)}")
 
 
+def batched(input):
+    """``(input, unbatched)``: a 4-D or 5-D ``input`` checked and given a batch dim if it had
+    none."""
+    check_tensor("input", input, (4, 5))
+    return (input.unsqueeze(0), True) if input.dim() == 4 else (input, False)
+
+
 def check_same(name, t, ref, ref_name="input"):
     if t.dtype != ref.dtype:
         raise TypeError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), "

@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from lk3d import _algos
-from lk3d._spec import (Conv3dSpec, _triple, check_same, check_tensor, empty, geometry,
-                        out_size, positive_int)
+from lk3d._spec import (Conv3dSpec, _triple, batched, check_same, check_tensor, empty,
+                        geometry, out_size, positive_int)
 from lk3d.kernels import memory_format
 
 try:
@@ -444,6 +444,21 @@ def check_block_sparse_conv3d(input, weight_shape, block_shape, values, bias, st
     return geometry(input.shape[2:], tuple(weight_shape[2:]), stride, padding, dilation, groups)
 
 
+def _check_weight(weight):
+    if not isinstance(weight, BlockSparseWeight):
+        raise TypeError(f"weight: expected an lk3d.BlockSparseWeight, got "
+                        f"{type(weight).__name__}")
+    return weight
+
+
+def _checked(input, weight, bias, stride, padding, dilation, groups):
+    """``(input with a batch dim, whether it had none, the normalised spec)`` of a call."""
+    x, unbatched = batched(input)
+    return x, unbatched, check_block_sparse_conv3d(x, weight.shape, weight.block_shape,
+                                                   weight.values, bias, stride, padding,
+                                                   dilation, groups)
+
+
 # ---------------------------------------------------------------------------------------------
 # the torch path
 # ---------------------------------------------------------------------------------------------
@@ -617,17 +632,11 @@ def block_sparse_conv3d_torch_backward(grad, input, values, row_ptr, col, weight
 
 
 def block_sparse_conv3d_macs(input, weight, stride=1, padding=0, dilation=1, groups=1) -> int:
-    """Multiply-adds the torch path performs for ``block_sparse_conv3d(input, weight, None,
-    stride, padding, dilation, groups)``: ``bo·bi·bd·bh·bw`` per stored block and output voxel,
-    counted over the grouped convs it runs. Its grad-input and grad-values passes perform as
-    many each."""
-    check_tensor("input", input, (4, 5))
-    x = input.unsqueeze(0) if input.dim() == 4 else input
-    if not isinstance(weight, BlockSparseWeight):
-        raise TypeError(f"weight: expected an lk3d.BlockSparseWeight, got "
-                        f"{type(weight).__name__}")
-    spec = check_block_sparse_conv3d(x, weight.shape, weight.block_shape, weight.values, None,
-                                     stride, padding, dilation, groups)
+    """Multiply-adds the torch path's sparse route performs for ``block_sparse_conv3d(input,
+    weight, None, stride, padding, dilation, groups)``: ``bo·bi·bd·bh·bw`` per stored block and
+    output voxel, counted over the grouped convs it runs. Its grad-input and grad-values passes
+    perform as many each."""
+    x, _, spec = _checked(input, _check_weight(weight), None, stride, padding, dilation, groups)
     voxels = x.shape[0] * math.prod(spec.out_size)
     taps = math.prod(weight.block_shape[2:])
     total = 0
@@ -637,10 +646,6 @@ def block_sparse_conv3d_macs(input, weight, stride=1, padding=0, dilation=1, gro
         total += brick.ochan.numel() * (brick.chan.numel() // brick.groups) * taps * voxels
     return total
 
-
-# ---------------------------------------------------------------------------------------------
-# the custom ops
-# ---------------------------------------------------------------------------------------------
 
 # ---------------------------------------------------------------------------------------------
 # the torch path's route: the stored blocks, or the dense convolution of the same kernel
@@ -723,18 +728,12 @@ def explain(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
     """How ``block_sparse_conv3d(input, weight, ...)`` would run here: ``{"path": "kernels"}``
     where the Triton kernels serve, else ``{"path": "torch", "route": "sparse" | "dense",
     "algo": the dense route's algorithm or None, "times_ms": modelled ms per route}``."""
-    if not isinstance(weight, BlockSparseWeight):
-        raise TypeError(f"weight: expected an lk3d.BlockSparseWeight, got "
-                        f"{type(weight).__name__}")
-    check_tensor("input", input, (4, 5))
-    x = input.unsqueeze(0) if input.dim() == 4 else input
-    spec = check_block_sparse_conv3d(x, weight.shape, weight.block_shape, weight.values, bias,
-                                     stride, padding, dilation, groups)
+    x, _, spec = _checked(input, _check_weight(weight), bias, stride, padding, dilation, groups)
     if _launcher("block_sparse_fwd", x) is not None:
         return dict(path="kernels")
-    route, algo, times = _route(x, weight.row_ptr, weight.col, weight.shape,
-                                   weight.block_shape, list(spec.stride), list(spec.padding),
-                                   list(spec.dilation), spec.groups)
+    route, algo, times = _route(x, weight.row_ptr, weight.col, weight.shape, weight.block_shape,
+                                list(spec.stride), list(spec.padding), list(spec.dilation),
+                                spec.groups)
     return dict(path="torch", route=route, algo=algo, times_ms=times)
 
 
@@ -744,6 +743,10 @@ def _dense_blocks(grad_weight, row_ptr, col, block_shape):
     blocks = _blocks(grad_weight, block_shape).reshape(-1, *block_shape)
     return blocks[_keys(row_ptr, col, grid)]
 
+
+# ---------------------------------------------------------------------------------------------
+# the custom ops
+# ---------------------------------------------------------------------------------------------
 
 def _launcher(name, t):
     """The Triton launcher ``name`` of ``lk3d.kernels.block_sparse`` if it exists and can serve
@@ -884,10 +887,7 @@ block_sparse_conv3d_op.register_autograd(_backward, setup_context=_setup_context
 def _conv(input, shape, block_shape, values, row_ptr, col, bias, stride, padding, dilation,
           groups):
     """``block_sparse_conv3d`` on a weight given by its (already checked) parts."""
-    check_tensor("input", input, (4, 5))
-    unbatched = input.dim() == 4
-    if unbatched:
-        input = input.unsqueeze(0)
+    input, unbatched = batched(input)
     spec = check_block_sparse_conv3d(input, shape, block_shape, values, bias, stride, padding,
                                      dilation, groups)
     out = block_sparse_conv3d_op(input, values, row_ptr, col, bias, list(shape),
@@ -906,8 +906,6 @@ def block_sparse_conv3d(input, weight, bias=None, stride=1, padding=0, dilation=
     input, ``weight.values`` and the bias; one ``lk3d::block_sparse_conv3d`` node under
     ``torch.compile``.
     """
-    if not isinstance(weight, BlockSparseWeight):
-        raise TypeError(f"weight: expected an lk3d.BlockSparseWeight, got "
-                        f"{type(weight).__name__}")
+    _check_weight(weight)
     return _conv(input, weight.shape, weight.block_shape, weight.values, weight.row_ptr,
                  weight.col, bias, stride, padding, dilation, groups)

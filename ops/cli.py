@@ -292,11 +292,10 @@ def _cmd_dispatch(args, parser):
     device = torch.device(args.device or bench.default_device())
     shapes = bench_dispatch.grid(C=2, S=6, kernels=(3, 5)) if args.tiny else bench_dispatch.grid()
     run_args = (shapes, device, not args.no_progress)
+    _huge_pages_note(args, device.type, not args.no_isolate)
     if args.no_isolate:
-        _huge_pages_note(args, device.type, False)
         rows = bench_dispatch.run(*run_args)
     else:  # in a worker, for the CPU's huge-page setting (it must be there before torch loads)
-        _huge_pages_note(args, device.type, True)
         worker = bench.Worker(env=bench.worker_env(device.type, not args.no_huge_pages))
         try:
             status, rows = worker.call(bench_dispatch.run, run_args, timeout=3600)
@@ -420,7 +419,7 @@ def build_parser():
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-huge-pages", action="store_true",
                    help="on the CPU, measure without PyTorch's transparent huge pages for large "
-                   f"tensors (default: the worker runs with {'THP_MEM_ALLOC_ENABLE'}=1; see "
+                   f"tensors (default: the worker runs with {cpu_memory.THP_ENV}=1; see "
                    "lk3d.cpu_memory)")
     p.add_argument("--dispatch", action="store_true",
                    help="the dispatch grid instead: k=3..21, dense and depthwise, every "

@@ -47,9 +47,9 @@ kernel is future work. Against the dense kernel (``2·k³·Cin·Cout``) it still
 swapped, the factor gradients about twice the forward.
 
 The ``aten`` algorithm, and everywhere the kernels do not serve (CPU without the interpreter,
-CPU bf16, float64 on CUDA, mixed dtypes), is the factored sequence in torch (``cp_conv3d_torch``): a pointwise conv with ``U_in``
-(x -> [N, R, D, H, W]), three 1-D depthwise convs (groups=R) with ``A``, ``B``, ``C`` along D, H
-and W, each taking that axis's stride, dilation and padding, then a pointwise conv with
+CPU bf16, float64 on CUDA, mixed dtypes), is the factored sequence in torch
+(``cp_conv3d_torch``): a pointwise conv with ``U_in`` (x -> [N, R, D, H, W]), three 1-D depthwise
+convs (groups=R) with ``A``, ``B``, ``C`` along D, H and W, each taking that axis's stride, dilation and padding, then a pointwise conv with
 ``U_out·weights`` and the bias; the separable ``2·R·(Cin + kd + kh + kw + Cout)`` FLOPs per output
 voxel (stride 1), at the price of materialising the intermediates. Its backward recomputes the
 sequence and runs ``aten.convolution_backward`` through it in reverse. Both paths match
@@ -65,8 +65,8 @@ import torch.nn.functional as F
 
 from lk3d import _algos
 from lk3d._algos import kernels_can_run
-from lk3d._spec import (Conv3dSpec, _triple, check_same, check_tensor, empty, geometry,
-                        out_size)
+from lk3d._spec import (Conv3dSpec, _triple, batched, check_same, check_tensor, empty,
+                        geometry, out_size)
 from lk3d.autotune import cp_configs, select
 from lk3d.autotune.cache import problem_key
 from lk3d.autotune.cp_configs import CPProblem
@@ -347,8 +347,8 @@ def _problem(kind, M, kc, nc, A, B, C, rank, partials=False):
 # Triton interpreter the kernels are preferred (they are what the tests check). The fused
 # kernels cost 2·k³·Cin·R FLOPs per output voxel (compute-bound), the sequence about its memory
 # traffic (five convolutions, four R-channel intermediates): the sequence wins at large kernels.
-# CUDA constants are untuned guesses until `lk3d tune` measures the device.
-_CUDA_TILED_FRACTION = 0.45   # of the device's dense rate (as lk3d.conv3d's tiled kernels)
+# CUDA rates are lk3d.conv3d's (fractions of the device's dense rate for its tiled kernels and
+# cuDNN), untuned guesses as they are until `lk3d tune` measures the device.
 _CUDA_BYTES_PER_S = 2.0e12    # sustained bandwidth of the sequence's memory-bound convolutions
 _CUDA_LAUNCH_MS = 0.008       # per kernel launch
 
@@ -366,13 +366,14 @@ def model_ms(algo, x_shape, cout, rank, kernel, stride, padding, dilation, dtype
         if device.type != "cuda":
             return math.inf  # the interpreter checks kernels; it is not for speed
         flops = 2 * m_out * (math.prod(kernel) * cin * rank + rank * cout)
-        rate = _CUDA_TILED_FRACTION * _algos._cuda_rate(device, dtype)
+        rate = _algos._CUDA_FRACTION["tiled", "dense"] * _algos._cuda_rate(device, dtype)
         return passes * 1e3 * flops / rate + _CUDA_LAUNCH_MS
     elem = torch.empty((), dtype=dtype).element_size()
     moved = elem * (m_in * (cin + 7 * rank) + m_out * (rank + cout))
     flops = 2 * (m_in * rank * (cin + sum(kernel)) + m_out * rank * cout)
     if device.type == "cuda":
-        secs = moved / _CUDA_BYTES_PER_S + flops / (0.35 * _algos._cuda_rate(device, dtype))
+        secs = moved / _CUDA_BYTES_PER_S + flops / (
+            _algos._CUDA_FRACTION["aten", "dense"] * _algos._cuda_rate(device, dtype))
         return passes * 1e3 * secs + 5 * passes * _CUDA_LAUNCH_MS
     secs = moved / _algos._CPU_BYTES_PER_S + flops / (
         _algos._CPU_ATEN_PER_THREAD["depthwise"] * torch.get_num_threads())
@@ -544,8 +545,7 @@ def explain(input, factors, bias=None, stride=1, padding=0, dilation=1, groups=1
     "tiled", the fused Triton kernels, or "aten", the factored torch sequence; where the choice
     came from, "only" where the kernels cannot take the tensors; modelled or measured ms per
     candidate)."""
-    check_tensor("input", input, (4, 5))
-    x = input.unsqueeze(0) if input.dim() == 4 else input
+    x, _ = batched(input)
     spec = check_cp_conv3d(x, factors, bias, stride, padding, dilation, groups)
     U_out, U_in, A, B, C, weights = factors.tensors()
     geometry = (list(spec.stride), spec.padding, list(spec.dilation))
@@ -565,10 +565,7 @@ def cp_conv3d(input, factors, bias=None, stride=1, padding=0, dilation=1, groups
     loudly). Differentiable in the input, every factor, the weights and the bias; one
     ``lk3d::cp_conv3d`` node under ``torch.compile``.
     """
-    check_tensor("input", input, (4, 5))
-    unbatched = input.dim() == 4
-    if unbatched:
-        input = input.unsqueeze(0)
+    input, unbatched = batched(input)
     spec = check_cp_conv3d(input, factors, bias, stride, padding, dilation, groups)
     out = cp_conv3d_op(input, *factors.tensors(), bias, list(spec.stride), spec.padding,
                        list(spec.dilation))

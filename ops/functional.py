@@ -1,7 +1,7 @@
 """``lk3d.conv3d``: ``torch.nn.functional.conv3d`` semantics on lk3d's kernels."""
 
 from lk3d._conv_ops import conv3d_op, plan
-from lk3d._spec import check_conv3d, check_tensor
+from lk3d._spec import batched, check_conv3d
 
 
 def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -14,16 +14,11 @@ def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     aten (or the kernels under ``TRITON_INTERPRET=1``). The result has the input's dtype and
     memory format. Differentiable in input, weight and bias; one node under ``torch.compile``.
     """
-    input, unbatched = _batched(input)
+    input, unbatched = batched(input)
     spec = check_conv3d(input, weight, bias, stride, padding, dilation, groups)
     out = conv3d_op(input, weight, bias, list(spec.stride), spec.padding, list(spec.dilation),
                     spec.groups)
     return out.squeeze(0) if unbatched else out
-
-
-def _batched(input):
-    check_tensor("input", input, (4, 5))
-    return (input.unsqueeze(0), True) if input.dim() == 4 else (input, False)
 
 
 def explain(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -34,7 +29,7 @@ def explain(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
     choice came from (``forced``/``cache``/``seed``/``measured``/``model``), the problem key and
     the measured or modelled milliseconds per candidate.
     """
-    input, _ = _batched(input)
+    input, _ = batched(input)
     spec = check_conv3d(input, weight, bias, stride, padding, dilation, groups)
     geometry = (list(spec.stride), spec.padding, list(spec.dilation), spec.groups)
     x_shape, w_shape = list(input.shape), list(weight.shape)
