@@ -30,8 +30,15 @@ import torch
 
 HARDWARE_FIELDS = ("type", "name", "capability", "sms", "threads")
 
-_MEMO: dict[tuple, dict] = {}
+_MEMO: dict[tuple, dict | str] = {}
 _MEMO_LOCK = threading.Lock()
+
+
+def _memo_key(device: torch.device) -> tuple:
+    index = device.index
+    if device.type == "cuda" and index is None:
+        index = torch.cuda.current_device()
+    return device.type, index, torch.get_num_threads()
 
 
 def device_fingerprint(device: torch.device | str) -> dict:
@@ -41,16 +48,25 @@ def device_fingerprint(device: torch.device | str) -> dict:
     count gives a new fingerprint on the CPU.
     """
     device = torch.device(device)
-    index = device.index
-    if device.type == "cuda" and index is None:
-        index = torch.cuda.current_device()
-    memo_key = (device.type, index, torch.get_num_threads())
+    memo_key = _memo_key(device)
     fp = _MEMO.get(memo_key)
     if fp is None:
-        fp = _software() | _hardware(device.type, index)
+        fp = _software() | _hardware(device.type, memo_key[1])
         with _MEMO_LOCK:
             fp = _MEMO.setdefault(memo_key, fp)
     return dict(fp)
+
+
+def device_id(device: torch.device | str) -> str:
+    """``fingerprint_id(device_fingerprint(device))``, memoised the same way (every op asks)."""
+    device = torch.device(device)
+    memo_key = ("id", *_memo_key(device))
+    fid = _MEMO.get(memo_key)
+    if fid is None:
+        fid = fingerprint_id(device_fingerprint(device))
+        with _MEMO_LOCK:
+            fid = _MEMO.setdefault(memo_key, fid)
+    return fid
 
 
 def fingerprint_id(fp: dict) -> str:

@@ -30,7 +30,7 @@ import torch
 
 from lk3d.autotune.cache import default_cache, space_hash
 from lk3d.autotune.configs import CONFIG_SPACES
-from lk3d.autotune.fingerprint import device_fingerprint, fingerprint_id
+from lk3d.autotune.fingerprint import device_id
 
 ALGOS = ("tiled", "fft", "aten")
 MODEL_VERSION = 1  # bump when the meaning of stored plans changes
@@ -134,7 +134,7 @@ def choose(op: str, key: str, device: torch.device, candidates: Sequence[str],
     note = f"LK3D_ALGO={forced} cannot run here" if forced else ""
     if preferred is not None and preferred in candidates:
         return Plan(preferred, "model", key, note=note or "interpreter: the kernels are the test")
-    fid = fingerprint_id(device_fingerprint(device))
+    fid = device_id(device)
     space = space_of(candidates, kernels)
     cache = default_cache()
     hit = cache.get(fid, key, space)

@@ -210,15 +210,16 @@ KERNELS = {"conv3d": ("conv3d_fwd", "conv3d_dw"), "conv3d_grad_input": ("conv3d_
            "conv3d_grad_weight": ("conv3d_wgrad", "conv3d_dw_wgrad")}
 
 # Sustained rates the model assumes (FLOP/s). CPU numbers were fitted to `lk3d bench --dispatch`
-# on a 2-core x86 machine (oneDNN, [1,16,48³], k=3..21; per thread) plus the time to stream input
-# and output once; CUDA ones are fractions of the device's dense rate, untuned guesses until
-# `lk3d tune` measures (or a shipped seed covers) the device.
-_CPU_ATEN_PER_THREAD = {"dense": 280e9, "depthwise": 175e9}
+# on a 2-core Intel Xeon (oneDNN, [1,16,48³], k=3..21; per thread; an AVX-512 AMD EPYC ran aten
+# ~3x and the FFT ~2x faster) plus the time to stream input and output once; CUDA ones are
+# fractions of the device's dense rate, untuned guesses until `lk3d tune` measures (or a shipped
+# seed covers) the device.
+_CPU_ATEN_PER_THREAD = {"dense": 90e9, "depthwise": 60e9}
 _CPU_BYTES_PER_S = 10e9
 _CUDA_FRACTION = {("tiled", "dense"): 0.45, ("tiled", "depthwise"): 0.08,
                   ("aten", "dense"): 0.35, ("aten", "depthwise"): 0.01}
-_CUDA_FFT_SPEEDUP = 40.0  # a GPU's FFT pipeline against this file's CPU constants
-_FFT_CALIBRATION = 0.35   # measured / modelled seconds of lk3d.fft on the CPU (same fit)
+_CUDA_FFT_SPEEDUP = 80.0  # a GPU's FFT pipeline against the CPU model (a guess, as before)
+_FFT_CALIBRATION = 1.35   # measured / modelled seconds of conv3d by lk3d.fft (with pad and crop)
 _FFT_OVERHEAD_MS = 0.3    # its ~40 torch calls, whatever the size
 
 

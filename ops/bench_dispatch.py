@@ -6,7 +6,8 @@ it times every way to run the forward pass, in one process and the same run:
     torch       F.conv3d on the NCDHW input
     torch-cl    F.conv3d on the input already in channels_last_3d (oneDNN's fast layout on the
                 CPU; its conversion is not timed: the baseline of a user who keeps that layout)
-    lk3d-aten   lk3d's aten algorithm on the NCDHW input (it converts where NCDHW collapses)
+    lk3d-aten   lk3d's aten algorithm on the NCDHW input (it converts where NCDHW collapses; where
+                it does not, it is torch's own call and is timed once, as torch)
     lk3d-fft    lk3d's overlap-save FFT
     lk3d-tiled  lk3d's Triton kernels (CUDA only)
     lk3d-auto   lk3d.conv3d as a user calls it: the plan comes from the cache, else the cost model
@@ -60,9 +61,11 @@ def _skip(provider, shape, device):
     return ""
 
 
-def run(shapes, device, progress=True, rounds=3):
+def run(shapes, device, progress=True, rounds=5):
     """One row per shape: provider -> ms (or a skip reason), auto's choice and the ratios. Each
-    provider is timed in ``rounds`` interleaved rounds and keeps its best median."""
+    provider is timed in ``rounds`` interleaved rounds and keeps its best median. Where lk3d's
+    aten algorithm is the very call torch makes (it keeps the input's layout), it is timed once,
+    as torch: two timings of one call differ only by noise."""
     from tqdm import tqdm
 
     rows = []
@@ -80,6 +83,10 @@ def run(shapes, device, progress=True, rounds=3):
                                                    groups),
             "lk3d-auto": lambda: lk3d.conv3d(x, w, None, 1, p, 1, groups),
         }
+        same = {}
+        if _algos._aten_layout(x, w.shape) is x:
+            same["lk3d-aten"] = "torch"
+            del providers["lk3d-aten"]
         if _algos.kernels_can_run(x) and device.type == "cuda":
             providers["lk3d-tiled"] = lambda: _algos.tiled_forward(
                 x, w, None, (1, 1, 1), [p] * 6, (1, 1, 1), groups)
@@ -92,12 +99,18 @@ def run(shapes, device, progress=True, rounds=3):
                         skipped[name] = reason
                         continue
                     times[name] = min(times.get(name, float("inf")), time_ms(fn, device))
+        for name, twin in same.items():
+            if twin in times:
+                times[name] = times[twin]
+            elif twin in skipped:
+                skipped[name] = skipped[twin]
         plan = lk3d.explain(x, w, None, 1, p, 1, groups)["forward"]
         others = {k: v for k, v in times.items() if k not in ("lk3d-auto", "torch-cl")}
         best = min(others, key=others.get)
         torch_best = min(v for k, v in times.items() if k.startswith("torch"))
         picked = times.get(f"lk3d-{plan['algo']}", times["lk3d-auto"])
-        rows.append(dict(shape=shape.name, times_ms=times, skipped=skipped, auto=plan["algo"],
+        rows.append(dict(shape=shape.name, times_ms=times, skipped=skipped, same=same,
+                         auto=plan["algo"],
                          auto_source=plan["source"], best=best,
                          pick_over_best=picked / others[best],
                          auto_over_best=times["lk3d-auto"] / others[best],
@@ -112,13 +125,17 @@ def format_rows(rows):
         f"{'auto':>7} {'best':>10} {'pick/best':>10} {'auto/best':>10} {'fft speedup':>12}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        cells = "".join(f"{r['times_ms'][n]:>14.1f}" if n in r["times_ms"] else f"{'skip':>14}"
+        cells = "".join(f"{'= ' + r['same'][n]:>14}" if n in r.get("same", {}) else
+                        f"{r['times_ms'][n]:>14.1f}" if n in r["times_ms"] else f"{'skip':>14}"
                         for n in names)
         lines.append(f"{r['shape']:<26}{cells}{r['auto']:>7} {r['best']:>10} "
                      f"{r['pick_over_best']:>9.2f}x {r['auto_over_best']:>9.2f}x "
                      f"{r['fft_speedup']:>11.2f}x")
     skipped = sorted({reason for r in rows for reason in r["skipped"].values()})
     lines += [f"  ({reason})" for reason in skipped]
+    if any(r.get("same") for r in rows):
+        lines.append("  (= torch: lk3d's aten algorithm keeps the input's layout there, so it is "
+                     "torch's own call, timed once)")
     lines.append(f"  device: {_device_name(rows)}; torch {torch.__version__}; "
                  f"threads {torch.get_num_threads()}")
     return "\n".join(lines)

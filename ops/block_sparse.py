@@ -656,15 +656,18 @@ def block_sparse_conv3d_macs(input, weight, stride=1, padding=0, dilation=1, gro
 # convolution of ``to_dense()`` by lk3d.conv3d's aten or FFT algorithm, whichever its cost
 # model prefers). Small blocks cost the sparse route far more per multiply-add than oneDNN's
 # dense kernels (gathers and scatters of channel slices, small batched products), so it wins
-# only below some density; the cost model below picks the cheaper. Its constants were fitted to
-# measured times of the sparse route on a 2-core x86 CPU (torch 2.13; blocks 4x4 to 32x32 per
-# tap, 4³ bricks, depthwise; 5% to 100% density): per element gathered or scattered, per
-# multiply-add of a one-tap brick (batched small products) and of a brick run as a grouped
-# F.conv3d (oneDNN), and per brick.
-_MOVE_NS = 0.3
-_TAP_MAC_NS = 0.02
-_CONV_MAC_NS = 0.005
-_BRICK_MS = 0.03
+# only below some density; the cost model below picks the cheaper. Its constants were fitted
+# (non-negative least squares on relative error) to 35 measured times of the sparse route on a
+# 2-core Intel Xeon (torch 2.13; channel blocks 8x8 to 32x32 per tap, 2³/3³/4³ bricks, depthwise
+# bricks; 5% to 100% density), the same machine as lk3d.conv3d's CPU model: per element gathered
+# or scattered, per multiply-add of a one-tap brick (batched small products; the fit puts its
+# cost in the gathers), per multiply-add of a brick run as a grouped F.conv3d (oneDNN), and per
+# brick. With them the route picked was the faster one in 32 of the 35 cases and within 1.2x
+# of it in 34 (the constants fitted earlier on an AMD EPYC misrouted 20 there, by up to 7x).
+_MOVE_NS = 1.6
+_TAP_MAC_NS = 0.0
+_CONV_MAC_NS = 0.023
+_BRICK_MS = 0.4
 
 # "auto" (the cost model), or "sparse" / "dense" to force a route (the tests force "sparse").
 ROUTE = "auto"

@@ -30,6 +30,7 @@ and the output. A single (sample, channel group) whose spectra alone exceed the 
 """
 import bisect
 import functools
+import itertools
 import math
 import os
 
@@ -40,9 +41,15 @@ _FAST_MAX = 1 << 14
 _FAST = sorted({2 ** a * 3 ** b * 5 ** c * 7 ** d for a in range(15) for b in range(9)
                 for c in range(7) for d in range(6) if 2 ** a * 3 ** b * 5 ** c * 7 ** d <= _FAST_MAX})
 
-# Seconds per unit, measured on a 2-core x86 CPU (torch 2.13): complex FFT work (n log2 n per
-# transformed element), small-matrix batched complex matmul MACs, DFT (large matmul) MACs.
-_C_FFT, _C_BMM, _C_DFT, _C_ELEM = 2.1e-10, 1.3e-9, 3.7e-10, 2.0e-9
+# Seconds per unit of each feature of ``fft_features`` (2 torch threads, torch 2.13), fitted by
+# perf_reports/fit_fft_model.py to measured xcorr times over shapes and transform lengths: complex
+# FFT work (n log2 n per transformed element), DFT-matmul MACs of the kernel spectrum, small-matrix
+# batched complex-matmul MACs (dense channel products), elementwise complex products (depthwise),
+# complex elements moved by the permutes around the product, and tiles (per-tile call overheads).
+# Fitted on a 2-core Intel Xeon (perf_reports/fft_model_fit.json: 140 measured plans of 14 shapes;
+# the model's spread, p90/p10 of modelled over measured seconds, went from 2.95 to 1.72).
+COST = {"fft": 1.79e-10, "dft": 8.81e-11, "bmm": 3.87e-10, "elem": 5.13e-09, "move": 5.14e-09,
+        "tile": 8.31e-05}
 
 
 def next_fast(n):
@@ -68,10 +75,8 @@ def _real(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@functools.lru_cache(maxsize=4096)
-def plan_tiles(Q, E, K, N, cin, cout, groups):
-    """Per-axis transform lengths L for outputs Q, dilated extents E, taps K; and the modelled
-    seconds. Returns ``(L, seconds)`` with L a 3-tuple."""
+def candidate_lengths(Q, E):
+    """Per axis, the transform lengths the plan considers for outputs q and dilated extent e."""
     cands = []
     for q, e in zip(Q, E):
         hi = next_fast(q + e - 1)
@@ -85,18 +90,23 @@ def plan_tiles(Q, E, K, N, cin, cout, groups):
                 seen.add(t)
                 keep.append(f)
         cands.append(keep if len(keep) <= 24 else keep[:8] + keep[-16:])
+    return cands
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_tiles(Q, E, K, N, cin, cout, groups):
+    """Per-axis transform lengths L for outputs Q, dilated extents E, taps K; and the modelled
+    seconds. Returns ``(L, seconds)`` with L a 3-tuple."""
     best = None
-    for ld in cands[0]:
-        for lh in cands[1]:
-            for lw in cands[2]:
-                s = fft_seconds((ld, lh, lw), Q, E, K, N, cin, cout, groups)
-                if best is None or s < best[1]:
-                    best = ((ld, lh, lw), s)
+    for L in itertools.product(*candidate_lengths(Q, E)):
+        s = fft_seconds(L, Q, E, K, N, cin, cout, groups)
+        if best is None or s < best[1]:
+            best = (L, s)
     return best
 
 
-def fft_seconds(L, Q, E, K, N, cin, cout, groups):
-    """Modelled seconds of one overlap-save correlation with transform lengths L."""
+def fft_features(L, Q, E, K, N, cin, cout, groups):
+    """The work of one overlap-save correlation with transform lengths L, per unit of ``COST``."""
     B = [l - e + 1 for l, e in zip(L, E)]
     T = math.prod(-(-q // b) for q, b in zip(Q, B))
     vol = math.prod(L)
@@ -104,13 +114,18 @@ def fft_seconds(L, Q, E, K, N, cin, cout, groups):
     logv = math.log2(max(2, vol))
     cg, og = cin // groups, cout // groups
     kept = (1 + B[0] / L[0] + B[0] * B[1] / (L[0] * L[1])) / 3  # irfftn_cropped's share
-    fft = N * T * (cin + cout * kept) * vol * logv
     dft = cout * cg * (K[0] * K[1] * K[2] * (L[2] // 2 + 1) + K[0] * K[1] * L[1] * (L[2] // 2 + 1)
                        + K[0] * L[0] * L[1] * (L[2] // 2 + 1))
     prod = N * T * Fr * cg * og * groups
-    move = (N * cin * T + N * cout * T) * Fr  # permutes of spectra around the product
-    c_prod = _C_ELEM if cg == 1 else _C_BMM
-    return _C_FFT * fft + _C_DFT * dft + c_prod * prod + _C_ELEM * move
+    return {"fft": N * T * (cin + cout * kept) * vol * logv, "dft": dft,
+            "bmm": prod if cg > 1 else 0, "elem": prod if cg == 1 else 0,
+            "move": (N * cin * T + N * cout * T) * Fr if cg > 1 else 0, "tile": N * T}
+
+
+def fft_seconds(L, Q, E, K, N, cin, cout, groups):
+    """Modelled seconds of one overlap-save correlation with transform lengths L."""
+    f = fft_features(L, Q, E, K, N, cin, cout, groups)
+    return sum(COST[name] * v for name, v in f.items())
 
 
 def _dft_matrix(k, L, dil, half, dtype, device, sign):

@@ -324,3 +324,16 @@ def test_default_cache_follows_the_environment(tmp_path, monkeypatch):
     assert second is not first and second.path.parent == tmp_path / "elsewhere"
     monkeypatch.delenv("LK3D_CACHE_DIR")
     assert PlanCache().directory != tmp_path / "elsewhere"
+
+
+def test_device_id_is_the_fingerprint_id_memoised():
+    from lk3d.autotune.fingerprint import device_id
+    assert device_id("cpu") == fingerprint_id(device_fingerprint("cpu"))
+    assert device_id(torch.device("cpu")) is device_id("cpu")
+    threads = torch.get_num_threads()
+    try:  # the thread count is part of a CPU fingerprint: a new count, a new id
+        torch.set_num_threads(threads + 1)
+        assert device_id("cpu") == fingerprint_id(device_fingerprint("cpu"))
+        assert device_id("cpu") != fingerprint_id(device_fingerprint("cpu") | {"threads": threads})
+    finally:
+        torch.set_num_threads(threads)

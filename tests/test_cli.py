@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import lk3d
 from lk3d import bench
@@ -271,3 +272,18 @@ def test_bench_dispatch_tiny(capsys):
     out = capsys.readouterr().out
     assert "dense-k3-N1-C2-S6" in out and "dw-k5-N1-C2-S6" in out
     assert "the plan's pick over the fastest candidate: worst" in out
+
+
+def test_bench_dispatch_times_one_call_once():
+    """Where lk3d's aten algorithm is torch's own call it is timed once, as torch; where it
+    converts the layout (CPU dense k >= 15) it is a provider of its own."""
+    from lk3d import bench_dispatch
+    shapes = [bench_dispatch.Shape(1, 2, 6, 3, True), bench_dispatch.Shape(1, 2, 6, 15, False)]
+    same_call, converts = bench_dispatch.run(shapes, torch.device("cpu"), progress=False,
+                                             rounds=1)
+    assert same_call["same"] == {"lk3d-aten": "torch"}
+    assert same_call["times_ms"]["lk3d-aten"] == same_call["times_ms"]["torch"]
+    assert converts["same"] == {}
+    assert converts["times_ms"]["lk3d-aten"] > 0
+    text = bench_dispatch.format_rows([same_call, converts])
+    assert "= torch" in text and "timed once" in text

@@ -5,7 +5,10 @@ fuzz, low precision, gradcheck, layouts), and its pieces directly: ``xcorr`` at 
 lengths (the overlap-save tiling), memory chunking, ``next_fast``, ``plan_tiles`` and
 ``kernel_spectrum``.
 """
+import importlib.util
+import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -340,3 +343,49 @@ def test_layouts(case, layout, device):
     y_plain = lk3d.conv3d(x_plain, w, b, **case.args())
     assert rel_err(y, y_plain) < 1e-6
     assert rel_err(gx, torch.autograd.grad(y_plain, x_plain, gy)[0]) < 1e-6
+
+
+def test_fft_seconds_is_cost_times_features():
+    args = ((48, 40, 44), (21, 9, 15), (21, 9, 15), 2, 16, 8, 2)
+    for L in [(45, 24, 30), (70, 48, 60)]:
+        f = fft.fft_features(L, *args)
+        assert set(f) == set(fft.COST)
+        assert all(v >= 0 for v in f.values())
+        assert fft.fft_seconds(L, *args) == pytest.approx(
+            sum(fft.COST[n] * v for n, v in f.items()))
+    dense = fft.fft_features((45, 24, 30), *args)
+    depthwise = fft.fft_features((45, 24, 30), (48, 40, 44), (21, 9, 15), (21, 9, 15),
+                                 2, 16, 16, 16)
+    assert dense["bmm"] > 0 and dense["elem"] == 0 and dense["move"] > 0
+    assert depthwise["bmm"] == 0 and depthwise["elem"] > 0 and depthwise["move"] == 0
+    # fewer, longer tiles: fewer tiles, more kernel-spectrum work
+    short, long = (fft.fft_features(L, *args) for L in [(24, 12, 16), (70, 48, 60)])
+    assert short["tile"] > long["tile"] and short["dft"] < long["dft"]
+
+
+def test_plan_tiles_searches_candidate_lengths():
+    Q, E = (48, 20, 33), (15, 5, 7)
+    cands = fft.candidate_lengths(Q, E)
+    L, secs = fft.plan_tiles(Q, E, E, 1, 8, 8, 1)
+    assert all(length in axis for length, axis in zip(L, cands))
+    assert secs == pytest.approx(min(fft.fft_seconds(c, Q, E, E, 1, 8, 8, 1)
+                                     for c in itertools.product(*cands)))
+
+
+def test_fit_fft_model_recovers_known_constants():
+    """perf_reports/fit_fft_model.py's fit, on times made from known constants."""
+    spec = importlib.util.spec_from_file_location(
+        "fit_fft_model", Path(__file__).parents[1] / "perf_reports" / "fit_fft_model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    truth = {"fft": 2e-10, "dft": 1e-10, "bmm": 4e-10, "elem": 5e-9, "move": 5e-9, "tile": 1e-4}
+    rows = []
+    for Q, K, N, cin, cout, groups in mod.PROBLEMS:
+        for L in itertools.islice(itertools.product(*fft.candidate_lengths(Q, K)), 0, None, 7):
+            f = fft.fft_features(L, Q, K, K, N, cin, cout, groups)
+            rows.append(dict(problem=[Q, K, N, cin, cout, groups], L=list(L), features=f,
+                             ms=1e3 * sum(truth[n] * v for n, v in f.items())))
+    fitted = mod.fit(rows, list(truth))
+    for name, value in truth.items():
+        assert fitted[name] == pytest.approx(value, rel=1e-3), name
+    assert all(r == pytest.approx(1.0) for _, r, _, _ in mod.regret(rows, fitted))
