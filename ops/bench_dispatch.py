@@ -15,12 +15,17 @@ it times every way to run the forward pass, in one process and the same run:
 and reports, against the fastest candidate lk3d chooses among on the same input (torch,
 lk3d-aten, lk3d-fft, lk3d-tiled): ``pick/best``, the measured time of the algorithm the plan picked
 over the best (the quality of the choice; the goal: within 1.1x everywhere), and ``auto/best``,
-lk3d.conv3d's own end-to-end time over the best (the choice plus the op's overhead, and the
-timing noise of running the same code twice: on a shared 2-core machine that alone reaches
-+-30%). Also the FFT's speedup over the faster torch layout (torch or torch-cl). Providers known to be pathological are skipped
-with the reason in the row instead of hanging the run (CPU aten, NCDHW, dense k >= 21: minutes).
+lk3d.conv3d's own end-to-end time over the best: its time over the picked algorithm's, measured by
+alternating single calls of the two (``paired_ratio``: the same code timed in separate rounds
+differs by up to +-30% on a shared 2-core machine, a pair of back-to-back calls far less), times
+``pick/best``. The ``lk3d-auto`` column itself is timed in the rounds like the others. Also the
+FFT's speedup over the faster torch layout (torch or torch-cl). Providers known to be
+pathological are skipped with the reason in the row instead of hanging the run (CPU aten, NCDHW,
+dense k >= 21: minutes).
 """
 import os
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -108,14 +113,42 @@ def run(shapes, device, progress=True, rounds=5):
         others = {k: v for k, v in times.items() if k not in ("lk3d-auto", "torch-cl")}
         best = min(others, key=others.get)
         torch_best = min(v for k, v in times.items() if k.startswith("torch"))
-        picked = times.get(f"lk3d-{plan['algo']}", times["lk3d-auto"])
+        pick_name = f"lk3d-{plan['algo']}"
+        pick_name = same.get(pick_name, pick_name)
+        picked = times.get(pick_name, times["lk3d-auto"])
+        with torch.no_grad():
+            overhead = paired_ratio(providers["lk3d-auto"], providers[pick_name], device) \
+                if pick_name in times and pick_name in providers else 1.0
         rows.append(dict(shape=shape.name, times_ms=times, skipped=skipped, same=same,
                          auto=plan["algo"],
                          auto_source=plan["source"], best=best,
                          pick_over_best=picked / others[best],
-                         auto_over_best=times["lk3d-auto"] / others[best],
+                         auto_over_pick=overhead,
+                         auto_over_best=overhead * picked / others[best],
                          fft_speedup=torch_best / times["lk3d-fft"]))
     return rows
+
+
+def paired_ratio(fn_a, fn_b, device, pairs=None, min_s=1.0):
+    """Median over alternating single calls (a, b, a, b, ...) of time(a) / time(b): drift of a
+    shared machine hits both calls of a pair alike, which separately timed rounds cannot give."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn_a(), fn_b()  # warm
+    ratios, start = [], time.perf_counter()
+    while len(ratios) < (pairs or 5) or (pairs is None and time.perf_counter() - start < min_s
+                                         and len(ratios) < 200):
+        ts = []
+        for fn in (fn_a, fn_b):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            ts.append(time.perf_counter() - t0)
+        ratios.append(ts[0] / ts[1])
+    return statistics.median(ratios)
 
 
 def format_rows(rows):

@@ -285,5 +285,16 @@ def test_bench_dispatch_times_one_call_once():
     assert same_call["times_ms"]["lk3d-aten"] == same_call["times_ms"]["torch"]
     assert converts["same"] == {}
     assert converts["times_ms"]["lk3d-aten"] > 0
+    for row in (same_call, converts):  # end to end = (auto over its pick, paired) x pick/best
+        assert row["auto_over_pick"] > 0
+        assert row["auto_over_best"] == pytest.approx(row["auto_over_pick"]
+                                                      * row["pick_over_best"])
     text = bench_dispatch.format_rows([same_call, converts])
     assert "= torch" in text and "timed once" in text
+
+
+def test_paired_ratio():
+    from lk3d import bench_dispatch
+    ratio = bench_dispatch.paired_ratio(lambda: time.sleep(0.004), lambda: time.sleep(0.001),
+                                        torch.device("cpu"), pairs=7)
+    assert 2 < ratio < 6  # 4 ms over 1 ms, give or take a sleep's overshoot
