@@ -66,9 +66,10 @@ def _skip(provider, shape, device):
     return ""
 
 
-def run(shapes, device, progress=True, rounds=5):
+def run(shapes, device, progress=True, rounds=5, pairs=None):
     """One row per shape: provider -> ms (or a skip reason), auto's choice and the ratios. Each
-    provider is timed in ``rounds`` interleaved rounds and keeps its best median. Where lk3d's
+    provider is timed in ``rounds`` interleaved rounds and keeps its best median; ``pairs``: the
+    alternating calls of ``paired_ratio`` (None: a second's worth). Where lk3d's
     aten algorithm is the very call torch makes (it keeps the input's layout), it is timed once,
     as torch: two timings of one call differ only by noise."""
     from tqdm import tqdm
@@ -117,7 +118,8 @@ def run(shapes, device, progress=True, rounds=5):
         pick_name = same.get(pick_name, pick_name)
         picked = times.get(pick_name, times["lk3d-auto"])
         with torch.no_grad():
-            overhead = paired_ratio(providers["lk3d-auto"], providers[pick_name], device) \
+            overhead = paired_ratio(providers["lk3d-auto"], providers[pick_name], device,
+                                    pairs) \
                 if pick_name in times and pick_name in providers else 1.0
         rows.append(dict(shape=shape.name, times_ms=times, skipped=skipped, same=same,
                          auto=plan["algo"],

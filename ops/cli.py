@@ -291,7 +291,8 @@ def _cmd_dispatch(args, parser):
 
     device = torch.device(args.device or bench.default_device())
     shapes = bench_dispatch.grid(C=2, S=6, kernels=(3, 5)) if args.tiny else bench_dispatch.grid()
-    run_args = (shapes, device, not args.no_progress)
+    # --tiny checks the machinery (seconds): one round, five pairs for the end-to-end ratio
+    run_args = (shapes, device, not args.no_progress) + ((1, 5) if args.tiny else ())
     _huge_pages_note(args, device.type, not args.no_isolate)
     if args.no_isolate:
         rows = bench_dispatch.run(*run_args)

@@ -274,13 +274,14 @@ def test_bench_dispatch_tiny(capsys):
     assert "the plan's pick over the fastest candidate: worst" in out
 
 
-def test_bench_dispatch_times_one_call_once():
+def test_bench_dispatch_times_one_call_once(monkeypatch):
     """Where lk3d's aten algorithm is torch's own call it is timed once, as torch; where it
     converts the layout (CPU dense k >= 15) it is a provider of its own."""
     from lk3d import bench_dispatch
+    monkeypatch.setenv("LK3D_ALGO", "aten")  # not the interpreted kernels (k=15: half a minute)
     shapes = [bench_dispatch.Shape(1, 2, 6, 3, True), bench_dispatch.Shape(1, 2, 6, 15, False)]
     same_call, converts = bench_dispatch.run(shapes, torch.device("cpu"), progress=False,
-                                             rounds=1)
+                                             rounds=1, pairs=5)
     assert same_call["same"] == {"lk3d-aten": "torch"}
     assert same_call["times_ms"]["lk3d-aten"] == same_call["times_ms"]["torch"]
     assert converts["same"] == {}
