@@ -132,8 +132,10 @@ def run(shapes, device, progress=True, rounds=5, pairs=None):
 
 
 def paired_ratio(fn_a, fn_b, device, pairs=None, min_s=1.0):
-    """Median over alternating single calls (a, b, a, b, ...) of time(a) / time(b): drift of a
-    shared machine hits both calls of a pair alike, which separately timed rounds cannot give."""
+    """Median over pairs of back-to-back single calls of time(a) / time(b): drift of a shared
+    machine hits both calls of a pair alike, which separately timed rounds cannot give. The
+    order alternates (a b, b a, a b, ...): the first call of a pair was measured ~5% faster than
+    the same code run second."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -142,14 +144,14 @@ def paired_ratio(fn_a, fn_b, device, pairs=None, min_s=1.0):
     ratios, start = [], time.perf_counter()
     while len(ratios) < (pairs or 5) or (pairs is None and time.perf_counter() - start < min_s
                                          and len(ratios) < 200):
-        ts = []
-        for fn in (fn_a, fn_b):
+        ts = {}
+        for name, fn in (("a", fn_a), ("b", fn_b))[::1 if len(ratios) % 2 == 0 else -1]:
             sync()
             t0 = time.perf_counter()
             fn()
             sync()
-            ts.append(time.perf_counter() - t0)
-        ratios.append(ts[0] / ts[1])
+            ts[name] = time.perf_counter() - t0
+        ratios.append(ts["a"] / ts["b"])
     return statistics.median(ratios)
 
 

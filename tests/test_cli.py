@@ -299,3 +299,11 @@ def test_paired_ratio():
     ratio = bench_dispatch.paired_ratio(lambda: time.sleep(0.004), lambda: time.sleep(0.001),
                                         torch.device("cpu"), pairs=7)
     assert 2 < ratio < 6  # 4 ms over 1 ms, give or take a sleep's overshoot
+
+
+def test_paired_ratio_alternates_the_order():
+    from lk3d import bench_dispatch
+    calls = []
+    bench_dispatch.paired_ratio(lambda: calls.append("a"), lambda: calls.append("b"),
+                                torch.device("cpu"), pairs=4)
+    assert calls[2:] == ["a", "b", "b", "a", "a", "b", "b", "a"]  # after one warm-up pair
