@@ -30,7 +30,8 @@ import torch
 
 HARDWARE_FIELDS = ("type", "name", "capability", "sms", "threads")
 
-_MEMO: dict[tuple, dict | str] = {}
+_MEMO: dict[tuple, dict] = {}
+_ID_MEMO: dict[tuple, str] = {}
 _MEMO_LOCK = threading.Lock()
 
 
@@ -60,12 +61,12 @@ def device_fingerprint(device: torch.device | str) -> dict:
 def device_id(device: torch.device | str) -> str:
     """``fingerprint_id(device_fingerprint(device))``, memoised the same way (every op asks)."""
     device = torch.device(device)
-    memo_key = ("id", *_memo_key(device))
-    fid = _MEMO.get(memo_key)
+    memo_key = _memo_key(device)
+    fid = _ID_MEMO.get(memo_key)
     if fid is None:
         fid = fingerprint_id(device_fingerprint(device))
         with _MEMO_LOCK:
-            fid = _MEMO.setdefault(memo_key, fid)
+            fid = _ID_MEMO.setdefault(memo_key, fid)
     return fid
 
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 import lk3d
 from lk3d import _algos, fft
+from lk3d.bench import _sync
 from lk3d.autotune.select import time_ms
 
 
@@ -122,8 +123,7 @@ def run(shapes, device, progress=True, rounds=5, pairs=None):
                                     pairs) \
                 if pick_name in times and pick_name in providers else 1.0
         rows.append(dict(shape=shape.name, times_ms=times, skipped=skipped, same=same,
-                         auto=plan["algo"],
-                         auto_source=plan["source"], best=best,
+                         auto=plan["algo"], auto_source=plan["source"], best=best,
                          pick_over_best=picked / others[best],
                          auto_over_pick=overhead,
                          auto_over_best=overhead * picked / others[best],
@@ -136,20 +136,20 @@ def paired_ratio(fn_a, fn_b, device, pairs=None, min_s=1.0):
     machine hits both calls of a pair alike, which separately timed rounds cannot give. The
     order alternates (a b, b a, a b, ...): the first call of a pair was measured ~5% faster than
     the same code run second."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    def more():  # ``pairs`` pairs; else at least 5 and up to 200 within ``min_s`` seconds
+        if pairs is not None:
+            return len(ratios) < pairs
+        return len(ratios) < 5 or (len(ratios) < 200 and time.perf_counter() - start < min_s)
 
     fn_a(), fn_b()  # warm
     ratios, start = [], time.perf_counter()
-    while len(ratios) < (pairs or 5) or (pairs is None and time.perf_counter() - start < min_s
-                                         and len(ratios) < 200):
+    while more():
         ts = {}
         for name, fn in (("a", fn_a), ("b", fn_b))[::1 if len(ratios) % 2 == 0 else -1]:
-            sync()
+            _sync(device.type)
             t0 = time.perf_counter()
             fn()
-            sync()
+            _sync(device.type)
             ts[name] = time.perf_counter() - t0
         ratios.append(ts["a"] / ts["b"])
     return statistics.median(ratios)
@@ -162,7 +162,7 @@ def format_rows(rows):
         f"{'auto':>7} {'best':>10} {'pick/best':>10} {'auto/best':>10} {'fft speedup':>12}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        cells = "".join(f"{'= ' + r['same'][n]:>14}" if n in r.get("same", {}) else
+        cells = "".join(f"{'= ' + r['same'][n]:>14}" if n in r["same"] else
                         f"{r['times_ms'][n]:>14.1f}" if n in r["times_ms"] else f"{'skip':>14}"
                         for n in names)
         lines.append(f"{r['shape']:<26}{cells}{r['auto']:>7} {r['best']:>10} "
@@ -170,7 +170,7 @@ def format_rows(rows):
                      f"{r['fft_speedup']:>11.2f}x")
     skipped = sorted({reason for r in rows for reason in r["skipped"].values()})
     lines += [f"  ({reason})" for reason in skipped]
-    if any(r.get("same") for r in rows):
+    if any(r["same"] for r in rows):
         lines.append("  (= torch: lk3d's aten algorithm keeps the input's layout there, so it is "
                      "torch's own call, timed once)")
     lines.append(f"  device: {_device_name(rows)}; torch {torch.__version__}; "

@@ -84,11 +84,16 @@ def fit(rows, names):
     return dict(zip(names, (coef / scale).tolist()))
 
 
+def seconds(cost, row):
+    """The modelled seconds of a measured row under the constants ``cost``."""
+    return sum(cost[n] * v for n, v in row["features"].items())
+
+
 def regret(rows, cost):
     out = []
     for key, grp in itertools.groupby(rows, key=lambda r: json.dumps(r["problem"])):
         grp = list(grp)
-        model = min(grp, key=lambda r: sum(cost[n] * v for n, v in r["features"].items()))
+        model = min(grp, key=lambda r: seconds(cost, r))
         best = min(grp, key=lambda r: r["ms"])
         out.append((key, model["ms"] / best["ms"], model["L"], best["L"]))
     return out
@@ -104,7 +109,7 @@ def main():
     cost = fit(rows, names)
     for label, c in (("current", fft.COST), ("fitted", cost)):
         print(f"{label}: " + ", ".join(f"{n}={v:.3g}" for n, v in c.items()))
-        pred = np.array([sum(c[n] * v for n, v in r["features"].items()) for r in rows])
+        pred = np.array([seconds(c, r) for r in rows])
         ms = np.array([r["ms"] / 1e3 for r in rows])
         print(f"  model/measured: median {np.median(pred / ms):.2f}, "
               f"spread (p90/p10) {np.percentile(pred / ms, 90) / np.percentile(pred / ms, 10):.2f}")
