@@ -5,8 +5,26 @@ Forward (and grad-weight) read the input at ``i = o * STRIDE - PAD + k * DIL``; 
 output gradient at ``o = (i + PAD - k * DIL) / STRIDE``, which exists only when the division is exact.
 Writing the two mappings once here keeps every kernel body free of copies of this arithmetic.
 """
+import re
+
 import triton
 import triton.language as tl
+
+
+def _tie_goes_last(version):
+    major, minor = (int(v) for v in re.match(r"(\d+)\.(\d+)", version).groups())
+    return (major, minor) >= (3, 7)
+
+
+# Triton's coalescing pass spreads a load's (or store's) threads along the dimension whose
+# addresses it can prove contiguous. For a gather through runtime strides it can prove none, and
+# then the tie goes to dim 0 in Triton 3.6 but to the last dim from 3.7 on (read off the TTGIR of
+# both). lk3d's tiles pair voxels with channels or taps, and a voxel costs a thread several
+# registers (an int64 offset, its coordinates and masks): voxels must vary fastest across threads,
+# so that each thread holds one or a few of them. With the wrong tie a [128, 32] tile gives each
+# thread 32 voxels, and the implicit GEMM spilled 1.5 KB per thread on Triton 3.9. ``load_vox`` and
+# ``store_vox`` present a tile to the compiler transposed where that makes its voxel axis win.
+VOXELS_LAST = tl.constexpr(_tie_goes_last(triton.__version__))
 
 
 @triton.jit
@@ -46,3 +64,21 @@ def split_tap(t, KH: tl.constexpr, KW: tl.constexpr):
     kh = (t // KW) % KH
     kd = t // (KW * KH)
     return kd, kh, kw
+
+
+@triton.jit
+def load_vox(ptrs, mask, VOX: tl.constexpr):
+    """``tl.load(ptrs, mask, other=0)`` of a 2-D tile whose axis ``VOX`` runs over voxels, laid out
+    with the voxels fastest across threads (see ``VOXELS_LAST``)."""
+    if (VOX == 1) != VOXELS_LAST:
+        return tl.trans(tl.load(tl.trans(ptrs), mask=tl.trans(mask), other=0.0))
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def store_vox(ptrs, vals, mask, VOX: tl.constexpr):
+    """``tl.store(ptrs, vals, mask)`` of a 2-D tile whose axis ``VOX`` runs over voxels."""
+    if (VOX == 1) != VOXELS_LAST:
+        tl.store(tl.trans(ptrs), tl.trans(vals), mask=tl.trans(mask))
+    else:
+        tl.store(ptrs, vals, mask=mask)

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from lk3d.kernels import memory_format
-from lk3d.kernels._index import split_flat, split_tap, tap_coord
+from lk3d.kernels._index import load_vox, split_flat, split_tap, store_vox, tap_coord
 from lk3d.kernels.tiled import (_acc_dtype, _check_cfg, _geometry, _launch_opts, _new,
                                 _partial_dtype, _precision, _split_len)
 
@@ -158,8 +158,7 @@ def _bs_conv3d_kernel(
             o_c = (r * BO + o_k).to(tl.int64) * sa_c
         else:
             o_c = (c_a0 + (c // (NW * NH * ND)) * BI + o_k).to(tl.int64) * sa_c
-        b_a = tl.load(a_ptr + o_a[:, None] + o_c[None, :], mask=m_a[:, None] & m_k[None, :],
-                      other=0.0)
+        b_a = load_vox(a_ptr + o_a[:, None] + o_c[None, :], m_a[:, None] & m_k[None, :], VOX=0)
         p_v = v_ptr + k.to(tl.int64) * VB + t
         if DEPTHWISE:
             b_v = tl.load(p_v + o_n * TB, mask=m_n, other=0.0)
@@ -175,7 +174,7 @@ def _bs_conv3d_kernel(
     o_y = (n.to(tl.int64) * sy_n + yd.to(tl.int64) * sy_d + yh.to(tl.int64) * sy_h
            + yw.to(tl.int64) * sy_w)
     p_y = y_ptr + o_y[:, None] + o_yc.to(tl.int64)[None, :] * sy_c
-    tl.store(p_y, acc.to(y_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+    store_vox(p_y, acc.to(y_ptr.dtype.element_ty), m_m[:, None] & m_n[None, :], VOX=0)
 
 
 @triton.jit
@@ -249,12 +248,12 @@ def _bs_conv3d_wgrad_kernel(
         o_y = n64 * sy_n + od.to(tl.int64) * sy_d + oh.to(tl.int64) * sy_h + ow.to(tl.int64) * sy_w
         o_x = n64 * sx_n + xd.to(tl.int64) * sx_d + xh.to(tl.int64) * sx_h + xw.to(tl.int64) * sx_w
         m_x = m_m & v_d & v_h & v_w
-        b_dy = tl.load(p_dy[None, :] + o_y[:, None], mask=m_m[:, None] & m_o[None, :], other=0.0)
+        b_dy = load_vox(p_dy[None, :] + o_y[:, None], m_m[:, None] & m_o[None, :], VOX=0)
         if DEPTHWISE:
-            b_x = tl.load(p_x[None, :] + o_x[:, None], mask=m_x[:, None] & m_o[None, :], other=0.0)
+            b_x = load_vox(p_x[None, :] + o_x[:, None], m_x[:, None] & m_o[None, :], VOX=0)
             acc += b_x.to(ACC_DTYPE) * b_dy.to(ACC_DTYPE)
         else:
-            b_x = tl.load(p_x[:, None] + o_x[None, :], mask=m_i[:, None] & m_x[None, :], other=0.0)
+            b_x = load_vox(p_x[:, None] + o_x[None, :], m_i[:, None] & m_x[None, :], VOX=1)
             acc = tl.dot(b_x, b_dy, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
 
     p_dw = dw_ptr + (i_s.to(tl.int64) * NNZ + k) * (BO * BI * TB) + t

@@ -63,7 +63,7 @@ import triton
 import triton.language as tl
 
 from lk3d.kernels import memory_format
-from lk3d.kernels._index import split_flat, split_tap, tap_coord
+from lk3d.kernels._index import load_vox, split_flat, split_tap, store_vox, tap_coord
 from lk3d.kernels.tiled import (_acc_dtype, _alloc, _check_cfg, _geometry, _launch_opts, _new,
                                 _partial_dtype, _precision, _split_len)
 
@@ -117,7 +117,7 @@ def _gather(a_ptr, o_a0, yd, yh, yw, m_m, c, m_c, kd, kh, kw, AD, AH, AW,
         o_v = o_a0 + ad.to(tl.int64) * sa_d + ah.to(tl.int64) * sa_h + aw.to(tl.int64) * sa_w
         o_a = o_v[:, None] + c.to(tl.int64)[None, :] * sa_c
         m_a = (m_m & v_d & v_h & v_w)[:, None] & m_c[None, :]
-    return tl.load(a_ptr + o_a, mask=m_a, other=0.0)
+    return load_vox(a_ptr + o_a, m_a, VOX=0)
 
 
 @triton.jit
@@ -246,10 +246,10 @@ def _cp_conv_kernel(
                 if HAS_BIAS:
                     acc += tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(ACC_DTYPE)[None, :]
                 p_y = y_ptr + o_y[:, None] + o_n.to(tl.int64)[None, :] * sy_c
-                tl.store(p_y, acc.to(y_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+                store_vox(p_y, acc.to(y_ptr.dtype.element_ty), m_m[:, None] & m_n[None, :], VOX=0)
             if EMIT_GQ:
-                b_x = tl.load(x_ptr + o_x[:, None] + o_n.to(tl.int64)[None, :] * sx_c,
-                              mask=m_m[:, None] & m_n[None, :], other=0.0)
+                b_x = load_vox(x_ptr + o_x[:, None] + o_n.to(tl.int64)[None, :] * sx_c,
+                               m_m[:, None] & m_n[None, :], VOX=0)
                 g = tl.dot(tl.trans(b_x), b_z, input_precision=PRECISION, out_dtype=ACC_DTYPE)
                 p_g = gq_ptr + i_p.to(tl.int64) * (NC * R) + o_n[:, None] * R + o_r[None, :]
                 _add_partial(p_g, g, m_n[:, None] & m_r[None, :], t == 0)
@@ -311,8 +311,8 @@ def _cp_grad_kernel(
             for n0 in range(0, NC, BLOCK_N):
                 o_n = n0 + tl.arange(0, BLOCK_N)
                 m_n = o_n < NC
-                b_dy = tl.load(dy_ptr + o_y[:, None] + o_n.to(tl.int64)[None, :] * sy_c,
-                               mask=m_m[:, None] & m_n[None, :], other=0.0)
+                b_dy = load_vox(dy_ptr + o_y[:, None] + o_n.to(tl.int64)[None, :] * sy_c,
+                                m_m[:, None] & m_n[None, :], VOX=0)
                 b_q = _rows(q_ptr, o_n, m_n, o_r, m_r, sq_n, sq_r, ACC_DTYPE).to(dt)
                 gz = tl.dot(b_dy, b_q, gz, input_precision=PRECISION, out_dtype=ACC_DTYPE)
             if HAS_WEIGHTS:
@@ -345,8 +345,8 @@ def _cp_grad_kernel(
             for n0 in range(0, NC, BLOCK_N):
                 o_n = n0 + tl.arange(0, BLOCK_N)
                 m_n = o_n < NC
-                b_dy = tl.load(dy_ptr + o_y[:, None] + o_n.to(tl.int64)[None, :] * sy_c,
-                               mask=m_m[:, None] & m_n[None, :], other=0.0)
+                b_dy = load_vox(dy_ptr + o_y[:, None] + o_n.to(tl.int64)[None, :] * sy_c,
+                                m_m[:, None] & m_n[None, :], VOX=0)
                 g = tl.dot(tl.trans(b_dy), b_z, input_precision=PRECISION, out_dtype=ACC_DTYPE)
                 p_g = go_ptr + i_p.to(tl.int64) * (NC * R) + o_n[:, None] * R + o_r[None, :]
                 _add_partial(p_g, g, m_n[:, None] & m_r[None, :], t == 0)

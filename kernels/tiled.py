@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from lk3d.kernels import memory_format
-from lk3d.kernels._index import split_flat, split_tap, tap_coord
+from lk3d.kernels._index import load_vox, split_flat, split_tap, store_vox, tap_coord
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
              torch.float64: tl.float64}
@@ -88,8 +88,8 @@ def _conv3d_igemm_kernel(
         aw, v_w = tap_coord(yw, kw, AW, STR_W, PAD_W, DIL_W, TRANSPOSED)
         m_a = m_m & v_d & v_h & v_w
         o_a = o_a0 + ad.to(tl.int64) * sa_d + ah.to(tl.int64) * sa_h + aw.to(tl.int64) * sa_w
-        b_a = tl.load(a_ptr + o_a[:, None] + c.to(tl.int64)[None, :] * sa_c,
-                      mask=m_a[:, None] & m_c[None, :], other=0.0)
+        b_a = load_vox(a_ptr + o_a[:, None] + c.to(tl.int64)[None, :] * sa_c,
+                       m_a[:, None] & m_c[None, :], VOX=0)
         b_w = tl.load(p_w + c[:, None] * sw_k + (kd * sw_d + kh * sw_h + kw * sw_w),
                       mask=m_c[:, None] & m_n[None, :], other=0.0)
         acc = tl.dot(b_a, b_w, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
@@ -99,7 +99,7 @@ def _conv3d_igemm_kernel(
     o_y = (n.to(tl.int64) * sy_n + yd.to(tl.int64) * sy_d + yh.to(tl.int64) * sy_h
            + yw.to(tl.int64) * sy_w)
     p_y = y_ptr + o_y[:, None] + (i_g * NC + o_n).to(tl.int64)[None, :] * sy_c
-    tl.store(p_y, acc.to(y_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+    store_vox(p_y, acc.to(y_ptr.dtype.element_ty), m_m[:, None] & m_n[None, :], VOX=0)
 
 
 @triton.jit
@@ -217,9 +217,8 @@ def _conv3d_wgrad_kernel(
         n64 = n.to(tl.int64)
         o_y = n64 * sy_n + od.to(tl.int64) * sy_d + oh.to(tl.int64) * sy_h + ow.to(tl.int64) * sy_w
         o_x = n64 * sx_n + xd.to(tl.int64) * sx_d + xh.to(tl.int64) * sx_h + xw.to(tl.int64) * sx_w
-        b_dy = tl.load(p_dy + o_y[None, :], mask=m_co[:, None] & m_m[None, :], other=0.0)
-        b_x = tl.load(p_x + o_x[:, None], mask=(m_m & v_d & v_h & v_w)[:, None] & m_ci[None, :],
-                      other=0.0)
+        b_dy = load_vox(p_dy + o_y[None, :], m_co[:, None] & m_m[None, :], VOX=1)
+        b_x = load_vox(p_x + o_x[:, None], (m_m & v_d & v_h & v_w)[:, None] & m_ci[None, :], VOX=0)
         acc = tl.dot(b_dy, b_x, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
 
     T: tl.constexpr = KD * KH * KW
@@ -274,7 +273,7 @@ def _conv3d_dw_wgrad_kernel(
         o_x = (n64[None, :] * sx_n + xd.to(tl.int64) * sx_d + xh.to(tl.int64) * sx_h
                + xw.to(tl.int64) * sx_w)
         m_x = m_t[:, None] & m_m[None, :] & v_d & v_h & v_w
-        b_x = tl.load(p_x + o_x, mask=m_x, other=0.0).to(ACC_DTYPE)
+        b_x = load_vox(p_x + o_x, m_x, VOX=1).to(ACC_DTYPE)
         acc += b_x * b_dy[None, :]
     p_dw = dw_ptr + (i_s * CO + c).to(tl.int64) * T + o_t
     tl.store(p_dw, tl.sum(acc, axis=1).to(dw_ptr.dtype.element_ty), mask=m_t)
