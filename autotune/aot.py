@@ -19,6 +19,7 @@ writes to the same ``TRITON_CACHE_DIR``, and the kernels are loaded back from it
 
     python -m lk3d.autotune.aot [80 90]     # the table; exit status 1 when a case has a problem
 """
+import dataclasses
 import importlib
 import os
 import pickle
@@ -87,7 +88,8 @@ def _compile_here(fn, signature, constexprs, arch, num_warps, num_stages):
                for name, ty in signature.items() if ty.startswith("*")}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+                          options={"num_warps": num_warps, "num_stages": num_stages,
+                                   "enable_fp_fusion": True})  # as the launchers ask
 
 
 def _attempt(job):
@@ -172,6 +174,8 @@ def _case(kernel, name, dtype, config, constexprs, expect_tensor_cores=False):
     constexprs = {**constexprs, "ACC_DTYPE": tl.float32, **tile}
     if "PRECISION" in kernel.arg_names:
         constexprs["PRECISION"] = "tf32" if dtype == "fp32" else "ieee"
+    if "WIDE" in kernel.arg_names:
+        constexprs.setdefault("WIDE", False)
 
     def arg_type(arg):
         if arg in constexprs:
@@ -219,7 +223,28 @@ def shipped_cases():
     for config in CONFIG_SPACES["bias_grad"]:
         cases.append(_case(tiled._bias_grad_kernel, "bias_grad", "bf16", config, dict(C=64)))
     from lk3d.autotune import block_sparse_configs, cp_configs  # their kernels' own spaces
-    return cases + cp_configs.aot_cases() + block_sparse_configs.aot_cases()
+    cases += cp_configs.aot_cases() + block_sparse_configs.aot_cases()
+    return cases + wide_cases(cases)
+
+
+# What the JIT passes as 64-bit integers when a launch covers 2**31 voxels or more: the voxel
+# counts and the batch strides of the activations. Per-split lengths and program counts stay i32.
+_WIDE_INTS = ("M", "S", "sa_n", "sx_n", "sy_n", "sw_g")
+
+
+def wide_cases(cases):
+    """The first case of each kernel again with ``WIDE`` (int64 voxel index and weight offsets,
+    see ``lk3d.kernels._index.wide``) and its sizes typed as the JIT types them past 2**31."""
+    seen, wide = set(), []
+    for case in cases:
+        if "WIDE" not in case.constexprs or case.kernel in seen:
+            continue
+        seen.add(case.kernel)
+        signature = {a: ("i64" if a in _WIDE_INTS and t == "i32" else t)
+                     for a, t in case.signature.items()}
+        wide.append(dataclasses.replace(case, id=f"{case.id}-wide", signature=signature,
+                                        constexprs={**case.constexprs, "WIDE": True}))
+    return wide
 
 
 def problems(case, arch, usage):

@@ -46,14 +46,23 @@ def tap_coord(o, k, size, STRIDE: tl.constexpr, PAD: tl.constexpr, DIL: tl.const
 
 
 @triton.jit
-def split_flat(offs, SD, SH, SW):
-    """Decode a flat index over ``[batch, SD, SH, SW]`` into ``(n, d, h, w)``."""
-    w = offs % SW
-    t = offs // SW
+def split_flat(offs, SD, SH, SW, WIDE: tl.constexpr = False):
+    """Decode a flat index over ``[batch, SD, SH, SW]`` into ``(n, d, h, w)``. A ``WIDE`` (int64)
+    index takes one 64-bit division to find the sample, and the rest decodes in int32 (one
+    sample's volume stays below 2**31 voxels, see ``wide``): 64-bit division is slow on GPUs."""
+    if WIDE:
+        per_sample = tl.cast(SD, tl.int64) * SH * SW
+        n = offs // per_sample
+        rest = (offs - n * per_sample).to(tl.int32)
+    else:
+        rest = offs
+    w = rest % SW
+    t = rest // SW
     h = t % SH
     t = t // SH
     d = t % SD
-    n = t // SD
+    if not WIDE:
+        n = t // SD
     return n, d, h, w
 
 
@@ -82,3 +91,44 @@ def store_vox(ptrs, vals, mask, VOX: tl.constexpr):
         tl.store(tl.trans(ptrs), tl.trans(vals), mask=tl.trans(mask))
     else:
         tl.store(ptrs, vals, mask=mask)
+
+
+@triton.jit
+def program_ids(N0, N1):
+    """``(i0, i1, i2)`` of a launch whose three grid axes are flattened onto axis 0, ``i0``
+    fastest (``flat_grid`` makes the grid): CUDA allows 2**31 - 1 programs along x but only 65,535
+    along y and z, and a batch × channels axis passes that."""
+    pid = tl.program_id(0)
+    rest = pid // N0
+    return pid % N0, rest % N1, rest // N1
+
+
+@triton.jit
+def widen(i, WIDE: tl.constexpr):
+    """``i`` as int64 when ``WIDE`` (see ``wide``): the start of a flat voxel range that can pass 2**31, which
+    int32 arithmetic would wrap before any int64 offset is computed from it."""
+    if WIDE:
+        j = tl.cast(i, tl.int64)  # also for an argument the JIT specialised to a constexpr 1
+    else:
+        j = i
+    return j
+
+
+def flat_grid(n0, n1=1, n2=1):
+    """The one-axis grid of ``program_ids``."""
+    programs = n0 * n1 * n2
+    if programs >= 2 ** 31:
+        raise ValueError(f"launch: {n0} x {n1} x {n2} programs exceed CUDA's 2**31 - 1")
+    return (programs,)
+
+
+MAX_VOLUME = 2 ** 31 - 1  # voxels of one sample the kernels index (in int32)
+
+
+def wide(*extents, volume=0):
+    """The ``WIDE`` of a launch: whether a flat index up to any of ``extents`` (the voxels its
+    programs reach, a tensor's ``reach``) needs int64. One sample's ``volume`` must fit int32."""
+    if volume > MAX_VOLUME:
+        raise ValueError(f"input: lk3d's Triton kernels take at most {MAX_VOLUME} voxels per "
+                         f"sample and channel, got {volume}")
+    return max(extents) > 2 ** 31 - 1

@@ -43,12 +43,15 @@ compile-time constants; batch and spatial sizes and nnz are runtime ints. Offset
 a tensor can pass 2**31 elements. Accumulation is fp32 (fp64 for float64 tensors, which the
 interpreter runs for gradcheck); fp32 ``tl.dot`` uses tf32 only when asked (``allow_tf32``).
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from lk3d.kernels import memory_format
-from lk3d.kernels._index import load_vox, split_flat, split_tap, store_vox, tap_coord
+from lk3d.kernels._index import (flat_grid, load_vox, program_ids, split_flat, split_tap,
+                                 store_vox, tap_coord, wide, widen)
 from lk3d.kernels.tiled import (_acc_dtype, _check_cfg, _geometry, _launch_opts, _new,
                                 _partial_dtype, _precision, _split_len)
 
@@ -66,9 +69,11 @@ def _bs_conv3d_kernel(
     y_ptr,     # produced [N, CY, YD, YH, YW]: output, grad_input, or (depthwise) per-Cout scratch
     # Sizes
     M,         # N * YD * YH * YW
+    NUM_M,     # programs along M: cdiv(M, BLOCK_M)
     AD, AH, AW, YD, YH, YW,
     # Strides
     sa_n, sa_c, sa_d, sa_h, sa_w,
+    sb,        # bias
     sy_n, sy_c, sy_d, sy_h, sy_w,
     # Meta-parameters
     BO: tl.constexpr, BI: tl.constexpr,  # channel extents of a block
@@ -84,12 +89,13 @@ def _bs_conv3d_kernel(
     HAS_BIAS: tl.constexpr,    # explicit flag, never a zero tensor
     ACC_DTYPE: tl.constexpr,   # fp32; fp64 for float64 tensors
     PRECISION: tl.constexpr,   # "tf32" where allowed for fp32, else "ieee"
+    WIDE: tl.constexpr,        # int64 flat voxel index: the volume can pass 2**31 voxels
     BLOCK_M: tl.constexpr,     # produced voxels per program
     BLOCK_K: tl.constexpr,     # reduction channels of a block, padded (>= 16 for tl.dot)
     BLOCK_N: tl.constexpr,     # produced channels of a block, padded (depthwise: == BLOCK_K)
 ):
-    i_m = tl.program_id(0)
-    i_p = tl.program_id(1)  # produced channel block: block row, or input-channel block column
+    # i_p: the produced channel block (a block row, or an input-channel block column)
+    i_m, _, i_p = program_ids(NUM_M, 1)
     TB: tl.constexpr = BD * BH * BW
     NW: tl.constexpr = KW // BW
     NH: tl.constexpr = KH // BH
@@ -112,9 +118,9 @@ def _bs_conv3d_kernel(
         SV_K: tl.constexpr = TB
         SV_N: tl.constexpr = BI * TB
 
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_m = widen(i_m, WIDE) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < M
-    n, yd, yh, yw = split_flat(o_m, YD, YH, YW)
+    n, yd, yh, yw = split_flat(o_m, YD, YH, YW, WIDE)
     o_k = tl.arange(0, BLOCK_K)
     m_k = o_k < KB
     o_n = tl.arange(0, BLOCK_N)
@@ -170,7 +176,7 @@ def _bs_conv3d_kernel(
 
     o_yc = i_p * NB + o_n
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + o_yc, mask=m_n, other=0.0).to(ACC_DTYPE)[None, :]
+        acc += tl.load(bias_ptr + o_yc * sb, mask=m_n, other=0.0).to(ACC_DTYPE)[None, :]
     o_y = (n.to(tl.int64) * sy_n + yd.to(tl.int64) * sy_d + yh.to(tl.int64) * sy_h
            + yw.to(tl.int64) * sy_w)
     p_y = y_ptr + o_y[:, None] + o_yc.to(tl.int64)[None, :] * sy_c
@@ -205,13 +211,13 @@ def _bs_conv3d_wgrad_kernel(
     DEPTHWISE: tl.constexpr,   # Cin/g == 1: elementwise products summed over voxels
     ACC_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
+    WIDE: tl.constexpr,        # int64 voxel index: the reduction can pass 2**31 voxels
     BLOCK_I: tl.constexpr,     # bi padded (>= 16 for tl.dot; 1 for depthwise)
     BLOCK_O: tl.constexpr,     # bo padded (>= 16 for tl.dot)
     BLOCK_S: tl.constexpr,     # voxels per reduction step
 ):
-    i_kt = tl.program_id(0)
-    i_s = tl.program_id(1)
     TB: tl.constexpr = BD * BH * BW
+    i_kt, _, i_s = program_ids(NNZ * TB, 1)
     NW: tl.constexpr = KW // BW
     NH: tl.constexpr = KH // BH
     ND: tl.constexpr = KD // BD
@@ -236,11 +242,11 @@ def _bs_conv3d_wgrad_kernel(
         p_x = x_ptr + c_x.to(tl.int64) * sx_c
         acc = tl.zeros((BLOCK_I, BLOCK_O), dtype=ACC_DTYPE)
 
-    lo = i_s * M_PER_SPLIT
+    lo = widen(i_s, WIDE) * M_PER_SPLIT
     for m0 in range(0, M_PER_SPLIT, BLOCK_S):
         o_m = lo + m0 + tl.arange(0, BLOCK_S)
         m_m = o_m < M
-        n, od, oh, ow = split_flat(o_m, OD, OH, OW)
+        n, od, oh, ow = split_flat(o_m, OD, OH, OW, WIDE)
         xd, v_d = tap_coord(od, kd, XD, STR_D, PAD_D, DIL_D, False)
         xh, v_h = tap_coord(oh, kh, XH, STR_H, PAD_H, DIL_H, False)
         xw, v_w = tap_coord(ow, kw, XW, STR_W, PAD_W, DIL_W, False)
@@ -351,15 +357,20 @@ def block_sparse_fwd(x, values, row_ptr, col, weight_shape, block_shape, bias, s
     _check_cfg(config, ("BLOCK_M",))
     y = _new((N, cout, *out_size), x.dtype, x.device, memory_format(x))
     block_k, block_n = tile_channels(block_shape, depthwise)
-    grid = (triton.cdiv(M, config["BLOCK_M"]), cout // block_shape[0])
-    _bs_conv3d_kernel[grid](
+    if y.numel() == 0:
+        return y
+    num_m = triton.cdiv(M, config["BLOCK_M"])
+    row_ptr, col = row_ptr.contiguous(), col.contiguous()  # the kernel reads them unit-strided
+    _bs_conv3d_kernel[flat_grid(num_m, 1, cout // block_shape[0])](
         x, values.contiguous(), row_ptr, row_ptr, row_ptr, col,
         bias if bias is not None else values, y,
-        M, *x.shape[2:], *out_size, *x.stride(), *y.stride(),
+        M, num_m, *x.shape[2:], *out_size, *x.stride(),
+        bias.stride(0) if bias is not None else 0, *y.stride(),
         **_common(weight_shape, block_shape, stride, padding6, dilation, groups),
         MULT=cout // x.shape[1] if depthwise else 1, TRANSPOSED=False, DEPTHWISE=depthwise,
         HAS_BIAS=bias is not None,
         ACC_DTYPE=_acc_dtype(x), PRECISION=_precision(x, allow_tf32),
+        WIDE=wide(num_m * config["BLOCK_M"], volume=math.prod(out_size)),
         BLOCK_M=config["BLOCK_M"], BLOCK_K=block_k, BLOCK_N=block_n, **_launch_opts(config))
     return y
 
@@ -376,6 +387,10 @@ def block_sparse_bwd_input(grad, values, row_ptr, col, weight_shape, block_shape
                       grad, config)
     _check_cfg(config, ("BLOCK_M",))
     mult = cout // cin
+    if grad.numel() == 0 or math.prod(input_shape) == 0:
+        return torch.zeros(tuple(input_shape), dtype=grad.dtype, device=grad.device).contiguous(
+            memory_format=memory_format(grad))
+    row_ptr, col = row_ptr.contiguous(), col.contiguous()  # the kernel reads them unit-strided
     if depthwise:
         ent, blk, brow = row_ptr, row_ptr, row_ptr
         produced = cout // block_shape[0]
@@ -389,13 +404,14 @@ def block_sparse_bwd_input(grad, values, row_ptr, col, weight_shape, block_shape
         produced = cin // block_shape[1]
         dx = y = _new(tuple(input_shape), grad.dtype, grad.device, memory_format(grad))
     block_k, block_n = tile_channels(block_shape, depthwise, transposed=True)
-    grid = (triton.cdiv(M, config["BLOCK_M"]), produced)
-    _bs_conv3d_kernel[grid](
+    num_m = triton.cdiv(M, config["BLOCK_M"])
+    _bs_conv3d_kernel[flat_grid(num_m, 1, produced)](
         grad, values.contiguous(), ent, blk, brow, col, values, y,
-        M, *grad.shape[2:], D, H, W, *grad.stride(), *y.stride(),
+        M, num_m, *grad.shape[2:], D, H, W, *grad.stride(), 0, *y.stride(),
         **_common(weight_shape, block_shape, stride, padding6, dilation, groups),
         MULT=mult if depthwise else 1, TRANSPOSED=True, DEPTHWISE=depthwise, HAS_BIAS=False,
         ACC_DTYPE=_acc_dtype(grad), PRECISION=_precision(grad, allow_tf32),
+        WIDE=wide(num_m * config["BLOCK_M"], volume=D * H * W),
         BLOCK_M=config["BLOCK_M"], BLOCK_K=block_k, BLOCK_N=block_n, **_launch_opts(config))
     if depthwise and mult > 1:
         dx = y.view(N, cin, mult, D, H, W).sum(2).to(grad.dtype)
@@ -420,12 +436,12 @@ def block_sparse_bwd_values(grad, x, values, row_ptr, col, weight_shape, block_s
         return torch.zeros_like(values)
     per, split = _split_len(M, config["SPLIT"], config["BLOCK_S"])
     part = _new((split, nnz, bo, bi, taps), _partial_dtype(x), x.device)
-    _bs_conv3d_wgrad_kernel[(nnz * taps, split)](
-        x, grad, block_rows(row_ptr, nnz), col, part,
+    _bs_conv3d_wgrad_kernel[flat_grid(nnz * taps, 1, split)](
+        x, grad, block_rows(row_ptr, nnz), col.contiguous(), part,
         nnz, M, per, *x.shape[2:], *grad.shape[2:], *x.stride(), *grad.stride(),
         **_common(weight_shape, block_shape, stride, padding6, dilation, groups),
         MULT=cout // x.shape[1] if depthwise else 1, DEPTHWISE=depthwise, ACC_DTYPE=_acc_dtype(x),
-        PRECISION=_precision(x, allow_tf32),
+        PRECISION=_precision(x, allow_tf32), WIDE=wide(split * per, volume=math.prod(grad.shape[2:])),
         **dict(zip(("BLOCK_I", "BLOCK_O"), wgrad_channels(block_shape, depthwise))),
         BLOCK_S=config["BLOCK_S"], **_launch_opts(config))
     return part.sum(0).reshape(values.shape).to(values.dtype)

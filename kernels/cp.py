@@ -63,7 +63,7 @@ import triton
 import triton.language as tl
 
 from lk3d.kernels import memory_format
-from lk3d.kernels._index import load_vox, split_flat, split_tap, store_vox, tap_coord
+from lk3d.kernels._index import load_vox, split_flat, split_tap, store_vox, tap_coord, wide, widen
 from lk3d.kernels.tiled import (_acc_dtype, _alloc, _check_cfg, _geometry, _launch_opts, _new,
                                 _partial_dtype, _precision, _split_len)
 
@@ -155,10 +155,11 @@ def _add_partial(p_ptr, vals, mask, fresh):
 
 
 @triton.jit
-def _voxels(i_tile, M, YD, YH, YW, BLOCK_M: tl.constexpr):
-    """Produced voxels of tile ``i_tile``: flat index mask and (n, d, h, w)."""
-    o_m = i_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    n, yd, yh, yw = split_flat(o_m, YD, YH, YW)
+def _voxels(i_tile, M, YD, YH, YW, BLOCK_M: tl.constexpr, WIDE: tl.constexpr):
+    """Produced voxels of tile ``i_tile``: flat index mask and (n, d, h, w); the flat index in
+    int64 when ``WIDE``."""
+    o_m = widen(i_tile, WIDE) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n, yd, yh, yw = split_flat(o_m, YD, YH, YW, WIDE)
     return o_m < M, n, yd, yh, yw
 
 
@@ -186,6 +187,7 @@ def _cp_conv_kernel(
     sa_n, sa_c, sa_d, sa_h, sa_w,
     sp_k, sp_r, sq_n, sq_r,
     sfa_k, sfa_r, sfb_k, sfb_r, sfc_k, sfc_r, sw_r,
+    sb,        # bias
     sy_n, sy_c, sy_d, sy_h, sy_w,
     sx_n, sx_c, sx_d, sx_h, sx_w,
     # Meta-parameters
@@ -204,6 +206,7 @@ def _cp_conv_kernel(
     EMIT_GQ: tl.constexpr,      # grad-input: also emit grad U_in partials
     ACC_DTYPE: tl.constexpr,    # fp32; fp64 for float64 tensors
     PRECISION: tl.constexpr,    # "tf32" where torch allows it for fp32, else "ieee"
+    WIDE: tl.constexpr,         # int64 flat voxel index: the volume can pass 2**31 voxels
     R_PAD: tl.constexpr,        # rank padded to a power of two >= 16 (tl.dot's minimum)
     BLOCK_M: tl.constexpr,      # produced voxels per tile
     BLOCK_N: tl.constexpr,      # produced channels per epilogue step
@@ -218,7 +221,7 @@ def _cp_conv_kernel(
         KD * KH * KW * ((KC + BLOCK_K - 1) // BLOCK_K))
     dt = a_ptr.dtype.element_ty
     for t in range(TILES):
-        m_m, n, yd, yh, yw = _voxels(i_p * TILES + t, M, YD, YH, YW, BLOCK_M)
+        m_m, n, yd, yh, yw = _voxels(i_p * TILES + t, M, YD, YH, YW, BLOCK_M, WIDE)
         o_a0 = n.to(tl.int64) * sa_n
         z = tl.zeros((BLOCK_M, R_PAD), dtype=ACC_DTYPE)
         for kk in range(STEPS):
@@ -244,7 +247,7 @@ def _cp_conv_kernel(
                 b_q = tl.trans(_rows(q_ptr, o_n, m_n, o_r, m_r, sq_n, sq_r, ACC_DTYPE).to(dt))
                 acc = tl.dot(b_z, b_q, input_precision=PRECISION, out_dtype=ACC_DTYPE)
                 if HAS_BIAS:
-                    acc += tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(ACC_DTYPE)[None, :]
+                    acc += tl.load(bias_ptr + o_n * sb, mask=m_n, other=0.0).to(ACC_DTYPE)[None, :]
                 p_y = y_ptr + o_y[:, None] + o_n.to(tl.int64)[None, :] * sy_c
                 store_vox(p_y, acc.to(y_ptr.dtype.element_ty), m_m[:, None] & m_n[None, :], VOX=0)
             if EMIT_GQ:
@@ -289,6 +292,7 @@ def _cp_grad_kernel(
     NEED_OUT: tl.constexpr,   # G, for grad U_out and grad w
     ACC_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
+    WIDE: tl.constexpr,
     R_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -302,7 +306,7 @@ def _cp_grad_kernel(
     COLS: tl.constexpr = KT if SPAN else KD * KH * KW
     dt = x_ptr.dtype.element_ty
     for t in range(TILES):
-        m_m, n, yd, yh, yw = _voxels(i_p * TILES + t, M, YD, YH, YW, BLOCK_M)
+        m_m, n, yd, yh, yw = _voxels(i_p * TILES + t, M, YD, YH, YW, BLOCK_M, WIDE)
         n64 = n.to(tl.int64)
         o_y = n64 * sy_n + yd.to(tl.int64) * sy_d + yh.to(tl.int64) * sy_h + yw.to(tl.int64) * sy_w
         o_a0 = n64 * sx_n
@@ -388,9 +392,12 @@ def _tiles(M, config, split):
     return _split_len(tiles, split, 1)
 
 
-def _meta(t, config, kernel, stride, padding, dilation, rank, allow_tf32):
+def _meta(t, config, kernel, stride, padding, dilation, rank, allow_tf32, tiles, volume):
+    """The constexprs and options of a launch whose programs cover ``tiles`` voxel tiles of a
+    grid of ``volume`` voxels per sample."""
     return dict(**_geometry(stride, padding, dilation, kernel), R=rank, R_PAD=r_pad(rank),
                 ACC_DTYPE=_acc_dtype(t), PRECISION=_precision(t, allow_tf32),
+                WIDE=wide(tiles * config["BLOCK_M"], volume=volume),
                 BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
                 **_launch_opts(config))
 
@@ -410,10 +417,11 @@ def cp_conv3d_fwd(x, U_out, U_in, A, B, C, weights, bias, stride, padding, dilat
     _cp_conv_kernel[(programs,)](
         x, *ptrs, bias if bias is not None else U_out, y, x, y,
         M, per, *x.shape[2:], *out_size,
-        *x.stride(), *strides, *y.stride(), *x.stride(),
+        *x.stride(), *strides, bias.stride(0) if bias is not None else 0, *y.stride(), *x.stride(),
         KC=cin, NC=cout, TRANSPOSED=False, SPAN=span(cin, config),
         HAS_WEIGHTS=weights is not None, HAS_BIAS=bias is not None, WRITE_Y=True, EMIT_GQ=False,
-        **_meta(x, config, kernel, stride, padding, dilation, rank, allow_tf32))
+        **_meta(x, config, kernel, stride, padding, dilation, rank, allow_tf32, per * programs,
+                math.prod(out_size)))
     return y
 
 
@@ -434,10 +442,11 @@ def cp_conv3d_bwd_input(dy, x, U_out, U_in, A, B, C, weights, stride, padding, d
     _cp_conv_kernel[(programs,)](
         dy, *ptrs, U_out, y, x, gq if gq is not None else y,
         M, per, *dy.shape[2:], *x.shape[2:],
-        *dy.stride(), *strides, *y.stride(), *x.stride(),
+        *dy.stride(), *strides, 0, *y.stride(), *x.stride(),
         KC=cout, NC=cin, TRANSPOSED=True, SPAN=span(cout, config),
         HAS_WEIGHTS=weights is not None, HAS_BIAS=False, WRITE_Y=need_input, EMIT_GQ=need_u_in,
-        **_meta(dy, config, kernel, stride, padding, dilation, rank, allow_tf32))
+        **_meta(dy, config, kernel, stride, padding, dilation, rank, allow_tf32, per * programs,
+                math.prod(x.shape[2:])))
     return dx, (gq.sum(0) if gq is not None else None)
 
 
@@ -464,7 +473,8 @@ def cp_conv3d_bwd_factors(x, dy, U_out, U_in, A, B, C, weights, stride, padding,
         *x.stride(), *dy.stride(), *strides,
         KC=cin, NC=cout, SPAN=spans, HAS_WEIGHTS=weights is not None,
         NEED_TAPS=need_taps, NEED_OUT=need_out,
-        **_meta(x, config, kernel, stride, padding, dilation, rank, allow_tf32))
+        **_meta(x, config, kernel, stride, padding, dilation, rank, allow_tf32, per * programs,
+                math.prod(dy.shape[2:])))
     D = None
     if gt is not None:
         D = gt.sum(0).reshape(taps, cin if spans else 1, rank).sum(1).reshape(*kernel, rank)

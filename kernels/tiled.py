@@ -27,12 +27,15 @@ and channels per group are compile-time constants; batch and spatial sizes are r
 Offsets are int64 wherever a tensor can pass 2**31 elements.
 Accumulation is fp32 (fp64 for float64 tensors, which the interpreter runs for gradcheck).
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from lk3d.kernels import memory_format
-from lk3d.kernels._index import load_vox, split_flat, split_tap, store_vox, tap_coord
+from lk3d.kernels._index import (flat_grid, load_vox, program_ids, split_flat, split_tap,
+                                 store_vox, tap_coord, wide, widen)
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
              torch.float64: tl.float64}
@@ -47,10 +50,12 @@ def _conv3d_igemm_kernel(
     y_ptr,     # produced [N, G*NC, YD, YH, YW]: output (forward) or grad_input
     # Sizes
     M,         # N * YD * YH * YW
+    NUM_M,     # programs along M: cdiv(M, BLOCK_M)
     AD, AH, AW, YD, YH, YW,
     # Strides
     sa_n, sa_c, sa_d, sa_h, sa_w,
     sw_g, sw_k, sw_n, sw_d, sw_h, sw_w,  # weight: per group, reduction channel, produced channel, taps
+    sb,        # bias
     sy_n, sy_c, sy_d, sy_h, sy_w,
     # Meta-parameters
     KC: tl.constexpr,  # reduction channels per group: Cin/g (forward), Cout/g (grad-input)
@@ -63,14 +68,16 @@ def _conv3d_igemm_kernel(
     HAS_BIAS: tl.constexpr,    # explicit flag, never a zero tensor
     ACC_DTYPE: tl.constexpr,   # fp32; fp64 for float64 tensors
     PRECISION: tl.constexpr,   # "tf32" where torch allows it for fp32, else "ieee"
+    WIDE: tl.constexpr,        # int64 voxel index and weight offsets: they can pass 2**31
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # GEMM tile
 ):
-    i_m = tl.program_id(0)
-    i_n = tl.program_id(1)
-    i_g = tl.program_id(2)
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    NUM_N: tl.constexpr = (NC + BLOCK_N - 1) // BLOCK_N
+    i_m, i_n, i_g = program_ids(NUM_M, NUM_N)
+    sw_k, sw_n, sw_d, sw_h, sw_w = (widen(sw_k, WIDE), widen(sw_n, WIDE), widen(sw_d, WIDE),
+                                    widen(sw_h, WIDE), widen(sw_w, WIDE))
+    o_m = widen(i_m, WIDE) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < M
-    n, yd, yh, yw = split_flat(o_m, YD, YH, YW)
+    n, yd, yh, yw = split_flat(o_m, YD, YH, YW, WIDE)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < NC
     o_k = tl.arange(0, BLOCK_K)
@@ -95,7 +102,7 @@ def _conv3d_igemm_kernel(
         acc = tl.dot(b_a, b_w, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + i_g * NC + o_n, mask=m_n, other=0.0).to(ACC_DTYPE)[None, :]
+        acc += tl.load(bias_ptr + (i_g * NC + o_n) * sb, mask=m_n, other=0.0).to(ACC_DTYPE)[None, :]
     o_y = (n.to(tl.int64) * sy_n + yd.to(tl.int64) * sy_d + yh.to(tl.int64) * sy_h
            + yw.to(tl.int64) * sy_w)
     p_y = y_ptr + o_y[:, None] + (i_g * NC + o_n).to(tl.int64)[None, :] * sy_c
@@ -111,10 +118,12 @@ def _conv3d_dw_kernel(
     y_ptr,     # produced: output [N, Cout, ...] (forward) or grad_input [N, Cin, ...]
     # Sizes
     S,         # YD * YH * YW
+    NUM_S,     # programs per (batch, channel): cdiv(S, BLOCK)
     AD, AH, AW, YD, YH, YW,
     # Strides
     sa_n, sa_c, sa_d, sa_h, sa_w,
     sw_c, sw_d, sw_h, sw_w,
+    sb,        # bias
     sy_n, sy_c, sy_d, sy_h, sy_w,
     # Meta-parameters
     CY: tl.constexpr,    # produced channels
@@ -126,15 +135,15 @@ def _conv3d_dw_kernel(
     TRANSPOSED: tl.constexpr,  # False: forward; True: grad-input (sums the MULT output channels)
     HAS_BIAS: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    WIDE: tl.constexpr,        # int64 voxel index: a channel's volume can pass 2**31
     BLOCK: tl.constexpr,       # output voxels per program
 ):
-    i_s = tl.program_id(0)
-    i_nc = tl.program_id(1)
+    i_s, _, i_nc = program_ids(NUM_S, 1)
     n = i_nc // CY
     c = i_nc % CY
-    o_s = i_s * BLOCK + tl.arange(0, BLOCK)
+    o_s = widen(i_s, WIDE) * BLOCK + tl.arange(0, BLOCK)
     m_s = o_s < S
-    _, yd, yh, yw = split_flat(o_s, YD, YH, YW)
+    _, yd, yh, yw = split_flat(o_s, YD, YH, YW, WIDE)
 
     NR: tl.constexpr = MULT if TRANSPOSED else 1
     acc = tl.zeros((BLOCK,), dtype=ACC_DTYPE)
@@ -146,7 +155,7 @@ def _conv3d_dw_kernel(
             c_a = c // MULT
             c_w = c
         p_a = a_ptr + n.to(tl.int64) * sa_n + c_a.to(tl.int64) * sa_c
-        p_w = w_ptr + c_w * sw_c
+        p_w = w_ptr + c_w.to(tl.int64) * sw_c
         for kd in range(KD):
             ad, v_d = tap_coord(yd, kd, AD, STR_D, PAD_D, DIL_D, TRANSPOSED)
             for kh in range(KH):
@@ -159,7 +168,7 @@ def _conv3d_dw_kernel(
                     b_w = tl.load(p_w + kd * sw_d + kh * sw_h + kw * sw_w)
                     acc += b_a.to(ACC_DTYPE) * b_w.to(ACC_DTYPE)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + c).to(ACC_DTYPE)
+        acc += tl.load(bias_ptr + c * sb).to(ACC_DTYPE)
     o_y = yd.to(tl.int64) * sy_d + yh.to(tl.int64) * sy_h + yw.to(tl.int64) * sy_w
     p_y = y_ptr + n.to(tl.int64) * sy_n + c.to(tl.int64) * sy_c + o_y
     tl.store(p_y, acc.to(y_ptr.dtype.element_ty), mask=m_s)
@@ -174,6 +183,7 @@ def _conv3d_wgrad_kernel(
     # Sizes
     M,         # N * OD * OH * OW
     M_PER_SPLIT,  # reduction length per split program (a multiple of BLOCK_K)
+    G,         # groups
     XD, XH, XW, OD, OH, OW,
     # Strides
     sx_n, sx_c, sx_d, sx_h, sx_w,
@@ -186,13 +196,12 @@ def _conv3d_wgrad_kernel(
     DIL_D: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
+    WIDE: tl.constexpr,  # int64 voxel index: the reduction can pass 2**31 voxels
     BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_K: tl.constexpr,  # GEMM tile
 ):
-    i_p = tl.program_id(0)
-    i_g = tl.program_id(1)
-    i_s = tl.program_id(2)
     NUM_CO: tl.constexpr = (COG + BLOCK_CO - 1) // BLOCK_CO
     NUM_CI: tl.constexpr = (CIG + BLOCK_CI - 1) // BLOCK_CI
+    i_p, i_g, i_s = program_ids(KD * KH * KW * NUM_CO * NUM_CI, G)
     tap = i_p // (NUM_CO * NUM_CI)
     i_co = (i_p // NUM_CI) % NUM_CO
     i_ci = i_p % NUM_CI
@@ -206,11 +215,11 @@ def _conv3d_wgrad_kernel(
     p_x = x_ptr + (i_g * CIG + o_ci).to(tl.int64)[None, :] * sx_c
 
     acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=ACC_DTYPE)
-    lo = i_s * M_PER_SPLIT
+    lo = widen(i_s, WIDE) * M_PER_SPLIT
     for m0 in range(0, M_PER_SPLIT, BLOCK_K):
         o_m = lo + m0 + o_k
         m_m = o_m < M
-        n, od, oh, ow = split_flat(o_m, OD, OH, OW)
+        n, od, oh, ow = split_flat(o_m, OD, OH, OW, WIDE)
         xd, v_d = tap_coord(od, kd, XD, STR_D, PAD_D, DIL_D, False)
         xh, v_h = tap_coord(oh, kh, XH, STR_H, PAD_H, DIL_H, False)
         xw, v_w = tap_coord(ow, kw, XW, STR_W, PAD_W, DIL_W, False)
@@ -222,7 +231,7 @@ def _conv3d_wgrad_kernel(
         acc = tl.dot(b_dy, b_x, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
 
     T: tl.constexpr = KD * KH * KW
-    p_dw = (dw_ptr + i_s.to(tl.int64) * (COG * tl.num_programs(1) * CIG * T)
+    p_dw = (dw_ptr + i_s.to(tl.int64) * (COG * G * CIG * T)
             + (i_g * COG + o_co).to(tl.int64)[:, None] * (CIG * T) + o_ci[None, :] * T + tap)
     tl.store(p_dw, acc.to(dw_ptr.dtype.element_ty), mask=m_co[:, None] & m_ci[None, :])
 
@@ -246,24 +255,23 @@ def _conv3d_dw_wgrad_kernel(
     PAD_D: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     DIL_D: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    WIDE: tl.constexpr,     # int64 voxel index: the reduction can pass 2**31 voxels
     BLOCK_T: tl.constexpr,  # taps per program: each grad-output load serves BLOCK_T taps
     BLOCK_S: tl.constexpr,  # voxels per reduction step
 ):
-    c = tl.program_id(0)
-    i_t = tl.program_id(1)
-    i_s = tl.program_id(2)
     T: tl.constexpr = KD * KH * KW
+    c, i_t, i_s = program_ids(CO, (T + BLOCK_T - 1) // BLOCK_T)
     o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
     m_t = o_t < T
     kd, kh, kw = split_tap(o_t, KH, KW)
     p_dy = dy_ptr + c.to(tl.int64) * sy_c
     p_x = x_ptr + (c // MULT).to(tl.int64) * sx_c
     acc = tl.zeros((BLOCK_T, BLOCK_S), dtype=ACC_DTYPE)
-    lo = i_s * M_PER_SPLIT
+    lo = widen(i_s, WIDE) * M_PER_SPLIT
     for m0 in range(0, M_PER_SPLIT, BLOCK_S):
         o_m = lo + m0 + tl.arange(0, BLOCK_S)
         m_m = o_m < M
-        n, od, oh, ow = split_flat(o_m, OD, OH, OW)
+        n, od, oh, ow = split_flat(o_m, OD, OH, OW, WIDE)
         n64 = n.to(tl.int64)
         o_y = n64 * sy_n + od.to(tl.int64) * sy_d + oh.to(tl.int64) * sy_h + ow.to(tl.int64) * sy_w
         b_dy = tl.load(p_dy + o_y, mask=m_m, other=0.0).to(ACC_DTYPE)
@@ -287,15 +295,15 @@ def _bias_grad_kernel(
     sy_n, sy_c, sy_d, sy_h, sy_w,
     C: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    WIDE: tl.constexpr,  # int64 voxel index: the reduction can pass 2**31 voxels
     BLOCK_S: tl.constexpr,
 ):
-    c = tl.program_id(0)
-    i_s = tl.program_id(1)
+    c, _, i_s = program_ids(C, 1)
     acc = tl.zeros((BLOCK_S,), dtype=ACC_DTYPE)
-    lo = i_s * M_PER_SPLIT
+    lo = widen(i_s, WIDE) * M_PER_SPLIT
     for m0 in range(0, M_PER_SPLIT, BLOCK_S):
         o_m = lo + m0 + tl.arange(0, BLOCK_S)
-        n, od, oh, ow = split_flat(o_m, OD, OH, OW)
+        n, od, oh, ow = split_flat(o_m, OD, OH, OW, WIDE)
         o_y = (n.to(tl.int64) * sy_n + od.to(tl.int64) * sy_d + oh.to(tl.int64) * sy_h
                + ow.to(tl.int64) * sy_w)
         acc += tl.load(dy_ptr + c.to(tl.int64) * sy_c + o_y, mask=o_m < M, other=0.0).to(ACC_DTYPE)
@@ -322,7 +330,11 @@ def _geometry(stride, padding, dilation, kernel):
 
 
 def _launch_opts(config):
-    return {k: config[k] for k in ("num_warps", "num_stages") if k in config}
+    """Compile options of a launch: the config's warps and stages, and floating-point contraction
+    (a*b+c as one FMA) on, explicitly: Triton 3.9 warns when it is left to the default, which
+    3.10 turns off."""
+    return {"enable_fp_fusion": True,
+            **{k: config[k] for k in ("num_warps", "num_stages") if k in config}}
 
 
 def _check_cfg(config, keys):
@@ -360,16 +372,19 @@ def conv3d_fwd(x, w, bias, stride, padding, dilation, groups, out_size, config, 
     kc, nc = cin // groups, cout // groups
     y = _alloc((N, cout, *out_size), x, out, memory_format(x))
     M = N * out_size[0] * out_size[1] * out_size[2]
-    grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(nc, config["BLOCK_N"]), groups)
-    _conv3d_igemm_kernel[grid](
+    if y.numel() == 0:
+        return y
+    num_m = triton.cdiv(M, config["BLOCK_M"])
+    _conv3d_igemm_kernel[flat_grid(num_m, triton.cdiv(nc, config["BLOCK_N"]), groups)](
         x, w, bias if bias is not None else w, y,
-        M, D, H, W, *out_size,
+        M, num_m, D, H, W, *out_size,
         *x.stride(),
         nc * w.stride(0), w.stride(1), w.stride(0), *w.stride()[2:],
+        bias.stride(0) if bias is not None else 0,
         *y.stride(),
         KC=kc, NC=nc, **_geometry(stride, padding, dilation, w.shape[2:]),
         TRANSPOSED=False, HAS_BIAS=bias is not None, ACC_DTYPE=_acc_dtype(x),
-        PRECISION=_precision(x, allow_tf32),
+        PRECISION=_precision(x, allow_tf32), WIDE=wide(num_m * config["BLOCK_M"], reach(w), volume=math.prod(out_size)),
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
         **_launch_opts(config))
     return y
@@ -384,16 +399,18 @@ def conv3d_bwd_input(dy, w, input_shape, stride, padding, dilation, groups, conf
     kc, nc = cout // groups, cin // groups
     dx = _alloc(tuple(input_shape), dy, out, memory_format(dy))
     M = N * D * H * W
-    grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(nc, config["BLOCK_N"]), groups)
-    _conv3d_igemm_kernel[grid](
+    if dx.numel() == 0:
+        return dx
+    num_m = triton.cdiv(M, config["BLOCK_M"])
+    _conv3d_igemm_kernel[flat_grid(num_m, triton.cdiv(nc, config["BLOCK_N"]), groups)](
         dy, w, w, dx,
-        M, *dy.shape[2:], D, H, W,
+        M, num_m, *dy.shape[2:], D, H, W,
         *dy.stride(),
-        kc * w.stride(0), w.stride(0), w.stride(1), *w.stride()[2:],
+        kc * w.stride(0), w.stride(0), w.stride(1), *w.stride()[2:], 0,
         *dx.stride(),
         KC=kc, NC=nc, **_geometry(stride, padding, dilation, w.shape[2:]),
         TRANSPOSED=True, HAS_BIAS=False, ACC_DTYPE=_acc_dtype(dy),
-        PRECISION=_precision(dy, allow_tf32),
+        PRECISION=_precision(dy, allow_tf32), WIDE=wide(num_m * config["BLOCK_M"], reach(w), volume=D * H * W),
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
         **_launch_opts(config))
     return dx
@@ -406,14 +423,17 @@ def conv3d_dw_fwd(x, w, bias, stride, padding, dilation, out_size, config, *, ou
     cout = w.shape[0]
     y = _alloc((N, cout, *out_size), x, out, memory_format(x))
     S = out_size[0] * out_size[1] * out_size[2]
-    grid = (triton.cdiv(S, config["BLOCK"]), N * cout)
-    _conv3d_dw_kernel[grid](
+    if y.numel() == 0:
+        return y
+    num_s = triton.cdiv(S, config["BLOCK"])
+    _conv3d_dw_kernel[flat_grid(num_s, N * cout)](
         x, w, bias if bias is not None else w, y,
-        S, D, H, W, *out_size,
-        *x.stride(), w.stride(0), *w.stride()[2:], *y.stride(),
+        S, num_s, D, H, W, *out_size,
+        *x.stride(), w.stride(0), *w.stride()[2:], bias.stride(0) if bias is not None else 0,
+        *y.stride(),
         CY=cout, MULT=cout // cin, **_geometry(stride, padding, dilation, w.shape[2:]),
         TRANSPOSED=False, HAS_BIAS=bias is not None, ACC_DTYPE=_acc_dtype(x),
-        BLOCK=config["BLOCK"], **_launch_opts(config))
+        WIDE=wide(num_s * config["BLOCK"], volume=S), BLOCK=config["BLOCK"], **_launch_opts(config))
     return y
 
 
@@ -423,21 +443,24 @@ def conv3d_dw_bwd_input(dy, w, input_shape, stride, padding, dilation, config, *
     N, cin, D, H, W = input_shape
     dx = _alloc(tuple(input_shape), dy, out, memory_format(dy))
     S = D * H * W
-    grid = (triton.cdiv(S, config["BLOCK"]), N * cin)
-    _conv3d_dw_kernel[grid](
+    if dx.numel() == 0:
+        return dx
+    num_s = triton.cdiv(S, config["BLOCK"])
+    _conv3d_dw_kernel[flat_grid(num_s, N * cin)](
         dy, w, w, dx,
-        S, *dy.shape[2:], D, H, W,
-        *dy.stride(), w.stride(0), *w.stride()[2:], *dx.stride(),
+        S, num_s, *dy.shape[2:], D, H, W,
+        *dy.stride(), w.stride(0), *w.stride()[2:], 0, *dx.stride(),
         CY=cin, MULT=w.shape[0] // cin, **_geometry(stride, padding, dilation, w.shape[2:]),
         TRANSPOSED=True, HAS_BIAS=False, ACC_DTYPE=_acc_dtype(dy),
-        BLOCK=config["BLOCK"], **_launch_opts(config))
+        WIDE=wide(num_s * config["BLOCK"], volume=S), BLOCK=config["BLOCK"], **_launch_opts(config))
     return dx
 
 
 def _split_len(M, split, block):
-    """Reduction length per split program, a multiple of ``block``; and the split actually used."""
-    per = triton.cdiv(triton.cdiv(M, max(1, split)), block) * block
-    return per, triton.cdiv(M, per)
+    """Reduction length per split program, a multiple of ``block``; and the split actually used
+    (at least one program, which reduces nothing when ``M`` is 0)."""
+    per = max(1, triton.cdiv(triton.cdiv(M, max(1, split)), block)) * block
+    return per, max(1, triton.cdiv(M, per))
 
 
 def conv3d_bwd_weight(x, dy, weight_shape, stride, padding, dilation, groups, config, *,
@@ -450,12 +473,11 @@ def conv3d_bwd_weight(x, dy, weight_shape, stride, padding, dilation, groups, co
     per, split = _split_len(M, config["SPLIT"], config["BLOCK_K"])
     T = weight_shape[2] * weight_shape[3] * weight_shape[4]
     part = _new((split, cout, cig, T), _partial_dtype(x), x.device)
-    grid = (T * triton.cdiv(cog, config["BLOCK_CO"]) * triton.cdiv(cig, config["BLOCK_CI"]),
-            groups, split)
-    _conv3d_wgrad_kernel[grid](
-        x, dy, part, M, per, *x.shape[2:], *dy.shape[2:], *x.stride(), *dy.stride(),
+    tiles = T * triton.cdiv(cog, config["BLOCK_CO"]) * triton.cdiv(cig, config["BLOCK_CI"])
+    _conv3d_wgrad_kernel[flat_grid(tiles, groups, split)](
+        x, dy, part, M, per, groups, *x.shape[2:], *dy.shape[2:], *x.stride(), *dy.stride(),
         CIG=cig, COG=cog, **_geometry(stride, padding, dilation, weight_shape[2:]),
-        ACC_DTYPE=_acc_dtype(x), PRECISION=_precision(x, allow_tf32),
+        ACC_DTYPE=_acc_dtype(x), PRECISION=_precision(x, allow_tf32), WIDE=wide(split * per, volume=math.prod(dy.shape[2:])),
         BLOCK_CO=config["BLOCK_CO"], BLOCK_CI=config["BLOCK_CI"], BLOCK_K=config["BLOCK_K"],
         **_launch_opts(config))
     return part.sum(0).reshape(weight_shape).to(x.dtype)
@@ -469,11 +491,11 @@ def conv3d_dw_bwd_weight(x, dy, weight_shape, stride, padding, dilation, config)
     per, split = _split_len(M, config["SPLIT"], config["BLOCK_S"])
     T = weight_shape[2] * weight_shape[3] * weight_shape[4]
     part = _new((split, cout, T), _partial_dtype(x), x.device)
-    grid = (cout, triton.cdiv(T, config["BLOCK_T"]), split)
-    _conv3d_dw_wgrad_kernel[grid](
+    _conv3d_dw_wgrad_kernel[flat_grid(cout, triton.cdiv(T, config["BLOCK_T"]), split)](
         x, dy, part, M, per, *x.shape[2:], *dy.shape[2:], *x.stride(), *dy.stride(),
         CO=cout, MULT=cout // x.shape[1], **_geometry(stride, padding, dilation, weight_shape[2:]),
-        ACC_DTYPE=_acc_dtype(x), BLOCK_T=config["BLOCK_T"], BLOCK_S=config["BLOCK_S"],
+        ACC_DTYPE=_acc_dtype(x), WIDE=wide(split * per, volume=math.prod(dy.shape[2:])),
+        BLOCK_T=config["BLOCK_T"], BLOCK_S=config["BLOCK_S"],
         **_launch_opts(config))
     return part.sum(0).reshape(weight_shape).to(x.dtype)
 
@@ -485,10 +507,16 @@ def bias_grad(dy, config):
     M = dy.shape[0] * dy.shape[2] * dy.shape[3] * dy.shape[4]
     per, split = _split_len(M, config["SPLIT"], config["BLOCK_S"])
     part = _new((split, C), _partial_dtype(dy), dy.device)
-    _bias_grad_kernel[(C, split)](
+    _bias_grad_kernel[flat_grid(C, 1, split)](
         dy, part, M, per, *dy.shape[2:], *dy.stride(),
-        C=C, ACC_DTYPE=_acc_dtype(dy), BLOCK_S=config["BLOCK_S"], **_launch_opts(config))
+        C=C, ACC_DTYPE=_acc_dtype(dy), WIDE=wide(split * per, volume=math.prod(dy.shape[2:])), BLOCK_S=config["BLOCK_S"],
+        **_launch_opts(config))
     return part.sum(0).to(dy.dtype)
+
+
+def reach(t):
+    """One past the largest element offset ``t``'s strides reach."""
+    return 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
 
 
 def _partial_dtype(t):

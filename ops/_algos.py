@@ -51,7 +51,19 @@ def split_pad(padding):
 
 
 def _allow_tf32():
-    return bool(torch.backends.cudnn.allow_tf32)
+    """Whether fp32 convolutions may use TF32, as ``F.conv3d`` on cuDNN decides: the precision
+    API (``torch.backends.cudnn.conv.fp32_precision``, then its parents) where torch has it and
+    it is set, else the legacy flag. Reading ``torch.backends.cudnn.allow_tf32`` raises once a
+    user has set the new API's conv precision apart from the RNN one."""
+    for backend in (getattr(torch.backends.cudnn, "conv", None), torch.backends.cudnn,
+                    torch.backends):
+        precision = getattr(backend, "fp32_precision", None)
+        if precision not in (None, "none"):
+            return precision == "tf32"
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:  # mixed legacy and new settings with nothing decisive set: torch's default
+        return True
 
 
 class _device:

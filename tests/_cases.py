@@ -99,6 +99,24 @@ def with_layout(x, w, layout):
     return x, w
 
 
+def strided_copy(t):
+    """A non-contiguous view with ``t``'s values (every other element of a buffer whose gaps hold
+    NaN, or 0 for integer tensors): a kernel that ignores the strides reads the gaps."""
+    gap = torch.full_like(t, float("nan") if t.is_floating_point() else 0)
+    return torch.stack([t, gap], dim=-1)[..., 0]
+
+
+def leaf_like(t):
+    """A fresh leaf requiring grad with ``t``'s values and its strides too (``clone`` makes a
+    gapped view contiguous; here the gaps of the new buffer hold NaN or 0 as in
+    ``strided_copy``)."""
+    reach = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0
+    fill = float("nan") if t.is_floating_point() else 0
+    buffer = torch.full((reach,), fill, dtype=t.dtype, device=t.device)
+    leaf = buffer.as_strided(t.shape, t.stride()).copy_(t.detach()).detach()
+    return leaf.requires_grad_() if t.is_floating_point() else leaf
+
+
 def rel_err(y, ref):
     y = y.detach().to("cpu", torch.float64)
     ref = ref.detach().to("cpu", torch.float64)

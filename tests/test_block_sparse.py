@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lk3d
-from _cases import TOL, draw_geometry, rel_err
+from _cases import TOL, draw_geometry, leaf_like, rel_err, strided_copy
 from lk3d import block_sparse
 
 
@@ -123,7 +123,7 @@ def _leaves(x, ws, bias):
     """Fresh leaf copies (input, values, bias) requiring grad, and a function of them giving
     ``(x, weight, bias)``."""
     tensors = [x, ws.values] + ([bias] if bias is not None else [])
-    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    leaves = [leaf_like(t) for t in tensors]
     names = ["input", "values", "bias"][:len(leaves)]
 
     def rebuild(leaves):
@@ -675,22 +675,25 @@ def bs_cases(draw):
                   layout=draw(st.sampled_from(["contiguous", "channels_last_3d"])))
 
 
-def _fuzz(case, seed):
+def _fuzz(case, seed, strided):
     from conftest import DEVICE
     if case.N is None and case.layout != "contiguous":
         case = replace(case, layout="contiguous")
     x, ws, bias = case.tensors(seed=seed, device=DEVICE)
+    if strided:  # non-contiguous index tensors and bias, as views of a user's own buffers give
+        ws = replace(ws, row_ptr=strided_copy(ws.row_ptr), col=strided_copy(ws.col))
+        bias = None if bias is None else strided_copy(bias)
     _check_against_dense(case, x, ws, bias)
 
 
-@given(case=bs_cases(), seed=st.integers(0, 2 ** 16))
-def test_fuzz_matches_dense(case, seed):
-    _fuzz(case, seed)
+@given(case=bs_cases(), seed=st.integers(0, 2 ** 16), strided=st.booleans())
+def test_fuzz_matches_dense(case, seed, strided):
+    _fuzz(case, seed, strided)
 
 
 # Under the interpreter an example costs ~2 s (forward, grad-input and grad-values kernels).
 @settings(max_examples=8)
-@given(case=bs_cases(), seed=st.integers(0, 2 ** 16))
-def test_fuzz_kernels_match_dense(case, seed):
+@given(case=bs_cases(), seed=st.integers(0, 2 ** 16), strided=st.booleans())
+def test_fuzz_kernels_match_dense(case, seed, strided):
     block_sparse.USE_KERNELS = True  # the autouse fixture restores it
-    _fuzz(case, seed)
+    _fuzz(case, seed, strided)

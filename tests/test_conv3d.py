@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lk3d
-from _cases import CASES, TOL, Case, conv3d_ref, rel_err, with_layout
+from _cases import CASES, TOL, Case, conv3d_ref, rel_err, strided_copy, with_layout
 from lk3d.kernels import tiled
 
 
@@ -116,9 +116,11 @@ def fuzz_cases(draw):
 
 # ~0.5 s an example under the interpreter: 60 of them keep CI within its time.
 @settings(max_examples=60)
-@given(case=fuzz_cases(), seed=st.integers(0, 2**16))
-def test_fuzz_forward(case, seed):
+@given(case=fuzz_cases(), seed=st.integers(0, 2**16), strided_bias=st.booleans())
+def test_fuzz_forward(case, seed, strided_bias):
     from conftest import DEVICE
     x, w, b = case.tensors(device=DEVICE, seed=seed, dtype=torch.float32)
+    if strided_bias and b is not None:
+        b = strided_copy(b)
     y = lk3d.conv3d(x, w, b, **case.args())
     assert rel_err(y, conv3d_ref(x, w, b, **case.args())) < TOL[torch.float32]

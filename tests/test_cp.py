@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lk3d
-from _cases import TOL, draw_geometry, rel_err
+from _cases import TOL, draw_geometry, leaf_like, rel_err, strided_copy
 from lk3d import cp as cp_ops
 from lk3d.cp import cp_conv3d_ref
 
@@ -104,7 +104,7 @@ def _leaves(x, factors, bias):
     names += ["bias"] if bias is not None else []
     tensors = [x, *(t for t in factors.tensors() if t is not None)]
     tensors += [bias] if bias is not None else []
-    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    leaves = [leaf_like(t) for t in tensors]
     has_w, has_b = factors.weights is not None, bias is not None
 
     def rebuild(leaves):
@@ -367,24 +367,26 @@ def cp_cases(draw):
                   layout=draw(st.sampled_from(["contiguous", "channels_last_3d"])))
 
 
-@given(case=cp_cases(), seed=st.integers(0, 2 ** 16))
-def test_fuzz_matches_dense(case, seed):
-    _fuzz(case, seed)
+@given(case=cp_cases(), seed=st.integers(0, 2 ** 16), strided_bias=st.booleans())
+def test_fuzz_matches_dense(case, seed, strided_bias):
+    _fuzz(case, seed, strided_bias)
 
 
 # ~0.2 s an example through the kernels under the interpreter.
 @settings(max_examples=80)
-@given(case=cp_cases(), seed=st.integers(0, 2 ** 16))
-def test_fuzz_kernels_match_dense(case, seed):
+@given(case=cp_cases(), seed=st.integers(0, 2 ** 16), strided_bias=st.booleans())
+def test_fuzz_kernels_match_dense(case, seed, strided_bias):
     cp_ops.USE_KERNELS = True  # the autouse fixture restores it
-    _fuzz(case, seed)
+    _fuzz(case, seed, strided_bias)
 
 
-def _fuzz(case, seed):
+def _fuzz(case, seed, strided_bias):
     from conftest import DEVICE
     if case.N is None and case.layout != "contiguous":
         case = CPCase(**{**case.__dict__, "layout": "contiguous"})
     x, factors, bias = case.tensors(seed=seed, device=DEVICE)
+    if strided_bias and bias is not None:
+        bias = strided_copy(bias)
     names, leaves, rebuild = _leaves(x, factors, bias)
     got = lk3d.cp_conv3d(*rebuild(leaves), **case.args())
     lx, lf, lb = rebuild(leaves)
