@@ -1,6 +1,7 @@
 """Which algorithm runs a convolution: forced, cached, measured, or modelled — in that order.
 
-    LK3D_ALGO=tiled|fft|aten   force one (where it can run here; else the choice goes on as usual)
+    LK3D_ALGO=tiled|fft|aten   force one (where it can run here; else a warning, once per
+                               algorithm and reason in a process, and the choice goes on as usual)
     LK3D_AUTOTUNE=1            measure the candidates on a cache miss and store the winner
     LK3D_AUTOTUNE=0            never measure, also not inside ``tune()``
     with lk3d.autotune.tune(): measure on a cache miss, for the calls inside the block
@@ -35,6 +36,8 @@ from lk3d.autotune.fingerprint import device_id
 ALGOS = ("tiled", "fft", "aten")
 MODEL_VERSION = 1  # bump when the meaning of stored plans changes
 _local = threading.local()
+_forced_warned: set = set()  # (algo, reason) of the LK3D_ALGO warnings given in this process
+_forced_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,30 @@ def forced_algo() -> Optional[str]:
     if algo not in ALGOS:
         raise ValueError(f"LK3D_ALGO: expected 'auto' or one of {ALGOS}, got {algo!r}")
     return algo
+
+
+def _why_not(algo: str, op: str, device: torch.device, candidates: Sequence[str]) -> str:
+    """Why a forced ``algo`` is not among ``candidates``, as far as this layer can tell."""
+    if algo == "tiled":
+        from lk3d.kernels import HAS_TRITON, INTERPRETED
+
+        if not HAS_TRITON:
+            return "tiled needs Triton, which does not import here"
+        if device.type == "cpu" and not INTERPRETED:
+            return ("tiled needs Triton on CUDA, or its interpreter (TRITON_INTERPRET=1) for CPU "
+                    "tensors")
+        return f"the Triton kernels do not take this dtype on {device.type}"
+    return f"{op} on {device.type} chooses among {', '.join(candidates)} only"
+
+
+def _warn_forced(algo: str, reason: str) -> None:
+    """Warn that ``LK3D_ALGO=algo`` is ignored, once per (algo, reason) in this process."""
+    with _forced_lock:
+        if (algo, reason) in _forced_warned:
+            return
+        _forced_warned.add((algo, reason))
+    warnings.warn(f"LK3D_ALGO={algo} cannot run here: {reason}; the algorithm is chosen as if "
+                  "it were unset (said once per process)", RuntimeWarning, stacklevel=4)
 
 
 def measuring() -> bool:
@@ -131,7 +158,11 @@ def choose(op: str, key: str, device: torch.device, candidates: Sequence[str],
     tuning = measuring()  # read (and checked) on every call, not only on a cache miss
     if forced is not None and forced in candidates:
         return Plan(forced, "forced", key)
-    note = f"LK3D_ALGO={forced} cannot run here" if forced else ""
+    note = ""
+    if forced is not None:
+        reason = _why_not(forced, op, device, candidates)
+        note = f"LK3D_ALGO={forced} cannot run here: {reason}"
+        _warn_forced(forced, reason)
     if preferred is not None and preferred in candidates:
         return Plan(preferred, "model", key, note=note or "interpreter: the kernels are the test")
     fid = device_id(device)

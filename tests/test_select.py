@@ -6,6 +6,7 @@ Triton kernels taken out of the candidates (no interpreted kernel is timed), und
 ``torch.compile`` too, and the cost model on a few problems. Every test has its own plan cache.
 """
 import math
+import warnings
 
 import pytest
 import torch
@@ -33,6 +34,7 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setattr(cache, "_seed_entries", dict)
     monkeypatch.delenv("LK3D_ALGO", raising=False)
     monkeypatch.delenv("LK3D_AUTOTUNE", raising=False)
+    monkeypatch.setattr(select, "_forced_warned", set())  # the once-per-process LK3D_ALGO warnings
 
 
 @pytest.fixture
@@ -165,7 +167,8 @@ def test_forced(fake_timer, monkeypatch):
 def test_forced_algo_that_cannot_run_falls_through(fake_timer, monkeypatch):
     run, ran = fake_timer
     monkeypatch.setenv("LK3D_ALGO", "tiled")
-    plan = _choose(run, candidates=["fft", "aten"])
+    with pytest.warns(RuntimeWarning, match="LK3D_ALGO=tiled cannot run here"):
+        plan = _choose(run, candidates=["fft", "aten"])
     assert (plan.algo, plan.source) == ("aten", "model")
     assert "LK3D_ALGO" in plan.note and "tiled" in plan.note
     with select.tune():
@@ -173,6 +176,55 @@ def test_forced_algo_that_cannot_run_falls_through(fake_timer, monkeypatch):
     assert (plan.algo, plan.source) == ("fft", "measured")
     assert "LK3D_ALGO" in plan.note
     assert sorted(ran) == ["aten", "fft"]
+
+
+def _recorded(fn):
+    """``fn()``'s RuntimeWarnings, every one (no de-duplication by Python's registry)."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fn()
+    return [str(w.message) for w in record if issubclass(w.category, RuntimeWarning)]
+
+
+def test_forced_algo_that_cannot_run_warns_once(fake_timer, monkeypatch):
+    """Once per (algorithm, reason) in a process, naming both; the plan keeps the note."""
+    from lk3d import kernels
+
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
+    run, _ = fake_timer
+    monkeypatch.setenv("LK3D_ALGO", "tiled")
+    other = problem_key("conv3d", torch.float32, (1, 3, 5, 5, 5), (3, 3, 3, 3, 3), 1, [1] * 6, 1,
+                        1)
+    found = _recorded(lambda: [_choose(run, candidates=["fft", "aten"], key=k)
+                               for k in (KEY, KEY, other)])
+    assert len(found) == 1, found
+    assert found[0].startswith("LK3D_ALGO=tiled cannot run here: tiled needs Triton on CUDA, "
+                               "or its interpreter (TRITON_INTERPRET=1)"), found
+    assert _recorded(lambda: _choose(run, candidates=["fft", "aten"])) == []
+    monkeypatch.setenv("LK3D_ALGO", "fft")  # another algorithm, another reason: one more
+    found = _recorded(lambda: [_choose(run, candidates=["tiled", "aten"]) for _ in range(2)])
+    assert found == ["LK3D_ALGO=fft cannot run here: conv3d on cpu chooses among tiled, aten "
+                     "only; the algorithm is chosen as if it were unset (said once per process)"]
+    assert "chooses among tiled, aten" in _choose(run, candidates=["tiled", "aten"]).note
+
+
+def test_forced_tiled_on_a_dtype_the_kernels_do_not_take_warns_once(monkeypatch):
+    """Through lk3d.conv3d: bf16 on the CPU never runs the kernels; forward and both gradients
+    give one warning, and the result is F.conv3d's."""
+    from lk3d import kernels
+
+    monkeypatch.setenv("LK3D_ALGO", "tiled")
+    x = torch.randn(1, 2, 5, 6, 7, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, 3, dtype=torch.bfloat16, requires_grad=True)
+    out = []
+    found = _recorded(lambda: out.append(lk3d.conv3d(x, w, padding=1)) or
+                      out[0].backward(torch.ones_like(out[0])))
+    assert len(found) == 1 and found[0].startswith("LK3D_ALGO=tiled cannot run here: "), found
+    assert ("do not take this dtype on cpu" if kernels.INTERPRETED else "TRITON_INTERPRET=1") \
+        in found[0]
+    ref = F.conv3d(x.detach().double(), w.detach().double(), padding=1)
+    assert rel_err(out[0], ref) < TOL[torch.bfloat16]
+    assert x.grad is not None and w.grad is not None
 
 
 def test_preferred_wins_over_model_and_cache(fake_timer, monkeypatch):
