@@ -54,6 +54,67 @@ class Plan:
                     times_ms=self.times_ms, note=self.note)
 
 
+class Plans(dict):
+    """The plans of one call, by pass (``"forward"``, ``"grad_input"``, ...): a dict of plan
+    dicts (``Plan.as_dict``), as ``lk3d.explain`` returns it, whose ``repr`` is a table, one row per
+    pass: the algorithm, where the choice came from, the launch config and the milliseconds per
+    candidate (measured for ``measured``/``cache``/``seed`` plans, modelled for ``model`` ones;
+    none for ``forced`` ones). ``title`` (the call, in words) heads the table."""
+
+    def __init__(self, plans=(), title: str = ""):
+        super().__init__(plans)
+        self.title = title
+
+    def __repr__(self) -> str:
+        return self.table()
+
+    def table(self) -> str:
+        algos = [a for a in ALGOS if any(a in p.get("times_ms", {}) for p in self.values())]
+        algos += list(dict.fromkeys(a for p in self.values() for a in p.get("times_ms", {})
+                                    if a not in algos))
+        notes = list(dict.fromkeys(p.get("note", "") for p in self.values()))
+        with_note = len(notes) > 1  # one note for every pass is said once, below the table
+        header = ["pass", "algo", "source", "config"] + [f"{a} ms" for a in algos] + \
+            (["note"] if with_note else [])
+        rows = []
+        for name, p in self.items():
+            times = p.get("times_ms", {})
+            rows.append([name, str(p.get("algo", "?")), str(p.get("source", "?")),
+                         _config_text(p.get("algo"), p.get("config"))]
+                        + [_ms_text(times.get(a)) for a in algos]
+                        + ([p.get("note", "")] if with_note else []))
+        widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+        right = {i for i, h in enumerate(header) if h.endswith(" ms")}
+
+        def line(cells):
+            return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                             for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+        out = ([self.title] if self.title else []) + [line(header),
+                                                      line(["-" * w for w in widths])]
+        out += [line(r) for r in rows]
+        if algos:
+            out.append("ms: measured where the source is measured, cache or seed; modelled "
+                       "where it is model")
+        if not with_note and notes and notes[0]:
+            out.append(f"note: {notes[0]}")
+        return "\n".join(out)
+
+
+def _config_text(algo, config) -> str:
+    if config:
+        return " ".join(f"{k}={v}" for k, v in config.items())
+    return "default" if algo == "tiled" else "-"
+
+
+def _ms_text(ms) -> str:
+    if ms is None:
+        return "-"
+    if math.isinf(ms):
+        return "inf"
+    return f"{ms:.1f}" if ms >= 100 else f"{ms:.3g}"
+
+
 def forced_algo() -> Optional[str]:
     algo = os.environ.get("LK3D_ALGO", "").strip().lower()
     if algo in ("", "auto"):

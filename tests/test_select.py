@@ -5,7 +5,9 @@ instant and its winner known; then the same through ``lk3d.conv3d``/``lk3d.expla
 Triton kernels taken out of the candidates (no interpreted kernel is timed), under
 ``torch.compile`` too, and the cost model on a few problems. Every test has its own plan cache.
 """
+import json
 import math
+import pickle
 import warnings
 
 import pytest
@@ -273,6 +275,31 @@ def test_explain_plans():
         assert {"algo", "source", "key", "config", "times_ms"} <= set(p)
         assert p["key"].startswith(op) and "float32" in p["key"]
         assert p["algo"] in select.ALGOS
+
+
+def test_explain_prints_a_table_and_stays_a_dict(no_kernels):
+    x, w, b = SMALL.tensors(dtype=torch.float32)
+    plans = lk3d.explain(x, w, b, **SMALL.args())
+    assert isinstance(plans, dict) and plans == dict(plans)
+    lines = repr(plans).splitlines()
+    assert str(plans) == repr(plans)
+    assert lines[0] == (f"lk3d.conv3d on cpu, float32: input {tuple(x.shape)}, weight "
+                        f"{tuple(w.shape)}, stride 1, padding 1, dilation 1, groups 1")
+    assert lines[1].split() == ["pass", "algo", "source", "config", "fft", "ms", "aten", "ms"]
+    assert [line.split()[:3] for line in lines[3:]] == [
+        [name, p["algo"], "model"] for name, p in plans.items()] + [["ms:", "measured", "where"]]
+    assert pickle.loads(pickle.dumps(plans)).title == plans.title
+    assert json.loads(json.dumps(plans)) == plans
+    # a cached plan with a launch config and a note, as the table shows them
+    cached = {"algo": "tiled", "source": "cache", "config": {"BLOCK_M": 64, "num_warps": 4},
+              "times_ms": {"tiled": 0.25, "aten": 1234.5}, "note": "n"}
+    forced = {"algo": "aten", "source": "forced", "config": None, "times_ms": {}, "note": ""}
+    assert repr(select.Plans({"forward": cached, "grad_input": forced})).splitlines() == [
+        "pass        algo   source  config                  tiled ms  aten ms  note",
+        "----------  -----  ------  ----------------------  --------  -------  ----",
+        "forward     tiled  cache   BLOCK_M=64 num_warps=4      0.25   1234.5  n",
+        "grad_input  aten   forced  -                              -        -",
+        "ms: measured where the source is measured, cache or seed; modelled where it is model"]
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="needs the Triton interpreter (TRITON_INTERPRET=1)")
