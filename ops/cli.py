@@ -130,7 +130,9 @@ def _cache_lines():
     from lk3d.autotune.fingerprint import device_fingerprint, fingerprint_id
 
     cache = default_cache()
-    lines = [f"plan cache   {cache.path} ({cache.entries()} entries)"]
+    lines = [f"plan cache   {cache.path} ({cache.entries()} entries)",
+             f"reports      {report.reports_root()} (where lk3d bench writes without --out; "
+             f"${report.REPORT_DIR_ENV} moves it)"]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         fp = device_fingerprint(torch.device(dev))
