@@ -27,13 +27,26 @@ Concurrency
     plans at once lose none. ``get`` keeps the entries in memory and re-reads the file only when its
     inode, mtime or size change.
 
-Failures never stop a convolution
-    A file that is not JSON, is truncated, is not an object, or has another ``version``: one
-    ``RuntimeWarning`` per ``PlanCache`` (naming the file and the fault), the file counts as empty,
-    and the next ``put`` rewrites it cleanly. A directory that cannot be written: one warning, and
-    plans are kept in memory for the life of the process (each later ``put`` tries the file again).
+Failures never stop a convolution, and never cost a stored plan
+    The first fault a ``PlanCache`` meets warns (one ``RuntimeWarning`` per ``PlanCache``, naming
+    the file and the fault; a directory in the file's place, which can be neither read nor
+    replaced, warns once too), and the convolution goes on:
+
+    * A file that exists but cannot be read (permissions, a directory in its place, an I/O
+      error): it is never written over. Plans stored meanwhile are kept in memory for the life of
+      the process; each later access tries the file again, and once it reads, the next stored
+      plan is merged with what it holds.
+    * A file of another format ``version`` (another lk3d's data): never written over either.
+    * Malformed entries (a key without two ``|``, a plan that is not an object): dropped; the
+      file's other entries are kept and the next ``put`` rewrites the file without the bad ones.
+    * A file that is not JSON, is truncated, is not an object or has no ``entries`` object: no
+      entry in it can be read, so it counts as empty and the next ``put`` rewrites it cleanly.
+    * A directory that cannot be written: plans are kept in memory for the life of the process
+      (each later ``put`` tries the file again).
+
     The explicit maintenance calls (``clear``, ``import_``) raise instead: their caller asked for a
-    change on disk.
+    change on disk. ``clear`` replaces even a file that cannot be read or is of another version
+    (that is what it is for); ``import_`` refuses to, as ``put`` does.
 
 Seeds
     ``seeds.json`` beside this module (package data, same format) holds plans measured on GPUs we
@@ -57,6 +70,7 @@ import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import filelock
 import platformdirs
@@ -137,25 +151,35 @@ def _entry_key(fingerprint_id: str, key: str, space: str) -> str:
     return f"{fingerprint_id}|{space}|{key}"
 
 
-def _parse(data: bytes) -> tuple[dict[str, dict], str | None]:
-    """The entries of a cache file's bytes, or ``({}, what is wrong with them)``."""
+class _Parsed(NamedTuple):
+    entries: dict[str, dict]  # the well-formed entries
+    problem: str | None       # what is wrong with the file, None if nothing
+    kind: str = "ok"          # "ok"; "garbage": nothing readable; "malformed": some entries
+                              # dropped; "foreign": another format version, not ours to rewrite
+
+
+def _parse(data: bytes) -> _Parsed:
+    """The entries of a cache file's bytes, and what is wrong with them."""
     try:
         doc = json.loads(data)
     except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for binary garbage
-        return {}, f"is not valid JSON ({e})"
+        return _Parsed({}, f"is not valid JSON ({e})", "garbage")
     if not isinstance(doc, dict):
-        return {}, f"holds a JSON {type(doc).__name__}, not an object"
+        return _Parsed({}, f"holds a JSON {type(doc).__name__}, not an object", "garbage")
     v = doc.get("version")
     if type(v) is not int or v != FORMAT_VERSION:
-        return {}, f"has format version {v!r}, this lk3d reads version {FORMAT_VERSION}"
+        return _Parsed({}, f"has format version {v!r}, this lk3d reads version {FORMAT_VERSION}",
+                       "foreign")
     entries = doc.get("entries")
     if not isinstance(entries, dict):
-        return {}, "has no 'entries' object"
-    bad = next((k for k, plan in entries.items() if k.count("|") < 2 or not isinstance(plan, dict)),
-               None)
-    if bad is not None:
-        return {}, f"has a malformed entry {bad!r} (want '<fingerprint>|<space>|<key>': {{...}})"
-    return entries, None
+        return _Parsed({}, "has no 'entries' object", "garbage")
+    good = {k: plan for k, plan in entries.items() if k.count("|") >= 2 and isinstance(plan, dict)}
+    if len(good) == len(entries):
+        return _Parsed(entries, None)
+    bad = [k for k in entries if k not in good]
+    return _Parsed(good, f"has {len(bad)} malformed {'entry' if len(bad) == 1 else 'entries'} "
+                         f"(first: {bad[0]!r}; want '<fingerprint>|<space>|<key>': {{...}})",
+                   "malformed")
 
 
 def _write_atomic(path: Path, entries: dict[str, dict]) -> None:
@@ -189,11 +213,11 @@ def _seed_entries() -> dict[str, dict]:
         warnings.warn(f"lk3d seed plans: cannot read the packaged seeds.json ({e})", RuntimeWarning,
                       stacklevel=2)
         return {}
-    entries, problem = _parse(data)
-    if problem is not None:
-        warnings.warn(f"lk3d seed plans: the packaged seeds.json {problem}", RuntimeWarning,
-                      stacklevel=2)
-    return entries
+    parsed = _parse(data)
+    if parsed.problem is not None:
+        warnings.warn(f"lk3d seed plans: the packaged seeds.json {parsed.problem}",
+                      RuntimeWarning, stacklevel=2)
+    return parsed.entries
 
 
 class PlanCache:
@@ -211,8 +235,9 @@ class PlanCache:
         self._mutex = threading.RLock()
         self._saved: dict[str, dict] = {}    # the file's entries as last read or written
         self._stamp: tuple | None = None      # (inode, mtime_ns, size) of that file; None: absent
-        self._unsaved: dict[str, dict] = {}  # plans the file could not take (unwritable directory)
-        self._warned: set[str] = set()       # "read" / "write": warned about once already
+        self._unsaved: dict[str, dict] = {}  # plans the file could not take, or must not
+        self._keep_out: str | None = None     # why the file must not be written, None: it may
+        self._warned = False                  # a fault has been reported (once per PlanCache)
 
     def __repr__(self) -> str:
         return f"PlanCache({str(self.directory)!r})"
@@ -273,15 +298,15 @@ class PlanCache:
         """Merge the plans of an exported file (they win over entries with the same key); returns
         how many it held. A file that is not a cache file of this version raises ``ValueError``."""
         path = Path(path)
-        entries, problem = _parse(path.read_bytes())
-        if problem is not None:
-            raise ValueError(f"lk3d plan cache import: {path} {problem}")
-        self._store(entries, strict=True)
-        return len(entries)
+        parsed = _parse(path.read_bytes())
+        if parsed.problem is not None:
+            raise ValueError(f"lk3d plan cache import: {path} {parsed.problem}")
+        self._store(parsed.entries, strict=True)
+        return len(parsed.entries)
 
     def _store(self, new: dict[str, dict], *, strict: bool) -> None:
-        """Merge ``new`` into the file under the lock; on failure raise (strict) or warn once and
-        keep them in memory."""
+        """Merge ``new`` into the file under the lock; where the file cannot or must not be
+        written, raise (strict) or warn once and keep them in memory."""
         with self._mutex:
             unsaved_before = dict(self._unsaved)
             self._unsaved.update(new)
@@ -290,20 +315,31 @@ class PlanCache:
                 with self._lock:
                     self._stamp = None  # re-read: a reused inode + coarse mtime can hide a change
                     self._refresh()
+                    if self._keep_out is not None:
+                        raise _KeepOut(self._keep_out)
                     entries = self._saved | self._unsaved
                     _write_atomic(self.path, entries)
                     self._saved, self._stamp = entries, _stamp(os.stat(self.path))
+            except _KeepOut as e:
+                if strict:
+                    self._unsaved = unsaved_before
+                    raise OSError(f"lk3d plan cache {self.path}: {e}; it is left as it is "
+                                  "(`lk3d cache clear` replaces it)") from None
+                self._warn(f"{e}; it is left as it is and plans are kept in memory for this "
+                           "process")
+                return
             except (OSError, filelock.Timeout) as e:
                 if strict:
                     self._unsaved = unsaved_before
                     raise
-                self._warn("write", f"cannot be written ({e}); plans are kept in memory for "
-                                    f"this process")
+                self._warn(f"cannot be written ({e}); plans are kept in memory for this process")
                 return
             self._unsaved.clear()
 
     def _refresh(self) -> None:
-        """Re-read the file if it changed since the last read (a bad file: warn once, empty)."""
+        """Re-read the file if it changed since the last read. A file that cannot be read or is
+        of another version: no entries, and ``_keep_out`` says why it must not be written; a
+        malformed one: the entries that can be read (warned once)."""
         try:
             st = os.stat(self.path)
             if self._stamp is not None and _stamp(st) == self._stamp:
@@ -311,21 +347,34 @@ class PlanCache:
             with open(self.path, "rb") as f:
                 stamp, data = _stamp(os.fstat(f.fileno())), f.read()
         except (FileNotFoundError, NotADirectoryError):  # no file yet (writing will say why)
-            self._saved, self._stamp = {}, None
+            self._saved, self._stamp, self._keep_out = {}, None, None
             return
-        except OSError as e:
+        except OSError as e:  # it is there, but not for us to read: never to be replaced
             self._saved, self._stamp = {}, None
-            self._warn("read", f"cannot be read ({e})")
+            self._keep_out = f"cannot be read ({e})"
+            self._warn(f"{self._keep_out}; it is left as it is and plans are kept in memory for "
+                       "this process")
             return
-        self._saved, problem = _parse(data)
-        self._stamp = stamp
-        if problem is not None:
-            self._warn("read", f"{problem}; it is ignored and rewritten by the next stored plan")
+        parsed = _parse(data)
+        self._saved, self._stamp = parsed.entries, stamp
+        self._keep_out = parsed.problem if parsed.kind == "foreign" else None
+        if parsed.kind == "foreign":
+            self._warn(f"{parsed.problem}; it is left as it is and plans are kept in memory for "
+                       "this process")
+        elif parsed.kind == "malformed":
+            self._warn(f"{parsed.problem}; they are ignored, the other {len(parsed.entries)} "
+                       "kept, and the next stored plan rewrites the file without them")
+        elif parsed.problem is not None:
+            self._warn(f"{parsed.problem}; it is ignored and rewritten by the next stored plan")
 
-    def _warn(self, what: str, message: str) -> None:
-        if what not in self._warned:
-            self._warned.add(what)
+    def _warn(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
             warnings.warn(f"lk3d plan cache {self.path}: {message}", RuntimeWarning, stacklevel=4)
+
+
+class _KeepOut(Exception):
+    """The cache file is there but must not be written (unreadable, another format version)."""
 
 
 _DEFAULT: tuple[str | None, PlanCache] | None = None

@@ -1,6 +1,7 @@
 """Which algorithm runs a convolution: forced, cached, measured, or modelled — in that order.
 
-    LK3D_ALGO=tiled|fft|aten   force one (where it can run here; else the choice goes on as usual)
+    LK3D_ALGO=tiled|fft|aten   force one (where it can run here; else a warning, once per
+                               algorithm and reason in a process, and the choice goes on as usual)
     LK3D_AUTOTUNE=1            measure the candidates on a cache miss and store the winner
     LK3D_AUTOTUNE=0            never measure, also not inside ``tune()``
     with lk3d.autotune.tune(): measure on a cache miss, for the calls inside the block
@@ -35,6 +36,8 @@ from lk3d.autotune.fingerprint import device_id
 ALGOS = ("tiled", "fft", "aten")
 MODEL_VERSION = 1  # bump when the meaning of stored plans changes
 _local = threading.local()
+_forced_warned: set = set()  # (algo, reason) of the LK3D_ALGO warnings given in this process
+_forced_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,67 @@ class Plan:
                     times_ms=self.times_ms, note=self.note)
 
 
+class Plans(dict):
+    """The plans of one call, by pass (``"forward"``, ``"grad_input"``, ...): a dict of plan
+    dicts (``Plan.as_dict``), as ``lk3d.explain`` returns it, whose ``repr`` is a table, one row per
+    pass: the algorithm, where the choice came from, the launch config and the milliseconds per
+    candidate (measured for ``measured``/``cache``/``seed`` plans, modelled for ``model`` ones;
+    none for ``forced`` ones). ``title`` (the call, in words) heads the table."""
+
+    def __init__(self, plans=(), title: str = ""):
+        super().__init__(plans)
+        self.title = title
+
+    def __repr__(self) -> str:
+        return self.table()
+
+    def table(self) -> str:
+        algos = [a for a in ALGOS if any(a in p.get("times_ms", {}) for p in self.values())]
+        algos += list(dict.fromkeys(a for p in self.values() for a in p.get("times_ms", {})
+                                    if a not in algos))
+        notes = list(dict.fromkeys(p.get("note", "") for p in self.values()))
+        with_note = len(notes) > 1  # one note for every pass is said once, below the table
+        header = ["pass", "algo", "source", "config"] + [f"{a} ms" for a in algos] + \
+            (["note"] if with_note else [])
+        rows = []
+        for name, p in self.items():
+            times = p.get("times_ms", {})
+            rows.append([name, str(p.get("algo", "?")), str(p.get("source", "?")),
+                         _config_text(p.get("algo"), p.get("config"))]
+                        + [_ms_text(times.get(a)) for a in algos]
+                        + ([p.get("note", "")] if with_note else []))
+        widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+        right = {i for i, h in enumerate(header) if h.endswith(" ms")}
+
+        def line(cells):
+            return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                             for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+        out = ([self.title] if self.title else []) + [line(header),
+                                                      line(["-" * w for w in widths])]
+        out += [line(r) for r in rows]
+        if algos:
+            out.append("ms: measured where the source is measured, cache or seed; modelled "
+                       "where it is model")
+        if not with_note and notes and notes[0]:
+            out.append(f"note: {notes[0]}")
+        return "\n".join(out)
+
+
+def _config_text(algo, config) -> str:
+    if config:
+        return " ".join(f"{k}={v}" for k, v in config.items())
+    return "default" if algo == "tiled" else "-"
+
+
+def _ms_text(ms) -> str:
+    if ms is None:
+        return "-"
+    if math.isinf(ms):
+        return "inf"
+    return f"{ms:.1f}" if ms >= 100 else f"{ms:.3g}"
+
+
 def forced_algo() -> Optional[str]:
     algo = os.environ.get("LK3D_ALGO", "").strip().lower()
     if algo in ("", "auto"):
@@ -58,6 +122,30 @@ def forced_algo() -> Optional[str]:
     if algo not in ALGOS:
         raise ValueError(f"LK3D_ALGO: expected 'auto' or one of {ALGOS}, got {algo!r}")
     return algo
+
+
+def _why_not(algo: str, op: str, device: torch.device, candidates: Sequence[str]) -> str:
+    """Why a forced ``algo`` is not among ``candidates``, as far as this layer can tell."""
+    if algo == "tiled":
+        from lk3d.kernels import HAS_TRITON, INTERPRETED
+
+        if not HAS_TRITON:
+            return "tiled needs Triton, which does not import here"
+        if device.type == "cpu" and not INTERPRETED:
+            return ("tiled needs Triton on CUDA, or its interpreter (TRITON_INTERPRET=1) for CPU "
+                    "tensors")
+        return f"the Triton kernels do not take this dtype on {device.type}"
+    return f"{op} on {device.type} chooses among {', '.join(candidates)} only"
+
+
+def _warn_forced(algo: str, reason: str) -> None:
+    """Warn that ``LK3D_ALGO=algo`` is ignored, once per (algo, reason) in this process."""
+    with _forced_lock:
+        if (algo, reason) in _forced_warned:
+            return
+        _forced_warned.add((algo, reason))
+    warnings.warn(f"LK3D_ALGO={algo} cannot run here: {reason}; the algorithm is chosen as if "
+                  "it were unset (said once per process)", RuntimeWarning, stacklevel=4)
 
 
 def measuring() -> bool:
@@ -131,7 +219,11 @@ def choose(op: str, key: str, device: torch.device, candidates: Sequence[str],
     tuning = measuring()  # read (and checked) on every call, not only on a cache miss
     if forced is not None and forced in candidates:
         return Plan(forced, "forced", key)
-    note = f"LK3D_ALGO={forced} cannot run here" if forced else ""
+    note = ""
+    if forced is not None:
+        reason = _why_not(forced, op, device, candidates)
+        note = f"LK3D_ALGO={forced} cannot run here: {reason}"
+        _warn_forced(forced, reason)
     if preferred is not None and preferred in candidates:
         return Plan(preferred, "model", key, note=note or "interpreter: the kernels are the test")
     fid = device_id(device)

@@ -347,9 +347,14 @@ def device_slug(device) -> str:
     return f"{slug(name)}-{torch.get_num_threads()}t"
 
 
-def default_report_dir(device, root="perf_reports") -> Path:
-    """``<root>/<lk3d version>/<device slug>``: where ``lk3d bench`` writes its report."""
-    return Path(root) / lk3d.__version__ / device_slug(device)
+def default_report_dir(device, case_set: str, root=None) -> Path:
+    """``<root>/<lk3d version>/<device slug>/<case set>``: where ``lk3d bench`` writes its report
+    unless ``--out`` says otherwise; ``root`` defaults to ``lk3d.report.reports_root()`` (the
+    user's data folder, or ``$LK3D_REPORT_DIR``), never a folder of the checkout."""
+    from lk3d.report import reports_root
+
+    root = reports_root() if root is None else Path(root)
+    return root / lk3d.__version__ / device_slug(device) / slug(case_set)
 
 
 def triton_version() -> str:
@@ -778,13 +783,16 @@ class InProcess:
 # a run
 # ---------------------------------------------------------------------------------------------
 
-def _progress(total, enabled):
+def progress_bar(iterable=None, *, enabled: bool = True, **kwargs):
+    """A tqdm progress bar on stderr, drawn only where ``enabled`` and stderr is a terminal
+    (tqdm's ``disable=None``): a log file, a pipe or a CI job gets none. Where tqdm is missing (a
+    ``--no-deps`` install), ``iterable`` itself, or None without one."""
     try:
         from tqdm import tqdm
-    except ImportError:  # tqdm is a dependency, but a --no-deps install may lack it
-        return None
-    return tqdm(total=total, disable=not enabled, file=sys.stderr, unit="step", leave=False,
-                dynamic_ncols=True)
+    except ImportError:
+        return iterable
+    return tqdm(iterable, disable=None if enabled else True, file=sys.stderr, dynamic_ncols=True,
+                **kwargs)
 
 
 def run(cases: Sequence[Case], device=None, providers: Sequence[str] = PROVIDERS,
@@ -822,8 +830,8 @@ def run(cases: Sequence[Case], device=None, providers: Sequence[str] = PROVIDERS
     dtypes = list(dict.fromkeys(c.dtype for c in cases))
     measured = {c: [p for p in OP_PROVIDERS[c.op] if p in providers and available(p, c, dev)]
                 for c in cases}
-    bar = _progress(len(dtypes) + sum(1 + len(measured[c]) * len(modes) for c in cases),
-                    progress)
+    bar = progress_bar(total=len(dtypes) + sum(1 + len(measured[c]) * len(modes) for c in cases),
+                       enabled=progress, unit="step", leave=False)
 
     def step(label, fn, args):
         if bar is not None:

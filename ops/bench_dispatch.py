@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 import lk3d
 from lk3d import _algos, fft
-from lk3d.bench import _sync
+from lk3d.bench import _sync, progress_bar
 from lk3d.autotune.select import time_ms
 
 
@@ -73,10 +73,8 @@ def run(shapes, device, progress=True, rounds=5, pairs=None):
     alternating calls of ``paired_ratio`` (None: a second's worth). Where lk3d's
     aten algorithm is the very call torch makes (it keeps the input's layout), it is timed once,
     as torch: two timings of one call differ only by noise."""
-    from tqdm import tqdm
-
     rows = []
-    for shape in tqdm(shapes, desc="dispatch", disable=not progress):
+    for shape in progress_bar(shapes, enabled=progress, desc="dispatch"):
         x, w = shape.tensors(device)
         groups = shape.C if shape.depthwise else 1
         p = (shape.k - 1) // 2

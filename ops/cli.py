@@ -1,12 +1,20 @@
 """The ``lk3d`` command line.
 
     lk3d info                       versions, devices, which algorithms run where, the cache
-    lk3d bench --quick              a few large-kernel layers on this machine (CPU: < 2 min);
-                                    the report: perf_reports/<version>/<device>/ (CSV + plots)
+    lk3d bench --quick              a few large-kernel layers on this machine (CPU: < 2 min); its
+                                    report (CSV + plots) goes to the user's data folder, outside
+                                    the checkout: <data>/lk3d/reports/<version>/<device>/quick/
+                                    ($LK3D_REPORT_DIR replaces <data>/lk3d/reports); the path is
+                                    printed
     lk3d bench --device cuda [--out DIR | --no-report] [--csv PATH]
-    lk3d bench --cases FILE.json    your own layers (no report unless --out DIR)
+                                    --out: a release report where you say, e.g.
+                                    --out perf_reports/{version}/{device}
+    lk3d bench --cases FILE.json    your own layers
     lk3d bench --dispatch           does auto-dispatch find the fastest path? (12 layers)
-    lk3d report [--dir perf_reports]    redraw the plots, refresh perf_reports/README.md
+    lk3d report [--dir DIR]         redraw the plots under DIR, summarise them in DIR/README.md
+                                    (default DIR: where lk3d bench writes; nothing else is touched)
+    lk3d explain CASE | --input N,C,D,H,W --weight Cout,Cin/g,kd,kh,kw [--groups G ...]
+                                    the plan lk3d.conv3d would use per pass, as a table
     lk3d tune [--suite gpu|cpu] [--layers FILE.json]   measure and cache the best algorithms
     lk3d cache clear | export FILE | import FILE        manage the per-device plan cache
 
@@ -17,6 +25,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -24,8 +33,8 @@ import lk3d
 from lk3d import bench, cpu_memory, report
 
 _ENV_VARS = ("TRITON_INTERPRET", "LK3D_ALGO", "LK3D_CONFIG", "LK3D_AUTOTUNE", "LK3D_CACHE_DIR",
-             "LK3D_FFT_MEMORY_MB", "LK3D_TEST_DEVICE", "TRITON_CACHE_DIR", "CUDA_VISIBLE_DEVICES",
-             "THP_MEM_ALLOC_ENABLE")
+             report.REPORT_DIR_ENV, "LK3D_FFT_MEMORY_MB", "LK3D_TEST_DEVICE", "TRITON_CACHE_DIR",
+             "CUDA_VISIBLE_DEVICES", "THP_MEM_ALLOC_ENABLE")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +130,9 @@ def _cache_lines():
     from lk3d.autotune.fingerprint import device_fingerprint, fingerprint_id
 
     cache = default_cache()
-    lines = [f"plan cache   {cache.path} ({cache.entries()} entries)"]
+    lines = [f"plan cache   {cache.path} ({cache.entries()} entries)",
+             f"reports      {report.reports_root()} (where lk3d bench writes without --out; "
+             f"${report.REPORT_DIR_ENV} moves it)"]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         fp = device_fingerprint(torch.device(dev))
@@ -219,12 +230,16 @@ def _cmd_bench(args, parser):
                      "(torch.cuda.is_available() is False); use --device cpu")
     if args.csv and os.path.isdir(args.csv):
         parser.error(f"--csv: expected a file path, got the directory {args.csv!r}")
-    if args.out and os.path.isfile(args.out):
-        parser.error(f"--out: expected a folder, got the file {args.out!r}")
-    # the hidden --tiny set (tests) and a user's case file never land in the release report
-    # (perf_reports/) unless asked to with --out
-    out_dir = None if args.no_report or ((args.tiny or args.cases) and not args.out) else \
-        args.out or bench.default_report_dir(device)
+    if args.no_report:
+        out_dir = None
+    elif args.out:
+        out_dir = Path(args.out.replace("{version}", lk3d.__version__)
+                       .replace("{device}", bench.device_slug(device)))
+        if out_dir.is_file():
+            parser.error(f"--out: expected a folder, got the file {str(out_dir)!r}")
+    else:  # the user's data folder, one report per case set: never a folder of the checkout
+        which_set = f"cases-{Path(args.cases).stem}" if args.cases else which
+        out_dir = bench.default_report_dir(device, which_set)
 
     _huge_pages_note(args, device, not args.no_isolate)
     modes = args.modes or (("fwd", "fwdbwd") if device == "cuda" else ("fwd",))
@@ -261,8 +276,10 @@ def _cmd_bench(args, parser):
             print(f"lk3d bench: cannot write the report: {e}", file=sys.stderr)
             rc = 1
         else:
-            print(f"report: {path} and {len(pngs)} plot(s) in {path.parent} "
-                  "(`lk3d report` refreshes the summary in perf_reports/README.md)")
+            print(f"report: {path} and {len(pngs)} plot(s) in {path.parent}")
+            if not args.out:
+                print(f"`lk3d report` redraws the plots of every report under "
+                      f"{report.reports_root()} and summarises them in its README.md")
     for r in bench.accuracy_failures(results, device):
         print(f"lk3d bench: {r.case}: lk3d differs from F.conv3d by {r.rel_err:.2e} "
               f"(tolerance {bench.tolerance(r.dtype, device):.0e} for {r.dtype})", file=sys.stderr)
@@ -276,7 +293,7 @@ def _cmd_bench(args, parser):
 
 def _cmd_report(args, parser):
     try:
-        csvs, pngs, readme = report.regenerate(args.dir)
+        csvs, pngs, readme = report.regenerate(args.dir)  # None: report.reports_root()
     except (OSError, report.ReportError) as e:
         print(f"lk3d report: {e}", file=sys.stderr)
         return 1
@@ -309,6 +326,145 @@ def _cmd_dispatch(args, parser):
     worst = max(r["pick_over_best"] for r in rows)
     print(f"the plan's pick over the fastest candidate: worst {worst:.2f}x (goal: 1.10x); "
           f"lk3d.conv3d end to end: worst {max(r['auto_over_best'] for r in rows):.2f}x")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# lk3d explain
+# ---------------------------------------------------------------------------------------------
+
+def _ints(count, what):
+    """An argparse type: ``count`` comma-separated positive ints (``what`` names them)."""
+    def parse(text):
+        try:
+            values = tuple(int(t) for t in text.split(","))
+        except ValueError:
+            values = ()
+        if len(values) != count or min(values) < 1:
+            raise argparse.ArgumentTypeError(f"expected {count} comma-separated positive ints "
+                                             f"({what}), got {text!r}")
+        return values
+    parse.__name__ = what
+    return parse
+
+
+def _one_positive(name):
+    """An argparse type: one positive int."""
+    def parse(text):
+        return _ints(1, name)(text)[0]
+    parse.__name__ = name
+    return parse
+
+
+def _one_or_three(name, minimum):
+    """An argparse type: an int or 3 comma-separated ints, each >= ``minimum``."""
+    def parse(text):
+        try:
+            values = tuple(int(t) for t in text.split(","))
+        except ValueError:
+            values = ()
+        if len(values) not in (1, 3) or min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"expected an int >= {minimum} or 3 of them, "
+                                             f"comma-separated, got {text!r}")
+        return values[0] if len(values) == 1 else values
+    parse.__name__ = name
+    return parse
+
+
+def _padding(text):
+    if text in ("same", "valid"):
+        return text
+    try:
+        return _one_or_three("padding", 0)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'same', 'valid', an int >= 0 or 3 of them, "
+                                         f"comma-separated, got {text!r}") from None
+
+
+def _stand_in(shape, dtype, device):
+    """A tensor of this shape, dtype and device that holds one element (zero strides): the
+    plan depends on nothing else, and a real [2, 48, 96³] input would take 340 MB."""
+    return torch.zeros((), dtype=dtype, device=device).expand(shape)
+
+
+_RAW_ONLY = ("input", "weight", "groups", "stride", "padding", "dilation", "rank")
+
+
+def _explain_case(name, dtype, device, parser):
+    """The plans of a case of lk3d bench's sets (``bench.CASE_SETS``)."""
+    cases = {c.name: c for cs in bench.CASE_SETS.values() for c in cs}
+    if name not in cases:
+        parser.error(f"case: expected one of lk3d bench's cases ({', '.join(cases)}), "
+                     f"got {name!r}")
+    case = cases[name]
+    dtype = dtype or case.torch_dtype
+    x = _stand_in((case.N, case.Cin, *case.size), dtype, device)
+    if case.op == "cp":
+        g = torch.Generator().manual_seed(0)
+        factors = lk3d.CPFactors(*(torch.randn(n, case.rank, generator=g).to(device, dtype)
+                                   for n in (case.Cout, case.Cin, *case.kernel)))
+        return str(lk3d.cp.explain(x, factors, None, 1, case.padding, 1))
+    w_shape = (case.Cout, case.Cin // case.groups, *case.kernel)
+    if case.op == "block_sparse":
+        g = torch.Generator().manual_seed(0)
+        dense = torch.randn(w_shape, generator=g).to(device, dtype)
+        weight = lk3d.BlockSparseWeight.from_dense(dense, case.block, density=case.density)
+        return _block_sparse_text(x, weight, case)
+    return str(lk3d.explain(x, _stand_in(w_shape, dtype, device), None, 1, case.padding, 1,
+                            case.groups))
+
+
+def _block_sparse_text(x, weight, case):
+    plan = lk3d.block_sparse.explain(x, weight, None, 1, case.padding, 1, case.groups)
+    head = (f"lk3d.block_sparse_conv3d on {x.device}, {str(x.dtype).removeprefix('torch.')}: "
+            f"input {tuple(x.shape)}, weight {tuple(weight.shape)} in blocks "
+            f"{tuple(case.block)}, density {case.density:g}, padding {case.padding}, groups "
+            f"{case.groups}")
+    if plan["path"] != "torch":
+        return f"{head}\npath: the Triton kernels (every pass)"
+    times = ", ".join(f"{route} {ms:.3g} ms" for route, ms in plan["times_ms"].items())
+    algo = f" (lk3d.conv3d's {plan['algo']} on the dense weight)" if plan["algo"] else ""
+    return (f"{head}\npath: torch, route {plan['route']}{algo}\nmodelled: {times}")
+
+
+def _cmd_explain(args, parser):
+    device = torch.device(args.device or bench.default_device())
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here "
+                     "(torch.cuda.is_available() is False); use --device cpu")
+    dtype = bench.DTYPES[args.dtype] if args.dtype else None
+    raw = [f"--{n}" for n in _RAW_ONLY if getattr(args, n) is not None]
+    try:
+        if args.case is not None:
+            if raw:
+                parser.error(f"expected a case or shapes, got the case {args.case!r} and "
+                             f"{', '.join(raw)}")
+            print(_explain_case(args.case, dtype, device, parser))
+            return 0
+        if args.input is None or args.weight is None:
+            parser.error("expected a case (lk3d bench --list names them) or both --input and "
+                         "--weight")
+        dtype = dtype or torch.float32
+        x = _stand_in(args.input, dtype, device)
+        geometry = (1 if args.stride is None else args.stride,
+                    0 if args.padding is None else args.padding,
+                    1 if args.dilation is None else args.dilation)
+        if args.rank is not None:
+            n, cin = args.input[:2]
+            cout, cig, *kernel = args.weight
+            if cig != cin or (args.groups or 1) != 1:
+                given = ",".join(map(str, args.weight)) + (
+                    "" if args.groups is None else f" and --groups {args.groups}")
+                parser.error(f"--rank: a CP kernel is dense (groups 1): expected --weight "
+                             f"{cout},{cin},... (Cin = {cin}), got {given}")
+            factors = lk3d.CPFactors(*(torch.ones(k, args.rank, dtype=dtype, device=device)
+                                       for k in (cout, cin, *kernel)))
+            print(lk3d.cp.explain(x, factors, None, *geometry))
+        else:
+            w = _stand_in(args.weight, dtype, device)
+            print(lk3d.explain(x, w, None, *geometry, args.groups or 1))
+    except (TypeError, ValueError) as e:  # lk3d's own argument checks name the argument
+        parser.error(str(e))
     return 0
 
 
@@ -367,9 +523,10 @@ def _cmd_cache(args, parser):
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="lk3d", description="lk3d: large 3D convolution "
-                                     "kernels in Triton. Commands: info, bench, report, tune, "
-                                     "cache.")
-    sub = parser.add_subparsers(dest="command", metavar="{info,bench,report,tune,cache}")
+                                     "kernels in Triton. Commands: info, bench, report, explain, "
+                                     "tune, cache.")
+    sub = parser.add_subparsers(dest="command",
+                                metavar="{info,bench,report,explain,tune,cache}")
 
     p = sub.add_parser("info", help="versions, devices, and which algorithms run where")
     p.set_defaults(func=_cmd_info, subparser=p)
@@ -378,8 +535,11 @@ def build_parser():
                        description="Time lk3d's dense, depthwise, CP and block-sparse "
                        "convolutions against F.conv3d (NCDHW and channels_last_3d), the unfused "
                        "CP chain and the masked dense weight on large-kernel layers; prints a "
-                       "table and writes the report (results.csv and plots) to "
-                       "perf_reports/<lk3d version>/<device>/.")
+                       "table and writes the report (results.csv and plots) to the user's data "
+                       "folder, <data>/lk3d/reports/<lk3d version>/<device>/<case set>/ "
+                       f"(${report.REPORT_DIR_ENV} replaces <data>/lk3d/reports), never into the "
+                       "current folder; it prints the path. --out DIR writes it to DIR "
+                       "instead (a release report: --out perf_reports/{version}/{device}).")
     cases = p.add_mutually_exclusive_group()
     cases.add_argument("--quick", action="store_true",
                        help="a few small large-kernel layers (CPU: under 2 minutes)")
@@ -392,8 +552,10 @@ def build_parser():
                    help="default: cuda if available, else cpu")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--out", metavar="DIR",
-                       help="write the report (results.csv and plots) here instead of "
-                       "perf_reports/<lk3d version>/<device>/ under the current folder")
+                       help="write the report (results.csv and plots) here instead of the "
+                       "user's data folder; {version} and {device} in DIR become the lk3d "
+                       "version and the device's folder name (e.g. --out "
+                       "perf_reports/{version}/{device})")
     where.add_argument("--no-report", action="store_true", help="write no report")
     p.add_argument("--csv", metavar="PATH",
                    help="also write one row per measurement (every field, wide) to this CSV")
@@ -417,7 +579,8 @@ def build_parser():
                    help="stop starting measurements after S seconds (the rest: skipped)")
     p.add_argument("--no-isolate", action="store_true",
                    help="measure in this process (no worker; the budget cannot stop a call)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (there is none anyway where stderr is not a terminal)")
     p.add_argument("--no-huge-pages", action="store_true",
                    help="on the CPU, measure without PyTorch's transparent huge pages for large "
                    f"tensors (default: the worker runs with {cpu_memory.THP_ENV}=1; see "
@@ -427,14 +590,43 @@ def build_parser():
                    "provider and lk3d's automatic choice")
     p.set_defaults(func=_cmd_bench, subparser=p)
 
-    p = sub.add_parser("report", help="redraw the plots of every results.csv and refresh the "
-                       "summary in README.md",
+    p = sub.add_parser("report", help="redraw the plots of every results.csv under a folder and "
+                       "summarise them in its README.md",
                        description="Redraw the plots of every results.csv under DIR (from the "
                        "CSVs only) and refresh the summary tables in DIR/README.md between "
-                       f"{report.MARK_START} and {report.MARK_END}.")
-    p.add_argument("--dir", default="perf_reports", metavar="DIR",
-                   help="the folder to search for results.csv (default: perf_reports)")
+                       f"{report.MARK_START} and {report.MARK_END}. Nothing outside DIR is "
+                       "written. For the release summary: lk3d report --dir perf_reports.")
+    p.add_argument("--dir", metavar="DIR",
+                   help="the folder to search for results.csv (default: where lk3d bench writes, "
+                   f"${report.REPORT_DIR_ENV} or <data>/lk3d/reports)")
     p.set_defaults(func=_cmd_report, subparser=p)
+
+    p = sub.add_parser("explain", help="the plan lk3d would use for a convolution, per pass",
+                       description="Print the plan lk3d would use for each pass of a "
+                       "convolution (forward, grad-input, grad-weight; CP: forward, backward): "
+                       "the algorithm, where the choice came from (forced, cache, seed, measured, "
+                       "model), the launch config and the measured or modelled milliseconds per "
+                       "candidate. Nothing runs and no input is allocated. Give a case of lk3d "
+                       "bench's sets (lk3d bench --list, --quick --list) or the shapes, e.g. "
+                       "--input 2,48,96,96,96 --weight 48,1,7,7,7 --groups 48 --padding same.")
+    p.add_argument("case", nargs="?", help="a case name of lk3d bench's sets")
+    p.add_argument("--input", type=_ints(5, "N,C,D,H,W"), metavar="N,C,D,H,W")
+    p.add_argument("--weight", type=_ints(5, "Cout,Cin/groups,kd,kh,kw"),
+                   metavar="Cout,Cin/g,kd,kh,kw")
+    p.add_argument("--groups", type=_one_positive("groups"), metavar="G", help="default: 1")
+    p.add_argument("--stride", type=_one_or_three("stride", 1), metavar="S",
+                   help="an int or 3 (default: 1)")
+    p.add_argument("--padding", type=_padding, metavar="P",
+                   help="same, valid, an int or 3 (default: 0)")
+    p.add_argument("--dilation", type=_one_or_three("dilation", 1), metavar="D",
+                   help="an int or 3 (default: 1)")
+    p.add_argument("--rank", type=_one_positive("rank"), metavar="R",
+                   help="a rank-R CP kernel of the --weight's shape (lk3d.cp_conv3d)")
+    p.add_argument("--dtype", choices=tuple(bench.DTYPES),
+                   help="default: the case's, else float32")
+    p.add_argument("--device", choices=("cpu", "cuda"),
+                   help="default: cuda if available, else cpu")
+    p.set_defaults(func=_cmd_explain, subparser=p)
 
     p = sub.add_parser("tune", help="measure every algorithm on a list of layers; cache winners")
     p.add_argument("--suite", choices=("gpu", "cpu"), help="built-in layers (default: gpu on "
@@ -442,7 +634,8 @@ def build_parser():
     p.add_argument("--layers", metavar="FILE", help="a JSON (or YAML) list of layers")
     p.add_argument("--device", choices=("cpu", "cuda"),
                    help="default: cuda if available, else cpu")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (there is none anyway where stderr is not a terminal)")
     p.set_defaults(func=_cmd_tune, subparser=p)
 
     p = sub.add_parser("cache", help="show, clear, export or import the plan cache")

@@ -540,19 +540,26 @@ cp_conv3d_op.register_autograd(_backward, setup_context=_setup_context)
 # the functional
 # ---------------------------------------------------------------------------------------------
 
-def explain(input, factors, bias=None, stride=1, padding=0, dilation=1, groups=1) -> dict:
+def explain(input, factors, bias=None, stride=1, padding=0, dilation=1,
+            groups=1) -> "select.Plans":
     """The plans ``cp_conv3d`` would use for these arguments, without running anything:
-    ``{"forward": plan, "backward": plan}``, each a dict as ``lk3d.explain`` gives (algorithm
-    "tiled", the fused Triton kernels, or "aten", the factored torch sequence; where the choice
-    came from, "only" where the kernels cannot take the tensors; modelled or measured ms per
-    candidate)."""
+    ``{"forward": plan, "backward": plan}`` (an ``lk3d.autotune.select.Plans``: printed, a
+    table), each a dict as ``lk3d.explain`` gives (algorithm "tiled", the fused Triton kernels, or
+    "aten", the factored torch sequence; where the choice came from, "only" where the kernels
+    cannot take the tensors; modelled or measured ms per candidate)."""
     x, _ = batched(input)
     spec = check_cp_conv3d(x, factors, bias, stride, padding, dilation, groups)
     U_out, U_in, A, B, C, weights = factors.tensors()
     geometry = (list(spec.stride), spec.padding, list(spec.dilation))
-    return {name: _plan(op, x, U_out, A, B, C, *geometry,
-                        _kernels_serve(x, U_out, U_in, A, B, C, weights, bias)).as_dict()
-            for name, op in (("forward", "cp_conv3d"), ("backward", "cp_conv3d_backward"))}
+    serve = _kernels_serve(x, U_out, U_in, A, B, C, weights, bias)
+    plans = {name: _plan(op, x, U_out, A, B, C, *geometry, serve).as_dict()
+             for name, op in (("forward", "cp_conv3d"), ("backward", "cp_conv3d_backward"))}
+    pad = padding if isinstance(padding, str) else tuple(spec.pad_left)
+    title = (f"lk3d.cp_conv3d on {x.device}, {str(x.dtype).removeprefix('torch.')}: input "
+             f"{tuple(x.shape)}, rank {U_out.shape[1]}, {x.shape[1]} -> {U_out.shape[0]} "
+             f"channels, kernel {(A.shape[0], B.shape[0], C.shape[0])}, stride "
+             f"{tuple(spec.stride)}, padding {pad}, dilation {tuple(spec.dilation)}")
+    return select.Plans(plans, title)
 
 
 def cp_conv3d(input, factors, bias=None, stride=1, padding=0, dilation=1, groups=1):

@@ -2,6 +2,7 @@
 
 from lk3d._conv_ops import conv3d_op, plan
 from lk3d._spec import batched, check_conv3d
+from lk3d.autotune.select import Plans
 
 
 def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -24,15 +25,26 @@ def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
 def explain(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """The plans ``conv3d`` would use for these arguments, without running anything.
 
-    Returns ``{"forward": plan, "grad_input": plan, "grad_weight": plan}``, each a dict with the
-    algorithm (``tiled``/``fft``/``aten``), the launch config (None: the default), where the
-    choice came from (``forced``/``cache``/``seed``/``measured``/``model``), the problem key and
-    the measured or modelled milliseconds per candidate.
+    Returns an ``lk3d.autotune.select.Plans``: a dict ``{"forward": plan, "grad_input": plan,
+    "grad_weight": plan}``, each plan a dict with the algorithm (``tiled``/``fft``/``aten``), the
+    launch config (None: the default), where the choice came from
+    (``forced``/``cache``/``seed``/``measured``/``model``), the problem key and the measured or
+    modelled milliseconds per candidate; printed, it is a table of the three. Only the shapes,
+    dtype and device of the tensors matter (``lk3d explain`` passes zero-stride stand-ins).
     """
     input, _ = batched(input)
     spec = check_conv3d(input, weight, bias, stride, padding, dilation, groups)
     geometry = (list(spec.stride), spec.padding, list(spec.dilation), spec.groups)
     x_shape, w_shape = list(input.shape), list(weight.shape)
-    return {name: plan(op, input, x_shape, w_shape, *geometry).as_dict()
-            for name, op in (("forward", "conv3d"), ("grad_input", "conv3d_grad_input"),
-                             ("grad_weight", "conv3d_grad_weight"))}
+    title = (f"lk3d.conv3d on {input.device}, {str(input.dtype).removeprefix('torch.')}: input "
+             f"{tuple(x_shape)}, weight {tuple(w_shape)}, stride {_text(stride)}, padding "
+             f"{_text(padding)}, dilation {_text(dilation)}, groups {spec.groups}")
+    return Plans({name: plan(op, input, x_shape, w_shape, *geometry).as_dict()
+                  for name, op in (("forward", "conv3d"), ("grad_input", "conv3d_grad_input"),
+                                   ("grad_weight", "conv3d_grad_weight"))}, title)
+
+
+def _text(value):
+    """An argument as the user wrote it: ``same``, ``3``, ``(1, 2, 3)``."""
+    return value if isinstance(value, str) else str(tuple(value) if isinstance(value, list)
+                                                   else value)

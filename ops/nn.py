@@ -17,7 +17,8 @@
 a 1×1×1 conv, a reduced dense conv and a 1×1×1 conv through ``lk3d.conv3d``. Both take
 ``nn.Conv3d``'s arguments (groups = 1), are initialised so that their output has the variance of
 ``nn.Conv3d``'s default initialisation, and are built from a trained conv by ``from_conv``
-(``lk3d.decompose``).
+(``lk3d.decompose``); ``CPConv3d.from_conv`` and ``convert(to="cp")`` warn where the CP form is
+more than ``CP_MAX_REL_ERROR`` (0.3, relative) off the weight.
 
 ``BlockSparseConv3d`` holds a block-sparse kernel (``values``, a parameter, and its pattern
 ``row_ptr``/``col``, buffers: see ``lk3d.BlockSparseWeight``) and runs
@@ -28,7 +29,8 @@ training with ``prune`` and ``set_mask`` (dynamic sparsity). ``convert`` takes `
 """
 import copy
 import math
-from numbers import Integral
+import warnings
+from numbers import Integral, Real
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +46,11 @@ from lk3d._spec import positive_int
 __all__ = ["Conv3d", "CPConv3d", "TuckerConv3d", "BlockSparseConv3d", "convert"]
 
 _CONVERT_TO = ("dense", "cp", "block_sparse")
+# CPConv3d.from_conv and convert(to="cp") warn (UserWarning) when the CP decomposition's relative
+# error of the weight, ||W - W_cp|| / ||W||, passes this: the layer then computes something else
+# than the conv it replaces (a random 7³ weight at rank 1 is ~0.98 off). Their ``max_rel_error``
+# argument overrides it per call; math.inf silences the warning.
+CP_MAX_REL_ERROR = 0.3
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
@@ -160,6 +167,26 @@ class _FactoredConv3d(nn.Module):
         return s
 
 
+def _max_rel_error(value):
+    """``value`` checked (a non-negative number), or ``CP_MAX_REL_ERROR`` where it is None."""
+    if value is None:
+        return CP_MAX_REL_ERROR
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"max_rel_error: expected a non-negative number (math.inf: never warn), "
+                        f"got {value!r} ({type(value).__name__})")
+    if not value >= 0:
+        raise ValueError(f"max_rel_error: expected a non-negative number (math.inf: never warn), "
+                         f"got {value!r}")
+    return float(value)
+
+
+def _cp_error_text(conv, rank, err, limit):
+    return (f"the rank-{rank} CP form of the {tuple(conv.weight.shape)} weight is "
+            f"{err:.3g} off it (relative error, above max_rel_error={limit:g}): the layer's "
+            f"output will differ from the conv's by about that much. Raise the rank, or pass "
+            f"max_rel_error= to accept it")
+
+
 def _conv_config(conv, rank_name):
     if not isinstance(conv, nn.Conv3d):
         raise TypeError(f"conv: expected a torch.nn.Conv3d, got {type(conv).__name__}")
@@ -220,14 +247,19 @@ class CPConv3d(_FactoredConv3d):
         return f", rank={self.rank}"
 
     @classmethod
-    def from_conv(cls, conv, rank, **kwargs):
+    def from_conv(cls, conv, rank, max_rel_error=None, **kwargs):
         """A ``CPConv3d`` approximating ``conv`` (an ``nn.Conv3d`` with groups=1): its weight's
         rank-``rank`` CP decomposition (``lk3d.decompose.cp``, which takes ``kwargs``), its
         bias and configuration, on its device and dtype. The decomposition's component scales
         are spread evenly over the five factors. The relative error of the weight is kept in
-        ``decomposition_error`` (a float)."""
+        ``decomposition_error`` (a float); where it is above ``max_rel_error`` (default
+        ``lk3d.nn.CP_MAX_REL_ERROR``, 0.3; ``math.inf``: never) a ``UserWarning`` says so."""
+        limit = _max_rel_error(max_rel_error)
         module = cls(**_conv_config(conv, "CP"), rank=rank)
         factors, err = decompose.cp(conv.weight.detach(), module.rank, **kwargs)
+        if err > limit:
+            warnings.warn(f"CPConv3d.from_conv: {_cp_error_text(conv, module.rank, err, limit)}",
+                          UserWarning, stacklevel=2)
         scale = factors.weights
         sign, mag = scale.sign(), scale.abs() ** (1.0 / 5)
         with torch.no_grad():
@@ -453,7 +485,7 @@ def _block_shape_fits(conv, block_shape):
 
 
 def convert(model, min_kernel_size=5, inplace=False, to="dense", rank=None, block_shape=None,
-            density=None, threshold=None):
+            density=None, threshold=None, max_rel_error=None):
     """Swap the large ``torch.nn.Conv3d`` in ``model`` for lk3d's: every one whose largest kernel
     side is at least ``min_kernel_size``, in the form ``to`` names, and return the model.
 
@@ -468,7 +500,9 @@ def convert(model, min_kernel_size=5, inplace=False, to="dense", rank=None, bloc
     ``lk3d.nn.Conv3d``) by ``CPConv3d.from_conv(conv, rank)``: a new module holding the
     rank-``rank`` CP decomposition of its weight, its bias, configuration, training mode and
     ``requires_grad`` (not its hooks); grouped and depthwise convs stay as they are. ``rank``
-    is required with ``"cp"`` and taken by no other form.
+    is required with ``"cp"`` and taken by no other form. A conv whose decomposition is more than
+    ``max_rel_error`` off its weight (relative error; default ``CP_MAX_REL_ERROR``, 0.3;
+    ``math.inf``: never) gets a ``UserWarning`` naming it; ``max_rel_error`` is for ``"cp"`` only.
 
     ``to="block_sparse"`` replaces each such conv (any groups) that ``block_shape`` fits by
     ``BlockSparseConv3d.from_conv(conv, block_shape, density, threshold)``: its weight's blocks
@@ -503,8 +537,12 @@ def convert(model, min_kernel_size=5, inplace=False, to="dense", rank=None, bloc
             error = ValueError if rank is None or integral else TypeError
             raise error(f"rank: expected a positive int with to='cp' (to='dense' takes none), "
                         f"got {rank!r}")
+        limit = _max_rel_error(max_rel_error)
     elif rank is not None:
         raise ValueError(f"rank: only to='cp' takes a rank, got rank={rank!r} with to={to!r}")
+    if to != "cp" and max_rel_error is not None:
+        raise ValueError(f"max_rel_error: only to='cp' takes a max_rel_error, got "
+                         f"max_rel_error={max_rel_error!r} with to={to!r}")
     if to == "block_sparse":
         if block_shape is None:
             raise ValueError("block_shape: expected a tuple of 5 positive ints (bo, bi, bd, bh, "
@@ -542,17 +580,24 @@ def convert(model, min_kernel_size=5, inplace=False, to="dense", rank=None, bloc
 
     done = {}
 
-    def replacement(conv):
+    def replacement(conv, name):
         if id(conv) not in done:
-            done[id(conv)] = (CPConv3d.from_conv(conv, rank) if to == "cp" else
-                              BlockSparseConv3d.from_conv(conv, block_shape, density=density,
-                                                          threshold=threshold))
+            if to == "cp":
+                new = CPConv3d.from_conv(conv, rank, max_rel_error=math.inf)
+                if new.decomposition_error > limit:
+                    text = _cp_error_text(conv, rank, new.decomposition_error, limit)
+                    warnings.warn(f"lk3d.nn.convert(to='cp'): {name}: {text}", UserWarning,
+                                  stacklevel=3)
+            else:
+                new = BlockSparseConv3d.from_conv(conv, block_shape, density=density,
+                                                  threshold=threshold)
+            done[id(conv)] = new
         return done[id(conv)]
 
     if matches(model):
-        return replacement(model)
-    for module in list(model.modules()):
+        return replacement(model, "the model")
+    for prefix, module in list(model.named_modules()):
         for name, child in list(module._modules.items()):  # shared children at every name
             if matches(child):
-                setattr(module, name, replacement(child))
+                setattr(module, name, replacement(child, f"{prefix}.{name}" if prefix else name))
     return model

@@ -1,9 +1,12 @@
 """Performance reports: ``results.csv`` (long format), plots drawn from it, a README summary.
 
-``lk3d bench`` writes ``perf_reports/<lk3d version>/<device slug>/results.csv`` and the plots
-beside it; ``lk3d report`` redraws the plots of every ``results.csv`` under a folder and refreshes
-the summary tables in that folder's ``README.md`` between ``<!-- report:start -->`` and
-``<!-- report:end -->``. Everything in a report is drawn from the CSV, never by hand.
+``lk3d bench`` writes ``results.csv`` and the plots beside it into a folder of the user's
+(``reports_root()/<lk3d version>/<device slug>/<case set>/``: never into the checkout it may run
+from), or where ``--out DIR`` says (a release report: ``perf_reports/<version>/<device>/``).
+``lk3d report [--dir DIR]`` redraws the plots of every ``results.csv`` under DIR (default:
+``reports_root()``) and refreshes the summary tables in ``DIR/README.md`` between
+``<!-- report:start -->`` and ``<!-- report:end -->``; it writes nothing outside DIR.
+Everything in a report is drawn from the CSV, never by hand.
 
 The CSV has one row per (case, provider, mode, metric) and exactly the columns ``COLUMNS``:
 
@@ -39,6 +42,7 @@ MODES = ("fwd", "bwd", "fwdbwd")
 CEILING_CASE = "ceiling"
 CEILING_METRICS = ("tflops", "gb_per_s")
 RESULTS_NAME = "results.csv"
+REPORT_DIR_ENV = "LK3D_REPORT_DIR"
 MARK_START = "<!-- report:start -->"
 MARK_END = "<!-- report:end -->"
 PLOTS = ("speedup_vs_kernel.png", "roofline_fraction.png", "time_vs_density.png",
@@ -48,6 +52,19 @@ _ENV = ("device", "torch", "triton", "lk3d", "commit", "timestamp")
 
 class ReportError(ValueError):
     """A results file that cannot be read or drawn; the message names the file."""
+
+
+def reports_root() -> Path:
+    """Where ``lk3d bench`` keeps its reports unless ``--out`` says otherwise, and what
+    ``lk3d report`` reads by default: ``$LK3D_REPORT_DIR`` when set, else ``reports`` in the
+    user's data folder (``platformdirs.user_data_dir("lk3d")``: ``~/.local/share/lk3d/reports``
+    on Linux)."""
+    env = os.environ.get(REPORT_DIR_ENV, "").strip()
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("lk3d")) / "reports"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,7 +405,7 @@ def update_readme(readme, body: str) -> Path:
     """Put ``body`` between the report markers of ``readme`` (appending a section with the
     markers where there are none; creating the file where there is none)."""
     readme = Path(readme)
-    text = readme.read_text() if readme.exists() else "# perf_reports\n"
+    text = readme.read_text() if readme.exists() else "# lk3d benchmark reports\n"
     block = f"{MARK_START}\n{body.strip()}\n{MARK_END}"
     start, end = text.find(MARK_START), text.find(MARK_END)
     if start < 0 and end < 0:
@@ -409,10 +426,10 @@ def find_results(root) -> list:
     return sorted(root.rglob(RESULTS_NAME))
 
 
-def regenerate(root="perf_reports", readme=None):
-    """Redraw the plots of every ``results.csv`` under ``root`` and refresh the summary in
-    ``root/README.md``; returns ``(csv paths, png paths, readme path)``."""
-    root = Path(root)
+def regenerate(root=None, readme=None):
+    """Redraw the plots of every ``results.csv`` under ``root`` (default: ``reports_root()``) and
+    refresh the summary in ``root/README.md``; returns ``(csv paths, png paths, readme path)``."""
+    root = reports_root() if root is None else Path(root)
     csvs = find_results(root)
     if not csvs:
         raise ReportError(f"{root}: no {RESULTS_NAME} under it (run `lk3d bench` first)")

@@ -94,12 +94,13 @@ def load_layers(path):
 
 
 def tune_layers(layers, device, progress=True):
-    """Run each layer under ``tune()``; return one result row (dict) per pass."""
+    """Run each layer under ``tune()``; return one result row (dict) per pass. ``progress``: a
+    progress bar on stderr where it is a terminal (``lk3d.bench.progress_bar``)."""
     import lk3d
-    from tqdm import tqdm
+    from lk3d.bench import progress_bar
 
     rows = []
-    for layer in tqdm(layers, desc="lk3d tune", disable=not progress):
+    for layer in progress_bar(layers, enabled=progress, desc="lk3d tune"):
         x, w = layer.tensors(device)
         if layer.backward:
             x.requires_grad_()

@@ -11,8 +11,8 @@
 # non-zero when a required step failed. OUTDIR receives 8 files (the device tool's limit):
 # steps.txt (one line per step: name, exit status, seconds), info.txt (install log, nvidia-smi,
 # lk3d info), tests.log, aot.txt, tune.txt, plans.json, bench.txt, results.csv (the report's
-# long-format CSV: `lk3d report` redraws its plots here, once it is committed under
-# perf_reports/<version>/<device>/).
+# long-format CSV: once it is committed under perf_reports/<version>/<device>/,
+# `lk3d report --dir perf_reports` draws its plots there and adds it to perf_reports/README.md).
 # LK3D_GIT_COMMIT (set it on the command line) goes into the benchmark rows when the tree has
 # no .git.
 set -uo pipefail

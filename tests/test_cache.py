@@ -128,8 +128,10 @@ BAD_FILES = {
 }
 
 
-@pytest.mark.parametrize("kind", BAD_FILES)
+@pytest.mark.parametrize("kind", [k for k in BAD_FILES if k != "wrong-version"])
 def test_bad_file_warns_once_and_is_rewritten(tmp_path, kind):
+    """Nothing in the file can be read (or only malformed entries): it is rewritten. A file of
+    another format version is not: ``test_file_of_another_format_version_is_never_replaced``."""
     path = PlanCache(tmp_path).path
     path.write_bytes(BAD_FILES[kind](path))
     c = PlanCache(tmp_path)
@@ -337,3 +339,106 @@ def test_device_id_is_the_fingerprint_id_memoised():
         assert device_id("cpu") != fingerprint_id(device_fingerprint("cpu") | {"threads": threads})
     finally:
         torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# a file that cannot be read is never replaced
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def unreadable(monkeypatch):
+    """``unreadable(path)``: from now on opening ``path`` raises PermissionError, as a file of
+    mode 000 does for a user without CAP_DAC_OVERRIDE (these tests also run as root, where chmod
+    would not stop the read); ``unreadable.heal()`` makes it readable again."""
+    real_open = open
+    blocked = set()
+
+    def fake_open(file, *args, **kwargs):
+        if str(file) in blocked:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(cache, "open", fake_open, raising=False)
+
+    def block(path):
+        blocked.add(str(path))
+    block.heal = blocked.clear
+    return block
+
+
+def test_unreadable_file_is_never_replaced(tmp_path, unreadable):
+    PlanCache(tmp_path).put(FP, KEY, SPACE, PLAN)
+    c = PlanCache(tmp_path)
+    before = c.path.read_bytes()
+    unreadable(c.path)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert c.get(FP, KEY, SPACE) is None  # cannot see it, but ...
+        c.put(FP, KEY + "2", SPACE, PLAN)
+        c.put(FP, KEY + "3", SPACE, PLAN)
+        assert c.get(FP, KEY + "2", SPACE) == PLAN  # ... works in memory
+        assert c.entries() == 2
+    found = _runtime_warnings(record)
+    assert len(found) == 1, [str(w.message) for w in found]
+    assert str(c.path) in str(found[0].message) and "Permission denied" in str(found[0].message)
+    assert c.path.read_bytes() == before  # ... and never replaces it
+    with pytest.raises(OSError, match="cannot be read"):  # an explicit import raises instead
+        c.import_(_exported(tmp_path))
+    assert c.path.read_bytes() == before
+    unreadable.heal()  # readable again: the next plan is merged with what the file held
+    c.put(FP, KEY + "4", SPACE, PLAN)
+    fresh = PlanCache(tmp_path)
+    assert fresh.entries() == 4
+    assert all(fresh.get(FP, KEY + s, SPACE) == PLAN for s in ("", "2", "3", "4"))
+
+
+def _exported(tmp_path):
+    source = PlanCache(tmp_path / "source")
+    source.put(FP, KEY + "x", SPACE, PLAN)
+    source.export(tmp_path / "exported.json")
+    return tmp_path / "exported.json"
+
+
+def test_directory_in_place_of_the_file_warns_once(tmp_path):
+    c = PlanCache(tmp_path)
+    c.path.mkdir(parents=True)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        c.put(FP, KEY, SPACE, PLAN)
+        c.put(FP, KEY + "2", SPACE, PLAN)
+        assert c.get(FP, KEY, SPACE) == PLAN and c.entries() == 2
+    found = _runtime_warnings(record)
+    assert len(found) == 1, [str(w.message) for w in found]
+    assert str(c.path) in str(found[0].message)
+    assert c.path.is_dir() and not any(c.path.iterdir())
+
+
+def test_file_of_another_format_version_is_never_replaced(tmp_path):
+    path = PlanCache(tmp_path).path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    foreign = json.dumps({"version": 2, "entries": {"whatever": {"algo": "new"}}}).encode()
+    path.write_bytes(foreign)
+    c = PlanCache(tmp_path)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        c.put(FP, KEY, SPACE, PLAN)
+        assert c.get(FP, KEY, SPACE) == PLAN
+    found = _runtime_warnings(record)
+    assert len(found) == 1 and "version 2" in str(found[0].message), found
+    assert path.read_bytes() == foreign
+
+
+def test_malformed_entries_are_dropped_the_rest_kept(tmp_path):
+    path = PlanCache(tmp_path).path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    good = f"{FP}|{SPACE}|{KEY}"
+    path.write_text(json.dumps({"version": 1, "entries": {good: PLAN, "no-bars": PLAN,
+                                                          f"{FP}|{SPACE}|odd": [1]}}))
+    c = PlanCache(tmp_path)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert c.get(FP, KEY, SPACE) == PLAN
+        c.put(FP, KEY + "2", SPACE, PLAN)
+    found = _runtime_warnings(record)
+    assert len(found) == 1 and "2 malformed entries" in str(found[0].message), found
+    assert set(json.loads(path.read_text())["entries"]) == {good, f"{FP}|{SPACE}|{KEY}2"}

@@ -4,6 +4,7 @@ The bench runs on the hidden ``--tiny`` cases (seconds under the Triton interpre
 conftest switches on for CPU runs), so the lk3d rows exercise the real kernels.
 """
 import csv
+import io
 import json
 import math
 import operator
@@ -22,7 +23,16 @@ from lk3d import bench
 from lk3d import cli
 from lk3d.cli import main
 
-TINY_ARGS = ["bench", "--tiny", "--no-progress", "--min-run-time", "0.01"]
+# the report these runs would write is tested in test_report.py
+TINY_ARGS = ["bench", "--tiny", "--no-progress", "--min-run-time", "0.01", "--no-report"]
+
+
+@pytest.fixture(autouse=True)
+def reports_in_tmp(tmp_path, monkeypatch):
+    """`lk3d bench` writes its report to the user's data folder unless told otherwise: here,
+    a folder of the test's own."""
+    from lk3d import report
+    monkeypatch.setenv(report.REPORT_DIR_ENV, str(tmp_path / "reports"))
 
 
 def _device_args(device):
@@ -98,10 +108,13 @@ def test_bench_tiny_table_and_csv(capsys, tmp_path, device):
 
 
 def test_bench_budget_skips_in_worker(capsys, device):
-    """A budget no call can meet: every row is skipped, the run still ends with a table."""
-    rc = main(TINY_ARGS + _device_args(device) + ["--filter", "dw", "--budget", "0.001"])
-    out = capsys.readouterr().out
+    """A budget no call can meet: every row is skipped, the run still ends with a table. With
+    the progress bar on (no --no-progress) but stderr not a terminal, none is drawn."""
+    argv = [a for a in TINY_ARGS if a != "--no-progress"]
+    rc = main(argv + _device_args(device) + ["--filter", "dw", "--budget", "0.001"])
+    out, err = capsys.readouterr()
     assert rc == 0, out
+    assert "\r" not in err and "step" not in err, err
     dw = [c for c in bench.TINY_CASES if "dw" in c.name]
     assert out.count(bench.SKIPPED_BUDGET) == sum(
         bench.available(p, c, device.type) for c in dw for p in bench.OP_PROVIDERS[c.op])
@@ -246,9 +259,10 @@ def test_tune_and_cache_commands(tmp_path, monkeypatch, capsys):
     layers = tmp_path / "layers.json"
     layers.write_text('[{"name": "tiny-dw", "N": 1, "cin": 2, "cout": 2, "groups": 2, '
                       '"size": 6, "kernel": 3}]')
-    assert cli.main(["tune", "--layers", str(layers), "--device", "cpu", "--no-progress"]) == 0
-    out = capsys.readouterr().out
+    assert cli.main(["tune", "--layers", str(layers), "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
     assert "tiny-dw" in out and "grad_weight" in out and "3 entries (3 new)" in out
+    assert "lk3d tune" not in err, err  # stderr is not a terminal here: no progress bar
     exported = tmp_path / "plans.json"
     assert cli.main(["cache", "export", str(exported)]) == 0
     assert cli.main(["cache", "clear"]) == 0
@@ -294,6 +308,28 @@ def test_bench_dispatch_times_one_call_once(monkeypatch):
     assert "= torch" in text and "timed once" in text
 
 
+class _Stream(io.StringIO):
+    def __init__(self, tty):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+@pytest.mark.parametrize("tty, enabled, drawn", [(True, True, True), (False, True, False),
+                                                 (True, False, False)],
+                         ids=["terminal", "not-a-terminal", "switched-off"])
+def test_progress_bar_only_on_a_terminal(monkeypatch, tty, enabled, drawn):
+    stream = _Stream(tty)
+    monkeypatch.setattr(sys, "stderr", stream)
+    bar = bench.progress_bar(total=3, enabled=enabled, desc="counting")
+    bar.update()
+    bar.close()
+    assert ("counting" in stream.getvalue()) == drawn, stream.getvalue()
+    assert list(bench.progress_bar(iter([3, 1, 2]), enabled=enabled)) == [3, 1, 2]
+
+
 def test_paired_ratio():
     from lk3d import bench_dispatch
     ratio = bench_dispatch.paired_ratio(lambda: time.sleep(0.004), lambda: time.sleep(0.001),
@@ -307,3 +343,80 @@ def test_paired_ratio_alternates_the_order():
     bench_dispatch.paired_ratio(lambda: calls.append("a"), lambda: calls.append("b"),
                                 torch.device("cpu"), pairs=4)
     assert calls[2:] == ["a", "b", "b", "a", "a", "b", "b", "a"]  # after one warm-up pair
+
+
+# ---------------------------------------------------------------------------------------------
+# lk3d explain
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def modelled(tmp_path, monkeypatch):
+    """Plans from the cost model with fft and aten as the candidates (no interpreter preference,
+    no Triton kernels), in an empty plan cache."""
+    from lk3d import _algos, _conv_ops
+    from lk3d.autotune import cache
+
+    monkeypatch.setattr(_algos, "kernels_can_run", lambda t: False)
+    monkeypatch.setattr(_conv_ops, "INTERPRETED", False)
+    monkeypatch.setenv("LK3D_CACHE_DIR", str(tmp_path / "plans"))
+    monkeypatch.setattr(cache, "_seed_entries", dict)
+    monkeypatch.delenv("LK3D_ALGO", raising=False)
+
+
+def test_explain_command_with_shapes(capsys, modelled):
+    """The README's example layer (2·48·96³ floats: 340 MB if it were allocated)."""
+    assert main(["explain", "--input", "2,48,96,96,96", "--weight", "48,1,7,7,7", "--groups",
+                 "48", "--padding", "same", "--dtype", "float32", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.strip()
+    x = torch.zeros(()).expand(2, 48, 96, 96, 96)
+    plans = lk3d.explain(x, torch.zeros(()).expand(48, 1, 7, 7, 7), None, 1, "same", 1, 48)
+    assert out == repr(plans)
+    lines = out.splitlines()
+    assert lines[0] == ("lk3d.conv3d on cpu, float32: input (2, 48, 96, 96, 96), weight "
+                        "(48, 1, 7, 7, 7), stride 1, padding same, dilation 1, groups 48")
+    assert lines[1].split() == ["pass", "algo", "source", "config", "fft", "ms", "aten", "ms"]
+    for line, (name, plan) in zip(lines[3:6], plans.items()):
+        cells = line.split()
+        assert cells[:4] == [name, plan["algo"], "model", "-"]
+        times = [float(c) for c in cells[4:]]
+        assert times == pytest.approx([plan["times_ms"]["fft"], plan["times_ms"]["aten"]],
+                                      rel=1e-2)
+        assert plan["algo"] == min(plan["times_ms"], key=plan["times_ms"].get)
+    assert lines[6].startswith("ms: measured where")
+
+
+def test_explain_command_with_cases(capsys):
+    """One case of each op (the Triton interpreter's choices under the test suite)."""
+    for name in ("dense-N1-C16-D24-k7", "cp-R8-N1-C16-D32-k15", "bs-N1-C32-D24-k7-density0.5"):
+        assert main(["explain", name, "--device", "cpu"]) == 0
+        out = capsys.readouterr().out
+        case = next(c for cs in bench.CASE_SETS.values() for c in cs if c.name == name)
+        assert f"input ({case.N}, {case.Cin}, {', '.join(map(str, case.size))})" in out, out
+        if case.op == "dense":
+            assert out.startswith("lk3d.conv3d on cpu, float32") and "grad_weight" in out
+        elif case.op == "cp":
+            assert out.startswith("lk3d.cp_conv3d on cpu, float32") and "rank 8" in out
+            assert {line.split()[0] for line in out.splitlines()[3:5]} == {"forward", "backward"}
+        else:
+            assert out.startswith("lk3d.block_sparse_conv3d on cpu") and "density 0.5" in out
+            assert "\npath: " in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["explain"], "expected a case"),
+    (["explain", "no-such-case"], "expected one of lk3d bench's cases"),
+    (["explain", "dw-N1-C16-D32-k7", "--groups", "2"], "got the case 'dw-N1-C16-D32-k7' and "
+                                                       "--groups"),
+    (["explain", "--input", "2,3", "--weight", "1,1,1,1,1"], "--input: expected 5"),
+    (["explain", "--input", "1,4,8,8,8", "--weight", "4,2,3,3,3"], "weight: expected shape[1]"),
+    (["explain", "--input", "1,4,8,8,8", "--weight", "4,4,3,3,3", "--padding", "wide"],
+     "--padding: expected 'same', 'valid'"),
+    (["explain", "--input", "1,4,8,8,8", "--weight", "4,2,3,3,3", "--groups", "2", "--rank", "2"],
+     "--rank: a CP kernel is dense"),
+], ids=["nothing", "unknown-case", "case-and-shape", "short-input", "weight-mismatch",
+        "bad-padding", "grouped-cp"])
+def test_explain_command_bad_arguments(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err

@@ -5,6 +5,8 @@ UX-Net-style block trained for a few steps under ``torch.compile(fullgraph=True)
 Under the interpreter every call runs the real kernels slowly: shapes stay tiny, and the depthwise
 7³ cases (343 taps per program) are the expensive ones.
 """
+import math
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -308,3 +310,73 @@ def test_uxnet_block_trains_like_torch_compiled(backend, device, no_tf32):
         assert not torch.equal(value, initial[key]), f"{key} did not move"
         torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-4, atol=1e-5,
                                    msg=lambda m, key=key: f"{key}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# CP: a decomposition far from its weight warns
+# ---------------------------------------------------------------------------------------------
+
+def _rank_r_conv(cin, cout, k, rank, seed):
+    """An ``nn.Conv3d`` whose weight is exactly of CP rank ``rank`` (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    conv = nn.Conv3d(cin, cout, k, padding=k // 2, dtype=torch.float64)
+    factors = [torch.randn(n, rank, generator=g, dtype=torch.float64)
+               for n in (cout, cin, *conv.kernel_size)]
+    with torch.no_grad():
+        conv.weight.copy_(lk3d.CPFactors(*factors).to_dense())
+    return conv
+
+
+def _user_warnings(fn):
+    """``(fn()'s result, its UserWarnings' messages)``, every one recorded."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        result = fn()
+    return result, [str(w.message) for w in record if issubclass(w.category, UserWarning)]
+
+
+def test_cp_from_conv_warns_when_far_from_the_weight(monkeypatch):
+    torch.manual_seed(0)
+    rough = nn.Conv3d(3, 5, 7, padding=3)  # random 7³: rank 1 is nowhere near it
+    mod, found = _user_warnings(lambda: lk3d.nn.CPConv3d.from_conv(rough, 1))
+    err = mod.decomposition_error
+    assert err > lk3d.nn.CP_MAX_REL_ERROR == 0.3
+    assert len(found) == 1, found
+    assert found[0].startswith("CPConv3d.from_conv: the rank-1 CP form of the (5, 3, 7, 7, 7) "
+                               f"weight is {err:.3g} off it") and "max_rel_error=0.3" in found[0]
+    # configurable per call and by the module constant; math.inf: never
+    assert _user_warnings(lambda: lk3d.nn.CPConv3d.from_conv(rough, 1, math.inf))[1] == []
+    assert _user_warnings(lambda: lk3d.nn.CPConv3d.from_conv(
+        rough, 1, max_rel_error=1.01 * err))[1] == []
+    monkeypatch.setattr(lk3d.nn, "CP_MAX_REL_ERROR", 1.01 * err)
+    assert _user_warnings(lambda: lk3d.nn.CPConv3d.from_conv(rough, 1))[1] == []
+    monkeypatch.setattr(lk3d.nn, "CP_MAX_REL_ERROR", 0.99 * err)
+    assert len(_user_warnings(lambda: lk3d.nn.CPConv3d.from_conv(rough, 1))[1]) == 1
+
+    exact = _rank_r_conv(3, 5, 7, 2, seed=1)  # exactly rank 2: found, no warning
+    mod, found = _user_warnings(lambda: lk3d.nn.CPConv3d.from_conv(exact, 2))
+    assert found == [] and mod.decomposition_error < 1e-6
+
+    for bad, error in ((-0.1, ValueError), (float("nan"), ValueError), ("0.3", TypeError),
+                       (True, TypeError)):
+        with pytest.raises(error, match="max_rel_error") as info:
+            lk3d.nn.CPConv3d.from_conv(exact, 2, max_rel_error=bad)
+        assert repr(bad) in str(info.value)
+
+
+def test_convert_to_cp_warns_naming_the_layer():
+    torch.manual_seed(0)
+    net = nn.Sequential(_rank_r_conv(2, 3, 5, 2, seed=2),
+                        nn.Sequential(nn.ReLU(), nn.Conv3d(3, 3, 7, padding=3)))
+    out, found = _user_warnings(lambda: lk3d.nn.convert(net, to="cp", rank=2))
+    assert type(out[0]) is type(out[1][1]) is lk3d.nn.CPConv3d
+    assert out[0].decomposition_error < 1e-6 and out[1][1].decomposition_error > 0.3
+    assert len(found) == 1, found  # the random 7³ layer only, by its name
+    assert found[0].startswith("lk3d.nn.convert(to='cp'): 1.1: the rank-2 CP form of the "
+                               "(3, 3, 7, 7, 7) weight is ")
+    assert _user_warnings(lambda: lk3d.nn.convert(net, to="cp", rank=2,
+                                                  max_rel_error=math.inf))[1] == []
+    with pytest.raises(ValueError, match="max_rel_error.*to='dense'"):
+        lk3d.nn.convert(net, max_rel_error=0.5)
+    with pytest.raises(ValueError, match="max_rel_error"):
+        lk3d.nn.convert(net, to="cp", rank=2, max_rel_error=-1)

@@ -6,7 +6,9 @@ CPU, which conftest switches on), forward only, once for the module.
 """
 import csv
 import math
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,13 @@ from lk3d import bench, report, roofline
 from lk3d.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def reports_in_tmp(tmp_path, monkeypatch):
+    """`lk3d bench` writes its report to the user's data folder unless told otherwise: here,
+    a folder of the test's own."""
+    monkeypatch.setenv(report.REPORT_DIR_ENV, str(tmp_path / "reports"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,12 +100,22 @@ def test_measure_ceilings_cpu():
     assert math.isfinite(c.bytes_per_s) and c.bytes_per_s > 1e8
 
 
-def test_device_slug_and_default_dir():
+def test_device_slug_and_default_dir(tmp_path, monkeypatch):
     assert bench.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert bench.slug("  Intel(R) Xeon(R)  ") == "intel-r-xeon-r"
     cpu = bench.device_slug("cpu")
     assert cpu.endswith(f"-{torch.get_num_threads()}t") and cpu == bench.slug(cpu)
-    assert bench.default_report_dir("cpu").as_posix() == f"perf_reports/{lk3d.__version__}/{cpu}"
+    monkeypatch.setenv(report.REPORT_DIR_ENV, str(tmp_path / "mine"))
+    assert report.reports_root() == tmp_path / "mine"
+    assert bench.default_report_dir("cpu", "quick") == (tmp_path / "mine" / lk3d.__version__ / cpu
+                                                        / "quick")
+    monkeypatch.delenv(report.REPORT_DIR_ENV)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))  # platformdirs on Linux
+    import platformdirs
+    root = Path(platformdirs.user_data_dir("lk3d")) / "reports"
+    assert report.reports_root() == root
+    assert bench.default_report_dir("cpu", "cases-My File") == (root / lk3d.__version__ / cpu
+                                                                / "cases-my-file")
 
 
 def test_case_info():
@@ -254,13 +273,65 @@ def test_optional_plots_only_with_their_rows(tmp_path):
     assert all(_png_ok(tmp_path / name) for name in drawn)
 
 
-def test_tiny_bench_writes_no_report_by_default(tmp_path, monkeypatch, capsys):
-    """The hidden --tiny set never lands in perf_reports/ unless --out asks for it."""
+REPO = Path(__file__).resolve().parents[1]
+_NOT_SOURCE = {".git", "__pycache__", ".pytest_cache", ".hypothesis"}
+
+
+def _files(root):
+    """``{relative path: (size, mtime_ns)}`` of every file under ``root`` but git's and Python's
+    caches (imports may write bytecode meanwhile)."""
+    state = {}
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _NOT_SOURCE and not d.endswith(".egg-info")]
+        for name in names:
+            st = os.stat(os.path.join(folder, name))
+            state[os.path.relpath(os.path.join(folder, name), root)] = (st.st_size, st.st_mtime_ns)
+    return state
+
+
+def _reported_csv(out):
+    line = next(line for line in out.splitlines() if line.startswith("report: "))
+    return Path(line.removeprefix("report: ").split(" and ")[0])
+
+
+TINY_DENSE = ["bench", "--tiny", "--no-progress", "--no-isolate", "--min-run-time", "0.01",
+              "--modes", "fwd", "--filter", "dense", "--providers", "torch"]
+
+
+def test_bench_and_report_leave_the_checkout_alone(tmp_path, monkeypatch, capsys):
+    """Run from the repository root (where the report used to land, in perf_reports/), neither
+    `lk3d bench` nor `lk3d report` changes or adds a file there; the report goes to the user's
+    data folder, whose path is printed; `lk3d report` reads it from there."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv(report.REPORT_DIR_ENV, raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    before = _files(REPO)
+    assert before and any(p.startswith("perf_reports") for p in before)
+
+    assert main(TINY_DENSE) == 0
+    out = capsys.readouterr().out
+    path = _reported_csv(out)
+    assert path.parent == bench.default_report_dir(bench.default_device(), "tiny")
+    assert report.reports_root() in path.parents and REPO not in path.parents
+    rows = report.read_results(path)
+    assert {r["case"] for r in rows} == {c.name for c in bench.TINY_CASES if "dense" in c.name} \
+        | {report.CEILING_CASE}
+    assert f"`lk3d report` redraws the plots of every report under {report.reports_root()}" in out
+
+    assert main(["report"]) == 0
+    assert "summary of 1 result file(s)" in capsys.readouterr().out
+    assert "tiny-dense" in (report.reports_root() / "README.md").read_text()
+    assert _files(REPO) == before
+
+
+def test_bench_out_takes_version_and_device(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["bench", "--tiny", "--no-progress", "--no-isolate", "--min-run-time", "0.01",
-                 "--modes", "fwd", "--filter", "dense", "--providers", "torch"]) == 0
-    assert "report:" not in capsys.readouterr().out
-    assert not (tmp_path / "perf_reports").exists()
+    assert main(TINY_DENSE + ["--out", "rel/{version}/{device}"]) == 0
+    path = _reported_csv(capsys.readouterr().out)
+    assert path == Path("rel", lk3d.__version__, bench.device_slug(bench.default_device()),
+                        report.RESULTS_NAME)
+    assert report.read_results(tmp_path / path)
+    assert not report.reports_root().exists()  # nothing in the default place
 
 
 def test_bench_report_arguments(tmp_path, capsys):

@@ -5,7 +5,10 @@ instant and its winner known; then the same through ``lk3d.conv3d``/``lk3d.expla
 Triton kernels taken out of the candidates (no interpreted kernel is timed), under
 ``torch.compile`` too, and the cost model on a few problems. Every test has its own plan cache.
 """
+import json
 import math
+import pickle
+import warnings
 
 import pytest
 import torch
@@ -33,6 +36,7 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setattr(cache, "_seed_entries", dict)
     monkeypatch.delenv("LK3D_ALGO", raising=False)
     monkeypatch.delenv("LK3D_AUTOTUNE", raising=False)
+    monkeypatch.setattr(select, "_forced_warned", set())  # the once-per-process LK3D_ALGO warnings
 
 
 @pytest.fixture
@@ -165,7 +169,8 @@ def test_forced(fake_timer, monkeypatch):
 def test_forced_algo_that_cannot_run_falls_through(fake_timer, monkeypatch):
     run, ran = fake_timer
     monkeypatch.setenv("LK3D_ALGO", "tiled")
-    plan = _choose(run, candidates=["fft", "aten"])
+    with pytest.warns(RuntimeWarning, match="LK3D_ALGO=tiled cannot run here"):
+        plan = _choose(run, candidates=["fft", "aten"])
     assert (plan.algo, plan.source) == ("aten", "model")
     assert "LK3D_ALGO" in plan.note and "tiled" in plan.note
     with select.tune():
@@ -173,6 +178,55 @@ def test_forced_algo_that_cannot_run_falls_through(fake_timer, monkeypatch):
     assert (plan.algo, plan.source) == ("fft", "measured")
     assert "LK3D_ALGO" in plan.note
     assert sorted(ran) == ["aten", "fft"]
+
+
+def _recorded(fn):
+    """``fn()``'s RuntimeWarnings, every one (no de-duplication by Python's registry)."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fn()
+    return [str(w.message) for w in record if issubclass(w.category, RuntimeWarning)]
+
+
+def test_forced_algo_that_cannot_run_warns_once(fake_timer, monkeypatch):
+    """Once per (algorithm, reason) in a process, naming both; the plan keeps the note."""
+    from lk3d import kernels
+
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
+    run, _ = fake_timer
+    monkeypatch.setenv("LK3D_ALGO", "tiled")
+    other = problem_key("conv3d", torch.float32, (1, 3, 5, 5, 5), (3, 3, 3, 3, 3), 1, [1] * 6, 1,
+                        1)
+    found = _recorded(lambda: [_choose(run, candidates=["fft", "aten"], key=k)
+                               for k in (KEY, KEY, other)])
+    assert len(found) == 1, found
+    assert found[0].startswith("LK3D_ALGO=tiled cannot run here: tiled needs Triton on CUDA, "
+                               "or its interpreter (TRITON_INTERPRET=1)"), found
+    assert _recorded(lambda: _choose(run, candidates=["fft", "aten"])) == []
+    monkeypatch.setenv("LK3D_ALGO", "fft")  # another algorithm, another reason: one more
+    found = _recorded(lambda: [_choose(run, candidates=["tiled", "aten"]) for _ in range(2)])
+    assert found == ["LK3D_ALGO=fft cannot run here: conv3d on cpu chooses among tiled, aten "
+                     "only; the algorithm is chosen as if it were unset (said once per process)"]
+    assert "chooses among tiled, aten" in _choose(run, candidates=["tiled", "aten"]).note
+
+
+def test_forced_tiled_on_a_dtype_the_kernels_do_not_take_warns_once(monkeypatch):
+    """Through lk3d.conv3d: bf16 on the CPU never runs the kernels; forward and both gradients
+    give one warning, and the result is F.conv3d's."""
+    from lk3d import kernels
+
+    monkeypatch.setenv("LK3D_ALGO", "tiled")
+    x = torch.randn(1, 2, 5, 6, 7, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, 3, dtype=torch.bfloat16, requires_grad=True)
+    out = []
+    found = _recorded(lambda: out.append(lk3d.conv3d(x, w, padding=1)) or
+                      out[0].backward(torch.ones_like(out[0])))
+    assert len(found) == 1 and found[0].startswith("LK3D_ALGO=tiled cannot run here: "), found
+    assert ("do not take this dtype on cpu" if kernels.INTERPRETED else "TRITON_INTERPRET=1") \
+        in found[0]
+    ref = F.conv3d(x.detach().double(), w.detach().double(), padding=1)
+    assert rel_err(out[0], ref) < TOL[torch.bfloat16]
+    assert x.grad is not None and w.grad is not None
 
 
 def test_preferred_wins_over_model_and_cache(fake_timer, monkeypatch):
@@ -221,6 +275,31 @@ def test_explain_plans():
         assert {"algo", "source", "key", "config", "times_ms"} <= set(p)
         assert p["key"].startswith(op) and "float32" in p["key"]
         assert p["algo"] in select.ALGOS
+
+
+def test_explain_prints_a_table_and_stays_a_dict(no_kernels):
+    x, w, b = SMALL.tensors(dtype=torch.float32)
+    plans = lk3d.explain(x, w, b, **SMALL.args())
+    assert isinstance(plans, dict) and plans == dict(plans)
+    lines = repr(plans).splitlines()
+    assert str(plans) == repr(plans)
+    assert lines[0] == (f"lk3d.conv3d on cpu, float32: input {tuple(x.shape)}, weight "
+                        f"{tuple(w.shape)}, stride 1, padding 1, dilation 1, groups 1")
+    assert lines[1].split() == ["pass", "algo", "source", "config", "fft", "ms", "aten", "ms"]
+    assert [line.split()[:3] for line in lines[3:]] == [
+        [name, p["algo"], "model"] for name, p in plans.items()] + [["ms:", "measured", "where"]]
+    assert pickle.loads(pickle.dumps(plans)).title == plans.title
+    assert json.loads(json.dumps(plans)) == plans
+    # a cached plan with a launch config and a note, as the table shows them
+    cached = {"algo": "tiled", "source": "cache", "config": {"BLOCK_M": 64, "num_warps": 4},
+              "times_ms": {"tiled": 0.25, "aten": 1234.5}, "note": "n"}
+    forced = {"algo": "aten", "source": "forced", "config": None, "times_ms": {}, "note": ""}
+    assert repr(select.Plans({"forward": cached, "grad_input": forced})).splitlines() == [
+        "pass        algo   source  config                  tiled ms  aten ms  note",
+        "----------  -----  ------  ----------------------  --------  -------  ----",
+        "forward     tiled  cache   BLOCK_M=64 num_warps=4      0.25   1234.5  n",
+        "grad_input  aten   forced  -                              -        -",
+        "ms: measured where the source is measured, cache or seed; modelled where it is model"]
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="needs the Triton interpreter (TRITON_INTERPRET=1)")
