@@ -50,7 +50,7 @@ def split_pad(padding):
     return tuple(padding[:3]), tuple(padding[3:])
 
 
-def _allow_tf32():
+def allow_tf32():
     """Whether fp32 convolutions may use TF32, as ``F.conv3d`` on cuDNN decides: the precision
     API (``torch.backends.cudnn.conv.fp32_precision``, then its parents) where torch has it and
     it is set, else the legacy flag. Reading ``torch.backends.cudnn.allow_tf32`` raises once a
@@ -177,7 +177,7 @@ def tiled_forward(x, w, bias, stride, padding, dilation, groups, config=None):
         if w.shape[1] == 1:  # depthwise, with channel multiplier cout / cin
             return tiled.conv3d_dw_fwd(x, w, bias, stride, left, dilation, size, cfg)
         return tiled.conv3d_fwd(x, w, bias, stride, left, dilation, groups, size, cfg,
-                                allow_tf32=_allow_tf32())
+                                allow_tf32=allow_tf32())
 
 
 def tiled_grad_input(grad, w, input_shape, stride, padding, dilation, groups, config=None):
@@ -188,7 +188,7 @@ def tiled_grad_input(grad, w, input_shape, stride, padding, dilation, groups, co
         if w.shape[1] == 1:
             return tiled.conv3d_dw_bwd_input(grad, w, input_shape, stride, left, dilation, cfg)
         return tiled.conv3d_bwd_input(grad, w, input_shape, stride, left, dilation, groups, cfg,
-                                      allow_tf32=_allow_tf32())
+                                      allow_tf32=allow_tf32())
 
 
 def tiled_grad_weight(grad, x, weight_shape, stride, padding, dilation, groups, config=None):
@@ -199,7 +199,7 @@ def tiled_grad_weight(grad, x, weight_shape, stride, padding, dilation, groups, 
         if weight_shape[1] == 1:
             return tiled.conv3d_dw_bwd_weight(x, grad, weight_shape, stride, left, dilation, cfg)
         return tiled.conv3d_bwd_weight(x, grad, weight_shape, stride, left, dilation, groups,
-                                       cfg, allow_tf32=_allow_tf32())
+                                       cfg, allow_tf32=allow_tf32())
 
 
 def tiled_grad_bias(grad):

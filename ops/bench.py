@@ -67,6 +67,7 @@ import torch.nn.functional as F
 
 import lk3d
 from lk3d import cpu_memory, roofline
+from lk3d._algos import allow_tf32
 from lk3d._data import read_data
 
 OPS = ("dense", "depthwise", "cp", "block_sparse")
@@ -911,7 +912,7 @@ def _rows(case, mode, timed, rel_err, algo, ceilings, env):
 
 
 def tolerance(dtype: str, device: str) -> float:
-    if dtype == "float32" and device == "cuda" and torch.backends.cudnn.allow_tf32:
+    if dtype == "float32" and device == "cuda" and allow_tf32():
         return TF32_TOLERANCE
     return TOLERANCE[dtype]
 

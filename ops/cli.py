@@ -31,6 +31,7 @@ import torch
 
 import lk3d
 from lk3d import bench, cpu_memory, report
+from lk3d._algos import allow_tf32
 
 _ENV_VARS = ("TRITON_INTERPRET", "LK3D_ALGO", "LK3D_CONFIG", "LK3D_AUTOTUNE", "LK3D_CACHE_DIR",
              report.REPORT_DIR_ENV, "LK3D_FFT_MEMORY_MB", "LK3D_TEST_DEVICE", "TRITON_CACHE_DIR",
@@ -60,7 +61,7 @@ def _cuda_lines():
                      f"{p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs")
     lines.append(f"             CUDA runtime {torch.version.cuda}, "
                  f"cuDNN {torch.backends.cudnn.version()}, "
-                 f"TF32 in F.conv3d: {'on' if torch.backends.cudnn.allow_tf32 else 'off'}")
+                 f"TF32 in F.conv3d: {'on' if allow_tf32() else 'off'}")
     return lines
 
 

@@ -419,7 +419,7 @@ def _forward_kernels(input, U_out, U_in, A, B, C, weights, bias, stride, padding
     with _algos._device(input):
         return cp_kernels.cp_conv3d_fwd(input, U_out, U_in, A, B, C, weights, bias, stride,
                                         padding[:3], dilation, size, config,
-                                        allow_tf32=_algos._allow_tf32())
+                                        allow_tf32=_algos.allow_tf32())
 
 
 def _backward_impl(grad, input, U_out, U_in, A, B, C, weights, stride, padding, dilation,
@@ -439,7 +439,7 @@ def _backward_kernels(grad, input, U_out, U_in, A, B, C, weights, stride, paddin
     N, cin = input.shape[:2]
     cout, rank = U_out.shape
     geometry = (stride, padding[:3], dilation)
-    tf32 = _algos._allow_tf32()
+    tf32 = _algos.allow_tf32()
     grads = [None] * 7
     with _algos._device(input):
         if need_x or need_ui:

@@ -32,6 +32,8 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
+from lk3d._algos import allow_tf32
+
 MODES = ("fwd", "bwd", "fwdbwd")
 _PASSES = {"fwd": 1, "bwd": 2, "fwdbwd": 3}  # convolutions of the forward's size per mode
 
@@ -135,7 +137,7 @@ def measure_ceilings(device="cpu", dtype: Optional[torch.dtype] = None) -> Ceili
     out = torch.empty(n, n, device=device, dtype=dtype)
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
     if dev == "cuda":  # fp32 convolutions run as TF32 exactly when cuDNN may use it
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32()
     try:
         matmul_s = _best_s(lambda: torch.mm(a, b, out=out), device, t)
     finally:

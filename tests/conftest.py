@@ -11,8 +11,10 @@ import tempfile
 DEVICE = os.environ.get("LK3D_TEST_DEVICE", "cpu")
 if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# Plans measured or cached by the tests never touch the user's cache, nor read from it.
+# Plans measured or cached by the tests never touch the user's cache, nor read from it; reports
+# written by the tests go to a temporary folder, not the user's.
 os.environ["LK3D_CACHE_DIR"] = tempfile.mkdtemp(prefix="lk3d-test-cache-")
+os.environ["LK3D_REPORT_DIR"] = tempfile.mkdtemp(prefix="lk3d-test-reports-")
 os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(tempfile.gettempdir(), "lk3d-triton-cache"))
 
 import pytest  # noqa: E402

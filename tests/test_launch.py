@@ -87,7 +87,7 @@ def test_tf32_read_through_the_precision_api(conv_precision):
     conv_precision("ieee")
     with pytest.raises(RuntimeError):  # what reading the legacy flag does now
         torch.backends.cudnn.allow_tf32
-    assert _algos._allow_tf32() is False
+    assert _algos.allow_tf32() is False
     x, w = torch.randn(1, 3, 5, 4, 5), torch.randn(4, 3, 3, 2, 3)
     b = torch.randn(4)
     y = lk3d.conv3d(x, w, b, padding=1)  # fp32 through the kernels: reads the setting
@@ -99,7 +99,7 @@ def test_tf32_read_through_the_precision_api(conv_precision):
         y = lk3d.cp_conv3d(x, factors, b, padding=1)
     assert rel_err(y, conv3d_ref(x, factors.to_dense(), b, padding=1)) < TOL[torch.float32]
     conv_precision("tf32")
-    assert _algos._allow_tf32() is True
+    assert _algos.allow_tf32() is True
 
 
 # ---------------------------------------------------------------------------------------------
