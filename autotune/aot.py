@@ -14,8 +14,9 @@ tap map is compiled, the other paths stride 1.
 
 Under the interpreter (``TRITON_INTERPRET=1``) ``@triton.jit`` gives InterpretedFunctions, and an
 interpreted run leaves triton.language patched for the interpreter, so the code generator cannot
-run in that process: there the compiles go to one child Python without the variable, which
-writes to the same ``TRITON_CACHE_DIR``, and the kernels are loaded back from its cache entries.
+run in that process: there the compiles go to child Pythons without the variable (one per CPU
+core, each with a share of the jobs), which write to the same ``TRITON_CACHE_DIR``, and the
+kernels are loaded back from their cache entries.
 
     python -m lk3d.autotune.aot [80 90]     # the table; exit status 1 when a case has a problem
 """
@@ -58,26 +59,35 @@ def compile_kernel(fn, signature, constexprs, arch, num_warps, num_stages):
     return result
 
 
-def compile_many(jobs):
+def compile_many(jobs, processes=None):
     """Compile each ``(fn, signature, constexprs, arch, num_warps, num_stages)``; the exception in
-    place of the kernel where one fails. Under the interpreter, in one child process."""
+    place of the kernel where one fails. Under the interpreter, in child processes (``processes``
+    of them, default one per CPU core), each compiling its share of the jobs."""
     jobs = list(jobs)
     if not any(knobs.runtime.interpret or isinstance(job[0], InterpretedFunction) for job in jobs):
         return [_attempt(job) for job in jobs]
     specs = [((job[0].fn.__module__, job[0].fn.__name__), *job[1:]) for job in jobs]
+    n = max(1, min(len(specs), processes or os.cpu_count() or 1))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    results = [None] * len(specs)
     with tempfile.TemporaryDirectory(prefix="lk3d-aot-") as tmp:
-        jobs_path, results_path = os.path.join(tmp, "jobs.pkl"), os.path.join(tmp, "results.pkl")
-        with open(jobs_path, "wb") as f:
-            pickle.dump(specs, f)
-        code = f"from lk3d.autotune.aot import _child; _child({jobs_path!r}, {results_path!r})"
-        child = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                               text=True)
-        if child.returncode:
-            raise RuntimeError(f"AOT compile child exited with {child.returncode}:\n"
-                               f"{child.stderr[-4000:]}")
-        with open(results_path, "rb") as f:
-            results = pickle.load(f)
+        children = []
+        for i in range(n):
+            jobs_path = os.path.join(tmp, f"jobs-{i}.pkl")
+            results_path = os.path.join(tmp, f"results-{i}.pkl")
+            with open(jobs_path, "wb") as f:
+                pickle.dump(specs[i::n], f)
+            code = f"from lk3d.autotune.aot import _child; _child({jobs_path!r}, {results_path!r})"
+            children.append((subprocess.Popen([sys.executable, "-c", code], env=env,
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                              text=True), results_path))
+        for i, (child, results_path) in enumerate(children):
+            stderr = child.communicate()[1]
+            if child.returncode:
+                raise RuntimeError(f"AOT compile child exited with {child.returncode}:\n"
+                                   f"{stderr[-4000:]}")
+            with open(results_path, "rb") as f:
+                results[i::n] = pickle.load(f)
     # As triton.compile does on a cache hit; the source (None here) is only kept for reference.
     return [CompiledKernel(None, group, key) if ok else RuntimeError(f"compile failed:\n{group}")
             for ok, group, key in results]

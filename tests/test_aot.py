@@ -10,8 +10,11 @@ pytest.importorskip("triton")
 
 from lk3d.autotune import aot  # noqa: E402  (after the skip: it imports triton)
 
-pytestmark = pytest.mark.skipif(not os.path.exists(aot.CUOBJDUMP),
-                                reason=f"no cuobjdump bundled with triton at {aot.CUOBJDUMP}")
+# One xdist worker takes the whole module (``--dist loadgroup``): the compile fixture below
+# compiles every selected case once, in parallel child processes, for that worker's tests.
+pytestmark = [pytest.mark.skipif(not os.path.exists(aot.CUOBJDUMP),
+                                 reason=f"no cuobjdump bundled with triton at {aot.CUOBJDUMP}"),
+              pytest.mark.xdist_group("aot")]
 
 CASES = aot.shipped_cases()
 
@@ -19,7 +22,7 @@ CASES = aot.shipped_cases()
 @pytest.fixture(scope="module")
 def compiled(request):
     """(case id, arch) -> compiled kernel, or the exception its compile raised. The selected
-    parameters compile in one batch (one child process under the interpreter)."""
+    parameters compile in one batch (child processes, one per core, under the interpreter)."""
     cache_set = "TRITON_CACHE_DIR" in os.environ
     if not cache_set:
         os.environ["TRITON_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), "lk3d-triton-cache")
