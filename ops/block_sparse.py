@@ -239,9 +239,7 @@ class BlockSparseWeight:
         ``to_dense()`` equals ``coo.to_dense()``."""
         if not isinstance(coo, torch.Tensor):
             raise TypeError(f"coo: expected a torch.sparse_coo_tensor, got {type(coo).__name__}")
-        if coo.layout != torch.sparse_coo:
-            raise TypeError(f"coo: expected a tensor of layout torch.sparse_coo, got {coo.layout}")
-        check_tensor("coo", coo)
+        check_tensor("coo", coo, layout=torch.sparse_coo)
         if coo.dim() != 5 or coo.sparse_dim() != 5:
             raise ValueError(f"coo: expected a 5-D sparse tensor [Cout, Cin/g, kd, kh, kw] with 5 "
                              f"sparse dims, got shape {tuple(coo.shape)} with {coo.sparse_dim()} "
