@@ -3,6 +3,9 @@
     tiled   Triton kernels (lk3d.kernels.tiled): CUDA fp16/bf16/fp32; CPU fp16/fp32/fp64 when
             Triton runs in its interpreter (TRITON_INTERPRET=1).
     fft     overlap-save FFT (lk3d.fft): CPU and CUDA, every float dtype (computed in fp32/fp64).
+            A transform mixes every input voxel into every output voxel, so one NaN or Inf would
+            spread over the whole result: operands that are not all finite (``finite``) go to
+            aten instead, whose NaN/Inf placement is F.conv3d's.
     aten    torch's own convolution (cuDNN, oneDNN), on the input's own layout; on the CPU a dense
             kernel of 15 or more on a side goes through channels_last_3d, since oneDNN's NCDHW
             path collapses there (seconds at k=15, minutes at k=21; converting costs ~ms).
@@ -44,6 +47,29 @@ def candidates(t: torch.Tensor):
     if t.device.type in ("cpu", "cuda"):
         algos.append("fft")
     return algos + ["aten"]
+
+
+def _sum_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def finite(*tensors) -> bool:
+    """Whether every element of ``tensors`` (None skipped) is finite.
+
+    One sum per tensor (fp16/bf16 summed in fp32, so that finite half values cannot overflow it)
+    and one host sync for all of them: a NaN or Inf makes the sum NaN or Inf. A sum of finite
+    values that overflows reads as not finite; callers then take a direct algorithm, which is
+    exact anyway. While a CUDA stream is being captured into a graph no sync is allowed: the
+    answer is then True (the chosen algorithm runs as it is)."""
+    ts = [t for t in tensors if t is not None and t.numel()]
+    if not ts:
+        return True
+    if ts[0].device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return True
+    total = ts[0].sum(dtype=_sum_dtype(ts[0].dtype))
+    for t in ts[1:]:
+        total = total + t.sum(dtype=_sum_dtype(t.dtype))
+    return bool(torch.isfinite(total))
 
 
 def split_pad(padding):
@@ -125,6 +151,28 @@ def aten_grad_weight(grad, x, weight_shape, stride, padding, dilation, groups):
     return torch.ops.aten.convolution_backward(
         _aten_layout(grad, weight_shape), xp, _stand_in(weight_shape, grad), None,
         stride, pad, dilation, False, [0, 0, 0], groups, [False, True, False])[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# fft: the transforms of lk3d.fft, or aten where an operand is not finite
+# ---------------------------------------------------------------------------------------------
+
+def fft_forward(x, w, bias, stride, padding, dilation, groups):
+    if not finite(x, w):  # the bias is added elementwise: exact as it is
+        return aten_forward(x, w, bias, stride, padding, dilation, groups)
+    return fft.conv3d_forward(x, w, bias, stride, padding, dilation, groups)
+
+
+def fft_grad_input(grad, w, input_shape, stride, padding, dilation, groups):
+    if not finite(grad, w):
+        return aten_grad_input(grad, w, input_shape, stride, padding, dilation, groups)
+    return fft.conv3d_grad_input(grad, w, input_shape, stride, padding, dilation, groups)
+
+
+def fft_grad_weight(grad, x, weight_shape, stride, padding, dilation, groups):
+    if not finite(grad, x):
+        return aten_grad_weight(grad, x, weight_shape, stride, padding, dilation, groups)
+    return fft.conv3d_grad_weight(grad, x, weight_shape, stride, padding, dilation, groups)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,10 +262,9 @@ def tiled_grad_bias(grad):
 # dispatch tables and cost model
 # ---------------------------------------------------------------------------------------------
 
-FORWARD = {"tiled": tiled_forward, "fft": fft.conv3d_forward, "aten": aten_forward}
-GRAD_INPUT = {"tiled": tiled_grad_input, "fft": fft.conv3d_grad_input, "aten": aten_grad_input}
-GRAD_WEIGHT = {"tiled": tiled_grad_weight, "fft": fft.conv3d_grad_weight,
-               "aten": aten_grad_weight}
+FORWARD = {"tiled": tiled_forward, "fft": fft_forward, "aten": aten_forward}
+GRAD_INPUT = {"tiled": tiled_grad_input, "fft": fft_grad_input, "aten": aten_grad_input}
+GRAD_WEIGHT = {"tiled": tiled_grad_weight, "fft": fft_grad_weight, "aten": aten_grad_weight}
 KERNELS = {"conv3d": ("conv3d_fwd", "conv3d_dw"), "conv3d_grad_input": ("conv3d_fwd", "conv3d_dw"),
            "conv3d_grad_weight": ("conv3d_wgrad", "conv3d_dw_wgrad")}
 

@@ -13,6 +13,7 @@ kernel (asymmetric) needs no padded copy in the kernels. The output, and grad-in
 like the input (channels_last_3d stays channels_last_3d), as aten does.
 Double backward is not supported (the backward ops have no autograd of their own).
 """
+import math
 from typing import List, Optional
 
 import torch
@@ -59,14 +60,22 @@ def _run(table, op, main, x_shape, w_shape, args, geometry):
 # forward
 # ---------------------------------------------------------------------------------------------
 
+def _out_shape(input, weight, stride, padding, dilation):
+    """The output's shape. An input without channels gives an output without channels (and no
+    bias added), as F.conv3d does (its meta function says so: no input channel, no output
+    channel)."""
+    size = out_size(input.shape[2:], weight.shape[2:], stride, padding, dilation)
+    return (input.shape[0], weight.shape[0] if input.shape[1] else 0, *size)
+
+
 @torch.library.custom_op("lk3d::conv3d", mutates_args=())
 def conv3d_op(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
               stride: List[int], padding: List[int], dilation: List[int],
               groups: int) -> torch.Tensor:
-    size = out_size(input.shape[2:], weight.shape[2:], stride, padding, dilation)
+    shape = _out_shape(input, weight, stride, padding, dilation)
     mf = memory_format(input)
-    if input.shape[0] == 0:
-        return empty((0, weight.shape[0], *size), input, mf)
+    if math.prod(shape) == 0:
+        return empty(shape, input, mf)
     y = _run(_algos.FORWARD, "conv3d", input, list(input.shape), list(weight.shape),
              (input, weight, bias), (stride, padding, dilation, groups))
     return y.to(input.dtype).contiguous(memory_format=mf)
@@ -74,8 +83,7 @@ def conv3d_op(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 @conv3d_op.register_fake
 def _(input, weight, bias, stride, padding, dilation, groups):
-    size = out_size(input.shape[2:], weight.shape[2:], stride, padding, dilation)
-    return empty((input.shape[0], weight.shape[0], *size), input, memory_format(input))
+    return empty(_out_shape(input, weight, stride, padding, dilation), input, memory_format(input))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,8 +151,8 @@ def _backward(ctx, grad):
         gi = conv3d_grad_input_op(grad, weight, list(input.shape), *ctx.args)
     if ctx.needs_input_grad[1]:
         gw = conv3d_grad_weight_op(grad, input, list(weight.shape), *ctx.args)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        gb = conv3d_grad_bias_op(grad)
+    if ctx.has_bias and ctx.needs_input_grad[2]:  # zeros where the output had no channels
+        gb = conv3d_grad_bias_op(grad) if input.shape[1] else grad.new_zeros(weight.shape[0])
     return gi, gw, gb, None, None, None, None
 
 

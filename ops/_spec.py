@@ -52,9 +52,18 @@ def positive_int(name, value):
     return int(value)
 
 
-def check_tensor(name, t, dims=None):
+def check_tensor(name, t, dims=None, layout=torch.strided):
+    """``t`` a tensor of ``layout`` (dense strided unless told) with a floating dtype and, when
+    ``dims`` is given, one of those numbers of dimensions; else a TypeError/ValueError naming
+    ``name``."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.is_nested:
+        raise TypeError(f"{name}: expected a tensor of layout {layout}, got a nested tensor")
+    if t.layout != layout:
+        hint = " (convert it with .to_dense())" if layout == torch.strided else ""
+        raise TypeError(f"{name}: expected a tensor of layout {layout}, got layout "
+                        f"{t.layout}{hint}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a floating dtype (float16, bfloat16, float32, float64), "
                         f"got {t.dtype}")

@@ -35,6 +35,15 @@ grouped ``F.conv3d``). Its cost is ``nnz·bo·bi·bd·bh·bw`` multiply-adds per
 (grad-input, the transposed sum; grad-values, per tap products of output-gradient blocks and
 shifted input blocks) cost the same each. The pattern (``row_ptr``, ``col``) is fixed within a
 step: it gets no gradient. Known limits: no double backward (as ``lk3d.conv3d``).
+
+Non-finite values: in ``F.conv3d(input, weight.to_dense())`` a NaN or Inf of the input meets the
+zeros of the blocks that are not stored, and ``Inf · 0`` is NaN; the kernels and the sparse route
+skip those blocks, so they would leave finite, or infinite, values where the dense convolution has
+NaN (likewise for a NaN or Inf of the output gradient in grad-input). A forward whose input or
+stored values, or a grad-input whose output gradient or stored values, are not all finite
+(``lk3d._algos.finite``: one sum each) therefore runs the dense convolution of ``to_dense()`` by
+aten, with F.conv3d's NaN/Inf placement. Grad-values needs no such step: every route sums the
+same products there.
 """
 import math
 from dataclasses import dataclass
@@ -239,9 +248,7 @@ class BlockSparseWeight:
         ``to_dense()`` equals ``coo.to_dense()``."""
         if not isinstance(coo, torch.Tensor):
             raise TypeError(f"coo: expected a torch.sparse_coo_tensor, got {type(coo).__name__}")
-        if coo.layout != torch.sparse_coo:
-            raise TypeError(f"coo: expected a tensor of layout torch.sparse_coo, got {coo.layout}")
-        check_tensor("coo", coo)
+        check_tensor("coo", coo, layout=torch.sparse_coo)
         if coo.dim() != 5 or coo.sparse_dim() != 5:
             raise ValueError(f"coo: expected a 5-D sparse tensor [Cout, Cin/g, kd, kh, kw] with 5 "
                              f"sparse dims, got shape {tuple(coo.shape)} with {coo.sparse_dim()} "
@@ -761,6 +768,9 @@ def _launcher(name, t):
 
 def _forward(input, values, row_ptr, col, bias, weight_shape, block_shape, stride, padding,
              dilation, groups):
+    if not _algos.finite(input, values):  # see "Non-finite values" in the module docstring
+        w = _to_dense(values, row_ptr, col, weight_shape, block_shape)
+        return _algos.aten_forward(input, w, bias, stride, padding, dilation, groups)
     run = _launcher("block_sparse_fwd", input)
     if run is not None:
         return run(input, values, row_ptr, col, weight_shape, block_shape, bias, stride,
@@ -776,6 +786,10 @@ def _forward(input, values, row_ptr, col, bias, weight_shape, block_shape, strid
 
 def _grad_input(grad, values, row_ptr, col, weight_shape, block_shape, input, stride, padding,
                 dilation, groups):
+    if not _algos.finite(grad, values):
+        w = _to_dense(values, row_ptr, col, weight_shape, block_shape)
+        return _algos.aten_grad_input(grad, w, list(input.shape), stride, padding, dilation,
+                                      groups)
     run = _launcher("block_sparse_bwd_input", grad)
     if run is not None:
         return run(grad, values, row_ptr, col, weight_shape, block_shape, list(input.shape),

@@ -55,6 +55,15 @@ dilation and padding, then a pointwise conv with ``U_out·weights`` and the bias
 materialising the intermediates. Its backward recomputes the
 sequence and runs ``aten.convolution_backward`` through it in reverse. Both paths match
 ``F.conv3d`` with the dense weight. Known limits: no double backward (as ``lk3d.conv3d``).
+
+Non-finite values: both algorithms sum over the rank, so an Inf of the input (or of a factor, or
+of the output gradient) meets the R components with their own signs and turns to NaN where
+``F.conv3d(input, factors.to_dense())`` has +Inf or -Inf; a factor's Inf also meets the other
+factors' zeros differently. A call whose operands are not all finite (``lk3d._algos.finite``: one
+sum per tensor; the input, the factors and, backward, the output gradient) therefore runs the
+dense convolution of ``to_dense()`` by aten (``cp_conv3d_dense``; backward its vector-Jacobian
+product, ``cp_conv3d_dense_backward``): F.conv3d's NaN/Inf placement, at the dense convolution's
+cost. The bias is added elementwise by every path and needs no check.
 """
 import math
 from dataclasses import dataclass
@@ -167,14 +176,18 @@ class CPFactors:
 
     def to_dense(self) -> torch.Tensor:
         """The full weight ``[Cout, Cin, kd, kh, kw]`` (differentiable in every factor)."""
-        return torch.einsum("or,ir,ar,br,cr->oiabc", self.scaled_out(), self.U_in, self.A,
-                            self.B, self.C)
+        return _dense(self.scaled_out(), self.U_in, self.A, self.B, self.C)
 
     def __repr__(self):
         kd, kh, kw = self.kernel_size
         return (f"CPFactors(rank={self.rank}, out_channels={self.out_channels}, "
                 f"in_channels={self.in_channels}, kernel_size=({kd}, {kh}, {kw}), "
                 f"weights={self.weights is not None}, dtype={self.dtype}, device={self.device})")
+
+
+def _dense(u_out, U_in, A, B, C):
+    """The dense weight ``[Cout, Cin, kd, kh, kw]`` of the factors (``U_out`` scaled)."""
+    return torch.einsum("or,ir,ar,br,cr->oiabc", u_out, U_in, A, B, C)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,6 +333,29 @@ def cp_conv3d_torch_backward(grad, input, U_out, U_in, A, B, C, weights, stride,
     return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
 
 
+def cp_conv3d_dense(input, U_out, U_in, A, B, C, weights, bias, stride, padding, dilation):
+    """``F.conv3d`` with the dense weight (aten); arguments as ``cp_conv3d_torch``."""
+    u_out = U_out if weights is None else U_out * weights
+    return _algos.aten_forward(input, _dense(u_out, U_in, A, B, C), bias, stride, padding,
+                               dilation, 1)
+
+
+def cp_conv3d_dense_backward(grad, input, U_out, U_in, A, B, C, weights, stride, padding,
+                             dilation, output_mask):
+    """Gradients of ``cp_conv3d_dense``, arguments and result as ``cp_conv3d_torch_backward``:
+    the vector-Jacobian product of the same torch calls (``torch.func.vjp``), so every NaN and
+    Inf lands where autograd through ``F.conv3d(input, factors.to_dense())`` puts it."""
+    def dense(x, U_out, U_in, A, B, C, *weights):
+        return cp_conv3d_dense(x, U_out, U_in, A, B, C, weights[0] if weights else None, None,
+                               stride, padding, dilation)
+    primals = (input, U_out, U_in, A, B, C) + (() if weights is None else (weights,))
+    grads = list(torch.func.vjp(dense, *primals)[1](grad))
+    like = (input, U_out, U_in, A, B, C, weights if weights is not None else U_out[0])
+    grads += [None] * (7 - len(grads))
+    return [g if g is not None and m else torch.zeros_like(t)
+            for g, t, m in zip(grads, like, output_mask)]
+
+
 def cp_conv3d_ref(input, factors, bias=None, **args):
     """Float64 reference on the CPU: ``F.conv3d`` with the reconstructed dense weight."""
     up = (lambda t: None if t is None else t.detach().to("cpu", torch.float64))
@@ -402,6 +438,8 @@ def _plan(op, input, U_out, A, B, C, stride, padding, dilation, serve, run=None)
 
 def _forward(input, U_out, U_in, A, B, C, weights, bias, stride, padding, dilation):
     args = (input, U_out, U_in, A, B, C, weights, bias, stride, padding, dilation)
+    if not _algos.finite(input, U_out, U_in, A, B, C, weights):  # see "Non-finite values"
+        return cp_conv3d_dense(*args)
     run = {"tiled": _forward_kernels, "aten": cp_conv3d_torch}
     plan = _plan("cp_conv3d", input, U_out, A, B, C, stride, padding, dilation,
                  _kernels_serve(input, U_out, U_in, A, B, C, weights, bias),
@@ -425,6 +463,8 @@ def _forward_kernels(input, U_out, U_in, A, B, C, weights, bias, stride, padding
 def _backward_impl(grad, input, U_out, U_in, A, B, C, weights, stride, padding, dilation,
                    output_mask):
     args = (grad, input, U_out, U_in, A, B, C, weights, stride, padding, dilation, output_mask)
+    if not _algos.finite(grad, input, U_out, U_in, A, B, C, weights):
+        return cp_conv3d_dense_backward(*args)
     run = {"tiled": _backward_kernels, "aten": cp_conv3d_torch_backward}
     plan = _plan("cp_conv3d_backward", input, U_out, A, B, C, stride, padding, dilation,
                  _kernels_serve(input, grad, U_out, U_in, A, B, C, weights),

@@ -125,6 +125,19 @@ def rel_err(y, ref):
     return ((y - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def scaled_err(y, x, w, b, **args):
+    """``||y - ref|| / ||F.conv3d(|x|, |w|, |b|)||``: the error of ``lk3d.conv3d(x, w, b, **args)``
+    relative to the magnitude of the terms it sums, which bounds a float sum's rounding however
+    much those terms cancel (a relative error per output does not: a tiny output of large terms,
+    e.g. a fuzzed 1x1x1 output, is as far off in fp32 in every implementation, F.conv3d's
+    included)."""
+    ref = conv3d_ref(x, w, b, **args)
+    scale = conv3d_ref(x.abs(), w.abs(), None if b is None else b.abs(), **args)
+    rel_err(y, ref)  # its shape and finiteness checks
+    y = y.detach().to("cpu", torch.float64)
+    return ((y - ref).norm() / scale.norm().clamp_min(1e-30)).item()
+
+
 # Odd and prime sizes, non-cubic kernels (up to 21 on a side), stride, dilation, every padding
 # form, groups (dense, grouped, depthwise, depthwise with multiplier), batch > 1.
 CASES = [

@@ -86,3 +86,59 @@ def test_bad_env(monkeypatch):
     monkeypatch.setenv("LK3D_CONFIG", "{BLOCK_M: 1")
     with pytest.raises(ValueError, match="LK3D_CONFIG"):
         lk3d.conv3d(_x(1, 2, 5, 5, 5), _x(2, 2, 3, 3, 3))
+
+
+
+LAYOUTS = {  # a converter to a tensor that is not dense strided, and what its message calls it
+    "sparse_coo": (lambda t: t.to_sparse(), "torch.sparse_coo"),
+    "sparse_csr": (lambda t: t.to_sparse_csr(), "torch.sparse_csr"),
+    "mkldnn": (lambda t: t.to_mkldnn(), "torch._mkldnn"),
+    "nested": (lambda t: torch.nested.nested_tensor(list(t)), "nested"),
+}
+LAYOUT_CASES = [(arg, layout) for arg in ("input", "weight", "bias") for layout in LAYOUTS
+                if not (arg == "bias" and layout in ("sparse_csr", "nested"))]  # need 2-D+
+
+
+@pytest.mark.parametrize("arg,layout", LAYOUT_CASES, ids=[f"{a}-{l}" for a, l in LAYOUT_CASES])
+def test_layout_named(arg, layout):
+    """A sparse, mkldnn or nested tensor raises a TypeError naming the argument, the expected
+    layout and the given one (aten would raise a NotImplementedError naming none of them)."""
+    convert, given = LAYOUTS[layout]
+    args = {"input": _x(1, 2, 5, 5, 5), "weight": _x(3, 2, 3, 3, 3), "bias": _x(3)}
+    args[arg] = convert(args[arg])
+    with pytest.raises(TypeError) as info:
+        lk3d.conv3d(**args)
+    for word in (f"{arg}:", "torch.strided", given):
+        assert word in str(info.value), f"{word!r} not in {str(info.value)!r}"
+
+
+def test_layout_named_by_cp_and_block_sparse():
+    x, w = _x(1, 2, 5, 5, 5), _x(3, 2, 3, 3, 3)
+    factors = lk3d.CPFactors(*(_x(n, 2) for n in (3, 2, 3, 3, 3)))
+    ws = lk3d.BlockSparseWeight.from_dense(w, (1, 2, 1, 1, 1))
+    calls = [
+        (lambda: lk3d.cp_conv3d(x.to_sparse(), factors), "input"),
+        (lambda: lk3d.cp_conv3d(x, factors, _x(3).to_sparse()), "bias"),
+        (lambda: lk3d.CPFactors(*(_x(n, 2) for n in (3, 2, 3, 3)), _x(3, 2).to_sparse()), "C"),
+        (lambda: lk3d.block_sparse_conv3d(x.to_sparse(), ws), "input"),
+        (lambda: lk3d.block_sparse_conv3d(x, ws, _x(3).to_sparse()), "bias"),
+        (lambda: ws.with_values(ws.values.to_sparse()), "values"),
+        (lambda: lk3d.BlockSparseWeight.from_dense(w.to_sparse(), (1, 2, 1, 1, 1)), "weight"),
+    ]
+    for call, name in calls:
+        with pytest.raises(TypeError, match=f"{name}: expected a tensor of layout torch.strided, "
+                                            f"got layout torch.sparse_coo"):
+            call()
+
+
+def test_complex_and_meta():
+    """Complex tensors are refused by name; meta tensors give a meta output of F.conv3d's shape,
+    as F.conv3d does."""
+    with pytest.raises(TypeError, match="input: expected a floating dtype .* got torch.complex64"):
+        lk3d.conv3d(_x(1, 2, 5, 5, 5).to(torch.complex64), _x(3, 2, 3, 3, 3))
+    with pytest.raises(TypeError, match="weight: expected a floating dtype .* torch.complex128"):
+        lk3d.conv3d(_x(1, 2, 5, 5, 5), _x(3, 2, 3, 3, 3).to(torch.complex128))
+    x, w = _x(1, 2, 5, 6, 7), _x(3, 2, 3, 2, 3)
+    y = lk3d.conv3d(x.to("meta"), w.to("meta"), stride=(1, 2, 1), padding="valid")
+    assert y.device.type == "meta"
+    assert y.shape == torch.nn.functional.conv3d(x, w, stride=(1, 2, 1)).shape
