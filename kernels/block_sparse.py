@@ -168,10 +168,16 @@ def _bs_conv3d_kernel(
         p_v = v_ptr + k.to(tl.int64) * VB + t
         if DEPTHWISE:
             b_v = tl.load(p_v + o_n * TB, mask=m_n, other=0.0)
-            acc += b_a.to(ACC_DTYPE) * b_v.to(ACC_DTYPE)[None, :]
+            prod = b_a.to(ACC_DTYPE) * b_v.to(ACC_DTYPE)[None, :]
+            if TRANSPOSED:  # a tap off the stride grid or the border adds nothing (not 0·v)
+                prod = tl.where(m_a[:, None], prod, 0.0)
+            acc += prod
         else:
             b_v = tl.load(p_v + o_k[:, None] * SV_K + o_n[None, :] * SV_N,
                           mask=m_k[:, None] & m_n[None, :], other=0.0)
+            # Here a masked tap does add 0·v (NaN for a non-finite v): masking the accumulator
+            # spilled registers on sm_80, and lk3d.block_sparse sends non-finite operands to the
+            # dense convolution instead of these kernels.
             acc = tl.dot(b_a, b_v, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
 
     o_yc = i_p * NB + o_n
