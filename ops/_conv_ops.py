@@ -11,7 +11,13 @@ otherwise: that is how the tests execute kernel code without a GPU.
 Padding is passed as six ints ``(d_l, h_l, w_l, d_r, h_r, w_r)`` so ``padding="same"`` with an even
 kernel (asymmetric) needs no padded copy in the kernels. The output, and grad-input, are laid out
 like the input (channels_last_3d stays channels_last_3d), as aten does.
-Double backward is not supported (the backward ops have no autograd of their own).
+
+Double backward: each backward op has autograd of its own, written with the same ops (so it runs
+on every algorithm and stays one node per op under ``torch.compile``). Grad-input and grad-weight
+are bilinear, ``<grad, conv3d(x, w)>`` differentiated once, so differentiating them again only
+swaps roles: grad-input ``(grad, w)`` gives ``conv3d(gg, w)`` for grad and ``grad_weight(grad,
+gg)`` for w; grad-weight ``(grad, x)`` gives ``conv3d(x, gg)`` for grad and ``grad_input(grad,
+gg)`` for x; grad-bias (a sum) broadcasts back. Any order of derivative follows.
 """
 import math
 from typing import List, Optional
@@ -157,3 +163,47 @@ def _backward(ctx, grad):
 
 
 conv3d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# double backward: the backward ops' own autograd
+# ---------------------------------------------------------------------------------------------
+
+def _setup_context_grad(ctx, inputs, output):
+    """Grad-input ``(grad, weight, ...)`` and grad-weight ``(grad, input, ...)`` alike: both
+    tensors saved, the geometry kept."""
+    ctx.save_for_backward(*inputs[:2])
+    ctx.args = tuple(list(a) for a in inputs[3:6]) + (inputs[6],)
+
+
+def _grad_input_backward(ctx, gg):
+    # grad_input(grad, w) = d/dx <grad, conv3d(x, w)>: gg takes the place of x.
+    grad, weight = ctx.saved_tensors
+    g_grad = conv3d_op(gg, weight, None, *ctx.args) if ctx.needs_input_grad[0] else None
+    g_weight = (conv3d_grad_weight_op(grad, gg, list(weight.shape), *ctx.args)
+                if ctx.needs_input_grad[1] else None)
+    return g_grad, g_weight, None, None, None, None, None
+
+
+def _grad_weight_backward(ctx, gg):
+    # grad_weight(grad, x) = d/dw <grad, conv3d(x, w)>: gg takes the place of w.
+    grad, input = ctx.saved_tensors
+    g_grad = conv3d_op(input, gg, None, *ctx.args) if ctx.needs_input_grad[0] else None
+    g_input = (conv3d_grad_input_op(grad, gg, list(input.shape), *ctx.args)
+               if ctx.needs_input_grad[1] else None)
+    return g_grad, g_input, None, None, None, None, None
+
+
+def _setup_context_grad_bias(ctx, inputs, output):
+    ctx.shape = inputs[0].shape
+
+
+def _grad_bias_backward(ctx, gg):
+    return gg.reshape(1, -1, 1, 1, 1).expand(ctx.shape)
+
+
+conv3d_grad_input_op.register_autograd(_grad_input_backward, setup_context=_setup_context_grad)
+conv3d_grad_weight_op.register_autograd(_grad_weight_backward,
+                                        setup_context=_setup_context_grad)
+conv3d_grad_bias_op.register_autograd(_grad_bias_backward,
+                                      setup_context=_setup_context_grad_bias)

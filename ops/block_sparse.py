@@ -34,7 +34,8 @@ grouped ``F.conv3d``). Its cost is ``nnz·bo·bi·bd·bh·bw`` multiply-adds per
 (``block_sparse_conv3d_macs``), the dense cost times the block density; the backward passes
 (grad-input, the transposed sum; grad-values, per tap products of output-gradient blocks and
 shifted input blocks) cost the same each. The pattern (``row_ptr``, ``col``) is fixed within a
-step: it gets no gradient. Known limits: no double backward (as ``lk3d.conv3d``).
+step: it gets no gradient. Double backward works on every path: the backward op's own autograd
+is written with the forward and backward ops (see "Double backward" below).
 
 Non-finite values: in ``F.conv3d(input, weight.to_dense())`` a NaN or Inf of the input meets the
 zeros of the blocks that are not stored, and ``Inf · 0`` is NaN; the kernels and the sparse route
@@ -897,6 +898,42 @@ def _backward(ctx, grad):
 block_sparse_conv3d_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# Double backward. The backward op is the gradient of <grad, conv(x, values)>, linear in grad, x
+# and values; cotangents (v_x, v_values) of it give that product's derivative along them,
+# <grad, conv(v_x, values) + conv(x, v_values)>: its gradient in grad is that sum, in x the
+# grad-input with v_values as the blocks, in values the grad-values with v_x as the input. The
+# cotangent of an entry the backward op did not compute (output_mask False: zeros) does not count.
+
+def _setup_context_backward(ctx, inputs, output):
+    grad, input, values, row_ptr, col, *args, mask = inputs
+    ctx.save_for_backward(grad, input, values, row_ptr, col)
+    ctx.args = tuple(list(a) for a in args[:-1]) + (args[-1],)
+    ctx.mask = [bool(m) for m in mask]
+    ctx.set_materialize_grads(False)  # an unused gradient need not cost a convolution
+
+
+def _backward_backward(ctx, gg):
+    grad, x, values, row_ptr, col = ctx.saved_tensors
+    v_x, v_values = (g if m else None for g, m in zip(gg, ctx.mask))
+    needs = ctx.needs_input_grad
+    g_grad = g_x = g_values = None
+    if needs[0]:
+        terms = [block_sparse_conv3d_op(a, b, row_ptr, col, None, *ctx.args)
+                 for a, b in ((v_x, values), (x, v_values)) if a is not None and b is not None]
+        g_grad = sum(terms[1:], terms[0]) if terms else None
+    if needs[1] and v_values is not None:
+        g_x = block_sparse_conv3d_backward_op(grad, x, v_values, row_ptr, col, *ctx.args,
+                                              [True, False])[0]
+    if needs[2] and v_x is not None:
+        g_values = block_sparse_conv3d_backward_op(grad, v_x, values, row_ptr, col, *ctx.args,
+                                                   [False, True])[1]
+    return g_grad, g_x, g_values, *[None] * 9
+
+
+block_sparse_conv3d_backward_op.register_autograd(_backward_backward,
+                                                  setup_context=_setup_context_backward)
+
+
 # ---------------------------------------------------------------------------------------------
 # the functional
 # ---------------------------------------------------------------------------------------------
@@ -920,8 +957,8 @@ def block_sparse_conv3d(input, weight, bias=None, stride=1, padding=0, dilation=
     ``input`` is ``[N, Cin, D, H, W]`` or unbatched ``[Cin, D, H, W]``; ``weight`` an
     ``lk3d.BlockSparseWeight`` of the input's dtype and device with ``shape[1] = Cin / groups``;
     ``stride``, ``dilation`` and ``padding`` as ``lk3d.conv3d`` takes them. Differentiable in the
-    input, ``weight.values`` and the bias; one ``lk3d::block_sparse_conv3d`` node under
-    ``torch.compile``.
+    input, ``weight.values`` and the bias, twice and more (double backward); one
+    ``lk3d::block_sparse_conv3d`` node under ``torch.compile``.
     """
     _check_weight(weight)
     return _conv(input, weight.shape, weight.block_shape, weight.values, weight.row_ptr,

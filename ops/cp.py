@@ -54,7 +54,7 @@ dilation and padding, then a pointwise conv with ``U_out·weights`` and the bias
 ``2·R·(Cin + kd + kh + kw + Cout)`` FLOPs per output voxel (stride 1), at the price of
 materialising the intermediates. Its backward recomputes the
 sequence and runs ``aten.convolution_backward`` through it in reverse. Both paths match
-``F.conv3d`` with the dense weight. Known limits: no double backward (as ``lk3d.conv3d``).
+``F.conv3d`` with the dense weight.
 
 Non-finite values: both algorithms sum over the rank, so an Inf of the input (or of a factor, or
 of the output gradient) meets the R components with their own signs and turns to NaN where
@@ -64,6 +64,9 @@ sum per tensor; the input, the factors and, backward, the output gradient) there
 dense convolution of ``to_dense()`` by aten (``cp_conv3d_dense``; backward its vector-Jacobian
 product, ``cp_conv3d_dense_backward``): F.conv3d's NaN/Inf placement, at the dense convolution's
 cost. The bias is added elementwise by every path and needs no check.
+
+Double backward: the backward op has autograd of its own, written with the two ops themselves
+(see "Double backward" below), so it runs on either algorithm and under ``torch.compile``.
 """
 import math
 from dataclasses import dataclass
@@ -541,7 +544,9 @@ def cp_conv3d_backward_op(grad: torch.Tensor, input: torch.Tensor, U_out: torch.
         return [torch.zeros_like(t) for t in like]
     grads = _backward_impl(grad, input, U_out, U_in, A, B, C, weights, stride, padding, dilation,
                            list(output_mask))
-    out = [g.to(t.dtype).contiguous() for g, t in zip(grads, like)]
+    # Both paths compute U_out's and weights' gradients together: zero the one not asked for.
+    out = [g.to(t.dtype).contiguous() if m else t.new_zeros(t.shape)
+           for g, t, m in zip(grads, like, output_mask)]
     out[0] = out[0].contiguous(memory_format=memory_format(input))
     return out
 
@@ -574,6 +579,87 @@ def _backward(ctx, grad):
 
 
 cp_conv3d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# Double backward. The backward op is the gradient of S = <grad, cp_conv3d(x, s, U_in, A, B, C)>
+# (s = U_out·weights), which is linear in grad, in x and in each factor. Cotangents v = (v_x,
+# v_U_out, ..., v_weights) of that gradient pair with it to give S's derivative along v,
+# <grad, J v>, where
+#     J v = cp_conv3d(v_x, s, U_in, A, B, C) + cp_conv3d(x, dW)
+# and dW, the CP weight's derivative along v, is a CP weight again: one block of R columns per
+# factor with a cotangent, that factor replaced by it (s by v_s = v_U_out·weights +
+# U_out·v_weights). So the gradient in grad is J v, and those in x and the factors are the
+# backward op's on the two convolutions, each block's gradients going back to the factors it was
+# built from (not to the cotangent in it). Blocks share a call while their rank fits the rank the
+# kernels pad R to (a power of two, at least 16): no call holds more than the forward did.
+# Cotangents of entries the backward op did not compute (output_mask False: constant zeros) do
+# not count.
+
+def _setup_context_backward(ctx, inputs, output):
+    grad, input, U_out, U_in, A, B, C, weights, stride, padding, dilation, mask = inputs
+    ctx.save_for_backward(grad, input, U_out, U_in, A, B, C, weights)
+    ctx.args = (list(stride), list(padding), list(dilation))
+    ctx.mask = [bool(m) for m in mask[:6]] + [bool(mask[6]) and weights is not None]
+    ctx.set_materialize_grads(False)  # an unused gradient need not cost a convolution
+
+
+def _sum(*terms):
+    """The sum of the terms that are not None (None if all are)."""
+    terms = [t for t in terms if t is not None]
+    return sum(terms[1:], terms[0]) if terms else None
+
+
+def _backward_backward(ctx, gg):
+    grad, x, U_out, U_in, A, B, C, weights = ctx.saved_tensors
+    v = [g if m else None for g, m in zip(gg, ctx.mask)]
+    needs = ctx.needs_input_grad  # grad, input, U_out, U_in, A, B, C, weights, ...
+    scaled = weights is not None
+    s = U_out * weights if scaled else U_out
+    factors = [s, U_in, A, B, C]
+    v_uo = v[1] * weights if scaled and v[1] is not None else v[1]
+    v_s = _sum(v_uo, None if v[6] is None else U_out * v[6])
+    moved = [(j, t) for j, t in enumerate([v_s, *v[2:6]]) if t is not None]
+    rank = s.shape[1]
+    per_call = max(16, 1 << (rank - 1).bit_length()) // rank
+    calls = [moved[i:i + per_call] for i in range(0, len(moved), per_call)]
+
+    def dW(blocks):
+        return [torch.cat([t if j == k else factors[k] for j, t in blocks], 1) for k in range(5)]
+
+    want = [needs[2] or needs[7], *needs[3:7]]  # gradients in s, U_in, A, B, C
+    g_grad = g_x = h = None  # h: the s-gradient of the block where s moved
+    g = [None] * 5
+    if needs[0]:
+        terms = [cp_conv3d_op(x, *dW(blocks), None, None, *ctx.args) for blocks in calls]
+        if v[0] is not None:
+            terms.append(cp_conv3d_op(v[0], *factors, None, None, *ctx.args))
+        g_grad = _sum(*terms)
+    if v[0] is not None and any(want):
+        got = cp_conv3d_backward_op(grad, v[0], *factors, None, *ctx.args, [False, *want, False])
+        g = [got[1 + k] if want[k] else None for k in range(5)]
+    for blocks in calls if needs[1] or any(want) else []:
+        got = cp_conv3d_backward_op(grad, x, *dW(blocks), None, *ctx.args,
+                                    [needs[1], *want, False])
+        g_x = _sum(g_x, got[0] if needs[1] else None)
+        for k in range(5):
+            if want[k]:
+                chunks = got[1 + k].split(rank, 1)
+                g[k] = _sum(g[k], *(c for (j, _), c in zip(blocks, chunks) if j != k))
+                if k == 0 and blocks[0][0] == 0:
+                    h = chunks[0]
+    # back from s = U_out·weights, and from v_s = v_U_out·weights + U_out·v_weights
+    g_uo, g_w = g[0], None
+    if scaled:
+        g_uo = _sum(None if g[0] is None else g[0] * weights,
+                    None if h is None or v[6] is None else h * v[6])
+        g_w = _sum(None if g[0] is None else (g[0] * U_out).sum(0),
+                   None if h is None or v[1] is None else (h * v[1]).sum(0))
+    return (g_grad, g_x, g_uo if needs[2] else None, *g[1:], g_w if needs[7] else None,
+            None, None, None, None)
+
+
+cp_conv3d_backward_op.register_autograd(_backward_backward,
+                                        setup_context=_setup_context_backward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -610,8 +696,8 @@ def cp_conv3d(input, factors, bias=None, stride=1, padding=0, dilation=1, groups
     ``lk3d.CPFactors`` of the input's dtype and device with ``Cin`` rows in ``U_in``; ``stride``,
     ``dilation`` and ``padding`` take an int or a tuple of 3, and ``padding`` also ``"same"``
     (stride 1 only) or ``"valid"``. ``groups`` must be 1 (it is there so a grouped call fails
-    loudly). Differentiable in the input, every factor, the weights and the bias; one
-    ``lk3d::cp_conv3d`` node under ``torch.compile``.
+    loudly). Differentiable in the input, every factor, the weights and the bias, twice and more
+    (double backward); one ``lk3d::cp_conv3d`` node under ``torch.compile``.
     """
     input, unbatched = batched(input)
     spec = check_cp_conv3d(input, factors, bias, stride, padding, dilation, groups)
