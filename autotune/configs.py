@@ -27,9 +27,10 @@ CONV3D_FWD_CONFIGS = [
 # Depthwise forward and grad-input: output voxels per program.
 CONV3D_DW_CONFIGS = [
     dict(BLOCK=128, num_warps=4, num_stages=1),
-    dict(BLOCK=256, num_warps=4, num_stages=1),
-    # BLOCK=512 spilled 8 B with 4 warps (grad-input, sm_90) and with 8 (sm_80 or sm_90, by
-    # Triton version): left out until the depthwise kernel is redesigned.
+    dict(BLOCK=256, num_warps=8, num_stages=1),
+    # One voxel per thread: with two (BLOCK=256 on 4 warps, 512 on 8) ptxas 13 aims at 80
+    # registers and spills 8 B on sm_80; BLOCK=512 spilled on 4, 8 or 16 warps, by arch and
+    # Triton version. Left so until the depthwise kernel is redesigned.
 ]
 # Dense/grouped grad-weight: a GEMM per tap over (Cout/g, Cin/g), reducing over voxels.
 CONV3D_WGRAD_CONFIGS = [
