@@ -302,7 +302,10 @@ def test_forward_allocates_only_its_output():
     y, sizes = allocations(lambda: lk3d.cp_conv3d(x, lk3d.CPFactors(*f), b, padding="same"))
     out_bytes = y.numel() * y.element_size()
     assert out_bytes < z_bytes
-    assert sizes == [out_bytes]
+    # Besides the output only scalars: the sums of the finiteness check, nothing of the size of
+    # an intermediate.
+    assert sorted(sizes)[-1] == out_bytes and sizes.count(out_bytes) == 1
+    assert all(s <= x.element_size() for s in sizes if s != out_bytes)
     _, torch_sizes = allocations(lambda: cp_ops.cp_conv3d_torch(
         x, *f, b, [1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1]))
     assert max(torch_sizes) >= z_bytes
