@@ -5,6 +5,9 @@ interpreter runs the kernels on CPU tensors (``TRITON_INTERPRET=1`` set before T
 """
 import torch
 
+# Voxels of one sample (per channel) the kernels index: in int32, see lk3d.kernels._index.wide.
+MAX_VOLUME = 2 ** 31 - 1
+
 
 def memory_format(t: torch.Tensor):
     """The layout of a result made from ``t``: channels_last_3d when ``t`` is laid out so (and not

@@ -10,6 +10,8 @@ import re
 import triton
 import triton.language as tl
 
+from lk3d.kernels import MAX_VOLUME
+
 
 def _tie_goes_last(version):
     major, minor = (int(v) for v in re.match(r"(\d+)\.(\d+)", version).groups())
@@ -120,9 +122,6 @@ def flat_grid(n0, n1=1, n2=1):
     if programs >= 2 ** 31:
         raise ValueError(f"launch: {n0} x {n1} x {n2} programs exceed CUDA's 2**31 - 1")
     return (programs,)
-
-
-MAX_VOLUME = 2 ** 31 - 1  # voxels of one sample the kernels index (in int32)
 
 
 def wide(*extents, volume=0):

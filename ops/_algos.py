@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from lk3d import fft
 from lk3d._spec import empty, out_size
 from lk3d.autotune.configs import Problem, candidate_configs, default_config
-from lk3d.kernels import HAS_TRITON, INTERPRETED, memory_format
+from lk3d.kernels import HAS_TRITON, INTERPRETED, MAX_VOLUME, memory_format
 
 if HAS_TRITON:
     from lk3d.kernels import tiled
@@ -34,8 +34,11 @@ _KERNEL_DTYPES = {
 
 
 def kernels_can_run(t: torch.Tensor) -> bool:
-    """Whether the Triton kernels can serve a tensor like ``t`` (device, dtype, interpreter)."""
+    """Whether the Triton kernels can serve a tensor like ``t`` (device, dtype, interpreter, and
+    one sample's volume within what they index: ``lk3d.kernels.MAX_VOLUME`` voxels)."""
     if not HAS_TRITON:
+        return False
+    if t.dim() == 5 and math.prod(t.shape[2:]) > MAX_VOLUME:
         return False
     if t.device.type == "cuda":
         return t.dtype in _KERNEL_DTYPES["cuda"]

@@ -29,13 +29,16 @@ from lk3d._algos import candidates, kernels_can_run
 from lk3d._spec import empty, out_size
 from lk3d.autotune import select
 from lk3d.autotune.cache import problem_key
-from lk3d.kernels import INTERPRETED, memory_format
+from lk3d.kernels import INTERPRETED, MAX_VOLUME, memory_format
 
 
 def plan(op, main, x_shape, w_shape, stride, padding, dilation, groups, run=None):
     """The ``select.Plan`` for one pass; ``main`` is the tensor the pass reads (device, dtype)."""
     key = problem_key(op, main.dtype, x_shape, w_shape, stride, padding, dilation, groups)
     cands = candidates(main)
+    if max(math.prod(x_shape[2:]),
+           math.prod(out_size(x_shape[2:], w_shape[2:], stride, padding, dilation))) > MAX_VOLUME:
+        cands = [a for a in cands if a != "tiled"]  # the kernels index a sample in int32
 
     def model(algo):
         return _algos.model_ms(algo, x_shape, w_shape, stride, padding, dilation, groups,

@@ -187,6 +187,16 @@ def test_one_sample_past_2_31_voxels_is_a_clear_error(launches):
                             x.shape[2:], {"BLOCK": 64})
 
 
+def test_planner_leaves_the_kernels_past_the_volume_limit():
+    """One sample past 2**31 voxels: lk3d.conv3d's plans take aten or the FFT, never the kernels
+    (which would refuse it); below the limit the kernels serve (the interpreter prefers them)."""
+    w = torch.randn(1, 1, 3, 3, 3)
+    big = torch.zeros(1, dtype=torch.float32).expand(1, 1, 1300, 1300, 1300)  # no memory
+    assert {p["algo"] for p in lk3d.explain(big, w, padding=1).values()} <= {"aten", "fft"}
+    small = torch.randn(1, 1, 6, 6, 6)
+    assert {p["algo"] for p in lk3d.explain(small, w, padding=1).values()} == {"tiled"}
+
+
 @triton.jit
 def _decode_kernel(i_ptr, out_ptr, SD, SH, SW, BLOCK: tl.constexpr, WIDE: tl.constexpr):
     o = _index.widen(tl.load(i_ptr), WIDE) * BLOCK + tl.arange(0, BLOCK)
