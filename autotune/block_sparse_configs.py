@@ -1,5 +1,4 @@
-"""Launch-config spaces of the block-sparse kernels (lk3d.kernels.block_sparse), as data, and their
-AOT cases.
+"""Launch-config spaces of the block-sparse kernels (lk3d.kernels.block_sparse), as data.
 
 The channel tiles of the block-sparse kernels are not tuned: they are the block's channel extents
 padded to a power of two (>= 16 where they feed ``tl.dot``, see ``block_sparse.tile_channels``).
@@ -7,11 +6,9 @@ What is tuned is the voxel tile (BLOCK_M, BLOCK_S), warps and stages; SPLIT (pro
 voxel reduction in grad-values) is derived from the problem and the device. ``LK3D_CONFIG`` forces
 the keys it names, as for the tiled kernels.
 
-``aot_cases()`` gives the cases ``lk3d.autotune.aot.shipped_cases`` compiles for sm_80 and sm_90:
-every shipped config on the path that takes it; the index pointers are int32.
+``lk3d.tools.aot.block_sparse_cases`` compiles every shipped config for sm_80 and sm_90 (no GPU
+needed) on the path that takes it.
 """
-import dataclasses
-
 import torch
 
 from lk3d.autotune.configs import _SMEM_LIMIT, _device_programs, _forced, _MAX_PARTIAL_ELEMS, _pow2
@@ -111,73 +108,3 @@ def default_config(kind, *, M, block_shape, element_size, device, programs=1):
         partial = programs * bo * bi
         config["SPLIT"] = default_split(M, config["BLOCK_S"], programs, partial, device)
     return config
-
-
-# ----------------------------------------------------------------------------------------------
-# AOT cases: 64 channels, kernel 7³ with "same" padding; grad-input at stride 2 (the exact-division
-# tap map), the rest at stride 1.
-# ----------------------------------------------------------------------------------------------
-
-_INDEX_PTRS = ("ent_ptr", "blk_ptr", "brow_ptr", "col_ptr")
-_GEOMETRY = dict(KD=7, KH=7, KW=7, PAD_D=3, PAD_H=3, PAD_W=3, DIL_D=1, DIL_H=1, DIL_W=1)
-
-
-def _case(kernel, name, dtype, config, constexprs, expect_tensor_cores=False):
-    """``aot._case`` with the int32 index pointers typed as such."""
-    from lk3d.autotune import aot
-
-    case = aot._case(kernel, name, dtype, config, constexprs, expect_tensor_cores)
-    signature = {a: "*i32" if a in _INDEX_PTRS else ty for a, ty in case.signature.items()}
-    return dataclasses.replace(case, signature=signature)
-
-
-def _block(bo, bi, bd, bh, bw):
-    return dict(BO=bo, BI=bi, BD=bd, BH=bh, BW=bw)
-
-
-def _block_id(bo, bi, bd, bh, bw):
-    return f"b{bo}x{bi}x{bd}x{bh}x{bw}"
-
-
-def aot_cases():
-    """AOT compile cases for every shipped config: the channel-block path at blocks (16,16,1,1,1)
-    in bf16/fp16/fp32 and (64,64,1,1,1) in bf16, forward and transposed (stride 2); the depthwise
-    path at a (16,1,4,4,4) brick; grad-values of both."""
-    from lk3d.kernels import block_sparse as bs
-
-    strides = {False: dict(STR_D=1, STR_H=1, STR_W=1), True: dict(STR_D=2, STR_H=2, STR_W=2)}
-    dense = dict(_GEOMETRY, CIG=64, COG=64, MULT=1, DEPTHWISE=False)
-    dw_block = (16, 1, 4, 4, 4)
-    dw = dict(_GEOMETRY, KD=8, KH=8, KW=8, CIG=1, COG=1, MULT=1, DEPTHWISE=True)  # brick | kernel
-    dense_blocks = [((16, 16, 1, 1, 1), ("bf16", "fp16", "fp32")), ((64, 64, 1, 1, 1), ("bf16",))]
-    cases = []
-    for config in BLOCK_SPARSE_FWD_CONFIGS:
-        for block, dtypes in dense_blocks:
-            for tr in (False, True):
-                block_k, block_n = bs.tile_channels(block, False, tr)
-                constexprs = dict(**_block(*block), **dense, **strides[tr], TRANSPOSED=tr,
-                                  HAS_BIAS=not tr, BLOCK_K=block_k, BLOCK_N=block_n)
-                name = f"bs-{'bwd' if tr else 'fwd'}-{_block_id(*block)}"
-                cases += [_case(bs._bs_conv3d_kernel, name, dtype, config, constexprs,
-                                expect_tensor_cores=True) for dtype in dtypes]
-    for config in BLOCK_SPARSE_DW_CONFIGS:
-        for tr in (False, True):
-            block_k, block_n = bs.tile_channels(dw_block, True, tr)
-            constexprs = dict(**_block(*dw_block), **dw, **strides[tr], TRANSPOSED=tr,
-                              HAS_BIAS=not tr, BLOCK_K=block_k, BLOCK_N=block_n)
-            name = f"bs-dw-{'bwd' if tr else 'fwd'}-{_block_id(*dw_block)}"
-            cases.append(_case(bs._bs_conv3d_kernel, name, "bf16", config, constexprs))
-    for config in BLOCK_SPARSE_WGRAD_CONFIGS:
-        for block, _ in dense_blocks:
-            block_i, block_o = bs.wgrad_channels(block, False)
-            constexprs = dict(**_block(*block), **dense, **strides[False], BLOCK_I=block_i,
-                              BLOCK_O=block_o)
-            cases.append(_case(bs._bs_conv3d_wgrad_kernel, f"bs-wgrad-{_block_id(*block)}", "bf16",
-                               config, constexprs, expect_tensor_cores=True))
-    for config in BLOCK_SPARSE_DW_WGRAD_CONFIGS:
-        block_i, block_o = bs.wgrad_channels(dw_block, True)
-        constexprs = dict(**_block(*dw_block), **dw, **strides[False], BLOCK_I=block_i,
-                          BLOCK_O=block_o)
-        cases.append(_case(bs._bs_conv3d_wgrad_kernel, f"bs-dw-wgrad-{_block_id(*dw_block)}",
-                           "bf16", config, constexprs))
-    return cases

@@ -73,7 +73,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import filelock
-import platformdirs
 import torch
 
 from lk3d.autotune.fingerprint import hardware_id, lk3d_version
@@ -220,6 +219,14 @@ def _seed_entries() -> dict[str, dict]:
     return parsed.entries
 
 
+def _user_cache_dir() -> str:
+    """``platformdirs.user_cache_dir("lk3d")``; platformdirs is imported only here, when a cache
+    without ``$LK3D_CACHE_DIR`` is first opened, not by ``import lk3d``."""
+    import platformdirs
+
+    return platformdirs.user_cache_dir("lk3d")
+
+
 class PlanCache:
     """The plans of one cache directory; see the module docstring for the file and its rules.
 
@@ -228,7 +235,7 @@ class PlanCache:
 
     def __init__(self, directory: str | os.PathLike | None = None):
         if directory is None:
-            directory = os.environ.get("LK3D_CACHE_DIR") or platformdirs.user_cache_dir("lk3d")
+            directory = os.environ.get("LK3D_CACHE_DIR") or _user_cache_dir()
         self.directory = Path(directory).expanduser()
         self.path = self.directory / f"plans-v{FORMAT_VERSION}.json"
         self._lock = filelock.FileLock(f"{self.path}.lock", timeout=_LOCK_TIMEOUT_S)

@@ -1,4 +1,4 @@
-"""Launch-config spaces of the cp kernels (lk3d.kernels.cp), as data, and their AOT cases.
+"""Launch-config spaces of the cp kernels (lk3d.kernels.cp), as data.
 
     cp_conv   ``_cp_conv_kernel``: forward and grad-input (with its grad U_in partials)
     cp_grad   ``_cp_grad_kernel``: the per-tap sums D and G behind grad A, B, C, U_out, weights
@@ -9,12 +9,8 @@ where partial sums are emitted) is derived from the problem and the device, not 
 steps span (tap, channel) pairs) is derived by the launcher from the channel count unless a
 config names it. ``LK3D_CONFIG`` forces the keys it names, as for the tiled kernels.
 
-``aot_cases()`` gives the cases ``lk3d.autotune.aot.shipped_cases`` compiles for sm_80 and sm_90:
-every shipped config at Cin = Cout = 64, R = 16, a 7³ kernel with "same" padding; forward at
-stride 1, grad-input (with grad U_in partials) at stride 2; bf16, fp16 and fp32 (tf32), the dtypes
-whose ``tl.dot`` must reach the tensor cores; plus one few-channel (SPAN) case per kernel.
+``lk3d.tools.aot.cp_cases`` compiles every shipped config for sm_80 and sm_90 (no GPU needed).
 """
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -104,40 +100,3 @@ def default_split(problem: CPProblem, config: dict, device) -> int:
         return tiles
     by_memory = max(1, _MAX_PARTIAL_ELEMS // max(1, partial_elems(problem, config)))
     return int(min(tiles, _device_programs(device), by_memory))
-
-
-def aot_cases():
-    """AOT compile cases (built with ``lk3d.autotune.aot._case``) for every shipped config."""
-    from lk3d.autotune.aot import _GEOMETRY, _case, _strides
-    from lk3d.kernels import cp
-
-    def fp32_partials(case, names):
-        sig = {k: ("*fp32" if k in names else v) for k, v in case.signature.items()}
-        return dataclasses.replace(case, signature=sig)
-
-    rank = dict(R=16, R_PAD=16)
-    cases = []
-    for i, config in enumerate(CP_CONV_CONFIGS):
-        for dtype in ("bf16", "fp16", "fp32"):
-            for name, transposed, stride in (("cp-fwd", False, 1), ("cp-bwd", True, 2)):
-                for channels, spans in ((64, False), (4, True)):
-                    if spans and (i or dtype != "bf16"):
-                        continue
-                    case = _case(cp._cp_conv_kernel, name + ("-span" if spans else ""), dtype,
-                                 config, dict(
-                                     KC=channels, NC=64, **rank, **_GEOMETRY, **_strides(stride),
-                                     TRANSPOSED=transposed, SPAN=spans, HAS_WEIGHTS=True,
-                                     HAS_BIAS=not transposed, WRITE_Y=True, EMIT_GQ=transposed),
-                                 expect_tensor_cores=True)
-                    cases.append(fp32_partials(case, ("gq_ptr",)))
-    for i, config in enumerate(CP_GRAD_CONFIGS):
-        for dtype in ("bf16", "fp16", "fp32"):
-            for channels, spans in ((64, False), (4, True)):
-                if spans and (i or dtype != "bf16"):
-                    continue
-                case = _case(cp._cp_grad_kernel, "cp-grad" + ("-span" if spans else ""), dtype,
-                             config, dict(KC=channels, NC=64, **rank, **_GEOMETRY, **_strides(1),
-                                          SPAN=spans, HAS_WEIGHTS=True, NEED_TAPS=True,
-                                          NEED_OUT=True), expect_tensor_cores=True)
-                cases.append(fp32_partials(case, ("gt_ptr", "go_ptr")))
-    return cases

@@ -15,6 +15,9 @@ weight at rank 4 the peak RSS grows by 1.8-2.0× the weight (measured), and the 
 grows with the rank. The SVD initialisation uses the Gram matrix of each unfolding (rows × rows)
 instead of TensorLy's default full SVD, whose right singular vectors are as large as the weight
 and which takes ~20 s on that weight; the reconstruction error is computed in slices of ``Cout``.
+
+TensorLy is an optional dependency (``pip install 'lk3d[decompose]'``), imported on the first
+decomposition; without it ``cp`` and ``tucker`` raise an ImportError that names the extra.
 """
 import math
 from dataclasses import dataclass
@@ -119,6 +122,17 @@ def _relative_error(weight, dense_rows, dtype):
     return math.sqrt(diff2 / norm2) if norm2 > 0 else math.sqrt(diff2)
 
 
+def _decomposition():
+    """``tensorly.decomposition``; an ImportError naming the ``decompose`` extra where TensorLy
+    does not import."""
+    try:
+        import tensorly.decomposition
+    except ImportError as e:
+        raise ImportError(f"lk3d.decompose needs TensorLy: pip install 'lk3d[decompose]' ({e})",
+                          name="tensorly") from e
+    return tensorly.decomposition
+
+
 class _pytorch_backend:
     """TensorLy's PyTorch backend for the calling thread, while the solver runs."""
 
@@ -149,7 +163,7 @@ def cp(weight, rank, n_iter_max=100, seed=0, tol=1e-8, linesearch=False):
     """
     _check_common(weight, n_iter_max, seed)
     rank = positive_int("rank", rank)
-    from tensorly.decomposition import parafac
+    parafac = _decomposition().parafac
 
     dtype = _compute_dtype(weight)
     with torch.no_grad(), _pytorch_backend():
@@ -194,7 +208,7 @@ def tucker(weight, ranks, n_iter_max=100, seed=0, tol=1e-8):
     """
     _check_common(weight, n_iter_max, seed)
     r_out, r_in = _tucker_ranks(ranks, weight.shape[0], weight.shape[1])
-    from tensorly.decomposition import partial_tucker
+    partial_tucker = _decomposition().partial_tucker
 
     dtype = _compute_dtype(weight)
     with torch.no_grad(), _pytorch_backend():

@@ -54,29 +54,30 @@ step install 40 optional "$OUT/install.log" \
     "$PY" -m pip install --no-deps --no-build-isolation -e .
 # The package-dir mapping (ops/ -> lk3d, ...) needs an install. Where pip could not install, a
 # tree of links with the installed layout on PYTHONPATH stands in for it.
-if ! "$PY" -c "import lk3d.cli" >/dev/null 2>&1; then
+if ! "$PY" -c "import lk3d.tools.cli" >/dev/null 2>&1; then
     shim="${TMPDIR:-/tmp}/lk3d-src"
     echo "lk3d does not import after pip: using links in $shim on PYTHONPATH" \
         | tee -a "$OUT/install.log"
     rm -rf "$shim" && mkdir -p "$shim/lk3d"
     for f in "$PWD"/ops/*.py; do ln -s "$f" "$shim/lk3d/"; done
+    ln -s "$PWD/ops/tools" "$shim/lk3d/tools"
     ln -s "$PWD/kernels" "$shim/lk3d/kernels"
     ln -s "$PWD/autotune" "$shim/lk3d/autotune"
     export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
 step nvidia-smi 10 optional "$OUT/nvidia-smi.txt" nvidia-smi
-step info 30 required "$OUT/info.txt.part" "$PY" -m lk3d.cli info
+step info 30 required "$OUT/info.txt.part" "$PY" -m lk3d.tools.cli info
 cat "$OUT/install.log" "$OUT/nvidia-smi.txt" "$OUT/info.txt.part" >"$OUT/info.txt"
 rm -f "$OUT/install.log" "$OUT/nvidia-smi.txt" "$OUT/info.txt.part"
 step tests 150 required "$OUT/tests.log" env LK3D_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider
-step aot 60 optional "$OUT/aot.txt" "$PY" -m lk3d.autotune.aot
+step aot 60 optional "$OUT/aot.txt" "$PY" -m lk3d.tools.aot
 export LK3D_CACHE_DIR="${TMPDIR:-/tmp}/lk3d-gpu-plans"
-step tune 70 optional "$OUT/tune.txt" "$PY" -m lk3d.cli tune --device cuda --no-progress
-"$PY" -m lk3d.cli cache export "$OUT/plans.json" >>"$OUT/tune.txt" 2>&1
+step tune 70 optional "$OUT/tune.txt" "$PY" -m lk3d.tools.cli tune --device cuda --no-progress
+"$PY" -m lk3d.tools.cli cache export "$OUT/plans.json" >>"$OUT/tune.txt" 2>&1
 # A measurement starts only in the first 110 s and is killed past 1.5 x 20 s + 30 s.
 report="${TMPDIR:-/tmp}/lk3d-gpu-report"
-step bench 180 required "$OUT/bench.txt" "$PY" -m lk3d.cli bench --device cuda --no-progress \
+step bench 180 required "$OUT/bench.txt" "$PY" -m lk3d.tools.cli bench --device cuda --no-progress \
     --budget 20 --max-time 110 --out "$report"
 cp "$report/results.csv" "$OUT/results.csv" 2>/dev/null || echo "no results.csv" >>"$OUT/bench.txt"
 

@@ -1,6 +1,6 @@
 """Every shipped kernel config compiles ahead of time for sm_80 and sm_90 (no GPU needed): no
 register spills, shared memory within the per-block opt-in limit, and tensor-core instructions
-where a ``tl.dot`` on 16-bit or tf32 operands should use them. See ``lk3d.autotune.aot``."""
+where a ``tl.dot`` on 16-bit or tf32 operands should use them. See ``lk3d.tools.aot``."""
 import os
 import tempfile
 
@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from lk3d.autotune import aot  # noqa: E402  (after the skip: it imports triton)
+from lk3d.tools import aot  # noqa: E402  (after the skip: it imports triton)
 
 # One xdist worker takes the whole module (``--dist loadgroup``): the compile fixture below
 # compiles every selected case once, in parallel child processes, for that worker's tests.

@@ -19,9 +19,8 @@ import pytest
 import torch
 
 import lk3d
-from lk3d import bench
-from lk3d import cli
-from lk3d.cli import main
+from lk3d.tools import bench, cli
+from lk3d.tools.cli import main
 
 # the report these runs would write is tested in test_report.py
 TINY_ARGS = ["bench", "--tiny", "--no-progress", "--min-run-time", "0.01", "--no-report"]
@@ -31,7 +30,7 @@ TINY_ARGS = ["bench", "--tiny", "--no-progress", "--min-run-time", "0.01", "--no
 def reports_in_tmp(tmp_path, monkeypatch):
     """`lk3d bench` writes its report to the user's data folder unless told otherwise: here,
     a folder of the test's own."""
-    from lk3d import report
+    from lk3d.tools import report
     monkeypatch.setenv(report.REPORT_DIR_ENV, str(tmp_path / "reports"))
 
 
@@ -291,7 +290,7 @@ def test_bench_dispatch_tiny(capsys):
 def test_bench_dispatch_times_one_call_once(monkeypatch):
     """Where lk3d's aten algorithm is torch's own call it is timed once, as torch; where it
     converts the layout (CPU dense k >= 15) it is a provider of its own."""
-    from lk3d import bench_dispatch
+    from lk3d.tools import bench_dispatch
     monkeypatch.setenv("LK3D_ALGO", "aten")  # not the interpreted kernels (k=15: half a minute)
     shapes = [bench_dispatch.Shape(1, 2, 6, 3, True), bench_dispatch.Shape(1, 2, 6, 15, False)]
     same_call, converts = bench_dispatch.run(shapes, torch.device("cpu"), progress=False,
@@ -331,14 +330,14 @@ def test_progress_bar_only_on_a_terminal(monkeypatch, tty, enabled, drawn):
 
 
 def test_paired_ratio():
-    from lk3d import bench_dispatch
+    from lk3d.tools import bench_dispatch
     ratio = bench_dispatch.paired_ratio(lambda: time.sleep(0.004), lambda: time.sleep(0.001),
                                         torch.device("cpu"), pairs=7)
     assert 2 < ratio < 6  # 4 ms over 1 ms, give or take a sleep's overshoot
 
 
 def test_paired_ratio_alternates_the_order():
-    from lk3d import bench_dispatch
+    from lk3d.tools import bench_dispatch
     calls = []
     bench_dispatch.paired_ratio(lambda: calls.append("a"), lambda: calls.append("b"),
                                 torch.device("cpu"), pairs=4)

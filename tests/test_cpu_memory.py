@@ -9,7 +9,8 @@ import textwrap
 
 import pytest
 
-from lk3d import bench, cpu_memory
+from lk3d import cpu_memory
+from lk3d.tools import bench
 
 PAGES = (64 << 20) // 4096  # a 64 MiB tensor in 4 KiB pages
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import lk3d
-from lk3d import bench, report, roofline
-from lk3d.cli import main
+from lk3d.tools import bench, report, roofline
+from lk3d.tools.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import lk3d
-from lk3d import _algos, _conv_ops, sweep
+from lk3d import _algos, _conv_ops
 from lk3d.autotune.cache import default_cache
+from lk3d.tools import sweep
 
 TINY = [sweep.Layer("dw", 1, 2, 2, 2, (6, 5, 7), (3, 3, 3)),
         sweep.Layer("dense", 2, 3, 4, 1, (5, 6, 5), (3, 2, 3), padding=1, backward=False)]

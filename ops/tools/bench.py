@@ -22,7 +22,7 @@ The baseline of a (case, mode) is its fastest provider not from lk3d (oneDNN on 
 faster in channels_last_3d at k=15 and its NCDHW path collapses at k=21), and ``speedup`` is that
 baseline's time over the row's time (> 1: faster than everything else measured). Modes: ``fwd``,
 ``bwd`` (grads of the input, the weight or factors or stored blocks, and the bias, from a graph
-built once) and ``fwdbwd`` (both). FLOPs count the least work of the op (``lk3d.roofline``):
+built once) and ``fwdbwd`` (both). FLOPs count the least work of the op (``lk3d.tools.roofline``):
 ``2·N·Cout·OD·OH·OW·(Cin/g)·kd·kh·kw`` for a dense kernel, that times the density for a
 block-sparse one, ``2·N·OD·OH·OW·R·(Cin + kd + kh + kw + Cout)`` for a CP one; twice that for
 ``bwd`` and three times for ``fwdbwd``; TFLOP/s of every provider of a case use that same count.
@@ -66,9 +66,10 @@ import torch
 import torch.nn.functional as F
 
 import lk3d
-from lk3d import cpu_memory, roofline
+from lk3d import cpu_memory
 from lk3d._algos import allow_tf32
-from lk3d._data import read_data
+from lk3d.tools import roofline
+from lk3d.tools._data import read_data
 
 OPS = ("dense", "depthwise", "cp", "block_sparse")
 _DENSE_PROVIDERS = ("lk3d", "lk3d-fft", "lk3d-tiled", "torch", "torch-cl")
@@ -261,7 +262,7 @@ def load_cases(path) -> list:
 
 def _builtin_case_sets() -> dict:
     """The case sets shipped in ``bench_cases.json`` (beside this file): name -> cases."""
-    raw = json.loads(resources.files("lk3d").joinpath(CASES_FILE).read_text())
+    raw = json.loads(resources.files("lk3d.tools").joinpath(CASES_FILE).read_text())
     return {name: parse_cases(s["cases"], f"{CASES_FILE} [{name}]") for name, s in raw.items()}
 
 
@@ -350,9 +351,9 @@ def device_slug(device) -> str:
 
 def default_report_dir(device, case_set: str, root=None) -> Path:
     """``<root>/<lk3d version>/<device slug>/<case set>``: where ``lk3d bench`` writes its report
-    unless ``--out`` says otherwise; ``root`` defaults to ``lk3d.report.reports_root()`` (the
+    unless ``--out`` says otherwise; ``root`` defaults to ``lk3d.tools.report.reports_root()`` (the
     user's data folder, or ``$LK3D_REPORT_DIR``), never a folder of the checkout."""
-    from lk3d.report import reports_root
+    from lk3d.tools.report import reports_root
 
     root = reports_root() if root is None else Path(root)
     return root / lk3d.__version__ / device_slug(device) / slug(case_set)
@@ -786,11 +787,15 @@ class InProcess:
 
 def progress_bar(iterable=None, *, enabled: bool = True, **kwargs):
     """A tqdm progress bar on stderr, drawn only where ``enabled`` and stderr is a terminal
-    (tqdm's ``disable=None``): a log file, a pipe or a CI job gets none. Where tqdm is missing (a
-    ``--no-deps`` install), ``iterable`` itself, or None without one."""
+    (tqdm's ``disable=None``): a log file, a pipe or a CI job gets none. Where tqdm is missing
+    (lk3d installed without its ``bench`` extra), ``iterable`` itself, or None without one; on a
+    terminal a note says so."""
     try:
         from tqdm import tqdm
     except ImportError:
+        if enabled and sys.stderr.isatty():
+            print("no progress bar: it needs tqdm (pip install 'lk3d[bench]')", file=sys.stderr,
+                  flush=True)
         return iterable
     return tqdm(iterable, disable=None if enabled else True, file=sys.stderr, dynamic_ncols=True,
                 **kwargs)

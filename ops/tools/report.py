@@ -24,7 +24,11 @@ case), and only where such rows exist: ``time_vs_density.png`` (block-sparse cas
 ``density<float>`` token, e.g. ``bs-k21-C48-density0.25``: every provider's time against the
 density) and ``cp_fused_vs_unfused.png`` (CP cases, named with a ``cp`` token: lk3d's CP op
 against the unfused chain and the dense convolution of the same kernel). A case's op, kernel
-size and dtype come from lk3d's case lists (``lk3d.bench``), else from its name.
+size and dtype come from lk3d's case lists (``lk3d.tools.bench``), else from its name.
+
+The plots need matplotlib (``pip install 'lk3d[bench]'``). Without it ``write_report`` writes the
+CSV and no plots (``can_plot()`` says which), and ``plot`` / ``regenerate`` raise an ImportError
+that names the extra.
 """
 import csv
 import math
@@ -54,6 +58,18 @@ class ReportError(ValueError):
     """A results file that cannot be read or drawn; the message names the file."""
 
 
+NO_MATPLOTLIB = "lk3d's plots need matplotlib: pip install 'lk3d[bench]'"
+
+
+def can_plot() -> bool:
+    """Whether matplotlib imports here: the plots need it (the ``bench`` extra)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def reports_root() -> Path:
     """Where ``lk3d bench`` keeps its reports unless ``--out`` says otherwise, and what
     ``lk3d report`` reads by default: ``$LK3D_REPORT_DIR`` when set, else ``reports`` in the
@@ -72,7 +88,7 @@ def reports_root() -> Path:
 # ---------------------------------------------------------------------------------------------
 
 def long_rows(results) -> list:
-    """``lk3d.bench.Result`` objects as CSV rows (dicts of ``COLUMNS``): one per metric
+    """``lk3d.tools.bench.Result`` objects as CSV rows (dicts of ``COLUMNS``): one per metric
     measured, then the ceilings of each dtype."""
     rows, ceilings = [], {}
     for r in results:
@@ -162,7 +178,7 @@ def case_info(name: str) -> CaseInfo:
     (``dw``/``dense`` tokens, ``k<int>``, ``fp32``/``bf16``/..., ``density<float>``)."""
     density = re.search(r"density(\d*\.?\d+)", name)
     density = float(density.group(1)) if density else None
-    from lk3d import bench  # the case lists; lazily, so that reading a CSV needs no torch
+    from lk3d.tools import bench  # the case lists; lazily, so that reading a CSV needs no torch
 
     for case in (c for cases in bench.CASE_SETS.values() for c in cases):
         if case.name == name:
@@ -210,7 +226,10 @@ def _title(rows, what):
 
 
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError(f"{NO_MATPLOTLIB} ({e})", name="matplotlib") from e
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
@@ -339,7 +358,8 @@ _DRAW = {"speedup_vs_kernel.png": _plot_speedup, "roofline_fraction.png": _plot_
 
 def plot(csv_path, rows=None) -> list:
     """Draw the plots of one ``results.csv`` beside it; returns the PNGs written. A plot with
-    nothing to draw is not written (and a stale one of that name is removed)."""
+    nothing to draw is not written (and a stale one of that name is removed). ImportError naming
+    the ``bench`` extra where matplotlib is missing."""
     csv_path = Path(csv_path)
     rows = read_results(csv_path) if rows is None else rows
     plt = _pyplot()
@@ -428,7 +448,10 @@ def find_results(root) -> list:
 
 def regenerate(root=None, readme=None):
     """Redraw the plots of every ``results.csv`` under ``root`` (default: ``reports_root()``) and
-    refresh the summary in ``root/README.md``; returns ``(csv paths, png paths, readme path)``."""
+    refresh the summary in ``root/README.md``; returns ``(csv paths, png paths, readme path)``.
+    Where matplotlib is missing, an ImportError naming the ``bench`` extra, before anything is
+    written."""
+    _pyplot()
     root = reports_root() if root is None else Path(root)
     csvs = find_results(root)
     if not csvs:
@@ -452,6 +475,7 @@ def regenerate(root=None, readme=None):
 
 def write_report(results, out_dir) -> tuple:
     """What ``lk3d bench`` leaves: ``out_dir/results.csv`` and its plots; returns
-    ``(csv path, png paths)``."""
+    ``(csv path, png paths)``, the PNGs None where matplotlib is missing (no plots; the CSV is
+    written all the same, and ``lk3d report`` draws them once the ``bench`` extra is installed)."""
     path = write_results(results, Path(out_dir) / RESULTS_NAME)
-    return path, plot(path)
+    return path, (plot(path) if can_plot() else None)

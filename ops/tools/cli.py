@@ -18,20 +18,22 @@
     lk3d tune [--suite gpu|cpu] [--layers FILE.json]   measure and cache the best algorithms
     lk3d cache clear | export FILE | import FILE        manage the per-device plan cache
 
-``python -m lk3d.cli ...`` does the same where the console script is not on PATH.
+``python -m lk3d.tools.cli ...`` does the same where the console script is not on PATH.
 """
 import argparse
 import os
 import platform
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 import torch
 
 import lk3d
-from lk3d import bench, cpu_memory, report
+from lk3d import cpu_memory
 from lk3d._algos import allow_tf32
+from lk3d.tools import bench, report
 
 _ENV_VARS = ("TRITON_INTERPRET", "LK3D_ALGO", "LK3D_CONFIG", "LK3D_AUTOTUNE", "LK3D_CACHE_DIR",
              report.REPORT_DIR_ENV, "LK3D_FFT_MEMORY_MB", "LK3D_TEST_DEVICE", "TRITON_CACHE_DIR",
@@ -48,6 +50,24 @@ def _triton_status():
     except Exception as e:  # ImportError, or a broken install raising something else
         return False, f"not importable ({type(e).__name__}: {e})"
     return True, f"{triton.__version__} (imports: yes)"
+
+
+_EXTRAS = {"bench": ("matplotlib", "tqdm"), "decompose": ("tensorly",)}
+
+
+def _extras_line():
+    """Which optional dependency groups (pyproject's extras) are installed, without importing
+    them."""
+    parts = []
+    for extra, names in _EXTRAS.items():
+        found = []
+        for name in names:
+            try:
+                found.append(f"{name} {metadata.version(name)}")
+            except metadata.PackageNotFoundError:
+                found.append(f"{name} missing (pip install 'lk3d[{extra}]')")
+        parts.append(f"{extra}: {', '.join(found)}")
+    return f"extras       {'; '.join(parts)}"
 
 
 def _cuda_lines():
@@ -117,6 +137,7 @@ def info_text() -> str:
         f"cpu          {bench.cpu_name()}, {os.cpu_count()} logical CPUs, "
         f"{torch.get_num_threads()} torch threads",
         f"huge pages   {'on' if huge else 'off'} for large CPU tensors ({huge_why})",
+        _extras_line(),
         *_cuda_lines(),
         *_algorithm_lines(has_triton, interpreted),
     ]
@@ -277,7 +298,11 @@ def _cmd_bench(args, parser):
             print(f"lk3d bench: cannot write the report: {e}", file=sys.stderr)
             rc = 1
         else:
-            print(f"report: {path} and {len(pngs)} plot(s) in {path.parent}")
+            if pngs is None:
+                print(f"report: {path} (plots skipped: {report.NO_MATPLOTLIB}; then "
+                      f"`lk3d report --dir {path.parent}` draws them)")
+            else:
+                print(f"report: {path} and {len(pngs)} plot(s) in {path.parent}")
             if not args.out:
                 print(f"`lk3d report` redraws the plots of every report under "
                       f"{report.reports_root()} and summarises them in its README.md")
@@ -295,7 +320,7 @@ def _cmd_bench(args, parser):
 def _cmd_report(args, parser):
     try:
         csvs, pngs, readme = report.regenerate(args.dir)  # None: report.reports_root()
-    except (OSError, report.ReportError) as e:
+    except (OSError, ImportError, report.ReportError) as e:
         print(f"lk3d report: {e}", file=sys.stderr)
         return 1
     for path in csvs:
@@ -305,7 +330,7 @@ def _cmd_report(args, parser):
 
 
 def _cmd_dispatch(args, parser):
-    from lk3d import bench_dispatch
+    from lk3d.tools import bench_dispatch
 
     device = torch.device(args.device or bench.default_device())
     shapes = bench_dispatch.grid(C=2, S=6, kernels=(3, 5)) if args.tiny else bench_dispatch.grid()
@@ -474,7 +499,7 @@ def _cmd_explain(args, parser):
 # ---------------------------------------------------------------------------------------------
 
 def _cmd_tune(args, parser):
-    from lk3d import sweep
+    from lk3d.tools import sweep
     from lk3d.autotune.cache import default_cache
 
     if os.environ.get("LK3D_AUTOTUNE", "").strip() == "0":
@@ -547,7 +572,7 @@ def build_parser():
     cases.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests
     cases.add_argument("--cases", metavar="FILE",
                        help="the cases of a JSON (or YAML) list of case objects with the fields "
-                       "of lk3d.bench.Case, as in lk3d's own bench_cases.json (default: its "
+                       "of lk3d.tools.bench.Case, as in lk3d's own bench_cases.json (default: its "
                        "full set)")
     p.add_argument("--device", choices=("cpu", "cuda"),
                    help="default: cuda if available, else cpu")

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 import lk3d
 from lk3d import _algos, fft
-from lk3d.bench import _sync, progress_bar
+from lk3d.tools.bench import _sync, progress_bar
 from lk3d.autotune.select import time_ms
 
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from lk3d._data import read_data
+from lk3d.tools._data import read_data
 from lk3d.autotune import select
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -95,9 +95,9 @@ def load_layers(path):
 
 def tune_layers(layers, device, progress=True):
     """Run each layer under ``tune()``; return one result row (dict) per pass. ``progress``: a
-    progress bar on stderr where it is a terminal (``lk3d.bench.progress_bar``)."""
+    progress bar on stderr where it is a terminal (``lk3d.tools.bench.progress_bar``)."""
     import lk3d
-    from lk3d.bench import progress_bar
+    from lk3d.tools.bench import progress_bar
 
     rows = []
     for layer in progress_bar(layers, enabled=progress, desc="lk3d tune"):

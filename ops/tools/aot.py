@@ -18,7 +18,7 @@ run in that process: there the compiles go to child Pythons without the variable
 core, each with a share of the jobs), which write to the same ``TRITON_CACHE_DIR``, and the
 kernels are loaded back from their cache entries.
 
-    python -m lk3d.autotune.aot [80 90]     # the table; exit status 1 when a case has a problem
+    python -m lk3d.tools.aot [80 90]     # the table; exit status 1 when a case has a problem
 """
 import dataclasses
 import importlib
@@ -77,7 +77,7 @@ def compile_many(jobs, processes=None):
             results_path = os.path.join(tmp, f"results-{i}.pkl")
             with open(jobs_path, "wb") as f:
                 pickle.dump(specs[i::n], f)
-            code = f"from lk3d.autotune.aot import _child; _child({jobs_path!r}, {results_path!r})"
+            code = f"from lk3d.tools.aot import _child; _child({jobs_path!r}, {results_path!r})"
             children.append((subprocess.Popen([sys.executable, "-c", code], env=env,
                                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                               text=True), results_path))
@@ -209,7 +209,9 @@ def _strides(s):
 
 def shipped_cases():
     """Every config in CONFIG_SPACES on the kernel that takes it, in bf16; the implicit GEMM also
-    in fp16 and fp32 (tf32), the other dtypes its launchers feed to ``tl.dot``."""
+    in fp16 and fp32 (tf32), the other dtypes its launchers feed to ``tl.dot``; then the CP and
+    block-sparse kernels' own spaces (``cp_cases``, ``block_sparse_cases``) and the 64-bit index
+    variants (``wide_cases``)."""
     from lk3d.kernels import tiled
 
     cases = []
@@ -232,9 +234,115 @@ def shipped_cases():
             CO=64, MULT=1, **_GEOMETRY, **_strides(1))))
     for config in CONFIG_SPACES["bias_grad"]:
         cases.append(_case(tiled._bias_grad_kernel, "bias_grad", "bf16", config, dict(C=64)))
-    from lk3d.autotune import block_sparse_configs, cp_configs  # their kernels' own spaces
-    cases += cp_configs.aot_cases() + block_sparse_configs.aot_cases()
+    cases += cp_cases() + block_sparse_cases()
     return cases + wide_cases(cases)
+
+
+def cp_cases():
+    """Every config of ``lk3d.autotune.cp_configs`` at Cin = Cout = 64, R = 16: forward at stride
+    1, grad-input (with its fp32 grad U_in partials) at stride 2, and grad of the factors; bf16,
+    fp16 and fp32 (tf32), the dtypes whose ``tl.dot`` must reach the tensor cores; plus one
+    few-channel (SPAN) case per kernel."""
+    from lk3d.autotune.cp_configs import CP_CONV_CONFIGS, CP_GRAD_CONFIGS
+    from lk3d.kernels import cp
+
+    def fp32_partials(case, names):
+        sig = {k: ("*fp32" if k in names else v) for k, v in case.signature.items()}
+        return dataclasses.replace(case, signature=sig)
+
+    rank = dict(R=16, R_PAD=16)
+    cases = []
+    for i, config in enumerate(CP_CONV_CONFIGS):
+        for dtype in ("bf16", "fp16", "fp32"):
+            for name, transposed, stride in (("cp-fwd", False, 1), ("cp-bwd", True, 2)):
+                for channels, spans in ((64, False), (4, True)):
+                    if spans and (i or dtype != "bf16"):
+                        continue
+                    case = _case(cp._cp_conv_kernel, name + ("-span" if spans else ""), dtype,
+                                 config, dict(
+                                     KC=channels, NC=64, **rank, **_GEOMETRY, **_strides(stride),
+                                     TRANSPOSED=transposed, SPAN=spans, HAS_WEIGHTS=True,
+                                     HAS_BIAS=not transposed, WRITE_Y=True, EMIT_GQ=transposed),
+                                 expect_tensor_cores=True)
+                    cases.append(fp32_partials(case, ("gq_ptr",)))
+    for i, config in enumerate(CP_GRAD_CONFIGS):
+        for dtype in ("bf16", "fp16", "fp32"):
+            for channels, spans in ((64, False), (4, True)):
+                if spans and (i or dtype != "bf16"):
+                    continue
+                case = _case(cp._cp_grad_kernel, "cp-grad" + ("-span" if spans else ""), dtype,
+                             config, dict(KC=channels, NC=64, **rank, **_GEOMETRY, **_strides(1),
+                                          SPAN=spans, HAS_WEIGHTS=True, NEED_TAPS=True,
+                                          NEED_OUT=True), expect_tensor_cores=True)
+                cases.append(fp32_partials(case, ("gt_ptr", "go_ptr")))
+    return cases
+
+
+_INDEX_PTRS = ("ent_ptr", "blk_ptr", "brow_ptr", "col_ptr")  # block-sparse indices: int32
+
+
+def _bs_case(kernel, name, dtype, config, constexprs, expect_tensor_cores=False):
+    """``_case`` with the block-sparse kernels' int32 index pointers typed as such."""
+    case = _case(kernel, name, dtype, config, constexprs, expect_tensor_cores)
+    signature = {a: "*i32" if a in _INDEX_PTRS else ty for a, ty in case.signature.items()}
+    return dataclasses.replace(case, signature=signature)
+
+
+def _block(bo, bi, bd, bh, bw):
+    return dict(BO=bo, BI=bi, BD=bd, BH=bh, BW=bw)
+
+
+def _block_id(bo, bi, bd, bh, bw):
+    return f"b{bo}x{bi}x{bd}x{bh}x{bw}"
+
+
+def block_sparse_cases():
+    """Every config of ``lk3d.autotune.block_sparse_configs`` on the path that takes it: the
+    channel-block path at blocks (16,16,1,1,1) in bf16/fp16/fp32 and (64,64,1,1,1) in bf16,
+    forward and transposed (stride 2); the depthwise path at a (16,1,4,4,4) brick (kernel 8³, a
+    multiple of the brick); grad-values of both at stride 1."""
+    from lk3d.autotune.block_sparse_configs import (BLOCK_SPARSE_DW_CONFIGS,
+                                                    BLOCK_SPARSE_DW_WGRAD_CONFIGS,
+                                                    BLOCK_SPARSE_FWD_CONFIGS,
+                                                    BLOCK_SPARSE_WGRAD_CONFIGS)
+    from lk3d.kernels import block_sparse as bs
+
+    dense = dict(_GEOMETRY, CIG=64, COG=64, MULT=1, DEPTHWISE=False)
+    dw_block = (16, 1, 4, 4, 4)
+    dw = dict(_GEOMETRY, KD=8, KH=8, KW=8, CIG=1, COG=1, MULT=1, DEPTHWISE=True)  # brick | kernel
+    dense_blocks = [((16, 16, 1, 1, 1), ("bf16", "fp16", "fp32")), ((64, 64, 1, 1, 1), ("bf16",))]
+    cases = []
+    for config in BLOCK_SPARSE_FWD_CONFIGS:
+        for block, dtypes in dense_blocks:
+            for tr in (False, True):
+                block_k, block_n = bs.tile_channels(block, False, tr)
+                constexprs = dict(**_block(*block), **dense, **_strides(2 if tr else 1),
+                                  TRANSPOSED=tr, HAS_BIAS=not tr, BLOCK_K=block_k,
+                                  BLOCK_N=block_n)
+                name = f"bs-{'bwd' if tr else 'fwd'}-{_block_id(*block)}"
+                cases += [_bs_case(bs._bs_conv3d_kernel, name, dtype, config, constexprs,
+                                   expect_tensor_cores=True) for dtype in dtypes]
+    for config in BLOCK_SPARSE_DW_CONFIGS:
+        for tr in (False, True):
+            block_k, block_n = bs.tile_channels(dw_block, True, tr)
+            constexprs = dict(**_block(*dw_block), **dw, **_strides(2 if tr else 1),
+                              TRANSPOSED=tr, HAS_BIAS=not tr, BLOCK_K=block_k, BLOCK_N=block_n)
+            name = f"bs-dw-{'bwd' if tr else 'fwd'}-{_block_id(*dw_block)}"
+            cases.append(_bs_case(bs._bs_conv3d_kernel, name, "bf16", config, constexprs))
+    for config in BLOCK_SPARSE_WGRAD_CONFIGS:
+        for block, _ in dense_blocks:
+            block_i, block_o = bs.wgrad_channels(block, False)
+            constexprs = dict(**_block(*block), **dense, **_strides(1), BLOCK_I=block_i,
+                              BLOCK_O=block_o)
+            cases.append(_bs_case(bs._bs_conv3d_wgrad_kernel, f"bs-wgrad-{_block_id(*block)}",
+                                  "bf16", config, constexprs, expect_tensor_cores=True))
+    for config in BLOCK_SPARSE_DW_WGRAD_CONFIGS:
+        block_i, block_o = bs.wgrad_channels(dw_block, True)
+        constexprs = dict(**_block(*dw_block), **dw, **_strides(1), BLOCK_I=block_i,
+                          BLOCK_O=block_o)
+        cases.append(_bs_case(bs._bs_conv3d_wgrad_kernel, f"bs-dw-wgrad-{_block_id(*dw_block)}",
+                              "bf16", config, constexprs))
+    return cases
 
 
 # What the JIT passes as 64-bit integers when a launch covers 2**31 voxels or more: the voxel
