@@ -29,8 +29,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from lk3d.autotune import configs as config_spaces
 from lk3d.autotune.cache import default_cache, space_hash
-from lk3d.autotune.configs import CONFIG_SPACES
 from lk3d.autotune.fingerprint import device_id
 
 ALGOS = ("tiled", "fft", "aten")
@@ -170,14 +170,15 @@ def tune():
 
 
 def space_of(candidates: Sequence[str], kernels: Sequence[str]) -> str:
-    """Hash of what a plan was chosen from: the candidates and the tiled kernels' config spaces."""
+    """Hash of what a plan was chosen from: the candidates and the config spaces of the kernel
+    kinds ``kernels`` (as registered with ``lk3d.autotune.configs``)."""
     return _space_of(tuple(candidates), tuple(kernels))
 
 
 @functools.lru_cache(maxsize=256)
 def _space_of(candidates, kernels):
     spaces = [{"model": MODEL_VERSION, "candidates": list(candidates)}]
-    spaces += [{"kernel": k, "configs": CONFIG_SPACES[k]} for k in kernels]
+    spaces += [{"kernel": k, "configs": config_spaces.space(k)} for k in kernels]
     return space_hash(spaces)
 
 

@@ -1,12 +1,31 @@
-"""lk3d.kernels: the @triton.jit kernels, one file per algorithm, each with thin launchers.
+"""lk3d.kernels: the @triton.jit kernels, one family per module, each with thin launchers.
+
+    tiled.py, tiled_configs.py                dense, grouped and depthwise conv3d
+    cp.py, cp_configs.py                      rank-R CP conv3d, fused
+    block_sparse.py, block_sparse_configs.py  block-sparse conv3d
+    common.py                                 what every family shares: the index and load
+                                              helpers its kernels call, and its launchers' helpers
+
+A family's ``*_configs`` module holds its launch-config space as data (and the few facts the
+config choice needs: the default per problem, the shared memory a config takes). It imports
+neither Triton nor anything of lk3d but this package, so the planner can name a config space
+(hash it into the plan cache key) where Triton does not import. A launcher takes one explicit
+config, and padding as six ints ``(d_l, h_l, w_l, d_r, h_r, w_r)``; nothing here imports
+``lk3d.autotune`` or the ops layer.
 
 ``HAS_TRITON`` says whether Triton imports here (Linux x86_64 wheels); ``INTERPRETED`` whether its
 interpreter runs the kernels on CPU tensors (``TRITON_INTERPRET=1`` set before Triton's import).
+What this module itself defines needs no Triton.
 """
+import math
+
 import torch
 
-# Voxels of one sample (per channel) the kernels index: in int32, see lk3d.kernels._index.wide.
+# Voxels of one sample (per channel) the kernels index: in int32, see lk3d.kernels.common.wide.
 MAX_VOLUME = 2 ** 31 - 1
+# Elements of the fp32 partial sums one launch may write (grad-weight and CP launches split a
+# reduction over programs that each write their own partials): a cap on their memory.
+MAX_PARTIAL_ELEMS = 1 << 26
 
 
 def memory_format(t: torch.Tensor):
@@ -17,14 +36,38 @@ def memory_format(t: torch.Tensor):
     return torch.contiguous_format
 
 
+def out_size(spatial, kernel, stride, padding, dilation):
+    """Output extent per axis of a convolution of ``kernel`` over ``spatial``; ``padding`` six
+    ints ``(d_l, h_l, w_l, d_r, h_r, w_r)``."""
+    return tuple((s + pl + pr - d * (k - 1) - 1) // st + 1 for s, k, st, pl, pr, d in
+                 zip(spatial, kernel, stride, padding[:3], padding[3:], dilation))
+
+
+def pow2(n, lo, hi):
+    """The power of two at or above ``n``, clamped to ``[lo, hi]``."""
+    return max(lo, min(hi, 1 << max(0, math.ceil(math.log2(max(1, n))))))
+
+
+
+def split_programs(M, block, programs, partial, device_programs):
+    """How many programs share a reduction of ``M`` voxels (``block`` per step) in a launch of
+    ``programs`` programs before splitting, each split writing ``partial`` elements of partial
+    sums: enough to fill a device that keeps ``device_programs`` busy, at least 8 reduction steps
+    per program, and the partials within ``MAX_PARTIAL_ELEMS``."""
+    want = max(1, device_programs // max(1, programs))
+    by_work = max(1, M // (8 * block))
+    by_memory = max(1, MAX_PARTIAL_ELEMS // max(1, partial))
+    return int(min(want, by_work, by_memory))
+
+
 try:
     import triton  # noqa: F401
     from triton.runtime.interpreter import InterpretedFunction
 
-    from lk3d.kernels import tiled
+    from lk3d.kernels import common
 
     HAS_TRITON = True
-    INTERPRETED = isinstance(tiled._conv3d_igemm_kernel, InterpretedFunction)
+    INTERPRETED = isinstance(common.tap_coord, InterpretedFunction)
 except ImportError:  # no Triton on this platform: every op takes its torch path
     HAS_TRITON = False
     INTERPRETED = False

@@ -49,11 +49,10 @@ import torch
 import triton
 import triton.language as tl
 
-from lk3d.kernels import memory_format
-from lk3d.kernels._index import (flat_grid, load_vox, program_ids, split_flat, split_tap,
-                                 store_vox, tap_coord, wide, widen)
-from lk3d.kernels.tiled import (_acc_dtype, _check_cfg, _geometry, _launch_opts, _new,
-                                _partial_dtype, _precision, _split_len)
+from lk3d.kernels import memory_format, out_size, pow2
+from lk3d.kernels.common import (acc_dtype, check_config, flat_grid, geometry, launch_opts,
+                                 load_vox, new, partial_dtype, precision, program_ids, split_flat,
+                                 split_len, split_tap, store_vox, tap_coord, wide, widen)
 
 
 @triton.jit
@@ -278,11 +277,12 @@ def _bs_conv3d_wgrad_kernel(
 
 # ----------------------------------------------------------------------------------------------
 # Launchers: allocate, build the cheap int index a launch needs, launch. Arguments are validated
-# by the ops layer. ``config=None`` takes ``lk3d.autotune.block_sparse_configs.default_config``.
+# by the ops layer. Each takes one explicit config (the space is
+# lk3d.kernels.block_sparse_configs; the choice is lk3d.autotune's) and padding as six ints.
 # ----------------------------------------------------------------------------------------------
 
 def _pad(n, lo):
-    return max(lo, triton.next_power_of_2(n))
+    return pow2(n, lo, 1 << 30)
 
 
 def tile_channels(block_shape, depthwise, transposed=False):
@@ -329,39 +329,23 @@ def transpose_index(row_ptr, col, weight_shape, block_shape, groups):
     return ptr, order.to(torch.int32), rows[order].to(torch.int32)
 
 
-def _out_size(shape, weight_shape, stride, padding6, dilation):
-    return tuple((shape[2 + a] + padding6[a] + padding6[3 + a]
-                  - dilation[a] * (weight_shape[2 + a] - 1) - 1) // stride[a] + 1 for a in range(3))
-
-
-def _default(kind, M, block_shape, t, config, **extra):
-    if config is not None:
-        return config
-    from lk3d.autotune.block_sparse_configs import default_config  # config data lives there
-
-    return default_config(kind, M=M, block_shape=tuple(block_shape), element_size=t.element_size(),
-                          device=t.device, **extra)
-
-
-def _common(weight_shape, block_shape, stride, padding6, dilation, groups):
+def _common(weight_shape, block_shape, stride, padding, dilation, groups):
     cout, cig = weight_shape[:2]
     bo, bi, bd, bh, bw = block_shape
     return dict(BO=bo, BI=bi, BD=bd, BH=bh, BW=bw, CIG=cig, COG=cout // groups,
-                **_geometry(stride, padding6[:3], dilation, weight_shape[2:]))
+                **geometry(stride, padding, dilation, weight_shape[2:]))
 
 
-def block_sparse_fwd(x, values, row_ptr, col, weight_shape, block_shape, bias, stride, padding6,
-                     dilation, groups, config=None, *, allow_tf32=False):
+def block_sparse_fwd(x, values, row_ptr, col, weight_shape, block_shape, bias, stride, padding,
+                     dilation, groups, config, *, allow_tf32=False):
     """Block-sparse forward. Config keys: BLOCK_M (num_warps, num_stages optional)."""
+    check_config(config, ("BLOCK_M",))
     N = x.shape[0]
     cout, cig = weight_shape[:2]
     depthwise = cig == 1
-    out_size = _out_size(x.shape, weight_shape, stride, padding6, dilation)
-    M = N * out_size[0] * out_size[1] * out_size[2]
-    config = _default("block_sparse_dw" if depthwise else "block_sparse_fwd", M, block_shape, x,
-                      config)
-    _check_cfg(config, ("BLOCK_M",))
-    y = _new((N, cout, *out_size), x.dtype, x.device, memory_format(x))
+    size = out_size(x.shape[2:], weight_shape[2:], stride, padding, dilation)
+    M = N * math.prod(size)
+    y = new((N, cout, *size), x.dtype, x.device, memory_format(x))
     block_k, block_n = tile_channels(block_shape, depthwise)
     if y.numel() == 0:
         return y
@@ -370,28 +354,26 @@ def block_sparse_fwd(x, values, row_ptr, col, weight_shape, block_shape, bias, s
     _bs_conv3d_kernel[flat_grid(num_m, 1, cout // block_shape[0])](
         x, values.contiguous(), row_ptr, row_ptr, row_ptr, col,
         bias if bias is not None else values, y,
-        M, num_m, *x.shape[2:], *out_size, *x.stride(),
+        M, num_m, *x.shape[2:], *size, *x.stride(),
         bias.stride(0) if bias is not None else 0, *y.stride(),
-        **_common(weight_shape, block_shape, stride, padding6, dilation, groups),
+        **_common(weight_shape, block_shape, stride, padding, dilation, groups),
         MULT=cout // x.shape[1] if depthwise else 1, TRANSPOSED=False, DEPTHWISE=depthwise,
         HAS_BIAS=bias is not None,
-        ACC_DTYPE=_acc_dtype(x), PRECISION=_precision(x, allow_tf32),
-        WIDE=wide(num_m * config["BLOCK_M"], volume=math.prod(out_size)),
-        BLOCK_M=config["BLOCK_M"], BLOCK_K=block_k, BLOCK_N=block_n, **_launch_opts(config))
+        ACC_DTYPE=acc_dtype(x), PRECISION=precision(x, allow_tf32),
+        WIDE=wide(num_m * config["BLOCK_M"], volume=math.prod(size)),
+        BLOCK_M=config["BLOCK_M"], BLOCK_K=block_k, BLOCK_N=block_n, **launch_opts(config))
     return y
 
 
 def block_sparse_bwd_input(grad, values, row_ptr, col, weight_shape, block_shape, input_shape,
-                           stride, padding6, dilation, groups, config=None, *, allow_tf32=False):
+                           stride, padding, dilation, groups, config, *, allow_tf32=False):
     """Block-sparse grad-input: the forward body with the transposed tap map. Config keys:
     BLOCK_M."""
+    check_config(config, ("BLOCK_M",))
     N, cin, D, H, W = input_shape
     cout, cig = weight_shape[:2]
     depthwise = cig == 1
     M = N * D * H * W
-    config = _default("block_sparse_dw" if depthwise else "block_sparse_fwd", M, block_shape,
-                      grad, config)
-    _check_cfg(config, ("BLOCK_M",))
     mult = cout // cin
     if grad.numel() == 0 or math.prod(input_shape) == 0:
         return torch.zeros(tuple(input_shape), dtype=grad.dtype, device=grad.device).contiguous(
@@ -401,24 +383,24 @@ def block_sparse_bwd_input(grad, values, row_ptr, col, weight_shape, block_shape
         ent, blk, brow = row_ptr, row_ptr, row_ptr
         produced = cout // block_shape[0]
         if mult == 1:
-            dx = _new(tuple(input_shape), grad.dtype, grad.device, memory_format(grad))
+            dx = new(tuple(input_shape), grad.dtype, grad.device, memory_format(grad))
             y = dx
         else:  # one channel per output channel, summed per input channel below
-            y = _new((N, cout, D, H, W), _partial_dtype(grad), grad.device)
+            y = new((N, cout, D, H, W), partial_dtype(grad), grad.device)
     else:
         ent, blk, brow = transpose_index(row_ptr, col, weight_shape, block_shape, groups)
         produced = cin // block_shape[1]
-        dx = y = _new(tuple(input_shape), grad.dtype, grad.device, memory_format(grad))
+        dx = y = new(tuple(input_shape), grad.dtype, grad.device, memory_format(grad))
     block_k, block_n = tile_channels(block_shape, depthwise, transposed=True)
     num_m = triton.cdiv(M, config["BLOCK_M"])
     _bs_conv3d_kernel[flat_grid(num_m, 1, produced)](
         grad, values.contiguous(), ent, blk, brow, col, values, y,
         M, num_m, *grad.shape[2:], D, H, W, *grad.stride(), 0, *y.stride(),
-        **_common(weight_shape, block_shape, stride, padding6, dilation, groups),
+        **_common(weight_shape, block_shape, stride, padding, dilation, groups),
         MULT=mult if depthwise else 1, TRANSPOSED=True, DEPTHWISE=depthwise, HAS_BIAS=False,
-        ACC_DTYPE=_acc_dtype(grad), PRECISION=_precision(grad, allow_tf32),
+        ACC_DTYPE=acc_dtype(grad), PRECISION=precision(grad, allow_tf32),
         WIDE=wide(num_m * config["BLOCK_M"], volume=D * H * W),
-        BLOCK_M=config["BLOCK_M"], BLOCK_K=block_k, BLOCK_N=block_n, **_launch_opts(config))
+        BLOCK_M=config["BLOCK_M"], BLOCK_K=block_k, BLOCK_N=block_n, **launch_opts(config))
     if depthwise and mult > 1:
         dx = y.view(N, cin, mult, D, H, W).sum(2).to(grad.dtype)
         dx = dx.contiguous(memory_format=memory_format(grad))
@@ -426,28 +408,27 @@ def block_sparse_bwd_input(grad, values, row_ptr, col, weight_shape, block_shape
 
 
 def block_sparse_bwd_values(grad, x, values, row_ptr, col, weight_shape, block_shape, stride,
-                            padding6, dilation, groups, config=None, *, allow_tf32=False):
+                            padding, dilation, groups, config, *, allow_tf32=False):
     """Gradient of the stored blocks, [nnz, bo, bi, bd, bh, bw] in values' dtype. Config keys:
     BLOCK_S, SPLIT."""
+    check_config(config, ("BLOCK_S", "SPLIT"))
     nnz = values.shape[0]
     cout, cig = weight_shape[:2]
     depthwise = cig == 1
     bo, bi, bd, bh, bw = block_shape
     taps = bd * bh * bw
-    M = grad.shape[0] * grad.shape[2] * grad.shape[3] * grad.shape[4]
-    config = _default("block_sparse_dw_wgrad" if depthwise else "block_sparse_wgrad", M,
-                      block_shape, x, config, programs=nnz * taps)
-    _check_cfg(config, ("BLOCK_S", "SPLIT"))
+    M = grad.shape[0] * math.prod(grad.shape[2:])
     if nnz == 0:
         return torch.zeros_like(values)
-    per, split = _split_len(M, config["SPLIT"], config["BLOCK_S"])
-    part = _new((split, nnz, bo, bi, taps), _partial_dtype(x), x.device)
+    per, split = split_len(M, config["SPLIT"], config["BLOCK_S"])
+    part = new((split, nnz, bo, bi, taps), partial_dtype(x), x.device)
     _bs_conv3d_wgrad_kernel[flat_grid(nnz * taps, 1, split)](
         x, grad, block_rows(row_ptr, nnz), col.contiguous(), part,
         nnz, M, per, *x.shape[2:], *grad.shape[2:], *x.stride(), *grad.stride(),
-        **_common(weight_shape, block_shape, stride, padding6, dilation, groups),
-        MULT=cout // x.shape[1] if depthwise else 1, DEPTHWISE=depthwise, ACC_DTYPE=_acc_dtype(x),
-        PRECISION=_precision(x, allow_tf32), WIDE=wide(split * per, volume=math.prod(grad.shape[2:])),
+        **_common(weight_shape, block_shape, stride, padding, dilation, groups),
+        MULT=cout // x.shape[1] if depthwise else 1, DEPTHWISE=depthwise, ACC_DTYPE=acc_dtype(x),
+        PRECISION=precision(x, allow_tf32),
+        WIDE=wide(split * per, volume=math.prod(grad.shape[2:])),
         **dict(zip(("BLOCK_I", "BLOCK_O"), wgrad_channels(block_shape, depthwise))),
-        BLOCK_S=config["BLOCK_S"], **_launch_opts(config))
+        BLOCK_S=config["BLOCK_S"], **launch_opts(config))
     return part.sum(0).reshape(values.shape).to(values.dtype)

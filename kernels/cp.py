@@ -62,10 +62,11 @@ import math
 import triton
 import triton.language as tl
 
-from lk3d.kernels import memory_format
-from lk3d.kernels._index import load_vox, split_flat, split_tap, store_vox, tap_coord, wide, widen
-from lk3d.kernels.tiled import (_acc_dtype, _alloc, _check_cfg, _geometry, _launch_opts, _new,
-                                _partial_dtype, _precision, _split_len)
+from lk3d.kernels import memory_format, out_size
+from lk3d.kernels.common import (acc_dtype, alloc, check_config, geometry, launch_opts, load_vox,
+                                 new, partial_dtype, precision, split_flat, split_len, split_tap,
+                                 store_vox, tap_coord, wide, widen)
+from lk3d.kernels.cp_configs import r_pad
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,18 +358,13 @@ def _cp_grad_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers: check what the kernel needs, allocate, launch. The choice of config lives in
-# lk3d.autotune.cp_configs; every launcher takes one explicit config (keys BLOCK_M, BLOCK_N,
-# BLOCK_K; SPLIT, the number of programs, where partial sums are emitted; SPAN optional, else
-# taken when the gathered channels are fewer than BLOCK_K).
+# Launchers: check what the kernel needs, allocate, launch. Every launcher takes one explicit
+# config (the space is lk3d.kernels.cp_configs; the choice is lk3d.autotune's) with keys BLOCK_M,
+# BLOCK_N, BLOCK_K; SPLIT, the number of programs, where partial sums are emitted; SPAN optional,
+# else taken when the gathered channels are fewer than BLOCK_K. Padding is six ints.
 # ----------------------------------------------------------------------------------------------
 
 _KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
-
-
-def r_pad(rank):
-    """The rank as the kernels hold it: a power of two, at least 16."""
-    return max(16, triton.next_power_of_2(rank))
 
 
 def span(channels, config):
@@ -389,39 +385,39 @@ def _tiles(M, config, split):
     tiles = triton.cdiv(M, config["BLOCK_M"])
     if split is None:
         return 1, tiles
-    return _split_len(tiles, split, 1)
+    return split_len(tiles, split, 1)
 
 
 def _meta(t, config, kernel, stride, padding, dilation, rank, allow_tf32, tiles, volume):
     """The constexprs and options of a launch whose programs cover ``tiles`` voxel tiles of a
     grid of ``volume`` voxels per sample."""
-    return dict(**_geometry(stride, padding, dilation, kernel), R=rank, R_PAD=r_pad(rank),
-                ACC_DTYPE=_acc_dtype(t), PRECISION=_precision(t, allow_tf32),
+    return dict(**geometry(stride, padding, dilation, kernel), R=rank, R_PAD=r_pad(rank),
+                ACC_DTYPE=acc_dtype(t), PRECISION=precision(t, allow_tf32),
                 WIDE=wide(tiles * config["BLOCK_M"], volume=volume),
                 BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
-                **_launch_opts(config))
+                **launch_opts(config))
 
 
-def cp_conv3d_fwd(x, U_out, U_in, A, B, C, weights, bias, stride, padding, dilation, out_size,
-                  config, *, allow_tf32=False, out=None):
-    """CP forward: ``y [N, Cout, *out_size]`` in the input's memory format. ``padding`` is the left
-    padding per axis; ``out_size`` the output's (OD, OH, OW)."""
-    _check_cfg(config, _KEYS)
+def cp_conv3d_fwd(x, U_out, U_in, A, B, C, weights, bias, stride, padding, dilation, config, *,
+                  allow_tf32=False, out=None):
+    """CP forward: ``y [N, Cout, *out_size]`` in the input's memory format."""
+    check_config(config, _KEYS)
     N, cin = x.shape[:2]
     cout, rank = U_out.shape
     kernel = (A.shape[0], B.shape[0], C.shape[0])
-    y = _alloc((N, cout, *out_size), x, out, memory_format(x))
-    M = N * math.prod(out_size)
+    size = out_size(x.shape[2:], kernel, stride, padding, dilation)
+    y = alloc((N, cout, *size), x, out, memory_format(x))
+    M = N * math.prod(size)
     per, programs = _tiles(M, config, None)
     ptrs, strides = _factor_args(U_in, U_out, A, B, C, weights)
     _cp_conv_kernel[(programs,)](
         x, *ptrs, bias if bias is not None else U_out, y, x, y,
-        M, per, *x.shape[2:], *out_size,
+        M, per, *x.shape[2:], *size,
         *x.stride(), *strides, bias.stride(0) if bias is not None else 0, *y.stride(), *x.stride(),
         KC=cin, NC=cout, TRANSPOSED=False, SPAN=span(cin, config),
         HAS_WEIGHTS=weights is not None, HAS_BIAS=bias is not None, WRITE_Y=True, EMIT_GQ=False,
         **_meta(x, config, kernel, stride, padding, dilation, rank, allow_tf32, per * programs,
-                math.prod(out_size)))
+                math.prod(size)))
     return y
 
 
@@ -429,14 +425,14 @@ def cp_conv3d_bwd_input(dy, x, U_out, U_in, A, B, C, weights, stride, padding, d
                         *, need_input=True, need_u_in=False, allow_tf32=False):
     """CP grad-input through the transposed tap map: ``(grad_input or None, grad U_in or None)``.
     grad U_in is summed from per-program partials (at most ``config["SPLIT"]`` programs)."""
-    _check_cfg(config, _KEYS + (("SPLIT",) if need_u_in else ()))
+    check_config(config, _KEYS + (("SPLIT",) if need_u_in else ()))
     N, cin = x.shape[:2]
     cout, rank = U_out.shape
     kernel = (A.shape[0], B.shape[0], C.shape[0])
-    dx = _new(tuple(x.shape), dy.dtype, dy.device, memory_format(x)) if need_input else None
+    dx = new(tuple(x.shape), dy.dtype, dy.device, memory_format(x)) if need_input else None
     M = N * math.prod(x.shape[2:])
     per, programs = _tiles(M, config, config["SPLIT"] if need_u_in else None)
-    gq = _new((programs, cin, rank), _partial_dtype(dy), dy.device) if need_u_in else None
+    gq = new((programs, cin, rank), partial_dtype(dy), dy.device) if need_u_in else None
     ptrs, strides = _factor_args(U_out, U_in, A, B, C, weights)
     y = dx if dx is not None else dy
     _cp_conv_kernel[(programs,)](
@@ -454,7 +450,7 @@ def cp_conv3d_bwd_factors(x, dy, U_out, U_in, A, B, C, weights, stride, padding,
                           *, need_taps=True, need_out=True, allow_tf32=False):
     """Per-tap sums ``D [KD, KH, KW, R]`` (for grad A, B, C) and ``G [Cout, R]`` (for grad U_out
     and grad weights), each None unless asked for; fp32 (fp64 for float64 tensors)."""
-    _check_cfg(config, _KEYS + ("SPLIT",))
+    check_config(config, _KEYS + ("SPLIT",))
     N, cin = x.shape[:2]
     cout, rank = U_out.shape
     kernel = (A.shape[0], B.shape[0], C.shape[0])
@@ -462,10 +458,10 @@ def cp_conv3d_bwd_factors(x, dy, U_out, U_in, A, B, C, weights, stride, padding,
     spans = span(cin, config)
     M = N * math.prod(dy.shape[2:])
     per, programs = _tiles(M, config, config["SPLIT"])
-    pdt = _partial_dtype(x)
+    pdt = partial_dtype(x)
     cols = taps * (cin if spans else 1)
-    gt = _new((programs, cols, rank), pdt, x.device) if need_taps else None
-    go = _new((programs, cout, rank), pdt, x.device) if need_out else None
+    gt = new((programs, cols, rank), pdt, x.device) if need_taps else None
+    go = new((programs, cout, rank), pdt, x.device) if need_out else None
     ptrs, strides = _factor_args(U_in, U_out, A, B, C, weights)
     _cp_grad_kernel[(programs,)](
         x, dy, *ptrs, gt if gt is not None else go, go if go is not None else gt,

@@ -26,19 +26,20 @@ Stride, padding (left side; the right side only sets the output size), dilation,
 and channels per group are compile-time constants; batch and spatial sizes are runtime ints.
 Offsets are int64 wherever a tensor can pass 2**31 elements.
 Accumulation is fp32 (fp64 for float64 tensors, which the interpreter runs for gradcheck).
+
+Launch configs: ``lk3d.kernels.tiled_configs`` (data); launchers take padding as six ints
+``(d_l, h_l, w_l, d_r, h_r, w_r)`` and compute the output size themselves.
 """
 import math
 
-import torch
 import triton
 import triton.language as tl
 
-from lk3d.kernels import memory_format
-from lk3d.kernels._index import (flat_grid, load_vox, program_ids, split_flat, split_tap,
-                                 store_vox, tap_coord, wide, widen)
-
-_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
-             torch.float64: tl.float64}
+from lk3d.kernels import memory_format, out_size
+from lk3d.kernels.common import (acc_dtype, alloc, check_config, flat_grid, geometry,
+                                 launch_opts, load_vox, new, partial_dtype, precision,
+                                 program_ids, reach, split_flat, split_len, split_tap, store_vox,
+                                 tap_coord, wide, widen)
 
 
 @triton.jit
@@ -318,93 +319,51 @@ def _bias_grad_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers: check what the kernel needs, allocate, launch. The choice of config lives in
-# lk3d.autotune; every launcher takes one explicit config.
+# Launchers: check what the kernel needs, allocate, launch. Each takes one explicit config (the
+# space is lk3d.kernels.tiled_configs; the choice is lk3d.autotune's) and padding as six ints.
 # ----------------------------------------------------------------------------------------------
 
-def _acc_dtype(t):
-    return tl.float64 if t.dtype == torch.float64 else tl.float32
+_GEMM_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
 
 
-def _precision(t, allow_tf32):
-    return "tf32" if (t.dtype == torch.float32 and allow_tf32) else "ieee"
-
-
-def _geometry(stride, padding, dilation, kernel):
-    (sd, sh, sw), (pd, ph, pw), (dd, dh, dw), (kd, kh, kw) = stride, padding, dilation, kernel
-    return dict(KD=kd, KH=kh, KW=kw, STR_D=sd, STR_H=sh, STR_W=sw, PAD_D=pd, PAD_H=ph, PAD_W=pw,
-                DIL_D=dd, DIL_H=dh, DIL_W=dw)
-
-
-def _launch_opts(config):
-    """Compile options of a launch: the config's warps and stages, and floating-point contraction
-    (a*b+c as one FMA) on, explicitly: Triton 3.9 warns when it is left to the default, which
-    3.10 turns off."""
-    return {"enable_fp_fusion": True,
-            **{k: config[k] for k in ("num_warps", "num_stages") if k in config}}
-
-
-def _check_cfg(config, keys):
-    missing = [k for k in keys if k not in config]
-    if missing:
-        raise ValueError(f"config: expected keys {keys}, missing {missing} in {config}")
-
-
-# Tests set this to True: every buffer a launcher allocates starts as NaN, so an element that a
-# kernel fails to write shows up instead of passing as leftover memory.
-POISON = False
-
-
-def _new(shape, dtype, device, memory_format=torch.contiguous_format):
-    t = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
-    return t.fill_(float("nan")) if POISON else t
-
-
-def _alloc(shape, like, out, memory_format):
-    if out is None:
-        return _new(shape, like.dtype, like.device, memory_format)
-    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or out.device != like.device:
-        raise ValueError(f"out: expected {tuple(shape)} {like.dtype} on {like.device}, "
-                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
-    return out
-
-
-def conv3d_fwd(x, w, bias, stride, padding, dilation, groups, out_size, config, *,
-               allow_tf32=False, out=None):
-    """Dense/grouped forward through the implicit GEMM. ``padding`` is the left padding per axis;
-    ``out_size`` the output's (OD, OH, OW). Config keys: BLOCK_M, BLOCK_N, BLOCK_K."""
-    _check_cfg(config, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+def conv3d_fwd(x, w, bias, stride, padding, dilation, groups, config, *, allow_tf32=False,
+               out=None):
+    """Dense/grouped forward through the implicit GEMM. Config keys: BLOCK_M, BLOCK_N,
+    BLOCK_K."""
+    check_config(config, _GEMM_KEYS)
     N, cin, D, H, W = x.shape
     cout = w.shape[0]
     kc, nc = cin // groups, cout // groups
-    y = _alloc((N, cout, *out_size), x, out, memory_format(x))
-    M = N * out_size[0] * out_size[1] * out_size[2]
+    size = out_size(x.shape[2:], w.shape[2:], stride, padding, dilation)
+    y = alloc((N, cout, *size), x, out, memory_format(x))
+    M = N * math.prod(size)
     if y.numel() == 0:
         return y
     num_m = triton.cdiv(M, config["BLOCK_M"])
     _conv3d_igemm_kernel[flat_grid(num_m, triton.cdiv(nc, config["BLOCK_N"]), groups)](
         x, w, bias if bias is not None else w, y,
-        M, num_m, D, H, W, *out_size,
+        M, num_m, D, H, W, *size,
         *x.stride(),
         nc * w.stride(0), w.stride(1), w.stride(0), *w.stride()[2:],
         bias.stride(0) if bias is not None else 0,
         *y.stride(),
-        KC=kc, NC=nc, **_geometry(stride, padding, dilation, w.shape[2:]),
-        TRANSPOSED=False, HAS_BIAS=bias is not None, ACC_DTYPE=_acc_dtype(x),
-        PRECISION=_precision(x, allow_tf32), WIDE=wide(num_m * config["BLOCK_M"], reach(w), volume=math.prod(out_size)),
+        KC=kc, NC=nc, **geometry(stride, padding, dilation, w.shape[2:]),
+        TRANSPOSED=False, HAS_BIAS=bias is not None, ACC_DTYPE=acc_dtype(x),
+        PRECISION=precision(x, allow_tf32),
+        WIDE=wide(num_m * config["BLOCK_M"], reach(w), volume=math.prod(size)),
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
-        **_launch_opts(config))
+        **launch_opts(config))
     return y
 
 
 def conv3d_bwd_input(dy, w, input_shape, stride, padding, dilation, groups, config, *,
                      allow_tf32=False, out=None):
     """Dense/grouped grad-input: the implicit GEMM with the transposed tap map."""
-    _check_cfg(config, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    check_config(config, _GEMM_KEYS)
     N, cin, D, H, W = input_shape
     cout = w.shape[0]
     kc, nc = cout // groups, cin // groups
-    dx = _alloc(tuple(input_shape), dy, out, memory_format(dy))
+    dx = alloc(tuple(input_shape), dy, out, memory_format(dy))
     M = N * D * H * W
     if dx.numel() == 0:
         return dx
@@ -415,40 +374,42 @@ def conv3d_bwd_input(dy, w, input_shape, stride, padding, dilation, groups, conf
         *dy.stride(),
         kc * w.stride(0), w.stride(0), w.stride(1), *w.stride()[2:], 0,
         *dx.stride(),
-        KC=kc, NC=nc, **_geometry(stride, padding, dilation, w.shape[2:]),
-        TRANSPOSED=True, HAS_BIAS=False, ACC_DTYPE=_acc_dtype(dy),
-        PRECISION=_precision(dy, allow_tf32), WIDE=wide(num_m * config["BLOCK_M"], reach(w), volume=D * H * W),
+        KC=kc, NC=nc, **geometry(stride, padding, dilation, w.shape[2:]),
+        TRANSPOSED=True, HAS_BIAS=False, ACC_DTYPE=acc_dtype(dy),
+        PRECISION=precision(dy, allow_tf32),
+        WIDE=wide(num_m * config["BLOCK_M"], reach(w), volume=D * H * W),
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
-        **_launch_opts(config))
+        **launch_opts(config))
     return dx
 
 
-def conv3d_dw_fwd(x, w, bias, stride, padding, dilation, out_size, config, *, out=None):
+def conv3d_dw_fwd(x, w, bias, stride, padding, dilation, config, *, out=None):
     """Depthwise forward (groups = Cin, Cout = Cin * multiplier). Config keys: BLOCK."""
-    _check_cfg(config, ("BLOCK",))
+    check_config(config, ("BLOCK",))
     N, cin, D, H, W = x.shape
     cout = w.shape[0]
-    y = _alloc((N, cout, *out_size), x, out, memory_format(x))
-    S = out_size[0] * out_size[1] * out_size[2]
+    size = out_size(x.shape[2:], w.shape[2:], stride, padding, dilation)
+    y = alloc((N, cout, *size), x, out, memory_format(x))
+    S = math.prod(size)
     if y.numel() == 0:
         return y
     num_s = triton.cdiv(S, config["BLOCK"])
     _conv3d_dw_kernel[flat_grid(num_s, N * cout)](
         x, w, bias if bias is not None else w, y,
-        S, num_s, D, H, W, *out_size,
+        S, num_s, D, H, W, *size,
         *x.stride(), w.stride(0), *w.stride()[2:], bias.stride(0) if bias is not None else 0,
         *y.stride(),
-        CY=cout, MULT=cout // cin, **_geometry(stride, padding, dilation, w.shape[2:]),
-        TRANSPOSED=False, HAS_BIAS=bias is not None, ACC_DTYPE=_acc_dtype(x),
-        WIDE=wide(num_s * config["BLOCK"], volume=S), BLOCK=config["BLOCK"], **_launch_opts(config))
+        CY=cout, MULT=cout // cin, **geometry(stride, padding, dilation, w.shape[2:]),
+        TRANSPOSED=False, HAS_BIAS=bias is not None, ACC_DTYPE=acc_dtype(x),
+        WIDE=wide(num_s * config["BLOCK"], volume=S), BLOCK=config["BLOCK"], **launch_opts(config))
     return y
 
 
 def conv3d_dw_bwd_input(dy, w, input_shape, stride, padding, dilation, config, *, out=None):
     """Depthwise grad-input: the depthwise body with the transposed tap map."""
-    _check_cfg(config, ("BLOCK",))
+    check_config(config, ("BLOCK",))
     N, cin, D, H, W = input_shape
-    dx = _alloc(tuple(input_shape), dy, out, memory_format(dy))
+    dx = alloc(tuple(input_shape), dy, out, memory_format(dy))
     S = D * H * W
     if dx.numel() == 0:
         return dx
@@ -457,74 +418,59 @@ def conv3d_dw_bwd_input(dy, w, input_shape, stride, padding, dilation, config, *
         dy, w, w, dx,
         S, num_s, *dy.shape[2:], D, H, W,
         *dy.stride(), w.stride(0), *w.stride()[2:], 0, *dx.stride(),
-        CY=cin, MULT=w.shape[0] // cin, **_geometry(stride, padding, dilation, w.shape[2:]),
-        TRANSPOSED=True, HAS_BIAS=False, ACC_DTYPE=_acc_dtype(dy),
-        WIDE=wide(num_s * config["BLOCK"], volume=S), BLOCK=config["BLOCK"], **_launch_opts(config))
+        CY=cin, MULT=w.shape[0] // cin, **geometry(stride, padding, dilation, w.shape[2:]),
+        TRANSPOSED=True, HAS_BIAS=False, ACC_DTYPE=acc_dtype(dy),
+        WIDE=wide(num_s * config["BLOCK"], volume=S), BLOCK=config["BLOCK"], **launch_opts(config))
     return dx
-
-
-def _split_len(M, split, block):
-    """Reduction length per split program, a multiple of ``block``; and the split actually used
-    (at least one program, which reduces nothing when ``M`` is 0)."""
-    per = max(1, triton.cdiv(triton.cdiv(M, max(1, split)), block)) * block
-    return per, max(1, triton.cdiv(M, per))
 
 
 def conv3d_bwd_weight(x, dy, weight_shape, stride, padding, dilation, groups, config, *,
                       allow_tf32=False):
     """Dense/grouped grad-weight. Config keys: BLOCK_CO, BLOCK_CI, BLOCK_K, SPLIT."""
-    _check_cfg(config, ("BLOCK_CO", "BLOCK_CI", "BLOCK_K", "SPLIT"))
+    check_config(config, ("BLOCK_CO", "BLOCK_CI", "BLOCK_K", "SPLIT"))
     cout, cig = weight_shape[0], weight_shape[1]
     cog = cout // groups
-    M = dy.shape[0] * dy.shape[2] * dy.shape[3] * dy.shape[4]
-    per, split = _split_len(M, config["SPLIT"], config["BLOCK_K"])
-    T = weight_shape[2] * weight_shape[3] * weight_shape[4]
-    part = _new((split, cout, cig, T), _partial_dtype(x), x.device)
+    M = dy.shape[0] * math.prod(dy.shape[2:])
+    per, split = split_len(M, config["SPLIT"], config["BLOCK_K"])
+    T = math.prod(weight_shape[2:])
+    part = new((split, cout, cig, T), partial_dtype(x), x.device)
     tiles = T * triton.cdiv(cog, config["BLOCK_CO"]) * triton.cdiv(cig, config["BLOCK_CI"])
     _conv3d_wgrad_kernel[flat_grid(tiles, groups, split)](
         x, dy, part, M, per, groups, *x.shape[2:], *dy.shape[2:], *x.stride(), *dy.stride(),
-        CIG=cig, COG=cog, **_geometry(stride, padding, dilation, weight_shape[2:]),
-        ACC_DTYPE=_acc_dtype(x), PRECISION=_precision(x, allow_tf32), WIDE=wide(split * per, volume=math.prod(dy.shape[2:])),
+        CIG=cig, COG=cog, **geometry(stride, padding, dilation, weight_shape[2:]),
+        ACC_DTYPE=acc_dtype(x), PRECISION=precision(x, allow_tf32),
+        WIDE=wide(split * per, volume=math.prod(dy.shape[2:])),
         BLOCK_CO=config["BLOCK_CO"], BLOCK_CI=config["BLOCK_CI"], BLOCK_K=config["BLOCK_K"],
-        **_launch_opts(config))
+        **launch_opts(config))
     return part.sum(0).reshape(weight_shape).to(x.dtype)
 
 
 def conv3d_dw_bwd_weight(x, dy, weight_shape, stride, padding, dilation, config):
     """Depthwise grad-weight. Config keys: BLOCK_T, BLOCK_S, SPLIT."""
-    _check_cfg(config, ("BLOCK_T", "BLOCK_S", "SPLIT"))
+    check_config(config, ("BLOCK_T", "BLOCK_S", "SPLIT"))
     cout = weight_shape[0]
-    M = dy.shape[0] * dy.shape[2] * dy.shape[3] * dy.shape[4]
-    per, split = _split_len(M, config["SPLIT"], config["BLOCK_S"])
-    T = weight_shape[2] * weight_shape[3] * weight_shape[4]
-    part = _new((split, cout, T), _partial_dtype(x), x.device)
+    M = dy.shape[0] * math.prod(dy.shape[2:])
+    per, split = split_len(M, config["SPLIT"], config["BLOCK_S"])
+    T = math.prod(weight_shape[2:])
+    part = new((split, cout, T), partial_dtype(x), x.device)
     _conv3d_dw_wgrad_kernel[flat_grid(cout, triton.cdiv(T, config["BLOCK_T"]), split)](
         x, dy, part, M, per, *x.shape[2:], *dy.shape[2:], *x.stride(), *dy.stride(),
-        CO=cout, MULT=cout // x.shape[1], **_geometry(stride, padding, dilation, weight_shape[2:]),
-        ACC_DTYPE=_acc_dtype(x), WIDE=wide(split * per, volume=math.prod(dy.shape[2:])),
+        CO=cout, MULT=cout // x.shape[1], **geometry(stride, padding, dilation, weight_shape[2:]),
+        ACC_DTYPE=acc_dtype(x), WIDE=wide(split * per, volume=math.prod(dy.shape[2:])),
         BLOCK_T=config["BLOCK_T"], BLOCK_S=config["BLOCK_S"],
-        **_launch_opts(config))
+        **launch_opts(config))
     return part.sum(0).reshape(weight_shape).to(x.dtype)
 
 
 def bias_grad(dy, config):
     """Sum of grad_output over batch and space, per channel. Config keys: BLOCK_S, SPLIT."""
-    _check_cfg(config, ("BLOCK_S", "SPLIT"))
+    check_config(config, ("BLOCK_S", "SPLIT"))
     C = dy.shape[1]
-    M = dy.shape[0] * dy.shape[2] * dy.shape[3] * dy.shape[4]
-    per, split = _split_len(M, config["SPLIT"], config["BLOCK_S"])
-    part = _new((split, C), _partial_dtype(dy), dy.device)
+    M = dy.shape[0] * math.prod(dy.shape[2:])
+    per, split = split_len(M, config["SPLIT"], config["BLOCK_S"])
+    part = new((split, C), partial_dtype(dy), dy.device)
     _bias_grad_kernel[flat_grid(C, 1, split)](
         dy, part, M, per, *dy.shape[2:], *dy.stride(),
-        C=C, ACC_DTYPE=_acc_dtype(dy), WIDE=wide(split * per, volume=math.prod(dy.shape[2:])), BLOCK_S=config["BLOCK_S"],
-        **_launch_opts(config))
+        C=C, ACC_DTYPE=acc_dtype(dy), WIDE=wide(split * per, volume=math.prod(dy.shape[2:])),
+        BLOCK_S=config["BLOCK_S"], **launch_opts(config))
     return part.sum(0).to(dy.dtype)
-
-
-def reach(t):
-    """One past the largest element offset ``t``'s strides reach."""
-    return 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
-
-
-def _partial_dtype(t):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32

@@ -20,11 +20,15 @@ import torch.nn.functional as F
 
 from lk3d import fft
 from lk3d._spec import empty, out_size
+from lk3d.autotune import configs
 from lk3d.autotune.configs import Problem, candidate_configs, default_config
 from lk3d.kernels import HAS_TRITON, INTERPRETED, MAX_VOLUME, memory_format
+from lk3d.kernels import tiled_configs as tiled_family
 
 if HAS_TRITON:
     from lk3d.kernels import tiled
+
+configs.register(tiled_family)
 
 _KERNEL_DTYPES = {
     "cuda": (torch.float16, torch.bfloat16, torch.float32),
@@ -222,34 +226,31 @@ def _config(config, op, x_shape, w_shape, geometry, device):
 def tiled_forward(x, w, bias, stride, padding, dilation, groups, config=None):
     geometry = (stride, padding, dilation, groups)
     cfg = _config(config, "conv3d", x.shape, w.shape, geometry, x.device)
-    size = out_size(x.shape[2:], w.shape[2:], stride, padding, dilation)
-    left = split_pad(padding)[0]
     with _device(x):
         if w.shape[1] == 1:  # depthwise, with channel multiplier cout / cin
-            return tiled.conv3d_dw_fwd(x, w, bias, stride, left, dilation, size, cfg)
-        return tiled.conv3d_fwd(x, w, bias, stride, left, dilation, groups, size, cfg,
+            return tiled.conv3d_dw_fwd(x, w, bias, stride, padding, dilation, cfg)
+        return tiled.conv3d_fwd(x, w, bias, stride, padding, dilation, groups, cfg,
                                 allow_tf32=allow_tf32())
 
 
 def tiled_grad_input(grad, w, input_shape, stride, padding, dilation, groups, config=None):
     geometry = (stride, padding, dilation, groups)
     cfg = _config(config, "conv3d_grad_input", input_shape, w.shape, geometry, grad.device)
-    left = split_pad(padding)[0]
     with _device(grad):
         if w.shape[1] == 1:
-            return tiled.conv3d_dw_bwd_input(grad, w, input_shape, stride, left, dilation, cfg)
-        return tiled.conv3d_bwd_input(grad, w, input_shape, stride, left, dilation, groups, cfg,
-                                      allow_tf32=allow_tf32())
+            return tiled.conv3d_dw_bwd_input(grad, w, input_shape, stride, padding, dilation, cfg)
+        return tiled.conv3d_bwd_input(grad, w, input_shape, stride, padding, dilation, groups,
+                                      cfg, allow_tf32=allow_tf32())
 
 
 def tiled_grad_weight(grad, x, weight_shape, stride, padding, dilation, groups, config=None):
     geometry = (stride, padding, dilation, groups)
     cfg = _config(config, "conv3d_grad_weight", x.shape, weight_shape, geometry, x.device)
-    left = split_pad(padding)[0]
     with _device(x):
         if weight_shape[1] == 1:
-            return tiled.conv3d_dw_bwd_weight(x, grad, weight_shape, stride, left, dilation, cfg)
-        return tiled.conv3d_bwd_weight(x, grad, weight_shape, stride, left, dilation, groups,
+            return tiled.conv3d_dw_bwd_weight(x, grad, weight_shape, stride, padding, dilation,
+                                              cfg)
+        return tiled.conv3d_bwd_weight(x, grad, weight_shape, stride, padding, dilation, groups,
                                        cfg, allow_tf32=allow_tf32())
 
 

@@ -8,6 +8,8 @@ from numbers import Integral
 
 import torch
 
+from lk3d.kernels import out_size  # noqa: F401  (the one output-size formula, re-exported)
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -89,16 +91,6 @@ def check_same(name, t, ref, ref_name="input"):
                          f"got {t.device}")
 
 
-def conv_output_size(size, k, stride, pad_left, pad_right, dilation):
-    return (size + pad_left + pad_right - dilation * (k - 1) - 1) // stride + 1
-
-
-def out_size(spatial, kernel, stride, padding, dilation):
-    """Output extent per axis; ``padding`` as the ops take it: (d_l, h_l, w_l, d_r, h_r, w_r)."""
-    return tuple(conv_output_size(s, k, st, pl, pr, d) for s, k, st, pl, pr, d in
-                 zip(spatial, kernel, stride, padding[:3], padding[3:], dilation))
-
-
 def empty(shape, like, memory_format=torch.contiguous_format):
     """An uninitialised tensor with ``like``'s dtype and device."""
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
@@ -155,8 +147,7 @@ def geometry(spatial, kernel, stride, padding, dilation, groups=1, kernel_arg="w
         pad_left = pad_right = _triple("padding", padding, 0)
 
     spatial = tuple(spatial)
-    out = tuple(conv_output_size(s, k, st, pl, pr, d) for s, k, st, pl, pr, d in
-                zip(spatial, kernel, stride, pad_left, pad_right, dilation))
+    out = out_size(spatial, kernel, stride, pad_left + pad_right, dilation)
     if min(out) < 1:
         padded = tuple(s + pl + pr for s, pl, pr in zip(spatial, pad_left, pad_right))
         extent = tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel))

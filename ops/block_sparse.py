@@ -60,7 +60,7 @@ from lk3d._spec import (Conv3dSpec, _triple, batched, check_same, check_tensor, 
 from lk3d.kernels import memory_format
 
 try:
-    from lk3d.kernels import block_sparse as _kernels
+    from lk3d import _block_sparse_launch as _kernels
 except ImportError:  # no Triton here, or the kernels are not written yet: the torch path serves
     _kernels = None
 
@@ -760,8 +760,8 @@ def _dense_blocks(grad_weight, row_ptr, col, block_shape):
 # ---------------------------------------------------------------------------------------------
 
 def _launcher(name, t):
-    """The Triton launcher ``name`` of ``lk3d.kernels.block_sparse`` if it exists and can serve
-    tensors like ``t``, else None."""
+    """The Triton launcher ``name`` of ``lk3d.kernels.block_sparse`` (with its config, through
+    ``lk3d._block_sparse_launch``) if it exists and can serve tensors like ``t``, else None."""
     if not USE_KERNELS or _kernels is None or not _algos.kernels_can_run(t):
         return None
     return getattr(_kernels, name, None)

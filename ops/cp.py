@@ -22,7 +22,7 @@ per call, one of two algorithms through ``lk3d.autotune.select`` (``explain`` sh
 measured plan (``LK3D_AUTOTUNE=1``, ``lk3d.autotune.tune()``) wins over the cost model
 (``model_ms``), which weighs the fused kernels' FLOPs against the sequence's memory traffic: the
 sequence wins at large kernels. The kernels take their launch config from
-``lk3d.autotune.cp_configs``:
+``lk3d.autotune.configs`` (the space: ``lk3d.kernels.cp_configs``):
 
     forward      ``cp_conv3d_fwd``: one fused kernel per tile of output voxels; gathers x per tap,
                  projects it through ``U_in`` with the tap's ``A·B·C`` row folded in, accumulates
@@ -80,13 +80,15 @@ from lk3d import _algos
 from lk3d._algos import kernels_can_run
 from lk3d._spec import (Conv3dSpec, _triple, batched, check_same, check_tensor, empty,
                         geometry, out_size)
-from lk3d.autotune import cp_configs, select
+from lk3d.autotune import configs, select
 from lk3d.autotune.cache import problem_key
-from lk3d.autotune.cp_configs import CPProblem
 from lk3d.kernels import HAS_TRITON, INTERPRETED, memory_format
+from lk3d.kernels import cp_configs as cp_family
 
 if HAS_TRITON:
     from lk3d.kernels import cp as cp_kernels
+
+configs.register(cp_family)
 
 __all__ = ["CPFactors", "cp_conv3d", "cp_conv3d_torch", "cp_conv3d_ref", "check_cp_conv3d",
            "explain"]
@@ -377,8 +379,8 @@ def _kernels_serve(input, *tensors):
 
 
 def _problem(kind, M, kc, nc, A, B, C, rank, partials=False):
-    return CPProblem(kind, M=M, KC=kc, NC=nc, taps=A.shape[0] * B.shape[0] * C.shape[0],
-                     rank=rank, partials=partials)
+    return configs.Problem(kind, M=M, KC=kc, NC=nc, taps=A.shape[0] * B.shape[0] * C.shape[0],
+                           rank=rank, partials=partials)
 
 
 # The choice between the fused kernels ("tiled") and the factored torch sequence ("aten"), made
@@ -454,12 +456,12 @@ def _forward_kernels(input, U_out, U_in, A, B, C, weights, bias, stride, padding
     size = out_size(input.shape[2:], (A.shape[0], B.shape[0], C.shape[0]), stride, padding,
                     dilation)
     cin, (cout, rank) = input.shape[1], U_out.shape
-    config = cp_configs.default_config(
+    config = configs.default_config(
         _problem("cp_conv", input.shape[0] * math.prod(size), cin, cout, A, B, C, rank),
         input.device)
     with _algos._device(input):
         return cp_kernels.cp_conv3d_fwd(input, U_out, U_in, A, B, C, weights, bias, stride,
-                                        padding[:3], dilation, size, config,
+                                        padding, dilation, config,
                                         allow_tf32=_algos.allow_tf32())
 
 
@@ -481,19 +483,19 @@ def _backward_kernels(grad, input, U_out, U_in, A, B, C, weights, stride, paddin
     need_taps, need_out = need_a or need_b or need_c, need_uo or need_w
     N, cin = input.shape[:2]
     cout, rank = U_out.shape
-    geometry = (stride, padding[:3], dilation)
+    geometry = (stride, padding, dilation)
     tf32 = _algos.allow_tf32()
     grads = [None] * 7
     with _algos._device(input):
         if need_x or need_ui:
-            config = cp_configs.default_config(
+            config = configs.default_config(
                 _problem("cp_conv", N * math.prod(input.shape[2:]), cout, cin, A, B, C, rank,
                          partials=need_ui), input.device)
             grads[0], grads[2] = cp_kernels.cp_conv3d_bwd_input(
                 grad, input, U_out, U_in, A, B, C, weights, *geometry, config,
                 need_input=need_x, need_u_in=need_ui, allow_tf32=tf32)
         if need_taps or need_out:
-            config = cp_configs.default_config(
+            config = configs.default_config(
                 _problem("cp_grad", N * math.prod(grad.shape[2:]), cin, cout, A, B, C, rank,
                          partials=True), input.device)
             D, G = cp_kernels.cp_conv3d_bwd_factors(

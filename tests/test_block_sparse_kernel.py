@@ -3,20 +3,23 @@
 The block index is built here from a random dense weight and a random block mask; the reference is
 float64 ``F.conv3d`` with the masked dense weight (forward), its autograd grad-input, and the stored
 blocks of its autograd weight gradient (grad-values). Every launcher buffer starts NaN-poisoned.
+A launch without a config of its own takes the default (``lk3d._block_sparse_launch``).
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
 from _cases import TOL, rel_err
-from lk3d.autotune import block_sparse_configs as bsc
+from lk3d import _block_sparse_launch as launch
+from lk3d.autotune.configs import Problem, default_config
 from lk3d.kernels import block_sparse as bs
-from lk3d.kernels import tiled
+from lk3d.kernels import block_sparse_configs as bsc
+from lk3d.kernels import common
 
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    monkeypatch.setattr(tiled, "POISON", True)
+    monkeypatch.setattr(common, "POISON", True)
 
 
 def _grid(weight_shape, block):
@@ -85,11 +88,11 @@ def run(N, cin, cout, size, kernel, block, density, *, stride=(1, 1, 1), padding
     vk, rk, ck = values.to(**to), row_ptr.to(device), col.to(device)
     bk = None if b is None else b.to(**to)
     args = (stride, p, dilation, groups)
-    y = bs.block_sparse_fwd(xk, vk, rk, ck, w.shape, block, bk, *args, config=configs[0])
-    dx = bs.block_sparse_bwd_input(gyk, vk, rk, ck, w.shape, block, x.shape, *args,
-                                   config=configs[1])
-    dv = bs.block_sparse_bwd_values(gyk, xk, vk, rk, ck, w.shape, block, *args,
-                                    config=configs[2])
+    y = launch.block_sparse_fwd(xk, vk, rk, ck, w.shape, block, bk, *args, config=configs[0])
+    dx = launch.block_sparse_bwd_input(gyk, vk, rk, ck, w.shape, block, x.shape, *args,
+                                       config=configs[1])
+    dv = launch.block_sparse_bwd_values(gyk, xk, vk, rk, ck, w.shape, block, *args,
+                                        config=configs[2])
     if layout == "channels_last_3d":
         assert y.is_contiguous(memory_format=torch.channels_last_3d)
         assert dx.is_contiguous(memory_format=torch.channels_last_3d)
@@ -155,8 +158,8 @@ def test_empty_rows_store_bias_only(device):
     row_ptr = torch.zeros(3, dtype=torch.int32, device=device)
     col = torch.zeros(0, dtype=torch.int32, device=device)
     b = torch.tensor([1.5, -2.0, 0.25, 3.0], dtype=torch.float64, device=device)
-    y = bs.block_sparse_fwd(x, values, row_ptr, col, (4, 4, 3, 3, 3), (2, 2, 1, 1, 1), b,
-                            (1, 1, 1), (1,) * 6, (1, 1, 1), 1)
+    y = launch.block_sparse_fwd(x, values, row_ptr, col, (4, 4, 3, 3, 3), (2, 2, 1, 1, 1), b,
+                                (1, 1, 1), (1,) * 6, (1, 1, 1), 1)
     assert torch.equal(y.cpu(), b.cpu()[None, :, None, None, None].expand(1, 4, 3, 4, 5))
 
 
@@ -208,12 +211,14 @@ def test_default_config_fits_shared_memory():
     """On a GPU the pick stays within shared memory, dropping stages for wide fp32 blocks."""
     limit = 99 * 1024
     for block in [(16, 16, 1, 1, 1), (64, 64, 1, 1, 1), (128, 128, 1, 1, 1)]:
+        p = Problem("block_sparse_fwd", M=10**6, block_shape=block)
         for elem in (2, 4):
-            c = bsc._pick("block_sparse_fwd", 10**6, block, elem, limit)
+            c = bsc.pick(p, limit, elem)
             assert c["num_stages"] >= 1
-            if bsc.shared_bytes("block_sparse_fwd", dict(c, num_stages=1), block, elem) <= limit:
-                assert bsc.shared_bytes("block_sparse_fwd", c, block, elem) <= limit
-    assert bsc._pick("block_sparse_fwd", 10**6, (16, 16, 1, 1, 1), 2, limit)["BLOCK_M"] == 128
-    c = bsc.default_config("block_sparse_wgrad", M=500, block_shape=(4, 4, 1, 1, 1),
-                           element_size=4, device="cpu", programs=8)
+            if bsc.shared_bytes(dict(c, num_stages=1), p, elem) <= limit:
+                assert bsc.shared_bytes(c, p, elem) <= limit
+    p = Problem("block_sparse_fwd", M=10**6, block_shape=(16, 16, 1, 1, 1))
+    assert bsc.pick(p, limit, 2)["BLOCK_M"] == 128
+    c = default_config(Problem("block_sparse_wgrad", M=500, block_shape=(4, 4, 1, 1, 1),
+                               programs=8), "cpu", 4)
     assert c == dict(BLOCK_S=512, SPLIT=1)

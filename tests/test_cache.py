@@ -16,7 +16,7 @@ import torch
 
 from lk3d.autotune import cache
 from lk3d.autotune.cache import PlanCache, default_cache, problem_key, space_hash
-from lk3d.autotune.configs import CONFIG_SPACES
+from lk3d.kernels.tiled_configs import CONFIG_SPACES
 from lk3d.autotune.fingerprint import device_fingerprint, fingerprint_id, hardware_id
 
 FP = "0123abcd-4567ef01"

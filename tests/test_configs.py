@@ -11,15 +11,18 @@ import torch.nn.functional as F
 
 import lk3d
 from _cases import TOL, rel_err
-from lk3d.autotune.configs import CONFIG_SPACES, Problem, default_config
-from lk3d.kernels import tiled
+from lk3d.autotune.configs import Problem, default_config
+from lk3d.kernels import common, tiled
+from lk3d.kernels.tiled_configs import CONFIG_SPACES
 
 ARGS = dict(stride=(1, 2, 1), padding=(1, 0, 2), dilation=(2, 1, 1))
+# The launchers' geometry: padding as six ints (d_l, h_l, w_l, d_r, h_r, w_r).
+GEO = (ARGS["stride"], ARGS["padding"] * 2, ARGS["dilation"])
 
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    monkeypatch.setattr(tiled, "POISON", True)
+    monkeypatch.setattr(common, "POISON", True)
 
 
 def _ids(kind):
@@ -47,13 +50,11 @@ def test_fwd_and_grad_input_configs(config, device):
     x, w = _dense(device)
     b = torch.randn(w.shape[0], dtype=x.dtype, device=device)
     ref = F.conv3d(x.cpu(), w.cpu(), b.cpu(), **ARGS, groups=2)
-    y = tiled.conv3d_fwd(x, w, b, ARGS["stride"], ARGS["padding"], ARGS["dilation"], 2,
-                         ref.shape[2:], config)
+    y = tiled.conv3d_fwd(x, w, b, *GEO, 2, config)
     assert rel_err(y, ref) < TOL[torch.float64]
     gy = torch.randn_like(ref)
     want = torch.nn.grad.conv3d_input(x.shape, w.cpu(), gy, **ARGS, groups=2)
-    got = tiled.conv3d_bwd_input(gy.to(device), w, x.shape, ARGS["stride"], ARGS["padding"],
-                                 ARGS["dilation"], 2, config)
+    got = tiled.conv3d_bwd_input(gy.to(device), w, x.shape, *GEO, 2, config)
     assert rel_err(got, want) < TOL[torch.float64]
 
 
@@ -62,8 +63,7 @@ def test_wgrad_configs(config, device):
     x, w = _dense(device)
     gy = torch.randn_like(F.conv3d(x.cpu(), w.cpu(), None, **ARGS, groups=2))
     want = torch.nn.grad.conv3d_weight(x.cpu(), w.shape, gy, **ARGS, groups=2)
-    got = tiled.conv3d_bwd_weight(x, gy.to(device), w.shape, ARGS["stride"], ARGS["padding"],
-                                  ARGS["dilation"], 2, dict(config, SPLIT=3))
+    got = tiled.conv3d_bwd_weight(x, gy.to(device), w.shape, *GEO, 2, dict(config, SPLIT=3))
     assert rel_err(got, want) < TOL[torch.float64]
 
 
@@ -72,13 +72,11 @@ def test_depthwise_configs(config, device):
     x, w = _depthwise(device)
     b = torch.randn(w.shape[0], dtype=x.dtype, device=device)
     ref = F.conv3d(x.cpu(), w.cpu(), b.cpu(), **ARGS, groups=3)
-    y = tiled.conv3d_dw_fwd(x, w, b, ARGS["stride"], ARGS["padding"], ARGS["dilation"],
-                            ref.shape[2:], config)
+    y = tiled.conv3d_dw_fwd(x, w, b, *GEO, config)
     assert rel_err(y, ref) < TOL[torch.float64]
     gy = torch.randn_like(ref)
     want = torch.nn.grad.conv3d_input(x.shape, w.cpu(), gy, **ARGS, groups=3)
-    got = tiled.conv3d_dw_bwd_input(gy.to(device), w, x.shape, ARGS["stride"], ARGS["padding"],
-                                    ARGS["dilation"], config)
+    got = tiled.conv3d_dw_bwd_input(gy.to(device), w, x.shape, *GEO, config)
     assert rel_err(got, want) < TOL[torch.float64]
 
 
@@ -87,8 +85,7 @@ def test_depthwise_wgrad_configs(config, device):
     x, w = _depthwise(device)
     gy = torch.randn_like(F.conv3d(x.cpu(), w.cpu(), None, **ARGS, groups=3))
     want = torch.nn.grad.conv3d_weight(x.cpu(), w.shape, gy, **ARGS, groups=3)
-    got = tiled.conv3d_dw_bwd_weight(x, gy.to(device), w.shape, ARGS["stride"], ARGS["padding"],
-                                     ARGS["dilation"], dict(config, SPLIT=3))
+    got = tiled.conv3d_dw_bwd_weight(x, gy.to(device), w.shape, *GEO, dict(config, SPLIT=3))
     assert rel_err(got, want) < TOL[torch.float64]
 
 
@@ -113,19 +110,19 @@ def test_forced_config_is_used(monkeypatch, device):
 def test_launcher_rejects_incomplete_config(device):
     x, w = _dense(device)
     with pytest.raises(ValueError, match="config: expected keys"):
-        tiled.conv3d_fwd(x, w, None, (1, 1, 1), (0, 0, 0), (1, 1, 1), 2, (3, 5, 5),
-                         {"BLOCK_M": 32})
+        tiled.conv3d_fwd(x, w, None, (1, 1, 1), (0,) * 6, (1, 1, 1), 2, {"BLOCK_M": 32})
 
 
 def test_prune_by_shared_memory_and_extent():
-    from lk3d.autotune.configs import prune, shared_bytes
+    from lk3d.autotune.configs import prune
+    from lk3d.kernels.tiled_configs import shared_bytes
 
     configs = CONFIG_SPACES["conv3d_fwd"]
     big = Problem("conv3d_fwd", M=10**6, KC=256, NC=256)
     assert prune(configs, big, 10**9, 2) == configs
     limit = 40 * 1024
     kept = prune(configs, big, limit, 4)
-    assert kept and all(shared_bytes("conv3d_fwd", c, 4) <= limit for c in kept)
+    assert kept and all(shared_bytes(c, big, 4) <= limit for c in kept)
     assert len(kept) < len(configs)
     small = Problem("conv3d_fwd", M=10**6, KC=8, NC=8)  # 8 output channels: N tiles <= 16
     assert {c["BLOCK_N"] for c in prune(configs, small, 10**9, 2)} == {16}

@@ -11,13 +11,13 @@ from hypothesis import strategies as st
 import lk3d
 from _cases import (CASES, TOL, Case, conv3d_ref, rel_err, scaled_err, strided_copy,
                     with_layout)
-from lk3d.kernels import tiled
+from lk3d.kernels import common
 
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     """Every buffer a launcher allocates starts as NaN."""
-    monkeypatch.setattr(tiled, "POISON", True)
+    monkeypatch.setattr(common, "POISON", True)
 
 
 def test_kernels_serve_the_test_device(device):

@@ -4,7 +4,7 @@ interpreter on the CPU, in float64: forward, grad-input and the factor gradients
 non-cubic kernels, stride, dilation, every padding form, channels_last_3d and strided inputs),
 fp32/fp16, both step shapes (SPAN) and multi-tile programs, every shipped config once, gradcheck,
 partial output masks, that the kernels really run, and that the forward allocates nothing but its
-output. Every buffer the launchers allocate starts as NaN (``tiled.POISON``).
+output. Every buffer the launchers allocate starts as NaN (``common.POISON``).
 """
 from dataclasses import dataclass
 
@@ -17,7 +17,7 @@ from _cases import TOL, rel_err, with_layout
 from conftest import DEVICE
 from lk3d import cp as cp_ops
 from lk3d._algos import kernels_can_run
-from lk3d.autotune.cp_configs import CONFIG_SPACES
+from lk3d.kernels.cp_configs import CONFIG_SPACES
 
 # The checks are float64 against a float64 reference: they run where the kernels take float64,
 # i.e. under the Triton interpreter on the CPU.
@@ -27,14 +27,14 @@ pytestmark = pytest.mark.skipif(not kernels_can_run(torch.empty(0, dtype=torch.f
 
 if lk3d.kernels.HAS_TRITON:
     from lk3d.kernels import cp as cp_kernels
-    from lk3d.kernels import tiled
+    from lk3d.kernels import common
 
 NAMES = ("input", "U_out", "U_in", "A", "B", "C", "weights", "bias")
 
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    monkeypatch.setattr(tiled, "POISON", True)
+    monkeypatch.setattr(common, "POISON", True)
 
 
 @dataclass(frozen=True)
@@ -146,10 +146,10 @@ def _launch_all(case, device, config):
     x, Uo, Ui, A, B, C, w, b = ts
     spec = lk3d.cp.check_cp_conv3d(x, lk3d.CPFactors(Uo, Ui, A, B, C, w), b, case.stride,
                                    case.padding, case.dilation, 1)
-    geo = (spec.stride, spec.padding[:3], spec.dilation)
+    geo = (spec.stride, spec.padding, spec.dilation)
     ref_ts = [None if t is None else t.detach().double().cpu().requires_grad_() for t in ts]
     want = _dense(ref_ts, case.args())
-    y = cp_kernels.cp_conv3d_fwd(x, Uo, Ui, A, B, C, w, b, *geo, want.shape[2:], config)
+    y = cp_kernels.cp_conv3d_fwd(x, Uo, Ui, A, B, C, w, b, *geo, config)
     assert (err := rel_err(y, want)) < 1e-12, f"output: {err:.3g}"
     gy = torch.randn(want.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     gx, gUo, gUi, gA, gB, gC, gw = torch.autograd.grad(want, ref_ts[:7], gy)

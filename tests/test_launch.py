@@ -24,7 +24,7 @@ from conftest import DEVICE  # noqa: E402
 from lk3d import _algos  # noqa: E402
 from lk3d import block_sparse as bs_ops  # noqa: E402
 from lk3d import cp as cp_ops  # noqa: E402
-from lk3d.kernels import _index, tiled  # noqa: E402
+from lk3d.kernels import common, tiled  # noqa: E402
 from lk3d.kernels import block_sparse as bs  # noqa: E402
 from lk3d.kernels import cp as cpk  # noqa: E402
 from test_block_sparse_kernel import stored_blocks  # noqa: E402
@@ -42,7 +42,7 @@ KERNELS = [(tiled, "_conv3d_igemm_kernel"), (tiled, "_conv3d_dw_kernel"),
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    monkeypatch.setattr(tiled, "POISON", True)
+    monkeypatch.setattr(common, "POISON", True)
 
 
 @pytest.fixture
@@ -111,19 +111,19 @@ def _launch_everything_big():
     many = GRID_YZ + 5
     # depthwise: batch x channels was grid axis y
     x, w = meta(many, 1, 4, 4, 4), meta(1, 1, 3, 3, 3)
-    tiled.conv3d_dw_fwd(x, w, None, (1, 1, 1), (1, 1, 1), (1, 1, 1), (4, 4, 4), {"BLOCK": 64})
+    tiled.conv3d_dw_fwd(x, w, None, (1, 1, 1), (1,) * 6, (1, 1, 1), {"BLOCK": 64})
     tiled.conv3d_dw_bwd_input(meta(many, 1, 4, 4, 4), w, (many, 1, 4, 4, 4), (1, 1, 1),
-                              (1, 1, 1), (1, 1, 1), {"BLOCK": 64})
+                              (1,) * 6, (1, 1, 1), {"BLOCK": 64})
     # implicit GEMM and its grad-weight: groups were axis z / y
     x, w = meta(1, 2 * many, 2, 2, 2), meta(2 * many, 2, 1, 1, 1)
     cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
-    tiled.conv3d_fwd(x, w, None, (1, 1, 1), (0, 0, 0), (1, 1, 1), many, (2, 2, 2), cfg)
-    tiled.conv3d_bwd_input(x, w, tuple(x.shape), (1, 1, 1), (0, 0, 0), (1, 1, 1), many, cfg)
-    tiled.conv3d_bwd_weight(x, x, tuple(w.shape), (1, 1, 1), (0, 0, 0), (1, 1, 1), many,
+    tiled.conv3d_fwd(x, w, None, (1, 1, 1), (0,) * 6, (1, 1, 1), many, cfg)
+    tiled.conv3d_bwd_input(x, w, tuple(x.shape), (1, 1, 1), (0,) * 6, (1, 1, 1), many, cfg)
+    tiled.conv3d_bwd_weight(x, x, tuple(w.shape), (1, 1, 1), (0,) * 6, (1, 1, 1), many,
                             dict(BLOCK_CO=16, BLOCK_CI=16, BLOCK_K=16, SPLIT=1))
     # reductions split over many programs: the split was axis z / y
     dy = meta(1, 2, many, 1, 1)
-    tiled.conv3d_dw_bwd_weight(dy, dy, (2, 1, 1, 1, 1), (1, 1, 1), (0, 0, 0), (1, 1, 1),
+    tiled.conv3d_dw_bwd_weight(dy, dy, (2, 1, 1, 1, 1), (1, 1, 1), (0,) * 6, (1, 1, 1),
                                dict(BLOCK_T=16, BLOCK_S=1, SPLIT=many))
     tiled.bias_grad(dy, dict(BLOCK_S=1, SPLIT=many))
     # block-sparse: block rows were axis y, the grad-values split too
@@ -162,18 +162,17 @@ def test_wide_flag_past_2_31_voxels(launches):
     big = meta(2, 1, 1100, 1100, 1100)  # 2.66e9 voxels, 1.33e9 per sample
     w = meta(1, 1, 1, 1, 1)
     cfg = dict(BLOCK_M=128, BLOCK_N=16, BLOCK_K=16)
-    tiled.conv3d_fwd(big, w, None, (1, 1, 1), (0, 0, 0), (1, 1, 1), 1, big.shape[2:], cfg)
-    tiled.conv3d_fwd(meta(2, 1, 9, 9, 9), w, None, (1, 1, 1), (0, 0, 0), (1, 1, 1), 1,
-                     (9, 9, 9), cfg)
+    tiled.conv3d_fwd(big, w, None, (1, 1, 1), (0,) * 6, (1, 1, 1), 1, cfg)
+    tiled.conv3d_fwd(meta(2, 1, 9, 9, 9), w, None, (1, 1, 1), (0,) * 6, (1, 1, 1), 1, cfg)
     # a weight whose elements pass 2**31 needs int64 offsets as well
     tiled.conv3d_fwd(meta(1, 1 << 16, 1, 1, 1), meta(1 << 15, 1 << 16, 1, 1, 1), None,
-                     (1, 1, 1), (0, 0, 0), (1, 1, 1), 1, (1, 1, 1), cfg)
-    tiled.conv3d_dw_bwd_weight(big, big, (1, 1, 1, 1, 1), (1, 1, 1), (0, 0, 0), (1, 1, 1),
+                     (1, 1, 1), (0,) * 6, (1, 1, 1), 1, cfg)
+    tiled.conv3d_dw_bwd_weight(big, big, (1, 1, 1, 1, 1), (1, 1, 1), (0,) * 6, (1, 1, 1),
                                dict(BLOCK_T=16, BLOCK_S=128, SPLIT=4))
     tiled.bias_grad(big, dict(BLOCK_S=1024, SPLIT=4))
     factors = [meta(1, 2), meta(1, 2), meta(1, 2), meta(1, 2), meta(1, 2)]
-    cpk.cp_conv3d_fwd(big, *factors, None, None, (1, 1, 1), (0, 0, 0), (1, 1, 1),
-                      big.shape[2:], dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=32))
+    cpk.cp_conv3d_fwd(big, *factors, None, None, (1, 1, 1), (0,) * 6, (1, 1, 1),
+                      dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=32))
     wide = [(name, kwargs["WIDE"]) for name, _, kwargs in launches]
     assert wide == [("_conv3d_igemm_kernel", True), ("_conv3d_igemm_kernel", False),
                     ("_conv3d_igemm_kernel", True), ("_conv3d_dw_wgrad_kernel", True),
@@ -183,8 +182,8 @@ def test_wide_flag_past_2_31_voxels(launches):
 def test_one_sample_past_2_31_voxels_is_a_clear_error(launches):
     x = meta(1, 1, 1300, 1300, 1300)
     with pytest.raises(ValueError, match="voxels per sample"):
-        tiled.conv3d_dw_fwd(x, meta(1, 1, 1, 1, 1), None, (1, 1, 1), (0, 0, 0), (1, 1, 1),
-                            x.shape[2:], {"BLOCK": 64})
+        tiled.conv3d_dw_fwd(x, meta(1, 1, 1, 1, 1), None, (1, 1, 1), (0,) * 6, (1, 1, 1),
+                            {"BLOCK": 64})
 
 
 def test_planner_leaves_the_kernels_past_the_volume_limit():
@@ -199,8 +198,8 @@ def test_planner_leaves_the_kernels_past_the_volume_limit():
 
 @triton.jit
 def _decode_kernel(i_ptr, out_ptr, SD, SH, SW, BLOCK: tl.constexpr, WIDE: tl.constexpr):
-    o = _index.widen(tl.load(i_ptr), WIDE) * BLOCK + tl.arange(0, BLOCK)
-    n, d, h, w = _index.split_flat(o, SD, SH, SW, WIDE)
+    o = common.widen(tl.load(i_ptr), WIDE) * BLOCK + tl.arange(0, BLOCK)
+    n, d, h, w = common.split_flat(o, SD, SH, SW, WIDE)
     p = out_ptr + tl.arange(0, BLOCK) * 5
     tl.store(p, o)
     tl.store(p + 1, n)
@@ -266,7 +265,7 @@ def test_wide_path_cp_and_block_sparse(always_wide, monkeypatch):
 def test_zero_size_launches():
     dy = torch.randn(0, 3, 4, 4, 4)
     x = torch.randn(0, 2, 4, 4, 4)
-    g = dict(stride=(1, 1, 1), padding=(1, 1, 1), dilation=(1, 1, 1))
+    g = dict(stride=(1, 1, 1), padding=(1,) * 6, dilation=(1, 1, 1))
     gw = tiled.conv3d_bwd_weight(x, dy, (3, 2, 3, 3, 3), *g.values(), 1,
                                  dict(BLOCK_CO=16, BLOCK_CI=16, BLOCK_K=16, SPLIT=4))
     assert gw.shape == (3, 2, 3, 3, 3) and not gw.any()
@@ -275,11 +274,10 @@ def test_zero_size_launches():
     assert gw.shape == (3, 1, 3, 3, 3) and not gw.any()
     gb = tiled.bias_grad(dy, dict(BLOCK_S=16, SPLIT=4))
     assert gb.shape == (3,) and not gb.any()
-    y = tiled.conv3d_fwd(x, torch.randn(3, 2, 3, 3, 3), None, *g.values(), 1, (4, 4, 4),
+    y = tiled.conv3d_fwd(x, torch.randn(3, 2, 3, 3, 3), None, *g.values(), 1,
                          dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16))
     assert y.shape == (0, 3, 4, 4, 4)
-    y = tiled.conv3d_dw_fwd(dy, torch.randn(3, 1, 3, 3, 3), None, *g.values(), (4, 4, 4),
-                            {"BLOCK": 64})
+    y = tiled.conv3d_dw_fwd(dy, torch.randn(3, 1, 3, 3, 3), None, *g.values(), {"BLOCK": 64})
     assert y.shape == (0, 3, 4, 4, 4)
 
 
@@ -334,6 +332,6 @@ def test_strided_block_sparse_index(monkeypatch, groups, block):
 
 
 def test_voxel_axis_tie_break_by_version():
-    assert _index._tie_goes_last("3.6.0") is False
-    assert _index._tie_goes_last("3.7.1") is True
-    assert _index._tie_goes_last("3.10.0+git1234") is True
+    assert common.tie_goes_last("3.6.0") is False
+    assert common.tie_goes_last("3.7.1") is True
+    assert common.tie_goes_last("3.10.0+git1234") is True

@@ -39,7 +39,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, CompiledKernel
 from triton.runtime.interpreter import InterpretedFunction
 
-from lk3d.autotune.configs import CONFIG_SPACES
+from lk3d.kernels.tiled_configs import CONFIG_SPACES
 
 ARCHS = (80, 90)
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in max per block: A100, H100 (bytes)
@@ -239,12 +239,12 @@ def shipped_cases():
 
 
 def cp_cases():
-    """Every config of ``lk3d.autotune.cp_configs`` at Cin = Cout = 64, R = 16: forward at stride
+    """Every config of ``lk3d.kernels.cp_configs`` at Cin = Cout = 64, R = 16: forward at stride
     1, grad-input (with its fp32 grad U_in partials) at stride 2, and grad of the factors; bf16,
     fp16 and fp32 (tf32), the dtypes whose ``tl.dot`` must reach the tensor cores; plus one
     few-channel (SPAN) case per kernel."""
-    from lk3d.autotune.cp_configs import CP_CONV_CONFIGS, CP_GRAD_CONFIGS
     from lk3d.kernels import cp
+    from lk3d.kernels.cp_configs import CP_CONV_CONFIGS, CP_GRAD_CONFIGS
 
     def fp32_partials(case, names):
         sig = {k: ("*fp32" if k in names else v) for k, v in case.signature.items()}
@@ -297,15 +297,15 @@ def _block_id(bo, bi, bd, bh, bw):
 
 
 def block_sparse_cases():
-    """Every config of ``lk3d.autotune.block_sparse_configs`` on the path that takes it: the
+    """Every config of ``lk3d.kernels.block_sparse_configs`` on the path that takes it: the
     channel-block path at blocks (16,16,1,1,1) in bf16/fp16/fp32 and (64,64,1,1,1) in bf16,
     forward and transposed (stride 2); the depthwise path at a (16,1,4,4,4) brick (kernel 8³, a
     multiple of the brick); grad-values of both at stride 1."""
-    from lk3d.autotune.block_sparse_configs import (BLOCK_SPARSE_DW_CONFIGS,
-                                                    BLOCK_SPARSE_DW_WGRAD_CONFIGS,
-                                                    BLOCK_SPARSE_FWD_CONFIGS,
-                                                    BLOCK_SPARSE_WGRAD_CONFIGS)
     from lk3d.kernels import block_sparse as bs
+    from lk3d.kernels.block_sparse_configs import (BLOCK_SPARSE_DW_CONFIGS,
+                                                   BLOCK_SPARSE_DW_WGRAD_CONFIGS,
+                                                   BLOCK_SPARSE_FWD_CONFIGS,
+                                                   BLOCK_SPARSE_WGRAD_CONFIGS)
 
     dense = dict(_GEOMETRY, CIG=64, COG=64, MULT=1, DEPTHWISE=False)
     dw_block = (16, 1, 4, 4, 4)
@@ -352,7 +352,7 @@ _WIDE_INTS = ("M", "S", "sa_n", "sx_n", "sy_n", "sw_g")
 
 def wide_cases(cases):
     """The first case of each kernel again with ``WIDE`` (int64 voxel index and weight offsets,
-    see ``lk3d.kernels._index.wide``) and its sizes typed as the JIT types them past 2**31."""
+    see ``lk3d.kernels.common.wide``) and its sizes typed as the JIT types them past 2**31."""
     seen, wide = set(), []
     for case in cases:
         if "WIDE" not in case.constexprs or case.kernel in seen:

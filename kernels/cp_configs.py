@@ -1,4 +1,5 @@
-"""Launch-config spaces of the cp kernels (lk3d.kernels.cp), as data.
+"""Launch-config spaces of the CP kernels (``lk3d.kernels.cp``), as data, and what the config
+choice needs to know of them. No Triton is imported here.
 
     cp_conv   ``_cp_conv_kernel``: forward and grad-input (with its grad U_in partials)
     cp_grad   ``_cp_grad_kernel``: the per-tap sums D and G behind grad A, B, C, U_out, weights
@@ -10,11 +11,12 @@ steps span (tap, channel) pairs) is derived by the launcher from the channel cou
 config names it. ``LK3D_CONFIG`` forces the keys it names, as for the tiled kernels.
 
 ``lk3d.tools.aot.cp_cases`` compiles every shipped config for sm_80 and sm_90 (no GPU needed).
+The functions below are this family's part of ``lk3d.autotune.configs``; ``problem`` is an
+``lk3d.autotune.configs.Problem`` (fields used here: kind, M, KC, NC, taps, rank, partials).
 """
 import math
-from dataclasses import dataclass
 
-from lk3d.autotune.configs import _device_programs, _forced, _interpreted, _pow2
+from lk3d.kernels import MAX_PARTIAL_ELEMS, pow2
 
 # Main loop: a [BLOCK_M, BLOCK_K] gather times a [BLOCK_K, R_PAD] projection block; epilogue:
 # [BLOCK_M, R_PAD] x [R_PAD, BLOCK_N]. Shared memory ~ stages * (BM + R_PAD) * BK * bytes. The
@@ -37,24 +39,16 @@ CP_GRAD_CONFIGS = [
 ]
 
 CONFIG_SPACES = {"cp_conv": CP_CONV_CONFIGS, "cp_grad": CP_GRAD_CONFIGS}
-
-# Partial sums are per program, fp32: cap one launch's at this many elements.
-_MAX_PARTIAL_ELEMS = 1 << 26
-
-
-@dataclass(frozen=True)
-class CPProblem:
-    """What the config choice of a cp kernel looks at."""
-    kind: str         # a key of CONFIG_SPACES
-    M: int            # produced voxels (output voxels for cp_grad)
-    KC: int           # gathered channels
-    NC: int           # produced channels
-    taps: int         # kd * kh * kw
-    rank: int
-    partials: bool = False  # whether the launch emits per-program partial sums
+# Keys a launch takes beyond its space's (LK3D_CONFIG may force them too).
+RUNTIME_KEYS = ("SPLIT", "SPAN")
 
 
-def partial_elems(problem: CPProblem, config: dict) -> int:
+def r_pad(rank):
+    """The rank as the kernels hold it: a power of two, at least 16."""
+    return pow2(rank, 16, 1 << 30)
+
+
+def partial_elems(problem, config):
     """Elements of one program's partial sums (an upper bound)."""
     r = problem.rank
     if problem.kind == "cp_conv":
@@ -63,40 +57,38 @@ def partial_elems(problem: CPProblem, config: dict) -> int:
     return (cols + problem.NC) * r
 
 
-def _interpreter_config(problem):
-    """Few, large programs: the interpreter costs per operation per program, not per element;
-    steps spanning (tap, channel) pairs fold the k³ taps into few steps."""
-    block_m = _pow2(problem.M, 16, 512)
-    block_k = _pow2(problem.taps * problem.KC, 16, max(16, (1 << 17) // block_m))
-    return dict(BLOCK_M=block_m, BLOCK_N=_pow2(problem.NC, 16, 64), BLOCK_K=block_k, SPAN=True)
+def shared_bytes(config, problem, element_size):
+    """Estimated shared memory of one program: the pipelined gather and projection tiles."""
+    return (config.get("num_stages", 1) * (config["BLOCK_M"] + r_pad(problem.rank))
+            * config["BLOCK_K"] * element_size)
 
 
-def _pick(configs, problem):
+def pick(problem, smem_limit, element_size):
     """A shipped config for a real GPU, by the produced channels (the epilogue's block) and, for
-    the forward kernel, the number of voxels."""
+    the forward kernel, the number of voxels (a copy)."""
+    configs = CONFIG_SPACES[problem.kind]
     if problem.kind == "cp_conv":
         if problem.NC <= 32:
-            return configs[0]
-        return configs[2] if problem.M >= (1 << 16) else configs[1]
-    return configs[1] if problem.NC <= 32 else configs[0]
+            return dict(configs[0])
+        return dict(configs[2] if problem.M >= (1 << 16) else configs[1])
+    return dict(configs[1] if problem.NC <= 32 else configs[0])
 
 
-def default_config(problem: CPProblem, device) -> dict:
-    """The launch config for ``problem`` on ``device`` (a copy; callers may change it)."""
-    configs = CONFIG_SPACES[problem.kind]
-    config = _interpreter_config(problem) if _interpreted(device) else dict(_pick(configs, problem))
-    config.update({k: v for k, v in _forced().items()
-                   if k in configs[0] or k in ("SPLIT", "SPAN")})
-    if problem.partials and "SPLIT" not in config:
-        config["SPLIT"] = default_split(problem, config, device)
-    return config
+def interpreter_config(problem):
+    """Few, large programs: the interpreter costs per operation per program, not per element;
+    steps spanning (tap, channel) pairs fold the k³ taps into few steps."""
+    block_m = pow2(problem.M, 16, 512)
+    block_k = pow2(problem.taps * problem.KC, 16, max(16, (1 << 17) // block_m))
+    return dict(BLOCK_M=block_m, BLOCK_N=pow2(problem.NC, 16, 64), BLOCK_K=block_k, SPAN=True)
 
 
-def default_split(problem: CPProblem, config: dict, device) -> int:
-    """Programs for a launch with partial sums: one per tile on the interpreter; on a GPU enough
-    to fill it (4 per SM), within the partial-sum memory cap."""
+def split(problem, config, device_programs):
+    """Programs of a launch with partial sums (None without): one per tile under the interpreter
+    (``device_programs`` None); on a GPU enough to fill it, within the partial-sum memory cap."""
+    if not problem.partials:
+        return None
     tiles = max(1, math.ceil(problem.M / config["BLOCK_M"]))
-    if _interpreted(device):
+    if device_programs is None:
         return tiles
-    by_memory = max(1, _MAX_PARTIAL_ELEMS // max(1, partial_elems(problem, config)))
-    return int(min(tiles, _device_programs(device), by_memory))
+    by_memory = max(1, MAX_PARTIAL_ELEMS // max(1, partial_elems(problem, config)))
+    return int(min(tiles, device_programs, by_memory))

@@ -1,19 +1,22 @@
-"""Index helpers shared by every lk3d convolution kernel.
+"""What every lk3d kernel family shares: the index and load helpers its kernels call
+(``@triton.jit``) and the helpers of its launchers (dtypes, constexprs, allocation, grids).
 
-A convolution pairs a "gathered" operand position with a produced position through one kernel tap.
-Forward (and grad-weight) read the input at ``i = o * STRIDE - PAD + k * DIL``; grad-input reads the
+Index helpers. A convolution pairs a "gathered" operand position with a produced position through
+one kernel tap. Forward (and grad-weight) read the input at ``i = o * STRIDE - PAD + k * DIL``; grad-input reads the
 output gradient at ``o = (i + PAD - k * DIL) / STRIDE``, which exists only when the division is exact.
 Writing the two mappings once here keeps every kernel body free of copies of this arithmetic.
 """
 import re
 
+import torch
 import triton
 import triton.language as tl
 
 from lk3d.kernels import MAX_VOLUME
 
 
-def _tie_goes_last(version):
+def tie_goes_last(version):
+    """Whether Triton ``version`` breaks a coalescing tie toward the last dimension (3.7 on)."""
     major, minor = (int(v) for v in re.match(r"(\d+)\.(\d+)", version).groups())
     return (major, minor) >= (3, 7)
 
@@ -26,7 +29,7 @@ def _tie_goes_last(version):
 # so that each thread holds one or a few of them. With the wrong tie a [128, 32] tile gives each
 # thread 32 voxels, and the implicit GEMM spilled 1.5 KB per thread on Triton 3.9. ``load_vox`` and
 # ``store_vox`` present a tile to the compiler transposed where that makes its voxel axis win.
-VOXELS_LAST = tl.constexpr(_tie_goes_last(triton.__version__))
+VOXELS_LAST = tl.constexpr(tie_goes_last(triton.__version__))
 
 
 @triton.jit
@@ -131,3 +134,80 @@ def wide(*extents, volume=0):
         raise ValueError(f"input: lk3d's Triton kernels take at most {MAX_VOLUME} voxels per "
                          f"sample and channel, got {volume}")
     return max(extents) > 2 ** 31 - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher helpers: what every family's launchers check, allocate and pass. The choice of config
+# lives in lk3d.autotune; every launcher takes one explicit config.
+# ----------------------------------------------------------------------------------------------
+
+def acc_dtype(t):
+    """The accumulator of a kernel reading ``t``: fp64 for float64 tensors, else fp32."""
+    return tl.float64 if t.dtype == torch.float64 else tl.float32
+
+
+def partial_dtype(t):
+    """The dtype of the partial sums a launcher allocates for ``t``: float64 or float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def precision(t, allow_tf32):
+    """``tl.dot``'s input precision for ``t``: "tf32" where allowed for fp32, else "ieee"."""
+    return "tf32" if (t.dtype == torch.float32 and allow_tf32) else "ieee"
+
+
+def geometry(stride, padding, dilation, kernel):
+    """The geometry constexprs of a launch; ``padding`` six ints, of which the kernels take the
+    left side (the right side only sets the output size)."""
+    (sd, sh, sw), (pd, ph, pw), (dd, dh, dw), (kd, kh, kw) = stride, padding[:3], dilation, kernel
+    return dict(KD=kd, KH=kh, KW=kw, STR_D=sd, STR_H=sh, STR_W=sw, PAD_D=pd, PAD_H=ph, PAD_W=pw,
+                DIL_D=dd, DIL_H=dh, DIL_W=dw)
+
+
+def launch_opts(config):
+    """Compile options of a launch: the config's warps and stages, and floating-point contraction
+    (a*b+c as one FMA) on, explicitly: Triton 3.9 warns when it is left to the default, which
+    3.10 turns off."""
+    return {"enable_fp_fusion": True,
+            **{k: config[k] for k in ("num_warps", "num_stages") if k in config}}
+
+
+def check_config(config, keys):
+    """A ValueError unless ``config`` (a dict) names every one of ``keys``."""
+    missing = [k for k in keys if k not in config]
+    if missing:
+        raise ValueError(f"config: expected keys {keys}, missing {missing} in {config}")
+
+
+# Tests set this to True: every buffer a launcher allocates starts as NaN, so an element that a
+# kernel fails to write shows up instead of passing as leftover memory.
+POISON = False
+
+
+def new(shape, dtype, device, memory_format=torch.contiguous_format):
+    """An uninitialised buffer (NaN-filled under ``POISON``)."""
+    t = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    return t.fill_(float("nan")) if POISON else t
+
+
+def alloc(shape, like, out, memory_format):
+    """``out`` when given (checked against ``shape`` and ``like``'s dtype and device), else a new
+    buffer like ``like``."""
+    if out is None:
+        return new(shape, like.dtype, like.device, memory_format)
+    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(f"out: expected {tuple(shape)} {like.dtype} on {like.device}, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    return out
+
+
+def split_len(M, split, block):
+    """Reduction length per split program, a multiple of ``block``; and the split actually used
+    (at least one program, which reduces nothing when ``M`` is 0)."""
+    per = max(1, triton.cdiv(triton.cdiv(M, max(1, split)), block)) * block
+    return per, max(1, triton.cdiv(M, per))
+
+
+def reach(t):
+    """One past the largest element offset ``t``'s strides reach."""
+    return 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
