@@ -12,8 +12,10 @@ the candidate list with the config spaces behind it (``cache.space_hash``). Mode
 stored: a later measurement may still fill the entry. The choice is made where the op runs, never
 while a graph is traced, so ``torch.compile`` sees one node whatever is chosen.
 
-This module knows nothing of the algorithms themselves: the ops layer hands it the candidates, a
-cost model (milliseconds per candidate) and a way to run each one.
+This module knows nothing of the algorithms themselves: the ops layer registers them
+(``lk3d.autotune.registry``: runner, cost model, "can run here", config spaces) and ``plan`` asks
+them about a problem; ``choose`` takes the candidates, a cost model (milliseconds per candidate)
+and a way to run each one directly.
 """
 from __future__ import annotations
 
@@ -30,22 +32,28 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from lk3d.autotune import configs as config_spaces
+from lk3d.autotune import registry
 from lk3d.autotune.cache import default_cache, space_hash
 from lk3d.autotune.fingerprint import device_id
 
-ALGOS = ("tiled", "fft", "aten")
 MODEL_VERSION = 1  # bump when the meaning of stored plans changes
 _local = threading.local()
 _forced_warned: set = set()  # (algo, reason) of the LK3D_ALGO warnings given in this process
 _forced_lock = threading.Lock()
 
 
+def __getattr__(name):
+    if name == "ALGOS":  # every registered algorithm's name, in registration order
+        return registry.names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 @dataclass(frozen=True)
 class Plan:
-    algo: str                  # "tiled" | "fft" | "aten"
-    source: str                # "forced" | "cache" | "seed" | "measured" | "model"
+    algo: str                  # a registered algorithm: "tiled" | "fft" | "aten"
+    source: str                # "forced" | "cache" | "seed" | "measured" | "model" | "only"
     key: str                   # the problem key
-    config: Optional[dict] = None              # a launch config for "tiled"; None = the default
+    config: Optional[dict] = None  # a launch config (algorithms with launches); None = default
     times_ms: dict = field(default_factory=dict)  # measured (or modelled) ms per candidate
     note: str = ""
 
@@ -69,7 +77,8 @@ class Plans(dict):
         return self.table()
 
     def table(self) -> str:
-        algos = [a for a in ALGOS if any(a in p.get("times_ms", {}) for p in self.values())]
+        algos = [a for a in registry.names()
+                 if any(a in p.get("times_ms", {}) for p in self.values())]
         algos += list(dict.fromkeys(a for p in self.values() for a in p.get("times_ms", {})
                                     if a not in algos))
         notes = list(dict.fromkeys(p.get("note", "") for p in self.values()))
@@ -104,7 +113,7 @@ class Plans(dict):
 def _config_text(algo, config) -> str:
     if config:
         return " ".join(f"{k}={v}" for k, v in config.items())
-    return "default" if algo == "tiled" else "-"
+    return "default" if registry.launches(algo) else "-"
 
 
 def _ms_text(ms) -> str:
@@ -119,22 +128,17 @@ def forced_algo() -> Optional[str]:
     algo = os.environ.get("LK3D_ALGO", "").strip().lower()
     if algo in ("", "auto"):
         return None
-    if algo not in ALGOS:
-        raise ValueError(f"LK3D_ALGO: expected 'auto' or one of {ALGOS}, got {algo!r}")
+    if algo not in registry.names():
+        raise ValueError(f"LK3D_ALGO: expected 'auto' or one of {registry.names()}, got {algo!r}")
     return algo
 
 
 def _why_not(algo: str, op: str, device: torch.device, candidates: Sequence[str]) -> str:
-    """Why a forced ``algo`` is not among ``candidates``, as far as this layer can tell."""
-    if algo == "tiled":
-        from lk3d.kernels import HAS_TRITON, INTERPRETED
-
-        if not HAS_TRITON:
-            return "tiled needs Triton, which does not import here"
-        if device.type == "cpu" and not INTERPRETED:
-            return ("tiled needs Triton on CUDA, or its interpreter (TRITON_INTERPRET=1) for CPU "
-                    "tensors")
-        return f"the Triton kernels do not take this dtype on {device.type}"
+    """Why a forced ``algo`` is not among ``candidates``: the algorithm's own reason where it has
+    one, else the candidates."""
+    found = registry.find(op, algo)
+    if found is not None and found.why_not is not None:
+        return found.why_not(device)
     return f"{op} on {device.type} chooses among {', '.join(candidates)} only"
 
 
@@ -259,3 +263,22 @@ def choose(op: str, key: str, device: torch.device, candidates: Sequence[str],
         return Plan(algo, "measured", key, cfg, times, note)
     algo = min(modelled, key=modelled.get)
     return Plan(algo, "model", key, None, modelled, note)
+
+
+def plan(op: str, key: str, device: torch.device, problem: Sequence,
+         run: Optional[Callable] = None, preferred: Optional[str] = None) -> Plan:
+    """The plan for ``problem`` of ``op``, chosen among the algorithms registered for it
+    (``lk3d.autotune.registry``): the candidates are those that can run it here, the model their
+    cost models, the configs measured theirs; ``run``, ``preferred`` and the rest as ``choose``.
+    """
+    algos = registry.algorithms(op)
+
+    def model(name):
+        return registry.get(op, name).cost_ms(*problem)
+
+    def configs(name):
+        found = registry.get(op, name)
+        return found.configs(*problem) if found.configs is not None else None
+
+    return choose(op, key, device, [a.name for a in algos if a.can_run(*problem)], model, run,
+                  tuple(k for a in algos for k in a.spaces), preferred, configs=configs)

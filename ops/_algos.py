@@ -1,4 +1,7 @@
-"""The three algorithms behind lk3d's dense conv3d ops, one runner per pass, and their cost model.
+"""The three algorithms behind lk3d's dense conv3d ops, one runner per pass, and their cost model,
+registered with ``lk3d.autotune.registry`` for the passes ``conv3d``, ``conv3d_grad_input`` and
+``conv3d_grad_weight`` (the planner's problem: ``(main tensor, x_shape, w_shape, stride, padding,
+dilation, groups)``).
 
     tiled   Triton kernels (lk3d.kernels.tiled): CUDA fp16/bf16/fp32; CPU fp16/fp32/fp64 when
             Triton runs in its interpreter (TRITON_INTERPRET=1).
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 
 from lk3d import fft
 from lk3d._spec import empty, out_size
-from lk3d.autotune import configs
+from lk3d.autotune import configs, registry
 from lk3d.autotune.configs import Problem, candidate_configs, default_config
 from lk3d.kernels import HAS_TRITON, INTERPRETED, MAX_VOLUME, memory_format
 from lk3d.kernels import tiled_configs as tiled_family
@@ -49,9 +52,36 @@ def kernels_can_run(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and INTERPRETED and t.dtype in _KERNEL_DTYPES["cpu"]
 
 
+def kernels_why_not(device: torch.device) -> str:
+    """Why the Triton kernels may not run on ``device`` (LK3D_ALGO=tiled that cannot be obeyed)."""
+    from lk3d import kernels
+
+    if not kernels.HAS_TRITON:
+        return "tiled needs Triton, which does not import here"
+    if device.type == "cpu" and not kernels.INTERPRETED:
+        return ("tiled needs Triton on CUDA, or its interpreter (TRITON_INTERPRET=1) for CPU "
+                "tensors")
+    return f"the Triton kernels do not take this dtype on {device.type}"
+
+
+def _fft_can_run(main, *problem):
+    return main.device.type in ("cpu", "cuda")
+
+
+def _aten_can_run(main, *problem):
+    return True
+
+
+def _tiled_can_run(main, x_shape, w_shape, stride, padding, dilation, groups):
+    """The kernels serve ``main``, and index one sample of input and output in int32."""
+    size = out_size(x_shape[2:], w_shape[2:], stride, padding, dilation)
+    return kernels_can_run(main) and max(math.prod(x_shape[2:]), math.prod(size)) <= MAX_VOLUME
+
+
 def candidates(t: torch.Tensor):
+    """The algorithms that can serve a tensor like ``t``, whatever its convolution's sizes."""
     algos = ["tiled"] if kernels_can_run(t) else []
-    if t.device.type in ("cpu", "cuda"):
+    if _fft_can_run(t):
         algos.append("fft")
     return algos + ["aten"]
 
@@ -263,14 +293,8 @@ def tiled_grad_bias(grad):
 
 
 # ---------------------------------------------------------------------------------------------
-# dispatch tables and cost model
+# cost model
 # ---------------------------------------------------------------------------------------------
-
-FORWARD = {"tiled": tiled_forward, "fft": fft_forward, "aten": aten_forward}
-GRAD_INPUT = {"tiled": tiled_grad_input, "fft": fft_grad_input, "aten": aten_grad_input}
-GRAD_WEIGHT = {"tiled": tiled_grad_weight, "fft": fft_grad_weight, "aten": aten_grad_weight}
-KERNELS = {"conv3d": ("conv3d_fwd", "conv3d_dw"), "conv3d_grad_input": ("conv3d_fwd", "conv3d_dw"),
-           "conv3d_grad_weight": ("conv3d_wgrad", "conv3d_dw_wgrad")}
 
 # Sustained rates the model assumes (FLOP/s). CPU numbers were fitted to `lk3d bench --dispatch`
 # on a 2-core Intel Xeon (oneDNN, [1,16,48³], k=3..21; per thread; an AVX-512 AMD EPYC ran aten
@@ -314,3 +338,38 @@ def model_ms(algo, x_shape, w_shape, stride, padding, dilation, groups, dtype, d
         return 1e3 * (flops / (_CPU_ATEN_PER_THREAD[form] * torch.get_num_threads())
                       + moved / _CPU_BYTES_PER_S) + 0.05
     return math.inf  # the interpreter is for checking kernels, not for speed
+
+
+# ---------------------------------------------------------------------------------------------
+# the registry entries of the three passes, and their runners by algorithm
+# ---------------------------------------------------------------------------------------------
+
+def _cost(algo):
+    def cost_ms(main, x_shape, w_shape, stride, padding, dilation, groups):
+        return model_ms(algo, x_shape, w_shape, stride, padding, dilation, groups, main.dtype,
+                        main.device)
+    return cost_ms
+
+
+def _launch_configs(op):
+    def launch_configs(main, x_shape, w_shape, stride, padding, dilation, groups):
+        return tiled_configs(op, x_shape, w_shape, stride, padding, dilation, groups, main.dtype,
+                             main.device)
+    return launch_configs
+
+
+for _op, _runners, _kinds in (
+        ("conv3d", (tiled_forward, fft_forward, aten_forward), ("conv3d_fwd", "conv3d_dw")),
+        ("conv3d_grad_input", (tiled_grad_input, fft_grad_input, aten_grad_input),
+         ("conv3d_fwd", "conv3d_dw")),
+        ("conv3d_grad_weight", (tiled_grad_weight, fft_grad_weight, aten_grad_weight),
+         ("conv3d_wgrad", "conv3d_dw_wgrad"))):
+    registry.register(registry.Algorithm(
+        _op, "tiled", _runners[0], _tiled_can_run, _cost("tiled"), spaces=_kinds,
+        configs=_launch_configs(_op), why_not=kernels_why_not, launches=True))
+    registry.register(registry.Algorithm(_op, "fft", _runners[1], _fft_can_run, _cost("fft")))
+    registry.register(registry.Algorithm(_op, "aten", _runners[2], _aten_can_run, _cost("aten")))
+
+FORWARD = registry.Runners("conv3d")
+GRAD_INPUT = registry.Runners("conv3d_grad_input")
+GRAD_WEIGHT = registry.Runners("conv3d_grad_weight")

@@ -2,7 +2,7 @@
 
 ``lk3d::conv3d`` and its backward ops (``conv3d_grad_input``, ``conv3d_grad_weight``,
 ``conv3d_grad_bias``) each pick an algorithm per call — Triton ``tiled``, ``fft`` or ``aten``,
-see ``lk3d._algos`` — through ``lk3d.autotune.select`` (forced by ``LK3D_ALGO``, cached per device,
+registered by ``lk3d._algos`` — through ``lk3d.autotune.select`` (forced by ``LK3D_ALGO``, cached per device,
 measured under ``LK3D_AUTOTUNE=1`` / ``lk3d.autotune.tune()``, else modelled). The choice happens
 where the op runs, outside any traced graph: ``torch.compile`` sees one node per op.
 Under the Triton interpreter (``TRITON_INTERPRET=1``) CPU tensors run the kernels unless forced
@@ -25,44 +25,30 @@ from typing import List, Optional
 import torch
 
 from lk3d import _algos
-from lk3d._algos import candidates, kernels_can_run
+from lk3d._algos import kernels_can_run
 from lk3d._spec import empty, out_size
-from lk3d.autotune import select
+from lk3d.autotune import registry, select
 from lk3d.autotune.cache import problem_key
-from lk3d.kernels import INTERPRETED, MAX_VOLUME, memory_format
+from lk3d.kernels import INTERPRETED, memory_format
 
 
 def plan(op, main, x_shape, w_shape, stride, padding, dilation, groups, run=None):
     """The ``select.Plan`` for one pass; ``main`` is the tensor the pass reads (device, dtype)."""
     key = problem_key(op, main.dtype, x_shape, w_shape, stride, padding, dilation, groups)
-    cands = candidates(main)
-    if max(math.prod(x_shape[2:]),
-           math.prod(out_size(x_shape[2:], w_shape[2:], stride, padding, dilation))) > MAX_VOLUME:
-        cands = [a for a in cands if a != "tiled"]  # the kernels index a sample in int32
-
-    def model(algo):
-        return _algos.model_ms(algo, x_shape, w_shape, stride, padding, dilation, groups,
-                               main.dtype, main.device)
-
-    def configs(algo):
-        if algo != "tiled":
-            return None
-        return _algos.tiled_configs(op, x_shape, w_shape, stride, padding, dilation, groups,
-                                    main.dtype, main.device)
-
     preferred = "tiled" if (INTERPRETED and main.device.type == "cpu") else None
-    return select.choose(op, key, main.device, cands, model, run, _algos.KERNELS[op], preferred,
-                         configs=configs)
+    return select.plan(op, key, main.device,
+                       (main, x_shape, w_shape, stride, padding, dilation, groups), run, preferred)
 
 
-def _run(table, op, main, x_shape, w_shape, args, geometry):
+def _run(op, main, x_shape, w_shape, args, geometry):
     """Choose and run one pass; ``args`` lead the runner's arguments, ``geometry`` ends them."""
     def run(algo, config=None):
+        runner = registry.get(op, algo).run
         if config is None:
-            return table[algo](*args, *geometry)
-        return table[algo](*args, *geometry, config=config)
+            return runner(*args, *geometry)
+        return runner(*args, *geometry, config=config)
     p = plan(op, main, x_shape, w_shape, *geometry, run=run)
-    return run(p.algo, p.config if p.algo == "tiled" else None)
+    return run(p.algo, p.config if registry.get(op, p.algo).launches else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,7 +71,7 @@ def conv3d_op(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     mf = memory_format(input)
     if math.prod(shape) == 0:
         return empty(shape, input, mf)
-    y = _run(_algos.FORWARD, "conv3d", input, list(input.shape), list(weight.shape),
+    y = _run("conv3d", input, list(input.shape), list(weight.shape),
              (input, weight, bias), (stride, padding, dilation, groups))
     return y.to(input.dtype).contiguous(memory_format=mf)
 
@@ -106,7 +92,7 @@ def conv3d_grad_input_op(grad: torch.Tensor, weight: torch.Tensor, input_shape: 
     mf = memory_format(grad)
     if grad.numel() == 0:
         return empty(input_shape, grad, mf).zero_()
-    gx = _run(_algos.GRAD_INPUT, "conv3d_grad_input", grad, list(input_shape),
+    gx = _run("conv3d_grad_input", grad, list(input_shape),
               list(weight.shape), (grad, weight, list(input_shape)),
               (stride, padding, dilation, groups))
     return gx.to(grad.dtype).contiguous(memory_format=mf)
@@ -123,7 +109,7 @@ def conv3d_grad_weight_op(grad: torch.Tensor, input: torch.Tensor, weight_shape:
                           groups: int) -> torch.Tensor:
     if grad.numel() == 0:
         return grad.new_zeros(weight_shape)
-    gw = _run(_algos.GRAD_WEIGHT, "conv3d_grad_weight", input, list(input.shape),
+    gw = _run("conv3d_grad_weight", input, list(input.shape),
               list(weight_shape), (grad, input, list(weight_shape)),
               (stride, padding, dilation, groups))
     return gw.to(grad.dtype).contiguous()

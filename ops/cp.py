@@ -80,7 +80,7 @@ from lk3d import _algos
 from lk3d._algos import kernels_can_run
 from lk3d._spec import (Conv3dSpec, _triple, batched, check_same, check_tensor, empty,
                         geometry, out_size)
-from lk3d.autotune import configs, select
+from lk3d.autotune import configs, registry, select
 from lk3d.autotune.cache import problem_key
 from lk3d.kernels import HAS_TRITON, INTERPRETED, memory_format
 from lk3d.kernels import cp_configs as cp_family
@@ -429,27 +429,25 @@ def _plan(op, input, U_out, A, B, C, stride, padding, dilation, serve, run=None)
     kernel = [A.shape[0], B.shape[0], C.shape[0]]
     key = problem_key(op, input.dtype, list(input.shape), [cout, input.shape[1], *kernel],
                       stride, padding, dilation, 1) + f"|R{rank}"
-    cands = (["tiled"] if serve else []) + ["aten"]
+    problem = (input, U_out, A, B, C, stride, padding, dilation, serve)
+    cands = [a.name for a in registry.algorithms(op) if a.can_run(*problem)]
     if len(cands) == 1:
-        return select.Plan("aten", "only", key)
-
-    def model(algo):
-        return model_ms(algo, list(input.shape), cout, rank, kernel, stride, padding, dilation,
-                        input.dtype, input.device, backward=op != "cp_conv3d")
-
+        return select.Plan(cands[0], "only", key)
     preferred = "tiled" if INTERPRETED and input.device.type == "cpu" else None
-    return select.choose(op, key, input.device, cands, model, run, (), preferred)
+    return select.plan(op, key, input.device, problem, run, preferred)
 
 
 def _forward(input, U_out, U_in, A, B, C, weights, bias, stride, padding, dilation):
     args = (input, U_out, U_in, A, B, C, weights, bias, stride, padding, dilation)
     if not _algos.finite(input, U_out, U_in, A, B, C, weights):  # see "Non-finite values"
         return cp_conv3d_dense(*args)
-    run = {"tiled": _forward_kernels, "aten": cp_conv3d_torch}
+
+    def run(algo):
+        return registry.get("cp_conv3d", algo).run(*args)
+
     plan = _plan("cp_conv3d", input, U_out, A, B, C, stride, padding, dilation,
-                 _kernels_serve(input, U_out, U_in, A, B, C, weights, bias),
-                 lambda algo: run[algo](*args))
-    return run[plan.algo](*args)
+                 _kernels_serve(input, U_out, U_in, A, B, C, weights, bias), run)
+    return run(plan.algo)
 
 
 def _forward_kernels(input, U_out, U_in, A, B, C, weights, bias, stride, padding, dilation):
@@ -470,11 +468,13 @@ def _backward_impl(grad, input, U_out, U_in, A, B, C, weights, stride, padding, 
     args = (grad, input, U_out, U_in, A, B, C, weights, stride, padding, dilation, output_mask)
     if not _algos.finite(grad, input, U_out, U_in, A, B, C, weights):
         return cp_conv3d_dense_backward(*args)
-    run = {"tiled": _backward_kernels, "aten": cp_conv3d_torch_backward}
+
+    def run(algo):
+        return registry.get("cp_conv3d_backward", algo).run(*args)
+
     plan = _plan("cp_conv3d_backward", input, U_out, A, B, C, stride, padding, dilation,
-                 _kernels_serve(input, grad, U_out, U_in, A, B, C, weights),
-                 lambda algo: run[algo](*args))
-    return run[plan.algo](*args)
+                 _kernels_serve(input, grad, U_out, U_in, A, B, C, weights), run)
+    return run(plan.algo)
 
 
 def _backward_kernels(grad, input, U_out, U_in, A, B, C, weights, stride, padding, dilation,
@@ -511,6 +511,35 @@ def _backward_kernels(grad, input, U_out, U_in, A, B, C, weights, stride, paddin
             grads[3 + i] = torch.einsum(spec, D, *(f.to(D.dtype) for f in factor))
     like = (input, U_out, U_in, A, B, C, weights if weights is not None else U_out[0])
     return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
+
+
+def _cost(algo, backward):
+    def cost_ms(input, U_out, A, B, C, stride, padding, dilation, serve):
+        return model_ms(algo, list(input.shape), U_out.shape[0], U_out.shape[1],
+                        [A.shape[0], B.shape[0], C.shape[0]], stride, padding, dilation,
+                        input.dtype, input.device, backward=backward)
+    return cost_ms
+
+
+def _serve(input, U_out, A, B, C, stride, padding, dilation, serve):
+    return serve
+
+
+def _always(*problem):
+    return True
+
+
+# The two passes' algorithms (lk3d.autotune.registry); their problem is ``(input, U_out, A, B, C,
+# stride, padding, dilation, serve)``, ``serve`` saying whether the kernels take the call's tensors.
+# The kernels' launch configs are not measured: each launch takes configs.default_config.
+for _op, _kernels_run, _torch_run in (
+        ("cp_conv3d", _forward_kernels, cp_conv3d_torch),
+        ("cp_conv3d_backward", _backward_kernels, cp_conv3d_torch_backward)):
+    registry.register(registry.Algorithm(
+        _op, "tiled", _kernels_run, _serve, _cost("tiled", _op != "cp_conv3d"),
+        why_not=_algos.kernels_why_not, launches=True))
+    registry.register(registry.Algorithm(_op, "aten", _torch_run, _always,
+                                         _cost("aten", _op != "cp_conv3d")))
 
 
 @torch.library.custom_op("lk3d::cp_conv3d", mutates_args=())

@@ -17,6 +17,7 @@ from _cases import TOL, rel_err, with_layout
 from conftest import DEVICE
 from lk3d import cp as cp_ops
 from lk3d._algos import kernels_can_run
+from lk3d.autotune import registry
 from lk3d.kernels.cp_configs import CONFIG_SPACES
 
 # The checks are float64 against a float64 reference: they run where the kernels take float64,
@@ -243,8 +244,8 @@ def test_kernels_used(device, monkeypatch):
     """With the torch sequence made to fail, forward and backward still work: the kernels ran."""
     def fail(*args, **kwargs):
         raise AssertionError("the torch path ran")
-    monkeypatch.setattr(cp_ops, "cp_conv3d_torch", fail)
-    monkeypatch.setattr(cp_ops, "cp_conv3d_torch_backward", fail)
+    for op in ("cp_conv3d", "cp_conv3d_backward"):  # the torch sequence
+        monkeypatch.setattr(registry.get(op, "aten"), "run", fail)
     _check_against_dense(CASES[0], device)
 
 

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 import lk3d
 from _cases import TOL, Case, rel_err
 from conftest import DEVICE
-from lk3d import _algos, block_sparse
+from lk3d import block_sparse
 from lk3d import cp as cp_ops
 from lk3d._algos import kernels_can_run
+from lk3d.autotune import registry
 
 F64 = torch.float64
 PAD = [1, 0, 1, 1, 2, 0]  # (d_l, h_l, w_l, d_r, h_r, w_r): asymmetric both ways on purpose
@@ -50,16 +51,16 @@ def only_algo(monkeypatch, algo):
     every dense algorithm fails (a block-sparse path that must not use them)."""
     if algo is not None:
         monkeypatch.setenv("LK3D_ALGO", algo)
-    for table in (_algos.FORWARD, _algos.GRAD_INPUT, _algos.GRAD_WEIGHT):
-        for other in list(table):
-            if other != algo:
-                monkeypatch.setitem(table, other, _fail)
+    for op in ("conv3d", "conv3d_grad_input", "conv3d_grad_weight"):
+        for other in registry.algorithms(op):
+            if other.name != algo:
+                monkeypatch.setattr(other, "run", _fail)
 
 
 def only_cp_kernels(monkeypatch):
     cp_ops.USE_KERNELS = True  # the autouse fixture restores it
-    monkeypatch.setattr(cp_ops, "cp_conv3d_torch", _fail)
-    monkeypatch.setattr(cp_ops, "cp_conv3d_torch_backward", _fail)
+    for op in ("cp_conv3d", "cp_conv3d_backward"):  # the torch sequence
+        monkeypatch.setattr(registry.get(op, "aten"), "run", _fail)
 
 
 def only_block_sparse_path(monkeypatch, path):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import lk3d
 from _cases import TOL, Case, rel_err
 from lk3d import _algos, _conv_ops
-from lk3d.autotune import cache, select
+from lk3d.autotune import cache, registry, select
 from lk3d.autotune.cache import PlanCache, default_cache, problem_key
 from lk3d.autotune.fingerprint import device_fingerprint, fingerprint_id
 from lk3d.kernels import INTERPRETED
@@ -317,12 +317,12 @@ def test_explain_interpreter_prefers_tiled(monkeypatch):
 def fft_measures_faster(monkeypatch):
     """Every runner records its algorithm; time_ms says fft 1 ms, aten 5 ms."""
     last = []
-    for table in (_algos.FORWARD, _algos.GRAD_INPUT, _algos.GRAD_WEIGHT):
-        for algo, fn in list(table.items()):
-            def recorded(*args, _algo=algo, _fn=fn, **kwargs):
+    for op in ("conv3d", "conv3d_grad_input", "conv3d_grad_weight"):
+        for entry in registry.algorithms(op):
+            def recorded(*args, _algo=entry.name, _fn=entry.run, **kwargs):
                 last.append(_algo)
                 return _fn(*args, **kwargs)
-            monkeypatch.setitem(table, algo, recorded)
+            monkeypatch.setattr(entry, "run", recorded)
 
     def time_ms(fn, device, budget_ms=math.inf):
         fn()
