@@ -130,3 +130,24 @@ def test_prune_by_shared_memory_and_extent():
     assert len(prune(configs, tiny, 10**9, 2)) == 1
     dw = Problem("conv3d_dw", M=100)
     assert [c["BLOCK"] for c in prune(CONFIG_SPACES["conv3d_dw"], dw, 10**9, 2)] == [128, 256]
+
+
+def test_config_families_registered():
+    """Every family's kinds are known to the config choice; another family cannot claim one; an
+    unknown kind is a ValueError naming the known ones."""
+    import types
+
+    from lk3d.autotune import configs
+    from lk3d.kernels import block_sparse_configs, cp_configs, tiled_configs
+
+    for family in (tiled_configs, cp_configs, block_sparse_configs):
+        for kind, space in family.CONFIG_SPACES.items():
+            assert configs.family(kind) is family and configs.space(kind) is space
+        configs.register(family)  # again: nothing changes
+    impostor = types.SimpleNamespace(CONFIG_SPACES={"conv3d_fwd": []})
+    with pytest.raises(ValueError, match="'conv3d_fwd' is already registered by "
+                                         "lk3d.kernels.tiled_configs"):
+        configs.register(impostor)
+    assert configs.space("conv3d_fwd") is CONFIG_SPACES["conv3d_fwd"]
+    with pytest.raises(ValueError, match=r"kind: expected one of \[.*'cp_conv'.*\], got 'conv2d'"):
+        default_config(Problem("conv2d", M=8), "cpu")
