@@ -27,7 +27,9 @@ class Conv3dSpec:
         return list(self.pad_left) + list(self.pad_right)
 
 
-def _triple(name, value, minimum):
+def triple(name, value, minimum=1):
+    """``value`` (an int, or a tuple or list of 1 or 3 ints) as a tuple of 3 ints >= ``minimum``,
+    else a TypeError/ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (Integral, tuple, list)):
         raise TypeError(f"{name}: expected an int or a tuple of 3 ints, got {value!r} "
                         f"({type(value).__name__})")
@@ -89,13 +91,9 @@ def check_same(name, t, ref, ref_name="input"):
                          f"got {t.device}")
 
 
-def conv_output_size(size, k, stride, pad_left, pad_right, dilation):
-    return (size + pad_left + pad_right - dilation * (k - 1) - 1) // stride + 1
-
-
 def out_size(spatial, kernel, stride, padding, dilation):
     """Output extent per axis; ``padding`` as the ops take it: (d_l, h_l, w_l, d_r, h_r, w_r)."""
-    return tuple(conv_output_size(s, k, st, pl, pr, d) for s, k, st, pl, pr, d in
+    return tuple((s + pl + pr - d * (k - 1) - 1) // st + 1 for s, k, st, pl, pr, d in
                  zip(spatial, kernel, stride, padding[:3], padding[3:], dilation))
 
 
@@ -113,18 +111,10 @@ def check_conv3d(input, weight, bias, stride, padding, dilation, groups) -> Conv
         check_tensor("bias", bias, (1,))
         check_same("bias", bias, input)
     groups = positive_int("groups", groups)
-    stride = _triple("stride", stride, 1)
-    dilation = _triple("dilation", dilation, 1)
-
-    cin, cout, kernel = input.shape[1], weight.shape[0], tuple(weight.shape[2:])
-    if cin % groups:
-        raise ValueError(f"groups: expected a divisor of the input's {cin} channels, got {groups}")
-    if cout % groups:
-        raise ValueError(f"groups: expected a divisor of weight's {cout} output channels, "
-                         f"got {groups}")
-    if weight.shape[1] != cin // groups:
-        raise ValueError(f"weight: expected shape[1] = in_channels / groups = {cin} / {groups} = "
-                         f"{cin // groups}, got weight of shape {tuple(weight.shape)}")
+    stride = triple("stride", stride)
+    dilation = triple("dilation", dilation)
+    check_group_channels(input.shape[1], tuple(weight.shape), groups)
+    cout, kernel = weight.shape[0], tuple(weight.shape[2:])
     if min(kernel) < 1 or cout < 1:
         raise ValueError(f"weight: expected non-empty kernel and output channels, got shape "
                          f"{tuple(weight.shape)}")
@@ -135,28 +125,51 @@ def check_conv3d(input, weight, bias, stride, padding, dilation, groups) -> Conv
     return geometry(input.shape[2:], kernel, stride, padding, dilation, groups)
 
 
+def check_group_channels(cin, weight_shape, groups):
+    """``groups`` (a positive int) divides the input's ``cin`` channels and the ``weight_shape``'s
+    output channels, and ``weight_shape[1]`` is ``cin / groups``; else a ValueError."""
+    cout = weight_shape[0]
+    if cin % groups:
+        raise ValueError(f"groups: expected a divisor of the input's {cin} channels, got {groups}")
+    if cout % groups:
+        raise ValueError(f"groups: expected a divisor of weight's {cout} output channels, "
+                         f"got {groups}")
+    if weight_shape[1] != cin // groups:
+        raise ValueError(f"weight: expected shape[1] = in_channels / groups = {cin} / {groups} = "
+                         f"{cin // groups}, got weight of shape {tuple(weight_shape)}")
+
+
+def check_padding(padding, stride):
+    """``padding`` as the user gave it, checked: ``"same"`` (``stride`` a checked triple of ones)
+    or ``"valid"`` as they are, else a triple of ints >= 0."""
+    if not isinstance(padding, str):
+        return triple("padding", padding, 0)
+    if padding not in ("same", "valid"):
+        raise ValueError(f"padding: expected 'same', 'valid', an int or a tuple of 3 ints, "
+                         f"got {padding!r}")
+    if padding == "same" and stride != (1, 1, 1):
+        raise ValueError(f"padding: 'same' expects stride 1, got stride {stride}")
+    return padding
+
+
+def padding_sides(padding, kernel, dilation):
+    """``(pad_left, pad_right)``, a triple each, of a ``check_padding``-ed ``padding``: ``"same"``
+    puts the odd voxel of an even extent on the right, as ``F.conv3d`` does."""
+    if padding == "valid":
+        return (0, 0, 0), (0, 0, 0)
+    if padding == "same":
+        total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        return tuple(t // 2 for t in total), tuple(t - t // 2 for t in total)
+    return tuple(padding), tuple(padding)
+
+
 def geometry(spatial, kernel, stride, padding, dilation, groups=1, kernel_arg="weight"):
     """The spec of a convolution of ``kernel`` over ``spatial``: ``stride`` and ``dilation``
     already checked triples, ``padding`` as the user gave it (checked here). A kernel that does
     not fit the padded input is an error on ``kernel_arg``."""
-    if isinstance(padding, str):
-        if padding == "valid":
-            pad_left = pad_right = (0, 0, 0)
-        elif padding == "same":
-            if stride != (1, 1, 1):
-                raise ValueError(f"padding: 'same' expects stride 1, got stride {stride}")
-            total = [d * (k - 1) for d, k in zip(dilation, kernel)]
-            pad_left = tuple(t // 2 for t in total)
-            pad_right = tuple(t - t // 2 for t in total)
-        else:
-            raise ValueError(f"padding: expected 'same', 'valid', an int or a tuple of 3 ints, "
-                             f"got {padding!r}")
-    else:
-        pad_left = pad_right = _triple("padding", padding, 0)
-
+    pad_left, pad_right = padding_sides(check_padding(padding, stride), kernel, dilation)
     spatial = tuple(spatial)
-    out = tuple(conv_output_size(s, k, st, pl, pr, d) for s, k, st, pl, pr, d in
-                zip(spatial, kernel, stride, pad_left, pad_right, dilation))
+    out = out_size(spatial, kernel, stride, pad_left + pad_right, dilation)
     if min(out) < 1:
         padded = tuple(s + pl + pr for s, pl, pr in zip(spatial, pad_left, pad_right))
         extent = tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel))
