@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from lk3d.tools.table import fmt, write_csv
+
 COLUMNS = ("case", "provider", "mode", "metric", "value", "device", "torch", "triton", "lk3d",
            "commit", "timestamp")
 METRICS = ("median_ms", "tflops", "speedup", "roofline_fraction", "peak_mem_mb", "rel_err")
@@ -111,13 +113,7 @@ def long_rows(results) -> list:
 
 
 def write_results(results, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(long_rows(results))
-    return path
+    return write_csv(path, COLUMNS, long_rows(results))
 
 
 def read_results(path) -> list:
@@ -383,10 +379,6 @@ def plot(csv_path, rows=None) -> list:
 # the README summary
 # ---------------------------------------------------------------------------------------------
 
-def _fmt(value, spec, suffix=""):
-    return "-" if value is None else f"{value:{spec}}{suffix}"
-
-
 def summary_table(rows, title: str, plots: Sequence[str] = ()) -> str:
     """Markdown: a heading, the device and versions, the plots, then one line per (case, mode)
     with lk3d's median, the fastest non-lk3d provider's, lk3d's speedup and roofline fraction."""
@@ -416,8 +408,8 @@ def summary_table(rows, title: str, plots: Sequence[str] = ()) -> str:
             best_txt = f"{torch_ms[best]:.3f} ({best})" if best else "-"
             lk = (case, "lk3d", mode)
             roof_txt = "-" if lk not in roof else f"{100 * roof[lk]:.3g}%"
-            out.append(f"| {case} | {mode} | {_fmt(ms.get(lk), '.3f')} | {best_txt} | "
-                       f"{_fmt(speedup.get(lk), '.2f', 'x')} | {roof_txt} |")
+            out.append(f"| {case} | {mode} | {fmt(ms.get(lk), '.3f')} | {best_txt} | "
+                       f"{fmt(speedup.get(lk), '.2f', 'x')} | {roof_txt} |")
     return "\n".join(out)
 
 
