@@ -232,6 +232,13 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path):
+    """Lay ``fig`` out and write it to ``path``; True (a plot was drawn)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
 def _plot_speedup(plt, rows, path):
     speedup = _values(rows, "speedup")
     lines = defaultdict(lambda: defaultdict(list))  # op -> (mode, dtype) -> [(k, speedup)]
@@ -266,9 +273,7 @@ def _plot_speedup(plt, rows, path):
         ax.legend(fontsize=8)
     fig.suptitle(_title(rows, "lk3d speedup vs kernel size (geometric mean per k, dots: cases)"),
                  fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
+    return _save(fig, path)
 
 
 def _plot_roofline(plt, rows, path):
@@ -293,9 +298,7 @@ def _plot_roofline(plt, rows, path):
     ceilings = _ceilings_text(rows)
     ax.set_title(_title(rows, "roofline fraction per case"
                         + (f"\nceilings, same run: {ceilings}" if ceilings else "")), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
+    return _save(fig, path)
 
 
 def _plot_density(plt, rows, path):
@@ -319,9 +322,7 @@ def _plot_density(plt, rows, path):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(_title(rows, "block-sparse: time vs density"), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
+    return _save(fig, path)
 
 
 def _plot_cp(plt, rows, path):
@@ -343,9 +344,7 @@ def _plot_cp(plt, rows, path):
     ax.legend(fontsize=8)
     ax.set_title(_title(rows, "CP kernel: lk3d vs the unfused chain vs dense F.conv3d"),
                  fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
+    return _save(fig, path)
 
 
 _DRAW = {"speedup_vs_kernel.png": _plot_speedup, "roofline_fraction.png": _plot_roofline,
