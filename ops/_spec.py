@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from numbers import Integral
 
 import torch
+import torch.nn.functional as F
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -91,10 +92,26 @@ def check_same(name, t, ref, ref_name="input"):
                          f"got {t.device}")
 
 
+def extent(kernel, dilation):
+    """The dilated kernel's extent per axis: ``d·(k - 1) + 1``."""
+    return tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation))
+
+
 def out_size(spatial, kernel, stride, padding, dilation):
     """Output extent per axis; ``padding`` as the ops take it: (d_l, h_l, w_l, d_r, h_r, w_r)."""
-    return tuple((s + pl + pr - d * (k - 1) - 1) // st + 1 for s, k, st, pl, pr, d in
-                 zip(spatial, kernel, stride, padding[:3], padding[3:], dilation))
+    return tuple((s + pl + pr - e) // st + 1 for s, e, st, pl, pr in
+                 zip(spatial, extent(kernel, dilation), stride, padding[:3], padding[3:]))
+
+
+def pad_order(padding):
+    """``F.pad``'s order (w_l, w_r, h_l, h_r, d_l, d_r) of the six paddings the ops take,
+    (d_l, h_l, w_l, d_r, h_r, w_r)."""
+    return [v for i in (2, 1, 0) for v in (padding[i], padding[3 + i])]
+
+
+def zero_pad(x, padding):
+    """``x`` zero-padded by the six paddings the ops take, (d_l, h_l, w_l, d_r, h_r, w_r)."""
+    return F.pad(x, pad_order(padding))
 
 
 def empty(shape, like, memory_format=torch.contiguous_format):
@@ -172,7 +189,7 @@ def geometry(spatial, kernel, stride, padding, dilation, groups=1, kernel_arg="w
     out = out_size(spatial, kernel, stride, pad_left + pad_right, dilation)
     if min(out) < 1:
         padded = tuple(s + pl + pr for s, pl, pr in zip(spatial, pad_left, pad_right))
-        extent = tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel))
-        raise ValueError(f"{kernel_arg}: kernel extent {extent} (kernel {kernel}, dilation "
+        raise ValueError(f"{kernel_arg}: kernel extent {extent(kernel, dilation)} (kernel "
+                         f"{kernel}, dilation "
                          f"{dilation}) is larger than the padded input {padded}")
     return Conv3dSpec(stride, pad_left, pad_right, dilation, groups, out)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lk3d._spec import out_size
+from lk3d._spec import out_size, zero_pad
 
 __all__ = ["block_sparse_conv3d_torch", "block_sparse_conv3d_torch_backward",
            "sparse_route_macs", "sparse_route_ms"]
@@ -112,11 +112,6 @@ def _acc_dtype(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _pad(x, padding):
-    d_l, h_l, w_l, d_r, h_r, w_r = padding
-    return F.pad(x, (w_l, w_r, h_l, h_r, d_l, d_r))
-
-
 # Input elements one grouped conv of the torch path may gather (bounds its working memory).
 _GATHER_LIMIT = 1 << 24
 
@@ -136,7 +131,7 @@ def block_sparse_conv3d_torch(input, values, row_ptr, col, bias, weight_shape, b
     acc = _acc_dtype(input.dtype)
     size = out_size(input.shape[2:], weight_shape[2:], stride, padding, dilation)
     out = input.new_zeros(input.shape[0], weight_shape[0], *size, dtype=acc)
-    xp = _pad(input.to(acc), padding)
+    xp = zero_pad(input.to(acc), padding)
     vals = values.to(acc)
     one_tap = math.prod(block_shape[2:]) == 1
     for brick in _plan(input, padding, row_ptr, col, weight_shape, block_shape, groups):
@@ -162,8 +157,8 @@ def block_sparse_conv3d_torch_backward(grad, input, values, row_ptr, col, weight
     size = tuple(grad.shape[2:])
     gy = grad.to(acc)
     vals = values.to(acc)
-    xp = _pad(input.to(acc), padding) if need_values else None
-    gxp = _pad(input.new_zeros(input.shape, dtype=acc), padding) if need_input else None
+    xp = zero_pad(input.to(acc), padding) if need_values else None
+    gxp = zero_pad(input.new_zeros(input.shape, dtype=acc), padding) if need_input else None
     gv = torch.zeros(values.shape, dtype=acc, device=values.device) if need_values else None
     one_tap = math.prod(block_shape[2:]) == 1
     for brick in _plan(input, padding, row_ptr, col, weight_shape, block_shape, groups):

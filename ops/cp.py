@@ -49,13 +49,13 @@ swapped, the factor gradients about twice the forward.
 
 The ``aten`` algorithm, and everywhere the kernels do not serve (CPU without the interpreter,
 CPU bf16, float64 on CUDA, mixed dtypes), is the factored sequence in torch
-(``cp_conv3d_torch``, in ``lk3d.cp_ref``): a pointwise conv with ``U_in`` (x -> [N, R, D, H, W]), three 1-D depthwise
-convs (groups=R) with ``A``, ``B``, ``C`` along D, H and W, each taking that axis's stride,
-dilation and padding, then a pointwise conv with ``U_out·weights`` and the bias; the separable
-``2·R·(Cin + kd + kh + kw + Cout)`` FLOPs per output voxel (stride 1), at the price of
-materialising the intermediates. Its backward recomputes the
-sequence and runs ``aten.convolution_backward`` through it in reverse. Both paths match
-``F.conv3d`` with the dense weight.
+(``cp_conv3d_torch``, in ``lk3d.cp_ref``): a pointwise conv with ``U_in`` (x -> [N, R, D, H,
+W]), three 1-D depthwise convs (groups=R) with ``A``, ``B``, ``C`` along D, H and W, each taking
+that axis's stride, dilation and padding, then a pointwise conv with ``U_out·weights`` and the
+bias; the separable ``2·R·(Cin + kd + kh + kw + Cout)`` FLOPs per output voxel (stride 1), at the
+price of materialising the intermediates. Its backward recomputes the sequence and runs
+``aten.convolution_backward`` through it in reverse. Both paths match ``F.conv3d`` with the dense
+weight.
 
 Non-finite values: both algorithms sum over the rank, so an Inf of the input (or of a factor, or
 of the output gradient) meets the R components with their own signs and turns to NaN where

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lk3d import decompose
-from lk3d._spec import check_padding, padding_sides, positive_int, triple
+from lk3d._spec import check_padding, pad_order, padding_sides, positive_int, triple
 from lk3d.block_sparse import block_sparse_conv3d_parts
 from lk3d.block_sparse_weight import (BlockSparseWeight, block_count, check_block_shape,
                                       check_threshold, five_ints)
@@ -99,7 +99,7 @@ class _FactoredConv3d(nn.Module):
         self.padding_mode = padding_mode
         # F.pad's order (w_l, w_r, h_l, h_r, d_l, d_r), for the non-zero padding modes.
         left, right = padding_sides(self.padding, self.kernel_size, self.dilation)
-        self._reversed_padding_repeated_twice = [v for i in (2, 1, 0) for v in (left[i], right[i])]
+        self._reversed_padding_repeated_twice = pad_order(left + right)
         if not isinstance(bias, bool):
             raise TypeError(f"bias: expected a bool, got {bias!r} ({type(bias).__name__})")
         self._has_bias = bias
