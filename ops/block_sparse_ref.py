@@ -25,6 +25,7 @@ from lk3d._spec import out_size, zero_pad
 __all__ = ["block_sparse_conv3d_torch", "block_sparse_conv3d_torch_backward",
            "sparse_route_macs", "sparse_route_ms"]
 
+
 @dataclass(frozen=True)
 class _Brick:
     """Some of the stored blocks at one spatial block of the kernel, run as one grouped conv:

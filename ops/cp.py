@@ -465,4 +465,3 @@ def cp_conv3d(input, factors, bias=None, stride=1, padding=0, dilation=1, groups
     out = cp_conv3d_op(input, *factors.tensors(), bias, list(spec.stride), spec.padding,
                        list(spec.dilation))
     return out.squeeze(0) if unbatched else out
-

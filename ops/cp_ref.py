@@ -24,6 +24,7 @@ from lk3d.cp_factors import dense_weight
 __all__ = ["cp_conv3d_torch", "cp_conv3d_torch_backward", "cp_conv3d_dense",
            "cp_conv3d_dense_backward", "cp_conv3d_ref"]
 
+
 @dataclass(frozen=True)
 class _AxisConv:
     """One 1-D depthwise conv of the sequence, along spatial ``axis`` (0: D, 1: H, 2: W): the
@@ -161,4 +162,3 @@ def cp_conv3d_ref(input, factors, bias=None, **args):
     """Float64 reference on the CPU: ``F.conv3d`` with the reconstructed dense weight."""
     up = (lambda t: None if t is None else t.detach().to("cpu", torch.float64))
     return F.conv3d(up(input), up(factors.to_dense()), up(bias), **args)
-

@@ -280,4 +280,3 @@ def check_case(case: Case, device: str):
         ref = _call(case, ref_provider, t, *_operands(case, ref_provider, t)).double()
         rel_err = float((y - ref).norm() / ref.norm().clamp_min(1e-30))
     return rel_err, lk3d_plans(case, device)
-

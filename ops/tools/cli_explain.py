@@ -7,6 +7,7 @@ import torch
 import lk3d
 from lk3d.tools import bench
 
+
 def _int_list(text):
     """The comma-separated ints of ``text``; () where one is not an int."""
     try:
