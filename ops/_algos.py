@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lk3d import fft
-from lk3d._spec import empty, out_size
+from lk3d._spec import empty, extent, out_size, zero_pad
 from lk3d.autotune import configs, registry
 from lk3d.autotune.configs import Problem, candidate_configs, default_config
 from lk3d.kernels import HAS_TRITON, INTERPRETED, MAX_VOLUME, memory_format
@@ -158,7 +158,7 @@ def _aten_padded(x, padding):
     left, right = split_pad(padding)
     if left == right:
         return x, list(left)
-    return F.pad(x, (left[2], right[2], left[1], right[1], left[0], right[0])), [0, 0, 0]
+    return zero_pad(x, padding), [0, 0, 0]
 
 
 def aten_forward(x, w, bias, stride, padding, dilation, groups):
@@ -323,7 +323,7 @@ def model_ms(algo, x_shape, w_shape, stride, padding, dilation, groups, dtype, d
     form = "depthwise" if w_shape[1] == 1 else "dense"
     if algo == "fft":
         K = tuple(w_shape[2:])
-        E = tuple(d * (k - 1) + 1 for d, k in zip(dilation, K))
+        E = extent(K, dilation)
         Q = tuple(s + pl + pr - e + 1 for s, pl, pr, e in
                   zip(x_shape[2:], *split_pad(padding), E))
         secs = fft.plan_tiles(Q, E, K, x_shape[0], x_shape[1], w_shape[0], groups)[1]

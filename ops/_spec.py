@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from numbers import Integral
 
 import torch
+import torch.nn.functional as F
 
 from lk3d.kernels import out_size  # noqa: F401  (the one output-size formula, re-exported)
 
@@ -29,7 +30,9 @@ class Conv3dSpec:
         return list(self.pad_left) + list(self.pad_right)
 
 
-def _triple(name, value, minimum):
+def triple(name, value, minimum=1):
+    """``value`` (an int, or a tuple or list of 1 or 3 ints) as a tuple of 3 ints >= ``minimum``,
+    else a TypeError/ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (Integral, tuple, list)):
         raise TypeError(f"{name}: expected an int or a tuple of 3 ints, got {value!r} "
                         f"({type(value).__name__})")
@@ -91,6 +94,22 @@ def check_same(name, t, ref, ref_name="input"):
                          f"got {t.device}")
 
 
+def extent(kernel, dilation):
+    """The dilated kernel's extent per axis: ``d·(k - 1) + 1``."""
+    return tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation))
+
+
+def pad_order(padding):
+    """``F.pad``'s order (w_l, w_r, h_l, h_r, d_l, d_r) of the six paddings the ops take,
+    (d_l, h_l, w_l, d_r, h_r, w_r)."""
+    return [v for i in (2, 1, 0) for v in (padding[i], padding[3 + i])]
+
+
+def zero_pad(x, padding):
+    """``x`` zero-padded by the six paddings the ops take, (d_l, h_l, w_l, d_r, h_r, w_r)."""
+    return F.pad(x, pad_order(padding))
+
+
 def empty(shape, like, memory_format=torch.contiguous_format):
     """An uninitialised tensor with ``like``'s dtype and device."""
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
@@ -105,18 +124,10 @@ def check_conv3d(input, weight, bias, stride, padding, dilation, groups) -> Conv
         check_tensor("bias", bias, (1,))
         check_same("bias", bias, input)
     groups = positive_int("groups", groups)
-    stride = _triple("stride", stride, 1)
-    dilation = _triple("dilation", dilation, 1)
-
-    cin, cout, kernel = input.shape[1], weight.shape[0], tuple(weight.shape[2:])
-    if cin % groups:
-        raise ValueError(f"groups: expected a divisor of the input's {cin} channels, got {groups}")
-    if cout % groups:
-        raise ValueError(f"groups: expected a divisor of weight's {cout} output channels, "
-                         f"got {groups}")
-    if weight.shape[1] != cin // groups:
-        raise ValueError(f"weight: expected shape[1] = in_channels / groups = {cin} / {groups} = "
-                         f"{cin // groups}, got weight of shape {tuple(weight.shape)}")
+    stride = triple("stride", stride)
+    dilation = triple("dilation", dilation)
+    check_group_channels(input.shape[1], tuple(weight.shape), groups)
+    cout, kernel = weight.shape[0], tuple(weight.shape[2:])
     if min(kernel) < 1 or cout < 1:
         raise ValueError(f"weight: expected non-empty kernel and output channels, got shape "
                          f"{tuple(weight.shape)}")
@@ -127,30 +138,54 @@ def check_conv3d(input, weight, bias, stride, padding, dilation, groups) -> Conv
     return geometry(input.shape[2:], kernel, stride, padding, dilation, groups)
 
 
+def check_group_channels(cin, weight_shape, groups):
+    """``groups`` (a positive int) divides the input's ``cin`` channels and the ``weight_shape``'s
+    output channels, and ``weight_shape[1]`` is ``cin / groups``; else a ValueError."""
+    cout = weight_shape[0]
+    if cin % groups:
+        raise ValueError(f"groups: expected a divisor of the input's {cin} channels, got {groups}")
+    if cout % groups:
+        raise ValueError(f"groups: expected a divisor of weight's {cout} output channels, "
+                         f"got {groups}")
+    if weight_shape[1] != cin // groups:
+        raise ValueError(f"weight: expected shape[1] = in_channels / groups = {cin} / {groups} = "
+                         f"{cin // groups}, got weight of shape {tuple(weight_shape)}")
+
+
+def check_padding(padding, stride):
+    """``padding`` as the user gave it, checked: ``"same"`` (``stride`` a checked triple of ones)
+    or ``"valid"`` as they are, else a triple of ints >= 0."""
+    if not isinstance(padding, str):
+        return triple("padding", padding, 0)
+    if padding not in ("same", "valid"):
+        raise ValueError(f"padding: expected 'same', 'valid', an int or a tuple of 3 ints, "
+                         f"got {padding!r}")
+    if padding == "same" and stride != (1, 1, 1):
+        raise ValueError(f"padding: 'same' expects stride 1, got stride {stride}")
+    return padding
+
+
+def padding_sides(padding, kernel, dilation):
+    """``(pad_left, pad_right)``, a triple each, of a ``check_padding``-ed ``padding``: ``"same"``
+    puts the odd voxel of an even extent on the right, as ``F.conv3d`` does."""
+    if padding == "valid":
+        return (0, 0, 0), (0, 0, 0)
+    if padding == "same":
+        total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        return tuple(t // 2 for t in total), tuple(t - t // 2 for t in total)
+    return tuple(padding), tuple(padding)
+
+
 def geometry(spatial, kernel, stride, padding, dilation, groups=1, kernel_arg="weight"):
     """The spec of a convolution of ``kernel`` over ``spatial``: ``stride`` and ``dilation``
     already checked triples, ``padding`` as the user gave it (checked here). A kernel that does
     not fit the padded input is an error on ``kernel_arg``."""
-    if isinstance(padding, str):
-        if padding == "valid":
-            pad_left = pad_right = (0, 0, 0)
-        elif padding == "same":
-            if stride != (1, 1, 1):
-                raise ValueError(f"padding: 'same' expects stride 1, got stride {stride}")
-            total = [d * (k - 1) for d, k in zip(dilation, kernel)]
-            pad_left = tuple(t // 2 for t in total)
-            pad_right = tuple(t - t // 2 for t in total)
-        else:
-            raise ValueError(f"padding: expected 'same', 'valid', an int or a tuple of 3 ints, "
-                             f"got {padding!r}")
-    else:
-        pad_left = pad_right = _triple("padding", padding, 0)
-
+    pad_left, pad_right = padding_sides(check_padding(padding, stride), kernel, dilation)
     spatial = tuple(spatial)
     out = out_size(spatial, kernel, stride, pad_left + pad_right, dilation)
     if min(out) < 1:
         padded = tuple(s + pl + pr for s, pl, pr in zip(spatial, pad_left, pad_right))
-        extent = tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel))
-        raise ValueError(f"{kernel_arg}: kernel extent {extent} (kernel {kernel}, dilation "
+        raise ValueError(f"{kernel_arg}: kernel extent {extent(kernel, dilation)} (kernel "
+                         f"{kernel}, dilation "
                          f"{dilation}) is larger than the padded input {padded}")
     return Conv3dSpec(stride, pad_left, pad_right, dilation, groups, out)

@@ -1,4 +1,5 @@
-"""Rank-R CP convolution: ``lk3d.CPFactors``, ``lk3d.cp_conv3d`` and the ``lk3d::cp_conv3d`` op.
+"""Rank-R CP convolution: ``lk3d.cp_conv3d`` and the ``lk3d::cp_conv3d`` op, on an
+``lk3d.CPFactors`` (``lk3d.cp_factors``).
 
 A rank-R CP kernel holds a dense weight ``[Cout, Cin, kd, kh, kw]`` as five factor matrices::
 
@@ -48,13 +49,13 @@ swapped, the factor gradients about twice the forward.
 
 The ``aten`` algorithm, and everywhere the kernels do not serve (CPU without the interpreter,
 CPU bf16, float64 on CUDA, mixed dtypes), is the factored sequence in torch
-(``cp_conv3d_torch``): a pointwise conv with ``U_in`` (x -> [N, R, D, H, W]), three 1-D depthwise
-convs (groups=R) with ``A``, ``B``, ``C`` along D, H and W, each taking that axis's stride,
-dilation and padding, then a pointwise conv with ``U_out·weights`` and the bias; the separable
-``2·R·(Cin + kd + kh + kw + Cout)`` FLOPs per output voxel (stride 1), at the price of
-materialising the intermediates. Its backward recomputes the
-sequence and runs ``aten.convolution_backward`` through it in reverse. Both paths match
-``F.conv3d`` with the dense weight.
+(``cp_conv3d_torch``, in ``lk3d.cp_ref``): a pointwise conv with ``U_in`` (x -> [N, R, D, H,
+W]), three 1-D depthwise convs (groups=R) with ``A``, ``B``, ``C`` along D, H and W, each taking
+that axis's stride, dilation and padding, then a pointwise conv with ``U_out·weights`` and the
+bias; the separable ``2·R·(Cin + kd + kh + kw + Cout)`` FLOPs per output voxel (stride 1), at the
+price of materialising the intermediates. Its backward recomputes the sequence and runs
+``aten.convolution_backward`` through it in reverse. Both paths match ``F.conv3d`` with the dense
+weight.
 
 Non-finite values: both algorithms sum over the rank, so an Inf of the input (or of a factor, or
 of the output gradient) meets the R components with their own signs and turns to NaN where
@@ -69,19 +70,20 @@ Double backward: the backward op has autograd of its own, written with the two o
 (see "Double backward" below), so it runs on either algorithm and under ``torch.compile``.
 """
 import math
-from dataclasses import dataclass
 from numbers import Integral
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from lk3d import _algos
 from lk3d._algos import kernels_can_run
-from lk3d._spec import (Conv3dSpec, _triple, batched, check_same, check_tensor, empty,
-                        geometry, out_size)
+from lk3d._spec import (Conv3dSpec, batched, check_same, check_tensor, empty, geometry, out_size,
+                        triple)
 from lk3d.autotune import configs, registry, select
 from lk3d.autotune.cache import problem_key
+from lk3d.cp_factors import CPFactors
+from lk3d.cp_ref import (cp_conv3d_dense, cp_conv3d_dense_backward, cp_conv3d_ref,
+                         cp_conv3d_torch, cp_conv3d_torch_backward)
 from lk3d.kernels import HAS_TRITON, INTERPRETED, memory_format
 from lk3d.kernels import cp_configs as cp_family
 
@@ -95,104 +97,6 @@ __all__ = ["CPFactors", "cp_conv3d", "cp_conv3d_torch", "cp_conv3d_ref", "check_
 
 # Set to False to run the torch path even where the Triton kernels could serve.
 USE_KERNELS = True
-
-_FACTOR_ROWS = (("U_out", "out_channels"), ("U_in", "in_channels"), ("A", "kernel depth kd"),
-                ("B", "kernel height kh"), ("C", "kernel width kw"))
-
-
-@dataclass(frozen=True, eq=False)
-class CPFactors:
-    """The five factor matrices (and optional per-component weights) of a rank-R CP kernel.
-
-    ``U_out [Cout, R]``, ``U_in [Cin, R]``, ``A [kd, R]``, ``B [kh, R]``, ``C [kw, R]``,
-    ``weights [R]`` or None (all ones). All floating tensors of one dtype on one device; checked
-    on construction (``TypeError``/``ValueError`` naming the factor). ``to_dense()`` gives the
-    full weight ``[Cout, Cin, kd, kh, kw]`` that ``F.conv3d`` would take.
-    """
-    U_out: torch.Tensor
-    U_in: torch.Tensor
-    A: torch.Tensor
-    B: torch.Tensor
-    C: torch.Tensor
-    weights: Optional[torch.Tensor] = None
-
-    def __post_init__(self):
-        for name, what in _FACTOR_ROWS:
-            t = getattr(self, name)
-            check_tensor(name, t)
-            if t.dim() != 2:
-                raise ValueError(f"{name}: expected a 2-D tensor [{what}, rank], got {t.dim()}-D "
-                                 f"with shape {tuple(t.shape)}")
-            if t.shape[0] < 1:
-                raise ValueError(f"{name}: expected at least one row ({what}), got shape "
-                                 f"{tuple(t.shape)}")
-            if name != "U_out":
-                check_same(name, t, self.U_out, "U_out")
-        ranks = {name: getattr(self, name).shape[1] for name, _ in _FACTOR_ROWS}
-        if len(set(ranks.values())) != 1:
-            shapes = ", ".join(f"{n} {tuple(getattr(self, n).shape)}" for n, _ in _FACTOR_ROWS)
-            raise ValueError(f"factors: expected the same number of columns (the rank) in every "
-                             f"factor, got {shapes}")
-        if self.U_out.shape[1] < 1:
-            raise ValueError(f"rank: expected a rank of at least 1 (factors with one column or "
-                             f"more), got factors of shape {tuple(self.U_out.shape)}")
-        if self.weights is not None:
-            check_tensor("weights", self.weights)
-            check_same("weights", self.weights, self.U_out, "U_out")
-            if tuple(self.weights.shape) != (self.rank,):
-                raise ValueError(f"weights: expected shape ({self.rank},) (one per rank "
-                                 f"component), got {tuple(self.weights.shape)}")
-
-    @property
-    def rank(self) -> int:
-        return self.U_out.shape[1]
-
-    @property
-    def kernel_size(self) -> tuple:
-        return (self.A.shape[0], self.B.shape[0], self.C.shape[0])
-
-    @property
-    def out_channels(self) -> int:
-        return self.U_out.shape[0]
-
-    @property
-    def in_channels(self) -> int:
-        return self.U_in.shape[0]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.U_out.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.U_out.device
-
-    def tensors(self) -> tuple:
-        """``(U_out, U_in, A, B, C, weights)``, the order the custom ops take them in."""
-        return (self.U_out, self.U_in, self.A, self.B, self.C, self.weights)
-
-    def scaled_out(self) -> torch.Tensor:
-        """``U_out`` with ``weights`` folded in: ``U_out * weights`` (or ``U_out``)."""
-        return self.U_out if self.weights is None else self.U_out * self.weights
-
-    def to(self, *args, **kwargs) -> "CPFactors":
-        """The factors moved/cast as ``torch.Tensor.to(*args, **kwargs)`` does."""
-        return CPFactors(*(None if t is None else t.to(*args, **kwargs) for t in self.tensors()))
-
-    def to_dense(self) -> torch.Tensor:
-        """The full weight ``[Cout, Cin, kd, kh, kw]`` (differentiable in every factor)."""
-        return _dense(self.scaled_out(), self.U_in, self.A, self.B, self.C)
-
-    def __repr__(self):
-        kd, kh, kw = self.kernel_size
-        return (f"CPFactors(rank={self.rank}, out_channels={self.out_channels}, "
-                f"in_channels={self.in_channels}, kernel_size=({kd}, {kh}, {kw}), "
-                f"weights={self.weights is not None}, dtype={self.dtype}, device={self.device})")
-
-
-def _dense(u_out, U_in, A, B, C):
-    """The dense weight ``[Cout, Cin, kd, kh, kw]`` of the factors (``U_out`` scaled)."""
-    return torch.einsum("or,ir,ar,br,cr->oiabc", u_out, U_in, A, B, C)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,153 +122,10 @@ def check_cp_conv3d(input, factors, bias, stride, padding, dilation, groups) -> 
     if input.shape[1] != factors.in_channels:
         raise ValueError(f"input: expected {factors.in_channels} channels (the rows of U_in), "
                          f"got input of shape {tuple(input.shape)}")
-    stride = _triple("stride", stride, 1)
-    dilation = _triple("dilation", dilation, 1)
+    stride = triple("stride", stride)
+    dilation = triple("dilation", dilation)
     return geometry(input.shape[2:], factors.kernel_size, stride, padding, dilation,
                     kernel_arg="factors")
-
-
-# ---------------------------------------------------------------------------------------------
-# the factored sequence in torch
-# ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _AxisConv:
-    """One 1-D depthwise conv of the sequence, along spatial ``axis`` (0: D, 1: H, 2: W): the
-    symmetric part of the padding goes to the conv, the rest to an ``F.pad`` before it."""
-    axis: int
-    stride: list
-    padding: list
-    dilation: list
-    extra: list  # F.pad's six values (w_l, w_r, h_l, h_r, d_l, d_r), or None
-
-    def kernel(self, factor):
-        """``factor [k, R]`` as a depthwise weight ``[R, 1, k, 1, 1]`` (k on this axis)."""
-        shape = [factor.shape[1], 1, 1, 1, 1]
-        shape[2 + self.axis] = factor.shape[0]
-        return factor.t().reshape(shape)
-
-    def pad(self, z):
-        return z if self.extra is None else F.pad(z, self.extra)
-
-    def forward(self, z, factor):
-        return F.conv3d(self.pad(z), self.kernel(factor), None, self.stride, self.padding,
-                        self.dilation, factor.shape[1])
-
-    def backward(self, grad, z, factor, need_input, need_factor):
-        """Gradients of ``forward(z, factor)`` in ``z`` and in ``factor`` (None where not
-        needed)."""
-        gz, gw, _ = torch.ops.aten.convolution_backward(
-            grad, self.pad(z), self.kernel(factor), None, self.stride, self.padding,
-            self.dilation, False, [0, 0, 0], factor.shape[1], [need_input, need_factor, False])
-        if need_input and self.extra is not None:
-            gz = F.pad(gz, [-p for p in self.extra])
-        gfactor = gw.reshape(factor.shape[1], factor.shape[0]).t() if need_factor else None
-        return gz, gfactor
-
-
-def _axis_convs(stride, padding, dilation):
-    convs = []
-    for axis in range(3):
-        left, right = padding[axis], padding[3 + axis]
-        sym = min(left, right)
-        extra = None
-        if left != right:
-            extra = [0] * 6
-            extra[2 * (2 - axis)] = left - sym
-            extra[2 * (2 - axis) + 1] = right - sym
-        one = [1, 1, 1]
-        st, pd, dl = list(one), [0, 0, 0], list(one)
-        st[axis], pd[axis], dl[axis] = stride[axis], sym, dilation[axis]
-        convs.append(_AxisConv(axis, st, pd, dl, extra))
-    return convs
-
-
-def _pointwise(factor):
-    """``factor [C, R]`` as the weight ``[R, C, 1, 1, 1]`` of a 1×1×1 conv C -> R channels."""
-    return factor.t().reshape(factor.shape[1], factor.shape[0], 1, 1, 1)
-
-
-def _sequence(x, U_in, A, B, C, stride, padding, dilation):
-    """``[z0, z1, z2, z3]``: after the U_in pointwise conv and after each 1-D conv."""
-    zs = [F.conv3d(x, _pointwise(U_in))]
-    for conv, factor in zip(_axis_convs(stride, padding, dilation), (A, B, C)):
-        zs.append(conv.forward(zs[-1], factor))
-    return zs
-
-
-def cp_conv3d_torch(input, U_out, U_in, A, B, C, weights, bias, stride, padding, dilation):
-    """The factored sequence with torch's convolutions; arguments as ``lk3d::cp_conv3d``
-    (``input`` 5-D, ``padding`` six ints ``(d_l, h_l, w_l, d_r, h_r, w_r)``)."""
-    z3 = _sequence(input, U_in, A, B, C, stride, padding, dilation)[-1]
-    u_out = U_out if weights is None else U_out * weights
-    return F.conv3d(z3, u_out.reshape(*u_out.shape, 1, 1, 1), bias)
-
-
-def cp_conv3d_torch_backward(grad, input, U_out, U_in, A, B, C, weights, stride, padding,
-                             dilation, output_mask):
-    """Gradients of ``cp_conv3d_torch`` in (input, U_out, U_in, A, B, C, weights); entries whose
-    ``output_mask`` is False come back as zeros. (The bias gradient is ``grad.sum((0, 2, 3,
-    4))``.)"""
-    need_x, need_uo, need_ui, need_a, need_b, need_c, need_w = output_mask
-    zs = _sequence(input, U_in, A, B, C, stride, padding, dilation)
-    u_out = U_out if weights is None else U_out * weights
-    grads = [None] * 7
-    if need_uo or need_w:
-        g_uout = torch.einsum("no...,nr...->or", grad, zs[-1])
-        grads[1] = g_uout if weights is None else g_uout * weights
-        if weights is not None:
-            grads[6] = (g_uout * U_out).sum(0)
-    # How far back the chain must go: the earliest factor (or the input) asked for.
-    need = [need_x or need_ui, need_a, need_b, need_c]
-    if any(need):
-        first = need.index(True)
-        gz = F.conv3d(grad, u_out.t().reshape(*u_out.t().shape, 1, 1, 1))
-        convs = _axis_convs(stride, padding, dilation)
-        for step in (2, 1, 0):
-            if step + 1 < first:
-                break
-            gz, gfactor = convs[step].backward(gz, zs[step], (A, B, C)[step], step >= first,
-                                               output_mask[3 + step])
-            grads[3 + step] = gfactor
-        if first == 0:
-            gx, gw, _ = torch.ops.aten.convolution_backward(
-                gz, input, _pointwise(U_in), None, [1, 1, 1], [0, 0, 0], [1, 1, 1], False,
-                [0, 0, 0], 1, [need_x, need_ui, False])
-            grads[0] = gx
-            if need_ui:
-                grads[2] = gw.reshape(gw.shape[0], gw.shape[1]).t()
-    like = (input, U_out, U_in, A, B, C, weights if weights is not None else U_out[0])
-    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
-
-
-def cp_conv3d_dense(input, U_out, U_in, A, B, C, weights, bias, stride, padding, dilation):
-    """``F.conv3d`` with the dense weight (aten); arguments as ``cp_conv3d_torch``."""
-    u_out = U_out if weights is None else U_out * weights
-    return _algos.aten_forward(input, _dense(u_out, U_in, A, B, C), bias, stride, padding,
-                               dilation, 1)
-
-
-def cp_conv3d_dense_backward(grad, input, U_out, U_in, A, B, C, weights, stride, padding,
-                             dilation, output_mask):
-    """Gradients of ``cp_conv3d_dense``, arguments and result as ``cp_conv3d_torch_backward``:
-    the vector-Jacobian product of the same torch calls (``torch.func.vjp``), so every NaN and
-    Inf lands where autograd through ``F.conv3d(input, factors.to_dense())`` puts it."""
-    def dense(x, U_out, U_in, A, B, C, *weights):
-        return cp_conv3d_dense(x, U_out, U_in, A, B, C, weights[0] if weights else None, None,
-                               stride, padding, dilation)
-    primals = (input, U_out, U_in, A, B, C) + (() if weights is None else (weights,))
-    grads = list(torch.func.vjp(dense, *primals)[1](grad))
-    like = (input, U_out, U_in, A, B, C, weights if weights is not None else U_out[0])
-    grads += [None] * (7 - len(grads))
-    return [g if g is not None and m else torch.zeros_like(t)
-            for g, t, m in zip(grads, like, output_mask)]
-
-
-def cp_conv3d_ref(input, factors, bias=None, **args):
-    """Float64 reference on the CPU: ``F.conv3d`` with the reconstructed dense weight."""
-    up = (lambda t: None if t is None else t.detach().to("cpu", torch.float64))
-    return F.conv3d(up(input), up(factors.to_dense()), up(bias), **args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -735,4 +496,3 @@ def cp_conv3d(input, factors, bias=None, stride=1, padding=0, dilation=1, groups
     out = cp_conv3d_op(input, *factors.tensors(), bias, list(spec.stride), spec.padding,
                        list(spec.dilation))
     return out.squeeze(0) if unbatched else out
-

@@ -26,7 +26,7 @@ from numbers import Integral
 import torch
 
 from lk3d._spec import check_same, check_tensor
-from lk3d.cp import CPFactors
+from lk3d.cp_factors import CPFactors
 from lk3d._spec import positive_int
 
 __all__ = ["cp", "tucker", "TuckerFactors"]

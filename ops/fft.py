@@ -55,6 +55,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from lk3d._spec import extent, zero_pad
+
 _FAST_MAX = 1 << 14
 _FAST = sorted({2 ** a * 3 ** b * 5 ** c * 7 ** d for a in range(15) for b in range(9)
                 for c in range(7) for d in range(6) if 2 ** a * 3 ** b * 5 ** c * 7 ** d <= _FAST_MAX})
@@ -201,7 +203,7 @@ def xcorr(x, w, dil, Q, groups, L=None):
     cout, cg = w.shape[:2]
     og = cout // groups
     K = tuple(w.shape[2:])
-    E = tuple(d * (k - 1) + 1 for d, k in zip(dil, K))
+    E = extent(K, dil)
     if L is None:
         L = plan_tiles(tuple(Q), E, K, N, cin, cout, groups)[0]
     B = [l - e + 1 for l, e in zip(L, E)]
@@ -240,19 +242,10 @@ def xcorr(x, w, dil, Q, groups, L=None):
     return out[:, :, :Q[0], :Q[1], :Q[2]]
 
 
-def _pad(x, padding):
-    left, right = padding[:3], padding[3:]
-    return F.pad(x, (left[2], right[2], left[1], right[1], left[0], right[0]))
-
-
-def _extent(k, dil):
-    return tuple(d * (kk - 1) + 1 for kk, d in zip(k, dil))
-
-
 def conv3d_forward(x, w, bias, stride, padding, dilation, groups):
     """``F.conv3d`` by FFT; ``padding`` is (d_l, h_l, w_l, d_r, h_r, w_r)."""
-    xp = _pad(x, padding)
-    E = _extent(w.shape[2:], dilation)
+    xp = zero_pad(x, padding)
+    E = extent(w.shape[2:], dilation)
     Q = [p - e + 1 for p, e in zip(xp.shape[2:], E)]
     y = xcorr(xp, w, dilation, Q, groups)
     if any(s > 1 for s in stride):
@@ -266,7 +259,7 @@ def conv3d_grad_input(grad, w, input_shape, stride, padding, dilation, groups):
     """Gradient of ``conv3d_forward`` in its input, by the same correlation."""
     cout, cg = w.shape[:2]
     og = cout // groups
-    E = _extent(w.shape[2:], dilation)
+    E = extent(w.shape[2:], dilation)
     P = [s + padding[i] + padding[i + 3] for i, s in enumerate(input_shape[2:])]
     Q = [p - e + 1 for p, e in zip(P, E)]
     if any(s > 1 for s in stride):  # spread grad onto the stride-1 output grid
@@ -291,8 +284,8 @@ def conv3d_grad_weight(grad, x, weight_shape, stride, padding, dilation, groups)
     cout, cg = weight_shape[:2]
     og = cout // groups
     K = weight_shape[2:]
-    E = _extent(K, dilation)
-    xp = _pad(x, padding)
+    E = extent(K, dilation)
+    xp = zero_pad(x, padding)
     P = xp.shape[2:]
     Q = [p - e + 1 for p, e in zip(P, E)]
     rdtype, cdtype = _real(x.dtype), _complex(x.dtype)

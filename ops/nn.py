@@ -36,12 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lk3d import block_sparse, decompose
-from lk3d._spec import _triple
-from lk3d.block_sparse import BlockSparseWeight
-from lk3d.cp import CPFactors, cp_conv3d
+from lk3d import decompose
+from lk3d._spec import check_padding, pad_order, padding_sides, positive_int, triple
+from lk3d.block_sparse import block_sparse_conv3d_parts
+from lk3d.block_sparse_weight import (BlockSparseWeight, block_count, check_block_shape,
+                                      check_threshold, five_ints)
+from lk3d.cp import cp_conv3d
+from lk3d.cp_factors import CPFactors
 from lk3d.functional import conv3d
-from lk3d._spec import positive_int
 
 __all__ = ["Conv3d", "CPConv3d", "TuckerConv3d", "BlockSparseConv3d", "convert"]
 
@@ -87,31 +89,17 @@ class _FactoredConv3d(nn.Module):
         super().__init__()
         self.in_channels = positive_int("in_channels", in_channels)
         self.out_channels = positive_int("out_channels", out_channels)
-        self.kernel_size = _triple("kernel_size", kernel_size, 1)
-        self.stride = _triple("stride", stride, 1)
-        self.dilation = _triple("dilation", dilation, 1)
-        if isinstance(padding, str):
-            if padding not in ("same", "valid"):
-                raise ValueError(f"padding: expected 'same', 'valid', an int or a tuple of 3 "
-                                 f"ints, got {padding!r}")
-            if padding == "same" and self.stride != (1, 1, 1):
-                raise ValueError(f"padding: 'same' expects stride 1, got stride {self.stride}")
-            self.padding = padding
-        else:
-            self.padding = _triple("padding", padding, 0)
+        self.kernel_size = triple("kernel_size", kernel_size)
+        self.stride = triple("stride", stride)
+        self.dilation = triple("dilation", dilation)
+        self.padding = check_padding(padding, self.stride)
         if padding_mode not in _PADDING_MODES:
             raise ValueError(f"padding_mode: expected one of {', '.join(map(repr, _PADDING_MODES))}"
                              f", got {padding_mode!r}")
         self.padding_mode = padding_mode
         # F.pad's order (w_l, w_r, h_l, h_r, d_l, d_r), for the non-zero padding modes.
-        if self.padding == "same":
-            total = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
-            pads = [(t // 2, t - t // 2) for t in total]
-        elif self.padding == "valid":
-            pads = [(0, 0)] * 3
-        else:
-            pads = [(p, p) for p in self.padding]
-        self._reversed_padding_repeated_twice = [v for pair in reversed(pads) for v in pair]
+        left, right = padding_sides(self.padding, self.kernel_size, self.dilation)
+        self._reversed_padding_repeated_twice = pad_order(left + right)
         if not isinstance(bias, bool):
             raise TypeError(f"bias: expected a bool, got {bias!r} ({type(bias).__name__})")
         self._has_bias = bias
@@ -366,10 +354,9 @@ class BlockSparseConv3d(_FactoredConv3d):
                 raise ValueError(f"groups: expected a divisor of {name} = {n}, got {groups}")
         self.weight_shape = (self.out_channels, self.in_channels // self.groups,
                              *self.kernel_size)
-        self.block_shape = block_sparse.check_block_shape(self.weight_shape, block_shape,
-                                                          self.groups)
+        self.block_shape = check_block_shape(self.weight_shape, block_shape, self.groups)
         grid = [n // b for n, b in zip(self.weight_shape, self.block_shape)]
-        count = block_sparse.block_count(density, math.prod(grid))
+        count = block_count(density, math.prod(grid))
         keys = torch.randperm(math.prod(grid), device=device)[:count].sort().values
         per_row = math.prod(grid[1:])
         row_ptr = torch.zeros(grid[0] + 1, dtype=torch.int32, device=device)
@@ -404,9 +391,9 @@ class BlockSparseConv3d(_FactoredConv3d):
 
     def forward(self, input):
         input, padding = self._padded(input)
-        return block_sparse._conv(input, self.weight_shape, self.block_shape, self.values,
-                                  self.row_ptr, self.col, self.bias, self.stride, padding,
-                                  self.dilation, self.groups)
+        return block_sparse_conv3d_parts(input, self.weight_shape, self.block_shape, self.values,
+                                         self.row_ptr, self.col, self.bias, self.stride, padding,
+                                         self.dilation, self.groups)
 
     def _resize(self, nnz):
         """A new ``values`` Parameter of ``nnz`` blocks if that is another count (a resized
@@ -478,7 +465,7 @@ class BlockSparseConv3d(_FactoredConv3d):
 def _block_shape_fits(conv, block_shape):
     """Whether ``block_shape`` fits ``conv``'s weight and groups (``BlockSparseConv3d``)."""
     try:
-        block_sparse.check_block_shape(tuple(conv.weight.shape), block_shape, conv.groups)
+        check_block_shape(tuple(conv.weight.shape), block_shape, conv.groups)
     except ValueError:
         return False
     return True
@@ -548,14 +535,14 @@ def convert(model, min_kernel_size=5, inplace=False, to="dense", rank=None, bloc
             raise ValueError("block_shape: expected a tuple of 5 positive ints (bo, bi, bd, bh, "
                              "bw) with to='block_sparse' (to='dense' and to='cp' take none), "
                              "got None")
-        block_sparse._five("block_shape", block_shape)
+        five_ints("block_shape", block_shape)
         if threshold is not None and density is not None:
             raise ValueError(f"threshold, density: expected at most one of them, got "
                              f"threshold={threshold!r} and density={density!r}")
         if threshold is not None:
-            block_sparse.check_threshold(threshold)
+            check_threshold(threshold)
         if density is not None:
-            block_sparse.block_count(density, 1)
+            block_count(density, 1)
     else:
         for name, value in (("block_shape", block_shape), ("density", density),
                             ("threshold", threshold)):

@@ -1,9 +1,13 @@
-"""Shared test cases, tolerances and reference for the conv3d tests."""
+"""Shared test cases, tolerances and reference for the convolution tests: one ``Case`` type for
+every form (dense, CP, block-sparse, module) and one tolerance table."""
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
+
+import lk3d
 
 # Relative error ||y - ref|| / ||ref|| against a float64 reference, per dtype of the computation.
 TOL = {
@@ -16,7 +20,13 @@ TOL = {
 
 @dataclass(frozen=True)
 class Case:
-    N: int
+    """One convolution to test: input ``[N, cin, *size]`` (``N`` None: unbatched) in ``layout``
+    (see ``with_layout``), ``cout`` output channels, ``kernel``, and the geometry as
+    ``F.conv3d`` takes it. The weight's form: dense (the default), rank-``rank`` CP (``rank`` >
+    0; ``weights``: per-component weights or none), block-sparse (``block`` given: blocks of that
+    shape, ``density`` of them stored, 0: none), or a module's (``padding_mode`` given, e.g.
+    "zeros"). ``Case.cp``, ``Case.block_sparse`` and ``Case.module`` build the three."""
+    N: object
     cin: int
     cout: int
     size: tuple
@@ -26,26 +36,80 @@ class Case:
     dilation: object = 1
     groups: int = 1
     bias: bool = True
+    layout: str = "contiguous"
+    rank: int = 0
+    weights: bool = True
+    block: tuple = ()
+    density: float = 0.5
+    padding_mode: object = None
+
+    @classmethod
+    def cp(cls, N, cin, cout, size, kernel, rank, **kwargs):
+        return cls(N, cin, cout, size, kernel, rank=rank, **kwargs)
+
+    @classmethod
+    def block_sparse(cls, N, cin, cout, size, kernel, block, density=0.5, **kwargs):
+        return cls(N, cin, cout, size, kernel, block=block, density=density, **kwargs)
+
+    @classmethod
+    def module(cls, shape, cout, kernel, padding_mode, **kwargs):
+        """An ``nn.Conv3d``-style module on an input of ``shape`` (4 dims: unbatched)."""
+        *n, cin = shape[:-3]
+        return cls(n[0] if n else None, cin, cout, tuple(shape[-3:]), kernel,
+                   padding_mode=padding_mode, **kwargs)
 
     @property
     def id(self):
         def j(v):
             return "x".join(map(str, v)) if isinstance(v, tuple) else str(v)
-        return (f"N{self.N}-C{self.cin}to{self.cout}-D{j(self.size)}-k{j(self.kernel)}"
-                f"-s{j(self.stride)}-p{j(self.padding)}-d{j(self.dilation)}-g{self.groups}")
+        batch = "unbatched" if self.N is None else f"N{self.N}"
+        form = (f"-r{self.rank}" if self.rank else
+                f"-b{j(self.block)}-dens{self.density}" if self.block else "")
+        return (f"{batch}-C{self.cin}to{self.cout}-D{j(self.size)}-k{j(self.kernel)}{form}"
+                f"-s{j(self.stride)}-p{j(self.padding)}-d{j(self.dilation)}"
+                f"{'' if self.rank else f'-g{self.groups}'}{'' if self.bias else '-nobias'}"
+                f"{'-noweights' if self.rank and not self.weights else ''}"
+                f"{'' if self.layout == 'contiguous' else '-' + self.layout}"
+                f"{'' if self.padding_mode is None else '-' + self.padding_mode}")
+
+    @property
+    def shape(self):
+        """The input's shape."""
+        return (*(() if self.N is None else (self.N,)), self.cin, *self.size)
 
     def tensors(self, dtype=torch.float64, device="cpu", seed=0):
+        """``(x, weight, bias)`` drawn on the CPU in float64 from ``seed``, then moved to
+        ``device`` and ``dtype``; ``weight`` a dense tensor, an ``lk3d.CPFactors`` or an
+        ``lk3d.BlockSparseWeight`` by the case's form, ``bias`` None without one."""
         g = torch.Generator().manual_seed(seed)
-        x = torch.randn(self.N, self.cin, *self.size, generator=g, dtype=torch.float64)
-        w = torch.randn(self.cout, self.cin // self.groups, *self.kernel, generator=g,
-                        dtype=torch.float64)
-        b = torch.randn(self.cout, generator=g, dtype=torch.float64) if self.bias else None
+        f64 = dict(generator=g, dtype=torch.float64)
+        x = torch.randn(self.shape, **f64)
+        if self.rank:
+            mats = [torch.randn(n, self.rank, **f64) for n in (self.cout, self.cin, *self.kernel)]
+            scales = torch.rand(self.rank, **f64) + 0.5 if self.weights else None
+            weight = lk3d.CPFactors(*mats, scales)
+        else:
+            weight = torch.randn(self.cout, self.cin // self.groups, *self.kernel, **f64)
+            if self.block and self.density == 0:
+                weight = lk3d.BlockSparseWeight.from_dense(weight, self.block, threshold=math.inf)
+            elif self.block:
+                weight = lk3d.BlockSparseWeight.from_dense(weight, self.block,
+                                                           density=self.density)
+        b = torch.randn(self.cout, **f64) if self.bias else None
         to = dict(dtype=dtype, device=device)
-        return x.to(**to), w.to(**to), None if b is None else b.to(**to)
+        x = with_layout(x.to(**to), None, self.layout)[0]
+        return x, weight.to(**to), None if b is None else b.to(**to)
 
     def args(self):
-        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation,
-                    groups=self.groups)
+        """The geometry as ``F.conv3d`` takes it (a CP convolution takes no groups)."""
+        args = dict(stride=self.stride, padding=self.padding, dilation=self.dilation)
+        return args if self.rank else {**args, "groups": self.groups}
+
+    def module_args(self):
+        """The arguments of an ``nn.Conv3d`` of this case."""
+        return dict(in_channels=self.cin, out_channels=self.cout, kernel_size=self.kernel,
+                    stride=self.stride, padding=self.padding, dilation=self.dilation,
+                    groups=self.groups, bias=self.bias, padding_mode=self.padding_mode)
 
 
 def draw_geometry(draw, max_kernel, slack):
@@ -91,7 +155,7 @@ def with_layout(x, w, layout):
         x = x.contiguous(memory_format=torch.channels_last_3d)
     elif layout == "strided":
         x = torch.repeat_interleave(x, 2, dim=-1)[..., ::2]
-        w = w.transpose(3, 4).contiguous().transpose(3, 4)
+        w = None if w is None else w.transpose(3, 4).contiguous().transpose(3, 4)
     elif layout == "permuted":
         x = x.transpose(1, 2).contiguous().transpose(1, 2)
     elif layout != "contiguous":
@@ -115,6 +179,11 @@ def leaf_like(t):
     buffer = torch.full((reach,), fill, dtype=t.dtype, device=t.device)
     leaf = buffer.as_strided(t.shape, t.stride()).copy_(t.detach()).detach()
     return leaf.requires_grad_() if t.is_floating_point() else leaf
+
+
+def assert_close_rel(name, got, want, tol):
+    err = rel_err(got, want)
+    assert err < tol, f"{name}: relative error {err:.3g} >= {tol:g}"
 
 
 def rel_err(y, ref):

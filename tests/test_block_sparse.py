@@ -1,19 +1,19 @@
-"""Block-sparse convolution: ``lk3d.BlockSparseWeight`` (layout, conversions from dense and COO,
-masks, pruning, checks), ``lk3d.block_sparse_conv3d`` against ``F.conv3d`` with the dense weight
-(float64, every argument form, groups and depthwise with multiplier, block shapes from channel
-blocks per tap to tap bricks, densities from no stored block to all), gradients (gradcheck, and
-against autograd through the dense weight), the work count of the torch path, the
-``lk3d::block_sparse_conv3d`` ops (opcheck, ``torch.compile(fullgraph=True)``), a hypothesis fuzz
-and argument errors.
+"""Block-sparse convolution (``lk3d.block_sparse``): ``lk3d.block_sparse_conv3d`` against
+``F.conv3d`` with the dense weight (float64, every argument form, groups and depthwise with
+multiplier, block shapes from channel blocks per tap to tap bricks, densities from no stored block
+to all), gradients (gradcheck, and against autograd through the dense weight), the work count of
+the torch path, the ``lk3d::block_sparse_conv3d`` ops (opcheck,
+``torch.compile(fullgraph=True)``), a hypothesis fuzz and argument errors.
 
 Every test here runs the torch path (``lk3d.block_sparse.USE_KERNELS`` is switched off by an
 autouse fixture) but for the gradcheck and the fuzz, which run both the torch path and the Triton
-kernels (the interpreter on the CPU); the kernels have their own tests beside them. The fixture also forces the
-torch path's sparse route (``ROUTE = "sparse"``); its dense route and the cost model that picks
-between them have their own tests.
+kernels (the interpreter on the CPU); the kernels have their own tests beside them. The fixture
+also forces the torch path's sparse route (``ROUTE = "sparse"``); its dense route and the cost
+model that picks between them have their own tests. The weight format, ``lk3d.BlockSparseWeight``,
+is tested in test_block_sparse_weight.py.
 """
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import pytest
 import torch
@@ -22,8 +22,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lk3d
-from _cases import TOL, draw_geometry, leaf_like, rel_err, strided_copy
+from _cases import TOL, Case, assert_close_rel, draw_geometry, leaf_like, strided_copy
 from lk3d import block_sparse
+
+BS = Case.block_sparse
 
 
 @pytest.fixture(autouse=True)
@@ -32,90 +34,37 @@ def torch_path(monkeypatch):
     monkeypatch.setattr(block_sparse, "ROUTE", "sparse")
 
 
-def assert_close_rel(name, got, want, tol):
-    err = rel_err(got, want)
-    assert err < tol, f"{name}: relative error {err:.3g} >= {tol:g}"
-
-
-@dataclass(frozen=True)
-class BSCase:
-    N: object  # None: unbatched input
-    cin: int
-    cout: int
-    size: tuple
-    kernel: tuple
-    block: tuple
-    density: float = 0.5  # 0: no stored block at all
-    stride: object = 1
-    padding: object = 0
-    dilation: object = 1
-    groups: int = 1
-    bias: bool = True
-    layout: str = "contiguous"
-
-    @property
-    def id(self):
-        def j(v):
-            return "x".join(map(str, v)) if isinstance(v, tuple) else str(v)
-        batch = "unbatched" if self.N is None else f"N{self.N}"
-        return (f"{batch}-C{self.cin}to{self.cout}-D{j(self.size)}-k{j(self.kernel)}"
-                f"-b{j(self.block)}-dens{self.density}-s{j(self.stride)}-p{j(self.padding)}"
-                f"-d{j(self.dilation)}-g{self.groups}{'' if self.bias else '-nobias'}"
-                f"{'' if self.layout == 'contiguous' else '-' + self.layout}")
-
-    def tensors(self, dtype=torch.float64, seed=0, device="cpu"):
-        """``(x, weight, bias)`` drawn on the CPU in float64, then moved to ``device``/``dtype``."""
-        g = torch.Generator().manual_seed(seed)
-        batch = () if self.N is None else (self.N,)
-        x = torch.randn(*batch, self.cin, *self.size, generator=g, dtype=torch.float64)
-        w = torch.randn(self.cout, self.cin // self.groups, *self.kernel, generator=g,
-                        dtype=torch.float64)
-        if self.density == 0:
-            ws = lk3d.BlockSparseWeight.from_dense(w, self.block, threshold=math.inf)
-        else:
-            ws = lk3d.BlockSparseWeight.from_dense(w, self.block, density=self.density)
-        b = torch.randn(self.cout, generator=g, dtype=torch.float64) if self.bias else None
-        x = x.to(dtype=dtype, device=device)
-        if self.layout == "channels_last_3d":
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        return x, ws.to(dtype=dtype, device=device), None if b is None else b.to(device, dtype)
-
-    def args(self):
-        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation,
-                    groups=self.groups)
-
-
 CASES = [
     # channel blocks per tap
-    BSCase(2, 8, 8, (7, 9, 5), (3, 5, 3), (4, 4, 1, 1, 1), padding=(1, 2, 0)),
-    BSCase(1, 6, 4, (9, 7, 8), (3, 3, 2), (2, 3, 1, 1, 1), 0.3, stride=(2, 1, 3), padding=1,
-           dilation=(1, 2, 1)),
+    BS(2, 8, 8, (7, 9, 5), (3, 5, 3), (4, 4, 1, 1, 1), padding=(1, 2, 0)),
+    BS(1, 6, 4, (9, 7, 8), (3, 3, 2), (2, 3, 1, 1, 1), 0.3, stride=(2, 1, 3), padding=1,
+       dilation=(1, 2, 1)),
     # tap bricks, mixed blocks
-    BSCase(2, 4, 6, (11, 7, 6), (7, 3, 5), (3, 2, 7, 1, 5), 0.5, padding="same"),
-    BSCase(1, 6, 6, (6, 7, 5), (4, 2, 3), (2, 3, 2, 2, 1), 0.4, padding="same",
-           dilation=(1, 2, 1)),
-    BSCase(1, 5, 3, (13, 11, 7), (2, 2, 2), (1, 5, 2, 1, 2), 0.6, stride=3),
-    BSCase(2, 3, 5, (5, 23, 6), (1, 21, 3), (5, 1, 1, 7, 3), 0.5, padding="valid"),
+    BS(2, 4, 6, (11, 7, 6), (7, 3, 5), (3, 2, 7, 1, 5), 0.5, padding="same"),
+    BS(1, 6, 6, (6, 7, 5), (4, 2, 3), (2, 3, 2, 2, 1), 0.4, padding="same",
+       dilation=(1, 2, 1)),
+    BS(1, 5, 3, (13, 11, 7), (2, 2, 2), (1, 5, 2, 1, 2), 0.6, stride=3),
+    BS(2, 3, 5, (5, 23, 6), (1, 21, 3), (5, 1, 1, 7, 3), 0.5, padding="valid"),
     # groups: block rows inside a group
-    BSCase(2, 6, 12, (7, 6, 5), (3, 3, 3), (3, 3, 1, 3, 1), 0.5, padding=1, groups=2),
-    BSCase(3, 4, 6, (5, 6, 7), (3, 3, 3), (3, 1, 1, 1, 3), 0.7, stride=(1, 2, 2),
-           padding=(0, 1, 2), groups=2),
+    BS(2, 6, 12, (7, 6, 5), (3, 3, 3), (3, 3, 1, 3, 1), 0.5, padding=1, groups=2),
+    BS(3, 4, 6, (5, 6, 7), (3, 3, 3), (3, 1, 1, 1, 3), 0.7, stride=(1, 2, 2),
+       padding=(0, 1, 2), groups=2),
     # depthwise, with multiplier; rows spanning groups are allowed there
-    BSCase(2, 4, 4, (9, 7, 8), (5, 3, 3), (4, 1, 1, 3, 1), 0.5, stride=2, padding=(2, 1, 1),
-           dilation=(1, 2, 2), groups=4),
-    BSCase(1, 3, 6, (11, 7, 5), (7, 3, 5), (3, 1, 7, 1, 5), 0.5, padding="same", groups=3),
-    BSCase(1, 4, 12, (7, 9, 5), (3, 3, 3), (12, 1, 1, 3, 1), 0.5, padding="same", groups=4),
-    BSCase(1, 5, 5, (13, 11, 9), (3, 3, 3), (5, 1, 1, 1, 1), 0.8, padding=3, dilation=3,
-           groups=5),
+    BS(2, 4, 4, (9, 7, 8), (5, 3, 3), (4, 1, 1, 3, 1), 0.5, stride=2, padding=(2, 1, 1),
+       dilation=(1, 2, 2), groups=4),
+    BS(1, 3, 6, (11, 7, 5), (7, 3, 5), (3, 1, 7, 1, 5), 0.5, padding="same", groups=3),
+    BS(1, 4, 12, (7, 9, 5), (3, 3, 3), (12, 1, 1, 3, 1), 0.5, padding="same", groups=4),
+    BS(1, 5, 5, (13, 11, 9), (3, 3, 3), (5, 1, 1, 1, 1), 0.8, padding=3, dilation=3,
+       groups=5),
     # every block; no block; one block covering the whole weight
-    BSCase(2, 4, 4, (6, 5, 7), (3, 1, 5), (2, 2, 3, 1, 1), 1.0, padding=(1, 0, 2)),
-    BSCase(2, 4, 4, (6, 5, 7), (3, 3, 3), (2, 2, 1, 1, 1), 0, padding=1),
-    BSCase(1, 3, 2, (5, 4, 6), (2, 3, 2), (2, 3, 2, 3, 2), 1.0, padding="same", bias=False),
+    BS(2, 4, 4, (6, 5, 7), (3, 1, 5), (2, 2, 3, 1, 1), 1.0, padding=(1, 0, 2)),
+    BS(2, 4, 4, (6, 5, 7), (3, 3, 3), (2, 2, 1, 1, 1), 0, padding=1),
+    BS(1, 3, 2, (5, 4, 6), (2, 3, 2), (2, 3, 2, 3, 2), 1.0, padding="same", bias=False),
     # unbatched; channels_last_3d; 1x1x1
-    BSCase(None, 4, 6, (5, 6, 7), (3, 3, 3), (3, 2, 1, 3, 1), 0.5, padding=1),
-    BSCase(2, 4, 6, (6, 5, 7), (3, 1, 5), (2, 4, 1, 1, 5), 0.5, padding=(1, 0, 2),
-           layout="channels_last_3d"),
-    BSCase(2, 6, 4, (4, 5, 3), (1, 1, 1), (2, 2, 1, 1, 1), 0.5),
+    BS(None, 4, 6, (5, 6, 7), (3, 3, 3), (3, 2, 1, 3, 1), 0.5, padding=1),
+    BS(2, 4, 6, (6, 5, 7), (3, 1, 5), (2, 4, 1, 1, 5), 0.5, padding=(1, 0, 2),
+       layout="channels_last_3d"),
+    BS(2, 6, 4, (4, 5, 3), (1, 1, 1), (2, 2, 1, 1, 1), 0.5),
 ]
 
 
@@ -224,11 +173,11 @@ def test_low_precision(dtype):
 
 
 @pytest.mark.parametrize("case", [
-    BSCase(1, 4, 4, (3, 4, 3), (2, 3, 2), (2, 2, 1, 3, 1), 0.5, padding="same",
-           dilation=(1, 1, 2)),
-    BSCase(2, 4, 4, (4, 3, 4), (3, 2, 3), (2, 1, 1, 1, 3), 0.5, stride=(2, 1, 2),
-           padding=(1, 0, 1), groups=2),
-    BSCase(None, 2, 4, (4, 3, 3), (3, 3, 1), (4, 1, 1, 1, 1), 0.5, padding="valid", groups=2),
+    BS(1, 4, 4, (3, 4, 3), (2, 3, 2), (2, 2, 1, 3, 1), 0.5, padding="same",
+       dilation=(1, 1, 2)),
+    BS(2, 4, 4, (4, 3, 4), (3, 2, 3), (2, 1, 1, 1, 3), 0.5, stride=(2, 1, 2),
+       padding=(1, 0, 1), groups=2),
+    BS(None, 2, 4, (4, 3, 3), (3, 3, 1), (4, 1, 1, 1, 1), 0.5, padding="valid", groups=2),
 ], ids=lambda c: c.id)
 @pytest.mark.parametrize("path", ["torch", "kernels"])
 def test_gradcheck(case, path, device):
@@ -293,274 +242,8 @@ def test_work_falls_with_density():
     assert lk3d.block_sparse.block_sparse_conv3d_macs(x, none, padding="same") == 0
 
 
-# ---------------------------------------------------------------------------------------------
-# BlockSparseWeight
-# ---------------------------------------------------------------------------------------------
-
-def _dense(shape=(6, 4, 3, 4, 2), seed=0):
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def test_layout_by_hand():
-    w = _dense()
-    block = (3, 2, 1, 2, 2)
-    ws = lk3d.BlockSparseWeight.from_dense(w, block)
-    assert ws.grid == (2, 2, 3, 2, 1) and ws.nnz == 24 and ws.density == 1
-    assert ws.row_ptr.dtype == torch.int32 and ws.col.dtype == torch.int32
-    assert ws.row_ptr.tolist() == [0, 12, 24]
-    NI, ND, NH, NW = ws.grid[1:]
-    for r in range(2):
-        for k in range(ws.row_ptr[r], ws.row_ptr[r + 1]):
-            c = ws.col[k].item()
-            ci, rest = divmod(c, ND * NH * NW)
-            db, rest = divmod(rest, NH * NW)
-            hb, wb = divmod(rest, NW)
-            want = w[r * 3:(r + 1) * 3, ci * 2:(ci + 1) * 2, db:db + 1, hb * 2:(hb + 1) * 2,
-                     wb * 2:(wb + 1) * 2]
-            assert torch.equal(ws.values[k], want)
-    assert torch.equal(ws.to_dense(), w)
-
-
-@pytest.mark.parametrize("block", [(1, 1, 1, 1, 1), (6, 4, 3, 4, 2), (2, 4, 1, 1, 1),
-                                   (3, 1, 3, 2, 2), (1, 2, 3, 1, 1)],
-                         ids=lambda b: "x".join(map(str, b)))
-def test_dense_round_trip_is_exact(block):
-    w = _dense()
-    ws = lk3d.BlockSparseWeight.from_dense(w, block)
-    assert ws.density == 1 and torch.equal(ws.to_dense(), w)
-    # Blocks that are all zero are not stored, and come back as zeros.
-    w[:, :, 1] = 0
-    ws = lk3d.BlockSparseWeight.from_dense(w, block)
-    assert torch.equal(ws.to_dense(), w)
-    assert (ws.density < 1) == (block[2] == 1)
-
-
-def test_from_dense_density_keeps_the_largest_blocks():
-    w = _dense((8, 8, 3, 3, 3), seed=3)
-    block = (4, 4, 1, 1, 1)
-    norms = w.reshape(2, 4, 2, 4, 27).permute(0, 2, 4, 1, 3).reshape(-1, 16).norm(dim=1)
-    for density, count in ((0.25, 27), (0.5, 54), (1 / 108, 1), (0.001, 1), (0.999, 108)):
-        ws = lk3d.BlockSparseWeight.from_dense(w, block, density=density)
-        assert ws.nnz == count
-        kept = ws.block_mask().flatten()
-        assert norms[kept].min() >= norms[~kept].max() if count < 108 else kept.all()
-        dense = ws.to_dense()
-        assert torch.equal(dense[dense != 0], w[dense != 0])
-    threshold = norms.median().item()
-    ws = lk3d.BlockSparseWeight.from_dense(w, block, threshold=threshold)
-    assert torch.equal(ws.block_mask().flatten(), norms > threshold)
-
-
-def test_from_dense_is_differentiable_and_copies():
-    w = _dense().requires_grad_()
-    ws = lk3d.BlockSparseWeight.from_dense(w, (2, 2, 1, 2, 1), density=0.5)
-    (g,) = torch.autograd.grad(ws.to_dense().sum(), w)
-    assert torch.equal(g, (ws.to_dense() != 0).double())
-    with torch.no_grad():
-        ws.values.zero_()
-    assert w.abs().min() > 0
-
-
-def test_from_coo_round_trip():
-    g = torch.Generator().manual_seed(1)
-    shape = (6, 4, 5, 3, 4)
-    idx = torch.stack([torch.randint(n, (40,), generator=g) for n in shape])
-    vals = torch.randn(40, generator=g, dtype=torch.float64)
-    vals[:5] = 0  # specified zeros store no block of their own
-    # Uncoalesced: repeated indices add up.
-    coo = torch.sparse_coo_tensor(idx, vals, shape, check_invariants=True)
-    for block in ((2, 2, 1, 1, 1), (3, 1, 5, 3, 2), (6, 4, 5, 3, 4), (1, 1, 1, 1, 1)):
-        ws = lk3d.BlockSparseWeight.from_coo(coo, block)
-        assert torch.equal(ws.to_dense(), coo.to_dense())
-        want = lk3d.BlockSparseWeight.from_dense(coo.to_dense(), block)
-        assert ws.nnz >= want.nnz
-    empty = torch.sparse_coo_tensor(torch.zeros(5, 0, dtype=torch.long),
-                                    torch.zeros(0, dtype=torch.float64), shape,
-                                    check_invariants=True)
-    assert lk3d.BlockSparseWeight.from_coo(empty, (2, 2, 1, 1, 1)).nnz == 0
-
-
-def test_with_mask_and_prune():
-    w = _dense((4, 4, 3, 3, 3), seed=2)
-    block = (2, 2, 1, 1, 1)
-    ws = lk3d.BlockSparseWeight.from_dense(w, block, density=0.5)
-    mask = ws.block_mask()
-    flip = torch.zeros_like(mask)
-    flip[0, 0] = True
-    flip[1, 1, 2] = True
-    new = ws.with_mask(mask ^ flip)
-    assert torch.equal(new.block_mask(), mask ^ flip)
-    dense, new_dense = ws.to_dense(), new.to_dense()
-    kept = (mask & ~flip).repeat_interleave(2, 0).repeat_interleave(2, 1)
-    assert torch.equal(new_dense[kept], dense[kept])
-    assert new_dense[~kept].abs().max() == 0  # dropped blocks and new (zero) blocks
-    assert lk3d.BlockSparseWeight.from_dense(w, block, threshold=math.inf).with_mask(
-        mask).to_dense().abs().max() == 0
-    # with_mask is differentiable in the values it keeps.
-    v = ws.values.clone().requires_grad_()
-    moved = lk3d.BlockSparseWeight(ws.shape, block, v, ws.row_ptr, ws.col).with_mask(mask ^ flip)
-    (g,) = torch.autograd.grad(moved.values.sum(), v)
-    assert g.sum() == (mask & ~flip).sum() * 4
-
-    # with_values: the same pattern, other values, differentiable in them.
-    v2 = torch.randn_like(ws.values).requires_grad_()
-    swapped = ws.with_values(v2)
-    assert swapped.row_ptr is ws.row_ptr and swapped.col is ws.col and swapped.values is v2
-    assert torch.equal(swapped.to_dense() != 0, ws.to_dense() != 0)
-    (g,) = torch.autograd.grad(swapped.to_dense().sum(), v2)
-    assert torch.equal(g, torch.ones_like(v2))
-
-    pruned = ws.prune(density=0.25)
-    assert ws.nnz == 54 and pruned.nnz == 27  # of 108 blocks
-    norms = ws.values.flatten(1).norm(dim=1)
-    assert torch.equal(pruned.values.flatten(1).norm(dim=1).sort().values,
-                       norms.sort(descending=True).values[:27].sort().values)
-    assert ws.prune(density=1.0).nnz == ws.nnz  # never more than stored
-    assert ws.prune(threshold=math.inf).nnz == 0
-    assert ws.prune().nnz == ws.nnz
-    assert torch.equal(ws.prune(threshold=norms.median().item()).block_mask().sum(),
-                       (norms > norms.median()).sum())
-
-
-def test_container():
-    ws = lk3d.BlockSparseWeight.from_dense(_dense(), (3, 2, 1, 2, 2), density=0.5)
-    assert ws.shape == (6, 4, 3, 4, 2) and ws.block_shape == (3, 2, 1, 2, 2)
-    assert ws.nnz == 12 and ws.density == 0.5
-    assert ws.nbytes == 12 * 24 * 8 + 3 * 4 + 12 * 4
-    assert ws.dtype == torch.float64 and ws.device == torch.device("cpu")
-    f32 = ws.to(torch.float32)
-    assert f32.dtype == torch.float32 and f32.row_ptr.dtype == torch.int32
-    assert torch.equal(f32.to_dense(), ws.to_dense().float())
-    meta = ws.to("meta")
-    assert meta.device.type == "meta" and meta.col.device.type == "meta"
-    assert meta.to_dense().shape == ws.shape
-    assert "nnz=12" in repr(ws) and "block_shape=(3, 2, 1, 2, 2)" in repr(ws)
-    with pytest.raises(AttributeError):
-        ws.values = ws.values
-    # Lists and torch.Size are accepted for the shapes, and kept as tuples.
-    same = lk3d.BlockSparseWeight(list(ws.shape), torch.Size(ws.block_shape), ws.values,
-                                  ws.row_ptr, ws.col)
-    assert same.shape == ws.shape and same.block_shape == ws.block_shape
-
-
-def _parts():
-    ws = lk3d.BlockSparseWeight.from_dense(_dense(), (3, 2, 1, 2, 2), density=0.5)
-    return dict(shape=ws.shape, block_shape=ws.block_shape, values=ws.values,
-                row_ptr=ws.row_ptr, col=ws.col)
-
-
-def _bad_row_ptr():
-    rp = _parts()["row_ptr"].clone()
-    rp[1] = 13
-    return rp
-
-
-def _bad_col_order():
-    col = _parts()["col"].clone()
-    col[[0, 1]] = col[[1, 0]]
-    return col
-
-
-CONTAINER_ERRORS = [  # (changed parts, error, what the message names)
-    (dict(block_shape=(4, 2, 1, 2, 2)), ValueError, ["block_shape", "out_channels 6", "4"]),
-    (dict(block_shape=(3, 2, 2, 2, 2)), ValueError, ["block_shape[2]", "kernel depth 3"]),
-    (dict(block_shape=(3, 2, 1, 2)), TypeError, ["block_shape", "5 ints"]),
-    (dict(block_shape=(3, 0, 1, 2, 2)), ValueError, ["block_shape", "positive"]),
-    (dict(shape=(6, 4, 3, 4, 2.0)), TypeError, ["shape", "5 ints"]),
-    (dict(values=torch.zeros(12, 3, 2, 1, 2)), ValueError, ["values", "[nnz, 3, 2, 1, 2, 2]"]),
-    (dict(values=torch.zeros(12, 3, 2, 1, 2, 2, dtype=torch.int64)), TypeError,
-     ["values", "floating", "int64"]),
-    (dict(row_ptr=torch.tensor([0, 6, 12])), TypeError, ["row_ptr", "int32", "int64"]),
-    (dict(row_ptr=torch.tensor([0, 12], dtype=torch.int32)), ValueError,
-     ["row_ptr", "length 3", "(2,)"]),
-    (dict(row_ptr=torch.tensor([0, 8, 6], dtype=torch.int32)), ValueError,
-     ["row_ptr", "non-decreasing", "nnz = 12"]),
-    (dict(row_ptr=_bad_row_ptr()), ValueError, ["row_ptr", "non-decreasing"]),
-    (dict(col=torch.zeros(11, dtype=torch.int32)), ValueError, ["col", "length 12", "(11,)"]),
-    (dict(col=torch.arange(12, dtype=torch.float32)), TypeError, ["col", "int32", "float32"]),
-    (dict(col=torch.arange(12, dtype=torch.int32) * 4), ValueError, ["col", "[0, 12)", "44"]),
-    (dict(col=_bad_col_order()), ValueError, ["col", "ascending"]),
-    (dict(col=torch.zeros(12, dtype=torch.int32, device="meta")), ValueError,
-     ["col", "cpu", "meta"]),
-    (dict(row_ptr=[0, 6, 12]), TypeError, ["row_ptr", "Tensor", "list"]),
-]
-
-
-@pytest.mark.parametrize("changes, error, names", CONTAINER_ERRORS,
-                         ids=["bo", "bd", "block-len", "block0", "shape-float", "values-shape",
-                              "values-int", "row_ptr-int64", "row_ptr-len", "row_ptr-down",
-                              "row_ptr-end", "col-len", "col-float", "col-range", "col-order",
-                              "col-device", "row_ptr-list"])
-def test_container_errors(changes, error, names):
-    with pytest.raises(error) as info:
-        lk3d.BlockSparseWeight(**{**_parts(), **changes})
-    for name in names:
-        assert name in str(info.value), f"{name!r} not in {str(info.value)!r}"
-
-
-def _coo(shape=(4, 4, 3, 3, 3), dtype=torch.float64):
-    return torch.sparse_coo_tensor(torch.zeros(len(shape), 1, dtype=torch.long),
-                                   torch.ones(1, dtype=dtype), shape, check_invariants=True)
-
-
-CONVERSION_ERRORS = [  # (call, error, what the message names)
-    (lambda: lk3d.BlockSparseWeight.from_dense(_dense(), (4, 2, 1, 1, 1)), ValueError,
-     ["block_shape", "out_channels 6"]),
-    (lambda: lk3d.BlockSparseWeight.from_dense(_dense(), (3, 3, 1, 1, 1)), ValueError,
-     ["block_shape[1]", "in_channels per group 4"]),
-    (lambda: lk3d.BlockSparseWeight.from_dense(_dense(), (3, 2, 1, 1, 1), density=0),
-     ValueError, ["density", "(0, 1]", "0"]),
-    (lambda: lk3d.BlockSparseWeight.from_dense(_dense(), (3, 2, 1, 1, 1), density=1.5),
-     ValueError, ["density", "(0, 1]", "1.5"]),
-    (lambda: lk3d.BlockSparseWeight.from_dense(_dense(), (3, 2, 1, 1, 1), density="half"),
-     TypeError, ["density", "'half'"]),
-    (lambda: lk3d.BlockSparseWeight.from_dense(_dense(), (3, 2, 1, 1, 1), threshold=-1.0),
-     ValueError, ["threshold", "-1.0"]),
-    (lambda: lk3d.BlockSparseWeight.from_dense(_dense(), (3, 2, 1, 1, 1), threshold=0.1,
-                                               density=0.5),
-     ValueError, ["threshold", "density", "at most one"]),
-    (lambda: lk3d.BlockSparseWeight.from_dense(_dense()[0], (3, 2, 1, 1, 1)), ValueError,
-     ["weight", "5-D", "4-D"]),
-    (lambda: lk3d.BlockSparseWeight.from_coo(_coo((4, 4, 3, 3)), (2, 2, 1, 1, 1)), ValueError,
-     ["coo", "5-D", "(4, 4, 3, 3)"]),
-    (lambda: lk3d.BlockSparseWeight.from_coo(_coo((4, 4, 3, 3, 3, 1)), (2, 2, 1, 1, 1)),
-     ValueError, ["coo", "5-D", "(4, 4, 3, 3, 3, 1)"]),
-    (lambda: lk3d.BlockSparseWeight.from_coo(_coo(), (3, 2, 1, 1, 1)), ValueError,
-     ["block_shape", "out_channels 4"]),
-    (lambda: lk3d.BlockSparseWeight.from_coo(_coo(dtype=torch.int64), (2, 2, 1, 1, 1)),
-     TypeError, ["coo", "floating", "int64"]),
-    (lambda: lk3d.BlockSparseWeight.from_coo(_coo().to_dense(), (2, 2, 1, 1, 1)), TypeError,
-     ["coo", "sparse_coo", "strided"]),
-    (lambda: lk3d.BlockSparseWeight.from_coo([1.0], (2, 2, 1, 1, 1)), TypeError,
-     ["coo", "list"]),
-    (lambda: lk3d.BlockSparseWeight.from_dense(_dense(), (3, 2, 1, 2, 2)).with_mask(
-        torch.ones(2, 2, 3, 2, 2, dtype=torch.bool)), ValueError,
-     ["block_mask", "(2, 2, 3, 2, 1)", "(2, 2, 3, 2, 2)"]),
-    (lambda: lk3d.BlockSparseWeight.from_dense(_dense(), (3, 2, 1, 2, 2)).with_mask(
-        torch.ones(2, 2, 3, 2, 1)), TypeError, ["block_mask", "bool", "float32"]),
-    (lambda: lk3d.BlockSparseWeight.from_dense(_dense(), (3, 2, 1, 2, 2)).prune(density=2),
-     ValueError, ["density", "(0, 1]"]),
-    (lambda: lk3d.BlockSparseWeight.from_dense(_dense(), (3, 2, 1, 2, 2), density=0.5)
-     .with_values(torch.zeros(3, 3, 2, 1, 2, 2)), ValueError, ["values", "12 blocks", "got 3"]),
-    (lambda: lk3d.BlockSparseWeight.from_dense(_dense(), (3, 2, 1, 2, 2), density=0.5)
-     .with_values(torch.zeros(12, 3, 2, 1, 2, 1)), ValueError, ["values", "3, 2, 1, 2, 2"]),
-]
-
-
-@pytest.mark.parametrize("call, error, names", CONVERSION_ERRORS,
-                         ids=["dense-bo", "dense-bi", "density0", "density1.5", "density-str",
-                              "threshold-neg", "both", "dense-4d", "coo-4d", "coo-6d",
-                              "coo-block", "coo-int", "coo-strided", "coo-list", "mask-shape",
-                              "mask-float", "prune-density", "values-count", "values-block"])
-def test_conversion_errors(call, error, names):
-    with pytest.raises(error) as info:
-        call()
-    for name in names:
-        assert name in str(info.value), f"{name!r} not in {str(info.value)!r}"
-
-
 def _call_errors():
-    case = BSCase(1, 4, 4, (5, 6, 7), (3, 3, 3), (2, 2, 1, 1, 1), 0.5)
+    case = BS(1, 4, 4, (5, 6, 7), (3, 3, 3), (2, 2, 1, 1, 1), 0.5)
     x, ws, b = case.tensors()
     return [
         (dict(weight=ws.to_dense()), TypeError, ["weight", "BlockSparseWeight", "Tensor"]),
@@ -587,7 +270,8 @@ def _call_errors():
 
 def _regrouped():
     """A weight [6, 2, 3, 3, 3] in blocks of bo=2: fine for groups=1, not for groups=2."""
-    return lk3d.BlockSparseWeight.from_dense(_dense((6, 2, 3, 3, 3)), (2, 2, 1, 1, 1))
+    w = torch.randn(6, 2, 3, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return lk3d.BlockSparseWeight.from_dense(w, (2, 2, 1, 1, 1))
 
 
 @pytest.mark.parametrize("index", range(len(_call_errors()[0])),
@@ -669,10 +353,10 @@ def bs_cases(draw):
     bo = draw(st.sampled_from(divisors(cout_g if cin_g > 1 else cout)))
     block = (bo, draw(st.sampled_from(divisors(cin_g))),
              *(draw(st.sampled_from(divisors(k))) for k in geometry["kernel"]))
-    return BSCase(N=draw(st.sampled_from([None, 1, 2])), cin=cin, cout=cout, block=block,
-                  density=draw(st.sampled_from([0, 0.2, 0.5, 0.8, 1.0])), groups=groups,
-                  **geometry, bias=draw(st.booleans()),
-                  layout=draw(st.sampled_from(["contiguous", "channels_last_3d"])))
+    return BS(N=draw(st.sampled_from([None, 1, 2])), cin=cin, cout=cout, block=block,
+              density=draw(st.sampled_from([0, 0.2, 0.5, 0.8, 1.0])), groups=groups,
+              **geometry, bias=draw(st.booleans()),
+              layout=draw(st.sampled_from(["contiguous", "channels_last_3d"])))
 
 
 def _fuzz(case, seed, strided):

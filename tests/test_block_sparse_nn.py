@@ -12,18 +12,13 @@ import torch
 from torch import nn
 
 import lk3d
-from _cases import TOL, rel_err
+from _cases import TOL, assert_close_rel
 from lk3d import block_sparse
 
 
 @pytest.fixture(autouse=True)
 def torch_path(monkeypatch):
     monkeypatch.setattr(block_sparse, "USE_KERNELS", False)
-
-
-def assert_close_rel(name, got, want, tol):
-    err = rel_err(got, want)
-    assert err < tol, f"{name}: relative error {err:.3g} >= {tol:g}"
 
 
 def _dense_twin(mod):

@@ -6,14 +6,12 @@ fp32/fp16, both step shapes (SPAN) and multi-tile programs, every shipped config
 partial output masks, that the kernels really run, and that the forward allocates nothing but its
 output. Every buffer the launchers allocate starts as NaN (``common.POISON``).
 """
-from dataclasses import dataclass
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import lk3d
-from _cases import TOL, rel_err, with_layout
+from _cases import TOL, Case, rel_err
 from conftest import DEVICE
 from lk3d import cp as cp_ops
 from lk3d._algos import kernels_can_run
@@ -38,44 +36,13 @@ def poison(monkeypatch):
     monkeypatch.setattr(common, "POISON", True)
 
 
-@dataclass(frozen=True)
-class K:
-    """One kernel case: ``N2-C3to4-D7x6x5-k3x2x3-r3-s1-p1-d1``."""
-    N: int
-    cin: int
-    cout: int
-    size: tuple
-    kernel: tuple
-    rank: int
-    stride: object = 1
-    padding: object = 0
-    dilation: object = 1
-    weights: bool = True
-    bias: bool = True
-    layout: str = "contiguous"
+CP = Case.cp
 
-    @property
-    def id(self):
-        def j(v):
-            return "x".join(map(str, v)) if isinstance(v, tuple) else str(v)
-        return (f"N{self.N}-C{self.cin}to{self.cout}-D{j(self.size)}-k{j(self.kernel)}"
-                f"-r{self.rank}-s{j(self.stride)}-p{j(self.padding)}-d{j(self.dilation)}"
-                f"{'' if self.weights else '-noweights'}{'' if self.bias else '-nobias'}"
-                f"{'' if self.layout == 'contiguous' else '-' + self.layout}")
 
-    def tensors(self, device, dtype=torch.float64, seed=0):
-        """``[x, U_out, U_in, A, B, C, weights or None, bias or None]``."""
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(self.N, self.cin, *self.size, generator=g, dtype=torch.float64)
-        x = with_layout(x, None, self.layout)[0]
-        mats = [torch.randn(n, self.rank, generator=g, dtype=torch.float64)
-                for n in (self.cout, self.cin, *self.kernel)]
-        w = torch.rand(self.rank, generator=g, dtype=torch.float64) + 0.5 if self.weights else None
-        b = torch.randn(self.cout, generator=g, dtype=torch.float64) if self.bias else None
-        return [None if t is None else t.to(device, dtype) for t in (x, *mats, w, b)]
-
-    def args(self):
-        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation)
+def tensors(case, device, dtype=torch.float64, seed=0):
+    """``[x, U_out, U_in, A, B, C, weights or None, bias or None]`` of a CP ``case``."""
+    x, factors, b = case.tensors(dtype, device, seed)
+    return [x, *factors.tensors(), b]
 
 
 def _dense(ts, args):
@@ -90,7 +57,7 @@ def _cp(ts, args):
 
 
 def _check_against_dense(case, device, dtype=torch.float64, tol=None, grad_tol=1e-10):
-    ts = case.tensors(device, dtype)
+    ts = tensors(case, device, dtype)
     want_ts = [None if t is None else t.detach().double().cpu().requires_grad_() for t in ts]
     got_ts = [None if t is None else t.detach().clone().requires_grad_() for t in ts]
     want = _dense(want_ts, case.args())
@@ -110,13 +77,13 @@ def _check_against_dense(case, device, dtype=torch.float64, tol=None, grad_tol=1
 
 
 CASES = [
-    K(2, 3, 4, (7, 6, 5), (3, 2, 3), 3, padding=(1, 0, 2)),
-    K(1, 4, 3, (9, 7, 8), (3, 3, 2), 1, stride=2, padding=1),
-    K(1, 3, 5, (6, 7, 5), (4, 2, 3), 17, padding="same", dilation=(1, 2, 1)),
-    K(2, 2, 3, (9, 6, 7), (3, 1, 3), 3, padding=2, dilation=2, weights=False),
-    K(1, 5, 2, (7, 5, 6), (2, 3, 3), 17, stride=(2, 1, 2), padding="valid", bias=False),
-    K(2, 3, 2, (5, 6, 7), (3, 3, 1), 3, padding=(1, 1, 0), layout="channels_last_3d"),
-    K(1, 2, 3, (5, 7, 6), (3, 2, 2), 1, stride=(1, 2, 1), padding=1, layout="permuted"),
+    CP(2, 3, 4, (7, 6, 5), (3, 2, 3), 3, padding=(1, 0, 2)),
+    CP(1, 4, 3, (9, 7, 8), (3, 3, 2), 1, stride=2, padding=1),
+    CP(1, 3, 5, (6, 7, 5), (4, 2, 3), 17, padding="same", dilation=(1, 2, 1)),
+    CP(2, 2, 3, (9, 6, 7), (3, 1, 3), 3, padding=2, dilation=2, weights=False),
+    CP(1, 5, 2, (7, 5, 6), (2, 3, 3), 17, stride=(2, 1, 2), padding="valid", bias=False),
+    CP(2, 3, 2, (5, 6, 7), (3, 3, 1), 3, padding=(1, 1, 0), layout="channels_last_3d"),
+    CP(1, 2, 3, (5, 7, 6), (3, 2, 2), 1, stride=(1, 2, 1), padding=1, layout="permuted"),
 ]
 
 
@@ -143,7 +110,7 @@ def test_low_precision(dtype, tol, grad_tol, device, no_tf32):
 def _launch_all(case, device, config):
     """Forward, grad-input (+ grad U_in) and the factor sums through the launchers, against
     autograd through the dense reference."""
-    ts = case.tensors(device)
+    ts = tensors(case, device)
     x, Uo, Ui, A, B, C, w, b = ts
     spec = lk3d.cp.check_cp_conv3d(x, lk3d.CPFactors(Uo, Ui, A, B, C, w), b, case.stride,
                                    case.padding, case.dilation, 1)
@@ -169,7 +136,7 @@ def _launch_all(case, device, config):
 def test_step_shapes_and_tiles_per_program(span, device):
     """17 and 18 channels with BLOCK_K=16: two channel blocks per tap (per-tap) or steps across
     tap boundaries (span); 32-voxel tiles, 2 programs: each sums several tiles into its partials."""
-    case = K(2, 17, 18, (3, 4, 5), (2, 2, 2), 3, stride=(1, 1, 2), padding=(1, 0, 0))
+    case = CP(2, 17, 18, (3, 4, 5), (2, 2, 2), 3, stride=(1, 1, 2), padding=(1, 0, 0))
     _launch_all(case, device, dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, SPAN=span, SPLIT=2))
 
 
@@ -183,9 +150,9 @@ def test_shipped_config_runs(kind, config, device):
     """Each shipped config once: 33 input channels (a partial second channel block, per-tap
     steps) and a span case with 5; SPLIT=1: one program sums every tile into its partials."""
     cfg = dict(config, SPLIT=1)
-    _launch_all(K(1, 33, 5, (4, 3, 5), (2, 2, 2), 3, padding=(1, 0, 1)), device,
+    _launch_all(CP(1, 33, 5, (4, 3, 5), (2, 2, 2), 3, padding=(1, 0, 1)), device,
                 dict(cfg, SPAN=False))
-    _launch_all(K(2, 5, 3, (5, 4, 6), (3, 2, 3), 17, stride=2, padding=1), device,
+    _launch_all(CP(2, 5, 3, (5, 4, 6), (3, 2, 3), 17, stride=2, padding=1), device,
                 dict(cfg, SPAN=True))
 
 
@@ -195,8 +162,8 @@ def test_shipped_config_runs(kind, config, device):
 
 @pytest.mark.parametrize("weights", [True, False], ids=["weights", "noweights"])
 def test_gradcheck(weights, device):
-    case = K(1, 3, 2, (5, 5, 5), (3, 3, 3), 3, padding=1, weights=weights)
-    ts = [None if t is None else t.requires_grad_() for t in case.tensors(device)]
+    case = CP(1, 3, 2, (5, 5, 5), (3, 3, 3), 3, padding=1, weights=weights)
+    ts = [None if t is None else t.requires_grad_() for t in tensors(case, device)]
     live = [t for t in ts if t is not None]
 
     def fn(*leaves):
@@ -219,8 +186,8 @@ MASKS = [
 def test_backward_op_masks(mask, device, monkeypatch):
     """The backward op computes what its mask asks for (matching the torch path) and zeros for
     the rest; it launches only the kernels those need."""
-    case = K(1, 3, 4, (5, 6, 4), (3, 2, 3), 3, stride=(1, 2, 1), padding=(1, 0, 1))
-    x, *f, _ = case.tensors(device)
+    case = CP(1, 3, 4, (5, 6, 4), (3, 2, 3), 3, stride=(1, 2, 1), padding=(1, 0, 1))
+    x, *f, _ = tensors(case, device)
     args = ([1, 2, 1], [1, 0, 1, 1, 0, 1], [1, 1, 1])
     gy = torch.randn(1, 4, 5, 3, 4, dtype=torch.float64, device=device)
     want = cp_ops.cp_conv3d_torch_backward(gy, x, *f, *args, [True] * 7)
@@ -253,7 +220,7 @@ def test_plans_and_forcing(device, monkeypatch):
     """Under the interpreter the kernels are the plan; LK3D_ALGO=aten forces the torch sequence
     (no kernel runs, same result); a dtype the kernels do not take leaves only the sequence."""
     case = CASES[0]
-    x, *f, b = case.tensors(device)
+    x, *f, b = tensors(case, device)
     factors = lk3d.CPFactors(*f)
     plans = cp_ops.explain(x, factors, b, **case.args())
     assert set(plans) == {"forward", "backward"}
@@ -281,7 +248,7 @@ def test_unserved_dtype_takes_torch_path(monkeypatch):
         raise AssertionError("a kernel ran")
     monkeypatch.setattr(cp_kernels, "cp_conv3d_fwd", fail)
     case = CASES[0]
-    ts = case.tensors("cpu", torch.bfloat16)
+    ts = tensors(case, "cpu", torch.bfloat16)
     want = _dense([None if t is None else t.double() for t in ts], case.args())
     assert rel_err(_cp(ts, case.args()), want) < 4 * TOL[torch.bfloat16]
 
@@ -291,8 +258,8 @@ def test_forward_allocates_only_its_output():
     """The profiler sees one allocation in the forward: the output. The torch sequence, by
     contrast, allocates [N, R, D, H, W] intermediates (checked too, so the probe is live)."""
     from torch.profiler import ProfilerActivity, profile
-    case = K(1, 3, 2, (6, 7, 5), (3, 3, 3), 17, padding="same")
-    x, *f, b = case.tensors("cpu")
+    case = CP(1, 3, 2, (6, 7, 5), (3, 3, 3), 17, padding="same")
+    x, *f, b = tensors(case, "cpu")
     z_bytes = x.shape[0] * case.rank * x[0, 0].numel() * x.element_size()
 
     def allocations(fn):

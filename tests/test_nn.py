@@ -7,59 +7,27 @@ Under the interpreter every call runs the real kernels slowly: shapes stay tiny,
 """
 import math
 import warnings
-from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import nn
 
 import lk3d
-from _cases import rel_err
+from _cases import Case, assert_close_rel
 
 
-def assert_close_rel(name, got, want, tol):
-    err = rel_err(got, want)
-    assert err < tol, f"{name}: relative error {err:.3g} >= {tol:g}"
-
-
-@dataclass(frozen=True)
-class Case:
-    """One module configuration; ``shape`` is the input's, unbatched when it has 4 dims."""
-    shape: tuple
-    cout: int
-    kernel: tuple
-    padding_mode: str
-    stride: object = 1
-    padding: object = 0
-    dilation: object = 1
-    groups: int = 1
-    bias: bool = True
-
-    @property
-    def id(self):
-        *n, c, d, h, w = self.shape
-        fmt = (lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
-        batch = f"N{n[0]}" if n else "unbatched"
-        return (f"{batch}-C{c}-D{d}x{h}x{w}-k{fmt(self.kernel)}-s{fmt(self.stride)}"
-                f"-p{fmt(self.padding)}-d{fmt(self.dilation)}-g{self.groups}"
-                f"{'' if self.bias else '-nobias'}-{self.padding_mode}")
-
-    def module_args(self):
-        return dict(in_channels=self.shape[-4], out_channels=self.cout, kernel_size=self.kernel,
-                    stride=self.stride, padding=self.padding, dilation=self.dilation,
-                    groups=self.groups, bias=self.bias, padding_mode=self.padding_mode)
-
+M = Case.module
 
 CASES = [
-    Case((2, 3, 7, 5, 6), 5, (3, 5, 3), "zeros", padding=(1, 2, 1), dilation=(1, 1, 2)),
-    Case((2, 4, 7, 7, 5), 6, 3, "zeros", stride=2, padding=1, groups=2),
-    Case((2, 4, 7, 5, 6), 6, (3, 5, 3), "reflect", padding=(1, 2, 1), groups=2),
+    M((2, 3, 7, 5, 6), 5, (3, 5, 3), "zeros", padding=(1, 2, 1), dilation=(1, 1, 2)),
+    M((2, 4, 7, 7, 5), 6, 3, "zeros", stride=2, padding=1, groups=2),
+    M((2, 4, 7, 5, 6), 6, (3, 5, 3), "reflect", padding=(1, 2, 1), groups=2),
     # padding="same" with an even kernel side: asymmetric reflect padding.
-    Case((2, 4, 5, 7, 6), 4, (3, 5, 4), "reflect", padding="same", groups=4),
-    Case((2, 3, 7, 6, 5), 6, (5, 3, 3), "replicate", stride=2, padding=(2, 1, 1), groups=3),
-    Case((1, 3, 5, 7, 6), 4, (3, 5, 3), "replicate", padding=(0, 2, 1), bias=False),
-    Case((2, 3, 5, 7, 6), 4, (3, 5, 3), "circular", padding=(1, 2, 1)),
-    Case((4, 5, 7, 6), 4, (3, 3, 5), "circular", padding=(1, 1, 2), groups=4),  # unbatched
+    M((2, 4, 5, 7, 6), 4, (3, 5, 4), "reflect", padding="same", groups=4),
+    M((2, 3, 7, 6, 5), 6, (5, 3, 3), "replicate", stride=2, padding=(2, 1, 1), groups=3),
+    M((1, 3, 5, 7, 6), 4, (3, 5, 3), "replicate", padding=(0, 2, 1), bias=False),
+    M((2, 3, 5, 7, 6), 4, (3, 5, 3), "circular", padding=(1, 2, 1)),
+    M((4, 5, 7, 6), 4, (3, 3, 5), "circular", padding=(1, 1, 2), groups=4),  # unbatched
 ]
 
 

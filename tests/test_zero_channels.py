@@ -22,7 +22,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id + ("" if c.bias else "-nobias"))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 @pytest.mark.parametrize("algo", ["aten", "fft", "tiled"])
 def test_matches_conv3d(algo, case, monkeypatch):
     monkeypatch.setenv("LK3D_ALGO", algo)

@@ -1,12 +1,16 @@
 """lk3d.tools: the development and measurement tooling around the library; ``import lk3d`` never
 loads it.
 
-    cli             the ``lk3d`` command (``python -m lk3d.tools.cli`` where it is not on PATH)
-    bench           ``lk3d bench``: cases, providers, timing, the results table and CSV
+    cli             the ``lk3d`` command (``python -m lk3d.tools.cli`` where it is not on PATH);
+                    cli_explain: its ``lk3d explain``
+    bench           ``lk3d bench``: a run, its results table and CSV; bench_cases (the cases),
+                    bench_providers (what each provider runs, one measurement), bench_worker
+                    (the worker process with a time limit)
     bench_dispatch  ``lk3d bench --dispatch``: does the planner pick the fastest path?
     report          ``lk3d report``: results.csv, the plots drawn from it, the README summary
     sweep           ``lk3d tune``: measure every algorithm on a list of layers, cache the winners
     roofline        the least FLOPs and bytes of a convolution, the measured matmul/copy ceilings
+    table, timing   the aligned text tables and CSV files; the timing of every measurement
     aot             ahead-of-time compile of every shipped kernel config for sm_80 / sm_90
                     (``python -m lk3d.tools.aot [80 90]``)
 

@@ -33,8 +33,10 @@ import torch.nn.functional as F
 
 import lk3d
 from lk3d import _algos, fft
-from lk3d.tools.bench import _sync, progress_bar
 from lk3d.autotune.select import time_ms
+from lk3d.tools.bench import progress_bar
+from lk3d.tools.table import format_table
+from lk3d.tools.timing import first_call_s
 
 
 @dataclass(frozen=True)
@@ -142,13 +144,8 @@ def paired_ratio(fn_a, fn_b, device, pairs=None, min_s=1.0):
     fn_a(), fn_b()  # warm
     ratios, start = [], time.perf_counter()
     while more():
-        ts = {}
-        for name, fn in (("a", fn_a), ("b", fn_b))[::1 if len(ratios) % 2 == 0 else -1]:
-            _sync(device.type)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device.type)
-            ts[name] = time.perf_counter() - t0
+        ts = {name: first_call_s(fn, device)
+              for name, fn in (("a", fn_a), ("b", fn_b))[::1 if len(ratios) % 2 == 0 else -1]}
         ratios.append(ts["a"] / ts["b"])
     return statistics.median(ratios)
 
@@ -156,24 +153,23 @@ def paired_ratio(fn_a, fn_b, device, pairs=None, min_s=1.0):
 def format_rows(rows):
     names = ["torch", "torch-cl", "lk3d-aten", "lk3d-fft", "lk3d-tiled", "lk3d-auto"]
     names = [n for n in names if any(n in r["times_ms"] or n in r["skipped"] for r in rows)]
-    head = f"{'shape':<26}" + "".join(f"{n + ' ms':>14}" for n in names) + \
-        f"{'auto':>7} {'best':>10} {'pick/best':>10} {'auto/best':>10} {'fft speedup':>12}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        cells = "".join(f"{'= ' + r['same'][n]:>14}" if n in r["same"] else
-                        f"{r['times_ms'][n]:>14.1f}" if n in r["times_ms"] else f"{'skip':>14}"
-                        for n in names)
-        lines.append(f"{r['shape']:<26}{cells}{r['auto']:>7} {r['best']:>10} "
-                     f"{r['pick_over_best']:>9.2f}x {r['auto_over_best']:>9.2f}x "
-                     f"{r['fft_speedup']:>11.2f}x")
+    header = ("shape", *(f"{n} ms" for n in names), "auto", "best", "pick/best", "auto/best",
+              "fft speedup")
+    lines = [(r["shape"],
+              *(f"= {r['same'][n]}" if n in r["same"] else
+                f"{r['times_ms'][n]:.1f}" if n in r["times_ms"] else "skip" for n in names),
+              r["auto"], r["best"], f"{r['pick_over_best']:.2f}x", f"{r['auto_over_best']:.2f}x",
+              f"{r['fft_speedup']:.2f}x") for r in rows]
+    numbers = [*range(1, 1 + len(names)), *range(len(header) - 3, len(header))]
+    out = [format_table(header, lines, right=numbers)]
     skipped = sorted({reason for r in rows for reason in r["skipped"].values()})
-    lines += [f"  ({reason})" for reason in skipped]
+    out += [f"  ({reason})" for reason in skipped]
     if any(r["same"] for r in rows):
-        lines.append("  (= torch: lk3d's aten algorithm keeps the input's layout there, so it is "
-                     "torch's own call, timed once)")
-    lines.append(f"  device: {_device_name(rows)}; torch {torch.__version__}; "
-                 f"threads {torch.get_num_threads()}")
-    return "\n".join(lines)
+        out.append("  (= torch: lk3d's aten algorithm keeps the input's layout there, so it is "
+                   "torch's own call, timed once)")
+    out.append(f"  device: {_device_name(rows)}; torch {torch.__version__}; "
+               f"threads {torch.get_num_threads()}")
+    return "\n".join(out)
 
 
 def _device_name(rows):

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from lk3d.tools.table import fmt, write_csv
+
 COLUMNS = ("case", "provider", "mode", "metric", "value", "device", "torch", "triton", "lk3d",
            "commit", "timestamp")
 METRICS = ("median_ms", "tflops", "speedup", "roofline_fraction", "peak_mem_mb", "rel_err")
@@ -111,13 +113,7 @@ def long_rows(results) -> list:
 
 
 def write_results(results, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(long_rows(results))
-    return path
+    return write_csv(path, COLUMNS, long_rows(results))
 
 
 def read_results(path) -> list:
@@ -236,6 +232,13 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path):
+    """Lay ``fig`` out and write it to ``path``; True (a plot was drawn)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
 def _plot_speedup(plt, rows, path):
     speedup = _values(rows, "speedup")
     lines = defaultdict(lambda: defaultdict(list))  # op -> (mode, dtype) -> [(k, speedup)]
@@ -270,9 +273,7 @@ def _plot_speedup(plt, rows, path):
         ax.legend(fontsize=8)
     fig.suptitle(_title(rows, "lk3d speedup vs kernel size (geometric mean per k, dots: cases)"),
                  fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
+    return _save(fig, path)
 
 
 def _plot_roofline(plt, rows, path):
@@ -297,9 +298,7 @@ def _plot_roofline(plt, rows, path):
     ceilings = _ceilings_text(rows)
     ax.set_title(_title(rows, "roofline fraction per case"
                         + (f"\nceilings, same run: {ceilings}" if ceilings else "")), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
+    return _save(fig, path)
 
 
 def _plot_density(plt, rows, path):
@@ -323,9 +322,7 @@ def _plot_density(plt, rows, path):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(_title(rows, "block-sparse: time vs density"), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
+    return _save(fig, path)
 
 
 def _plot_cp(plt, rows, path):
@@ -347,9 +344,7 @@ def _plot_cp(plt, rows, path):
     ax.legend(fontsize=8)
     ax.set_title(_title(rows, "CP kernel: lk3d vs the unfused chain vs dense F.conv3d"),
                  fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
+    return _save(fig, path)
 
 
 _DRAW = {"speedup_vs_kernel.png": _plot_speedup, "roofline_fraction.png": _plot_roofline,
@@ -383,10 +378,6 @@ def plot(csv_path, rows=None) -> list:
 # the README summary
 # ---------------------------------------------------------------------------------------------
 
-def _fmt(value, spec, suffix=""):
-    return "-" if value is None else f"{value:{spec}}{suffix}"
-
-
 def summary_table(rows, title: str, plots: Sequence[str] = ()) -> str:
     """Markdown: a heading, the device and versions, the plots, then one line per (case, mode)
     with lk3d's median, the fastest non-lk3d provider's, lk3d's speedup and roofline fraction."""
@@ -416,8 +407,8 @@ def summary_table(rows, title: str, plots: Sequence[str] = ()) -> str:
             best_txt = f"{torch_ms[best]:.3f} ({best})" if best else "-"
             lk = (case, "lk3d", mode)
             roof_txt = "-" if lk not in roof else f"{100 * roof[lk]:.3g}%"
-            out.append(f"| {case} | {mode} | {_fmt(ms.get(lk), '.3f')} | {best_txt} | "
-                       f"{_fmt(speedup.get(lk), '.2f', 'x')} | {roof_txt} |")
+            out.append(f"| {case} | {mode} | {fmt(ms.get(lk), '.3f')} | {best_txt} | "
+                       f"{fmt(speedup.get(lk), '.2f', 'x')} | {roof_txt} |")
     return "\n".join(out)
 
 

@@ -33,6 +33,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from lk3d._algos import allow_tf32
+from lk3d.tools.timing import repeat_ms
 
 MODES = ("fwd", "bwd", "fwdbwd")
 _PASSES = {"fwd": 1, "bwd": 2, "fwdbwd": 3}  # convolutions of the forward's size per mode
@@ -109,16 +110,7 @@ def _best_s(fn, device: torch.device, min_run_time: float) -> float:
     ceiling is the best the machine does (on a shared machine the median drifts with its
     neighbours: copy bandwidth of one 2-core VM ranged 17-86 GB/s within minutes)."""
     fn()  # warm-up: allocator, oneDNN / cuBLAS heuristics
-    if device.type == "cuda":
-        import triton.testing
-
-        torch.cuda.synchronize(device)
-        return float(triton.testing.do_bench(fn, warmup=10, rep=int(min_run_time * 1e3),
-                                             return_mode="min")) * 1e-3
-    from torch.utils.benchmark import Timer
-
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return min(timer.blocked_autorange(min_run_time=min_run_time).times)
+    return repeat_ms(fn, device, min_run_time, stat="min", warmup_ms=10) * 1e-3
 
 
 def measure_ceilings(device="cpu", dtype: Optional[torch.dtype] = None) -> Ceilings:

@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from lk3d.tools._data import read_data
 from lk3d.autotune import select
+from lk3d.tools._data import read_data
+from lk3d.tools.table import fmt, format_table
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}
@@ -123,16 +124,8 @@ def tune_layers(layers, device, progress=True):
     return rows
 
 
-def _num(value, suffix=""):
-    return "-" if value is None else f"{value:.2f}{suffix}"
-
-
 def format_rows(rows):
-    head = (f"{'layer':<20} {'pass':<12} {'winner':<6} {'source':<9} {'ms':>10} {'aten ms':>10} "
-            f"{'speedup':>8}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['layer']:<20} {r['pass_']:<12} {r['algo']:<6} {r['source']:<9} "
-                     f"{_num(r['ms']):>10} {_num(r['aten_ms']):>10} "
-                     f"{_num(r['speedup'], 'x'):>8}")
-    return "\n".join(lines)
+    header = ("layer", "pass", "winner", "source", "ms", "aten ms", "speedup")
+    lines = [(r["layer"], r["pass_"], r["algo"], r["source"], fmt(r["ms"], ".2f"),
+              fmt(r["aten_ms"], ".2f"), fmt(r["speedup"], ".2f", "x")) for r in rows]
+    return format_table(header, lines, right=(4, 5, 6))

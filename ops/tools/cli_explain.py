@@ -1,0 +1,175 @@
+"""``lk3d explain``: the plan lk3d would use for each pass of a convolution, given as a case of
+``lk3d bench``'s sets or by its shapes; nothing runs and no input is allocated."""
+import argparse
+
+import torch
+
+import lk3d
+from lk3d.tools import bench
+
+
+def _int_list(text):
+    """The comma-separated ints of ``text``; () where one is not an int."""
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError:
+        return ()
+
+
+def _ints(count, what):
+    """An argparse type: ``count`` comma-separated positive ints (``what`` names them)."""
+    def parse(text):
+        values = _int_list(text)
+        if len(values) != count or min(values) < 1:
+            raise argparse.ArgumentTypeError(f"expected {count} comma-separated positive ints "
+                                             f"({what}), got {text!r}")
+        return values
+    parse.__name__ = what
+    return parse
+
+
+def _one_positive(name):
+    """An argparse type: one positive int."""
+    def parse(text):
+        return _ints(1, name)(text)[0]
+    parse.__name__ = name
+    return parse
+
+
+def _one_or_three(name, minimum):
+    """An argparse type: an int or 3 comma-separated ints, each >= ``minimum``."""
+    def parse(text):
+        values = _int_list(text)
+        if len(values) not in (1, 3) or min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"expected an int >= {minimum} or 3 of them, "
+                                             f"comma-separated, got {text!r}")
+        return values[0] if len(values) == 1 else values
+    parse.__name__ = name
+    return parse
+
+
+def _padding(text):
+    if text in ("same", "valid"):
+        return text
+    try:
+        return _one_or_three("padding", 0)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'same', 'valid', an int >= 0 or 3 of them, "
+                                         f"comma-separated, got {text!r}") from None
+
+
+def _stand_in(shape, dtype, device):
+    """A tensor of this shape, dtype and device that holds one element (zero strides): the
+    plan depends on nothing else, and a real [2, 48, 96³] input would take 340 MB."""
+    return torch.zeros((), dtype=dtype, device=device).expand(shape)
+
+
+_RAW_ONLY = ("input", "weight", "groups", "stride", "padding", "dilation", "rank")
+
+
+def _explain_case(name, dtype, device, parser):
+    """The plans of a case of lk3d bench's sets (``bench.CASE_SETS``)."""
+    cases = {c.name: c for cs in bench.CASE_SETS.values() for c in cs}
+    if name not in cases:
+        parser.error(f"case: expected one of lk3d bench's cases ({', '.join(cases)}), "
+                     f"got {name!r}")
+    case = cases[name]
+    dtype = dtype or case.torch_dtype
+    x = _stand_in((case.N, case.Cin, *case.size), dtype, device)
+    if case.op == "cp":
+        g = torch.Generator().manual_seed(0)
+        factors = lk3d.CPFactors(*(torch.randn(n, case.rank, generator=g).to(device, dtype)
+                                   for n in (case.Cout, case.Cin, *case.kernel)))
+        return str(lk3d.cp.explain(x, factors, None, 1, case.padding, 1))
+    w_shape = (case.Cout, case.Cin // case.groups, *case.kernel)
+    if case.op == "block_sparse":
+        g = torch.Generator().manual_seed(0)
+        dense = torch.randn(w_shape, generator=g).to(device, dtype)
+        weight = lk3d.BlockSparseWeight.from_dense(dense, case.block, density=case.density)
+        return _block_sparse_text(x, weight, case)
+    return str(lk3d.explain(x, _stand_in(w_shape, dtype, device), None, 1, case.padding, 1,
+                            case.groups))
+
+
+def _block_sparse_text(x, weight, case):
+    plan = lk3d.block_sparse.explain(x, weight, None, 1, case.padding, 1, case.groups)
+    head = (f"lk3d.block_sparse_conv3d on {x.device}, {str(x.dtype).removeprefix('torch.')}: "
+            f"input {tuple(x.shape)}, weight {tuple(weight.shape)} in blocks "
+            f"{tuple(case.block)}, density {case.density:g}, padding {case.padding}, groups "
+            f"{case.groups}")
+    if plan["path"] != "torch":
+        return f"{head}\npath: the Triton kernels (every pass)"
+    times = ", ".join(f"{route} {ms:.3g} ms" for route, ms in plan["times_ms"].items())
+    algo = f" (lk3d.conv3d's {plan['algo']} on the dense weight)" if plan["algo"] else ""
+    return (f"{head}\npath: torch, route {plan['route']}{algo}\nmodelled: {times}")
+
+
+def run(args, parser):
+    device = torch.device(args.device or bench.default_device())
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here "
+                     "(torch.cuda.is_available() is False); use --device cpu")
+    dtype = bench.DTYPES[args.dtype] if args.dtype else None
+    raw = [f"--{n}" for n in _RAW_ONLY if getattr(args, n) is not None]
+    try:
+        if args.case is not None:
+            if raw:
+                parser.error(f"expected a case or shapes, got the case {args.case!r} and "
+                             f"{', '.join(raw)}")
+            print(_explain_case(args.case, dtype, device, parser))
+            return 0
+        if args.input is None or args.weight is None:
+            parser.error("expected a case (lk3d bench --list names them) or both --input and "
+                         "--weight")
+        dtype = dtype or torch.float32
+        x = _stand_in(args.input, dtype, device)
+        geometry = (1 if args.stride is None else args.stride,
+                    0 if args.padding is None else args.padding,
+                    1 if args.dilation is None else args.dilation)
+        if args.rank is not None:
+            n, cin = args.input[:2]
+            cout, cig, *kernel = args.weight
+            if cig != cin or (args.groups or 1) != 1:
+                given = ",".join(map(str, args.weight)) + (
+                    "" if args.groups is None else f" and --groups {args.groups}")
+                parser.error(f"--rank: a CP kernel is dense (groups 1): expected --weight "
+                             f"{cout},{cin},... (Cin = {cin}), got {given}")
+            factors = lk3d.CPFactors(*(torch.ones(k, args.rank, dtype=dtype, device=device)
+                                       for k in (cout, cin, *kernel)))
+            print(lk3d.cp.explain(x, factors, None, *geometry))
+        else:
+            w = _stand_in(args.weight, dtype, device)
+            print(lk3d.explain(x, w, None, *geometry, args.groups or 1))
+    except (TypeError, ValueError) as e:  # lk3d's own argument checks name the argument
+        parser.error(str(e))
+    return 0
+
+
+def add_parser(sub):
+    """The ``explain`` subcommand of the ``lk3d`` parser's ``sub``."""
+    p = sub.add_parser("explain", help="the plan lk3d would use for a convolution, per pass",
+                       description="Print the plan lk3d would use for each pass of a "
+                       "convolution (forward, grad-input, grad-weight; CP: forward, backward): "
+                       "the algorithm, where the choice came from (forced, cache, seed, measured, "
+                       "model), the launch config and the measured or modelled milliseconds per "
+                       "candidate. Nothing runs and no input is allocated. Give a case of lk3d "
+                       "bench's sets (lk3d bench --list, --quick --list) or the shapes, e.g. "
+                       "--input 2,48,96,96,96 --weight 48,1,7,7,7 --groups 48 --padding same.")
+    p.add_argument("case", nargs="?", help="a case name of lk3d bench's sets")
+    p.add_argument("--input", type=_ints(5, "N,C,D,H,W"), metavar="N,C,D,H,W")
+    p.add_argument("--weight", type=_ints(5, "Cout,Cin/groups,kd,kh,kw"),
+                   metavar="Cout,Cin/g,kd,kh,kw")
+    p.add_argument("--groups", type=_one_positive("groups"), metavar="G", help="default: 1")
+    p.add_argument("--stride", type=_one_or_three("stride", 1), metavar="S",
+                   help="an int or 3 (default: 1)")
+    p.add_argument("--padding", type=_padding, metavar="P",
+                   help="same, valid, an int or 3 (default: 0)")
+    p.add_argument("--dilation", type=_one_or_three("dilation", 1), metavar="D",
+                   help="an int or 3 (default: 1)")
+    p.add_argument("--rank", type=_one_positive("rank"), metavar="R",
+                   help="a rank-R CP kernel of the --weight's shape (lk3d.cp_conv3d)")
+    p.add_argument("--dtype", choices=tuple(bench.DTYPES),
+                   help="default: the case's, else float32")
+    p.add_argument("--device", choices=("cpu", "cuda"),
+                   help="default: cuda if available, else cpu")
+    p.set_defaults(func=run, subparser=p)
