@@ -100,11 +100,11 @@ def _conv3d_igemm_kernel(
                        m_a[:, None] & m_c[None, :], VOX=0)
         b_w = tl.load(p_w + c[:, None] * sw_k + (kd * sw_d + kh * sw_h + kw * sw_w),
                       mask=m_c[:, None] & m_n[None, :], other=0.0)
-        step = tl.dot(b_a, b_w, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        # Grad-input: a tap off the stride grid or past the border adds nothing (0·w would be NaN
-        # for an Inf weight, where aten sums nothing). The forward multiplies the zero padding,
+        # A masked tap adds 0·w: in grad-input, NaN for an Inf weight where aten sums nothing
+        # (masking the accumulator cost ~220 instructions a step on sm_90), so lk3d._algos sends
+        # a grad-input with a non-finite weight to aten. The forward multiplies the zero padding,
         # as F.conv3d's explicit padding does.
-        acc = tl.where(m_a[:, None], step, acc) if TRANSPOSED else step
+        acc = tl.dot(b_a, b_w, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + (i_g * NC + o_n) * sb, mask=m_n, other=0.0).to(ACC_DTYPE)[None, :]
@@ -171,10 +171,7 @@ def _conv3d_dw_kernel(
                     aw, v_w = tap_coord(yw, kw, AW, STR_W, PAD_W, DIL_W, TRANSPOSED)
                     b_a = tl.load(p_row + aw.to(tl.int64) * sa_w, mask=m_row & v_w, other=0.0)
                     b_w = tl.load(p_w + kd * sw_d + kh * sw_h + kw * sw_w)
-                    prod = b_a.to(ACC_DTYPE) * b_w.to(ACC_DTYPE)
-                    if TRANSPOSED:  # as in the implicit GEMM: masked taps add nothing
-                        prod = tl.where(m_row & v_w, prod, 0.0)
-                    acc += prod
+                    acc += b_a.to(ACC_DTYPE) * b_w.to(ACC_DTYPE)  # masked taps: 0·w (as above)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + c * sb).to(ACC_DTYPE)
     o_y = yd.to(tl.int64) * sy_d + yh.to(tl.int64) * sy_h + yw.to(tl.int64) * sy_w
