@@ -106,10 +106,9 @@ def _software() -> dict:
         runtime = f"cuda {torch.version.cuda}"
     elif getattr(torch.version, "hip", None):
         runtime = f"hip {torch.version.hip}"
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:  # no Triton wheel on this platform
+    try:  # its installed version, without importing it
+        triton_version = version("triton")
+    except PackageNotFoundError:  # no Triton wheel on this platform
         triton_version = None
     return dict(runtime=runtime, driver=_cuda_driver() if torch.version.cuda else None,
                 torch=torch.__version__, triton=triton_version, lk3d=lk3d_version())

@@ -13,11 +13,15 @@ neither Triton nor anything of lk3d but this package, so the planner can name a 
 config, and padding as six ints ``(d_l, h_l, w_l, d_r, h_r, w_r)``; nothing here imports
 ``lk3d.autotune`` or the ops layer.
 
-``HAS_TRITON`` says whether Triton imports here (Linux x86_64 wheels); ``INTERPRETED`` whether its
-interpreter runs the kernels on CPU tensors (``TRITON_INTERPRET=1`` set before Triton's import).
+``HAS_TRITON`` says whether Triton is installed here (Linux x86_64 wheels); ``INTERPRETED`` whether
+its interpreter runs the kernels on CPU tensors (``TRITON_INTERPRET`` set to a true value when lk3d
+is imported). Triton itself is imported only then, or when a kernel module is first imported (the
+ops layer does that at a kernel's first launch): ``import lk3d`` on the CPU does not import it.
 What this module itself defines needs no Triton.
 """
+import importlib.util
 import math
+import os
 
 import torch
 
@@ -60,14 +64,30 @@ def split_programs(M, block, programs, partial, device_programs):
     return int(min(want, by_work, by_memory))
 
 
-try:
-    import triton  # noqa: F401
-    from triton.runtime.interpreter import InterpretedFunction
+def _interpret_requested() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks for Triton's interpreter (Triton reads it as a bool)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on", "y")
 
-    from lk3d.kernels import common
 
-    HAS_TRITON = True
-    INTERPRETED = isinstance(common.tap_coord, InterpretedFunction)
-except ImportError:  # no Triton on this platform: every op takes its torch path
-    HAS_TRITON = False
-    INTERPRETED = False
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRETED = False
+if HAS_TRITON and _interpret_requested():
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        from lk3d.kernels import common
+
+        INTERPRETED = isinstance(common.tap_coord, InterpretedFunction)
+    except ImportError:  # installed but not importable here: every op takes its torch path
+        HAS_TRITON = False
+
+
+_FAMILIES = ("common", "tiled", "cp", "block_sparse")
+
+
+def __getattr__(name):
+    """A kernel module on first use (``lk3d.kernels.tiled``): Triton is imported then, not with
+    this package."""
+    if name in _FAMILIES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

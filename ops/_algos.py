@@ -25,11 +25,9 @@ from lk3d import fft
 from lk3d._spec import empty, extent, out_size, zero_pad
 from lk3d.autotune import configs, registry
 from lk3d.autotune.configs import Problem, candidate_configs, default_config
+from lk3d import kernels
 from lk3d.kernels import HAS_TRITON, INTERPRETED, MAX_VOLUME, memory_format
 from lk3d.kernels import tiled_configs as tiled_family
-
-if HAS_TRITON:
-    from lk3d.kernels import tiled
 
 configs.register(tiled_family)
 
@@ -54,8 +52,6 @@ def kernels_can_run(t: torch.Tensor) -> bool:
 
 def kernels_why_not(device: torch.device) -> str:
     """Why the Triton kernels may not run on ``device`` (LK3D_ALGO=tiled that cannot be obeyed)."""
-    from lk3d import kernels
-
     if not kernels.HAS_TRITON:
         return "tiled needs Triton, which does not import here"
     if device.type == "cpu" and not kernels.INTERPRETED:
@@ -129,7 +125,7 @@ def allow_tf32():
         return True
 
 
-class _device:
+class launch_device:
     """Make ``t``'s CUDA device current for a Triton launch (no-op on the CPU)."""
 
     def __init__(self, t):
@@ -146,7 +142,7 @@ class _device:
 # aten
 # ---------------------------------------------------------------------------------------------
 
-def _aten_layout(t, w_shape):
+def aten_layout(t, w_shape):
     """channels_last_3d for CPU dense kernels >= 15 on a side; the given layout otherwise."""
     if t.device.type == "cpu" and w_shape[1] > 1 and max(w_shape[2:]) >= 15:
         return t.contiguous(memory_format=torch.channels_last_3d)
@@ -162,14 +158,14 @@ def _aten_padded(x, padding):
 
 
 def aten_forward(x, w, bias, stride, padding, dilation, groups):
-    xp, pad = _aten_padded(_aten_layout(x, w.shape), padding)
+    xp, pad = _aten_padded(aten_layout(x, w.shape), padding)
     return F.conv3d(xp, w, bias, stride, pad, dilation, groups)
 
 
 def _stand_in(shape, like, w_shape=None):
     """An uninitialised tensor that tells aten the shape (and layout) of an operand it does not
     read. A stride-0 expand would be cheaper to make, but sends oneDNN down a path ~10x slower."""
-    mf = memory_format(_aten_layout(like, w_shape)) if w_shape is not None else None
+    mf = memory_format(aten_layout(like, w_shape)) if w_shape is not None else None
     return empty(shape, like, mf or torch.contiguous_format)
 
 
@@ -177,16 +173,16 @@ def aten_grad_input(grad, w, input_shape, stride, padding, dilation, groups):
     left, right = split_pad(padding)
     padded = [*input_shape[:2], *(s + pl + pr for s, pl, pr in zip(input_shape[2:], left, right))]
     gx = torch.ops.aten.convolution_backward(
-        _aten_layout(grad, w.shape), _stand_in(padded, grad, w.shape), w, None, stride,
+        aten_layout(grad, w.shape), _stand_in(padded, grad, w.shape), w, None, stride,
         [0, 0, 0], dilation, False, [0, 0, 0], groups, [True, False, False])[0]
     return gx[:, :, left[0]:left[0] + input_shape[2], left[1]:left[1] + input_shape[3],
               left[2]:left[2] + input_shape[4]]
 
 
 def aten_grad_weight(grad, x, weight_shape, stride, padding, dilation, groups):
-    xp, pad = _aten_padded(_aten_layout(x, weight_shape), padding)
+    xp, pad = _aten_padded(aten_layout(x, weight_shape), padding)
     return torch.ops.aten.convolution_backward(
-        _aten_layout(grad, weight_shape), xp, _stand_in(weight_shape, grad), None,
+        aten_layout(grad, weight_shape), xp, _stand_in(weight_shape, grad), None,
         stride, pad, dilation, False, [0, 0, 0], groups, [False, True, False])[1]
 
 
@@ -253,13 +249,17 @@ def _config(config, op, x_shape, w_shape, geometry, device):
     return config or default_config(tiled_problem(op, x_shape, w_shape, *geometry, device), device)
 
 
+def _tiled():
+    return kernels.tiled  # imported (with Triton) at the first launch
+
+
 def tiled_forward(x, w, bias, stride, padding, dilation, groups, config=None):
     geometry = (stride, padding, dilation, groups)
     cfg = _config(config, "conv3d", x.shape, w.shape, geometry, x.device)
-    with _device(x):
+    with launch_device(x):
         if w.shape[1] == 1:  # depthwise, with channel multiplier cout / cin
-            return tiled.conv3d_dw_fwd(x, w, bias, stride, padding, dilation, cfg)
-        return tiled.conv3d_fwd(x, w, bias, stride, padding, dilation, groups, cfg,
+            return _tiled().conv3d_dw_fwd(x, w, bias, stride, padding, dilation, cfg)
+        return _tiled().conv3d_fwd(x, w, bias, stride, padding, dilation, groups, cfg,
                                 allow_tf32=allow_tf32())
 
 
@@ -271,30 +271,31 @@ def tiled_grad_input(grad, w, input_shape, stride, padding, dilation, groups, co
         return aten_grad_input(grad, w, input_shape, stride, padding, dilation, groups)
     geometry = (stride, padding, dilation, groups)
     cfg = _config(config, "conv3d_grad_input", input_shape, w.shape, geometry, grad.device)
-    with _device(grad):
+    with launch_device(grad):
         if w.shape[1] == 1:
-            return tiled.conv3d_dw_bwd_input(grad, w, input_shape, stride, padding, dilation, cfg)
-        return tiled.conv3d_bwd_input(grad, w, input_shape, stride, padding, dilation, groups,
+            return _tiled().conv3d_dw_bwd_input(grad, w, input_shape, stride, padding, dilation,
+                                                cfg)
+        return _tiled().conv3d_bwd_input(grad, w, input_shape, stride, padding, dilation, groups,
                                       cfg, allow_tf32=allow_tf32())
 
 
 def tiled_grad_weight(grad, x, weight_shape, stride, padding, dilation, groups, config=None):
     geometry = (stride, padding, dilation, groups)
     cfg = _config(config, "conv3d_grad_weight", x.shape, weight_shape, geometry, x.device)
-    with _device(x):
+    with launch_device(x):
         if weight_shape[1] == 1:
-            return tiled.conv3d_dw_bwd_weight(x, grad, weight_shape, stride, padding, dilation,
+            return _tiled().conv3d_dw_bwd_weight(x, grad, weight_shape, stride, padding, dilation,
                                               cfg)
-        return tiled.conv3d_bwd_weight(x, grad, weight_shape, stride, padding, dilation, groups,
+        return _tiled().conv3d_bwd_weight(x, grad, weight_shape, stride, padding, dilation, groups,
                                        cfg, allow_tf32=allow_tf32())
 
 
 def tiled_grad_bias(grad):
     M = grad.numel() // grad.shape[1]
-    with _device(grad):
+    with launch_device(grad):
         cfg = default_config(Problem("bias_grad", M=M, programs=grad.shape[1], partial=1),
                              grad.device)
-        return tiled.bias_grad(grad, cfg)
+        return _tiled().bias_grad(grad, cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,16 +307,16 @@ def tiled_grad_bias(grad):
 # ~3x and the FFT ~2x faster) plus the time to stream input and output once; CUDA ones are
 # fractions of the device's dense rate, untuned guesses until `lk3d tune` measures (or a shipped
 # seed covers) the device.
-_CPU_ATEN_PER_THREAD = {"dense": 90e9, "depthwise": 60e9}
-_CPU_BYTES_PER_S = 10e9
-_CUDA_FRACTION = {("tiled", "dense"): 0.45, ("tiled", "depthwise"): 0.08,
+CPU_ATEN_PER_THREAD = {"dense": 90e9, "depthwise": 60e9}
+CPU_BYTES_PER_S = 10e9
+CUDA_FRACTION = {("tiled", "dense"): 0.45, ("tiled", "depthwise"): 0.08,
                   ("aten", "dense"): 0.35, ("aten", "depthwise"): 0.01}
 _CUDA_FFT_SPEEDUP = 80.0  # a GPU's FFT pipeline against the CPU model (a guess, as before)
 _FFT_CALIBRATION = 1.35   # measured / modelled seconds of conv3d by lk3d.fft (with pad and crop)
 _FFT_OVERHEAD_MS = 0.3    # its ~40 torch calls, whatever the size
 
 
-def _cuda_rate(device, dtype):
+def cuda_rate(device, dtype):
     p = torch.cuda.get_device_properties(device)
     per_sm = 1024 * 1.7e9 if dtype in (torch.float16, torch.bfloat16) else 512 * 1.7e9
     return p.multi_processor_count * per_sm
@@ -336,12 +337,12 @@ def model_ms(algo, x_shape, w_shape, stride, padding, dilation, groups, dtype, d
         return 1e3 * (secs / _CUDA_FFT_SPEEDUP if device.type == "cuda" else secs) + \
             _FFT_OVERHEAD_MS
     if device.type == "cuda":
-        return 1e3 * flops / (_CUDA_FRACTION[algo, form] * _cuda_rate(device, dtype)) + 0.01
+        return 1e3 * flops / (CUDA_FRACTION[algo, form] * cuda_rate(device, dtype)) + 0.01
     if algo == "aten":
         moved = 4 * x_shape[0] * (x_shape[1] * math.prod(x_shape[2:])
                                   + w_shape[0] * math.prod(size))
-        return 1e3 * (flops / (_CPU_ATEN_PER_THREAD[form] * torch.get_num_threads())
-                      + moved / _CPU_BYTES_PER_S) + 0.05
+        return 1e3 * (flops / (CPU_ATEN_PER_THREAD[form] * torch.get_num_threads())
+                      + moved / CPU_BYTES_PER_S) + 0.05
     return math.inf  # the interpreter is for checking kernels, not for speed
 
 

@@ -6,11 +6,9 @@ six ints); ``config=None`` takes ``lk3d.autotune.configs.default_config`` (the s
 import math
 
 from lk3d.autotune import configs
-from lk3d.kernels import HAS_TRITON, out_size
+from lk3d import kernels
 from lk3d.kernels import block_sparse_configs as block_sparse_family
-
-if HAS_TRITON:
-    from lk3d.kernels import block_sparse as kernels
+from lk3d.kernels import out_size
 
 configs.register(block_sparse_family)
 
@@ -33,9 +31,9 @@ def block_sparse_fwd(x, values, row_ptr, col, weight_shape, block_shape, bias, s
     if config is None:
         size = out_size(x.shape[2:], weight_shape[2:], stride, padding, dilation)
         config = _config(_kind(weight_shape), x.shape[0] * math.prod(size), block_shape, x)
-    return kernels.block_sparse_fwd(x, values, row_ptr, col, weight_shape, block_shape, bias,
-                                    stride, padding, dilation, groups, config,
-                                    allow_tf32=allow_tf32)
+    return kernels.block_sparse.block_sparse_fwd(
+        x, values, row_ptr, col, weight_shape, block_shape, bias, stride, padding, dilation, groups,
+        config, allow_tf32=allow_tf32)
 
 
 def block_sparse_bwd_input(grad, values, row_ptr, col, weight_shape, block_shape, input_shape,
@@ -44,9 +42,9 @@ def block_sparse_bwd_input(grad, values, row_ptr, col, weight_shape, block_shape
     if config is None:
         config = _config(_kind(weight_shape), input_shape[0] * math.prod(input_shape[2:]),
                          block_shape, grad)
-    return kernels.block_sparse_bwd_input(grad, values, row_ptr, col, weight_shape, block_shape,
-                                          input_shape, stride, padding, dilation, groups, config,
-                                          allow_tf32=allow_tf32)
+    return kernels.block_sparse.block_sparse_bwd_input(
+        grad, values, row_ptr, col, weight_shape, block_shape, input_shape, stride, padding,
+        dilation, groups, config, allow_tf32=allow_tf32)
 
 
 def block_sparse_bwd_values(grad, x, values, row_ptr, col, weight_shape, block_shape, stride,
@@ -56,6 +54,6 @@ def block_sparse_bwd_values(grad, x, values, row_ptr, col, weight_shape, block_s
         M = grad.shape[0] * math.prod(grad.shape[2:])
         config = _config(_kind(weight_shape, wgrad=True), M, block_shape, x,
                          programs=values.shape[0] * math.prod(block_shape[2:]))
-    return kernels.block_sparse_bwd_values(grad, x, values, row_ptr, col, weight_shape,
-                                           block_shape, stride, padding, dilation, groups, config,
-                                           allow_tf32=allow_tf32)
+    return kernels.block_sparse.block_sparse_bwd_values(
+        grad, x, values, row_ptr, col, weight_shape, block_shape, stride, padding, dilation, groups,
+        config, allow_tf32=allow_tf32)

@@ -84,11 +84,9 @@ from lk3d.autotune.cache import problem_key
 from lk3d.cp_factors import CPFactors
 from lk3d.cp_ref import (cp_conv3d_dense, cp_conv3d_dense_backward, cp_conv3d_ref,
                          cp_conv3d_torch, cp_conv3d_torch_backward)
-from lk3d.kernels import HAS_TRITON, INTERPRETED, memory_format
+from lk3d import kernels
+from lk3d.kernels import INTERPRETED, memory_format
 from lk3d.kernels import cp_configs as cp_family
-
-if HAS_TRITON:
-    from lk3d.kernels import cp as cp_kernels
 
 configs.register(cp_family)
 
@@ -169,17 +167,17 @@ def model_ms(algo, x_shape, cout, rank, kernel, stride, padding, dilation, dtype
         if device.type != "cuda":
             return math.inf  # the interpreter checks kernels; it is not for speed
         flops = 2 * m_out * (math.prod(kernel) * cin * rank + rank * cout)
-        rate = _algos._CUDA_FRACTION["tiled", "dense"] * _algos._cuda_rate(device, dtype)
+        rate = _algos.CUDA_FRACTION["tiled", "dense"] * _algos.cuda_rate(device, dtype)
         return passes * 1e3 * flops / rate + _CUDA_LAUNCH_MS
     elem = torch.empty((), dtype=dtype).element_size()
     moved = elem * (m_in * (cin + 7 * rank) + m_out * (rank + cout))
     flops = 2 * (m_in * rank * (cin + sum(kernel)) + m_out * rank * cout)
     if device.type == "cuda":
         secs = moved / _CUDA_BYTES_PER_S + flops / (
-            _algos._CUDA_FRACTION["aten", "dense"] * _algos._cuda_rate(device, dtype))
+            _algos.CUDA_FRACTION["aten", "dense"] * _algos.cuda_rate(device, dtype))
         return passes * 1e3 * secs + 5 * passes * _CUDA_LAUNCH_MS
-    secs = moved / _algos._CPU_BYTES_PER_S + flops / (
-        _algos._CPU_ATEN_PER_THREAD["depthwise"] * torch.get_num_threads())
+    secs = moved / _algos.CPU_BYTES_PER_S + flops / (
+        _algos.CPU_ATEN_PER_THREAD["depthwise"] * torch.get_num_threads())
     return passes * 1e3 * secs + 0.05
 
 
@@ -218,8 +216,8 @@ def _forward_kernels(input, U_out, U_in, A, B, C, weights, bias, stride, padding
     config = configs.default_config(
         _problem("cp_conv", input.shape[0] * math.prod(size), cin, cout, A, B, C, rank),
         input.device)
-    with _algos._device(input):
-        return cp_kernels.cp_conv3d_fwd(input, U_out, U_in, A, B, C, weights, bias, stride,
+    with _algos.launch_device(input):
+        return kernels.cp.cp_conv3d_fwd(input, U_out, U_in, A, B, C, weights, bias, stride,
                                         padding, dilation, config,
                                         allow_tf32=_algos.allow_tf32())
 
@@ -247,19 +245,19 @@ def _backward_kernels(grad, input, U_out, U_in, A, B, C, weights, stride, paddin
     geometry = (stride, padding, dilation)
     tf32 = _algos.allow_tf32()
     grads = [None] * 7
-    with _algos._device(input):
+    with _algos.launch_device(input):
         if need_x or need_ui:
             config = configs.default_config(
                 _problem("cp_conv", N * math.prod(input.shape[2:]), cout, cin, A, B, C, rank,
                          partials=need_ui), input.device)
-            grads[0], grads[2] = cp_kernels.cp_conv3d_bwd_input(
+            grads[0], grads[2] = kernels.cp.cp_conv3d_bwd_input(
                 grad, input, U_out, U_in, A, B, C, weights, *geometry, config,
                 need_input=need_x, need_u_in=need_ui, allow_tf32=tf32)
         if need_taps or need_out:
             config = configs.default_config(
                 _problem("cp_grad", N * math.prod(grad.shape[2:]), cin, cout, A, B, C, rank,
                          partials=True), input.device)
-            D, G = cp_kernels.cp_conv3d_bwd_factors(
+            D, G = kernels.cp.cp_conv3d_bwd_factors(
                 input, grad, U_out, U_in, A, B, C, weights, *geometry, config,
                 need_taps=need_taps, need_out=need_out, allow_tf32=tf32)
     if need_out:

@@ -182,7 +182,9 @@ def cp(weight, rank, n_iter_max=100, seed=0, tol=1e-8, linesearch=False):
 # Tucker
 # ---------------------------------------------------------------------------------------------
 
-def _tucker_ranks(ranks, cout, cin):
+def tucker_ranks(ranks, cout, cin):
+    """``(out_rank, in_rank)`` of a Tucker-2 decomposition from ``ranks`` (an int or a pair),
+    checked against ``cout`` and ``cin``."""
     if isinstance(ranks, Integral) and not isinstance(ranks, bool):
         ranks = (ranks, ranks)
     if (not isinstance(ranks, (tuple, list)) or len(ranks) != 2
@@ -207,7 +209,7 @@ def tucker(weight, ranks, n_iter_max=100, seed=0, tol=1e-8):
     form ``lk3d.nn.TuckerConv3d`` runs: 1×1×1 conv, ``core`` conv, 1×1×1 conv.
     """
     _check_common(weight, n_iter_max, seed)
-    r_out, r_in = _tucker_ranks(ranks, weight.shape[0], weight.shape[1])
+    r_out, r_in = tucker_ranks(ranks, weight.shape[0], weight.shape[1])
     partial_tucker = _decomposition().partial_tucker
 
     dtype = _compute_dtype(weight)

@@ -276,7 +276,7 @@ class TuckerConv3d(_FactoredConv3d):
         factory_kwargs = dict(device=device, dtype=dtype)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias,
                          padding_mode, factory_kwargs)
-        self.ranks = decompose._tucker_ranks(ranks, self.out_channels, self.in_channels)
+        self.ranks = decompose.tucker_ranks(ranks, self.out_channels, self.in_channels)
         r_out, r_in = self.ranks
         self.U_in = nn.Parameter(torch.empty(self.in_channels, r_in, **factory_kwargs))
         self.core = nn.Parameter(torch.empty(r_out, r_in, *self.kernel_size, **factory_kwargs))

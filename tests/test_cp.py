@@ -117,7 +117,7 @@ def test_cuda_cost_model_prefers_the_sequence_at_large_kernels(monkeypatch):
     """The plan's CUDA model: the fused kernels (2·k³·Cin·R FLOPs per voxel) win at a 3³ kernel,
     the factored sequence (memory-bound) at 21³; the backward costs more than the forward."""
     from lk3d import _algos
-    monkeypatch.setattr(_algos, "_cuda_rate", lambda device, dtype: 1e15)
+    monkeypatch.setattr(_algos, "cuda_rate", lambda device, dtype: 1e15)
     cuda = torch.device("cuda")
 
     def ms(algo, k, backward=False):

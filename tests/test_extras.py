@@ -4,6 +4,7 @@ its table and writes its CSV, and says the plots were skipped; ``lk3d report`` a
 ``lk3d.decompose`` raise an error that names the extra. A missing module is simulated by a None in
 ``sys.modules`` (the import then raises ImportError), restored after each test."""
 import json
+import os
 import subprocess
 import sys
 
@@ -36,15 +37,26 @@ def _tooling(modules, third_party):
             if m.split(".")[0] in third_party or m == "lk3d.tools" or m.startswith("lk3d.tools.")]
 
 
-def test_import_lk3d_loads_no_tooling():
+@pytest.mark.parametrize("interpret", [False, True])
+def test_import_lk3d_loads_no_tooling(interpret):
+    """Nor Triton on the CPU, unless its interpreter is asked for (then the kernels import it).
+    (A first call of any torch.library custom op imports torch._dynamo, which imports Triton
+    where it is installed: that is torch's, after the import.)"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     at_import, after_call = json.loads(proc.stdout.splitlines()[-1])
     assert {"lk3d", "lk3d.nn", "lk3d.decompose", "lk3d.autotune.cache"} <= set(at_import)
     assert _tooling(at_import, TOOLING_ONLY) == []
     no_platformdirs = tuple(m for m in TOOLING_ONLY if m != "platformdirs")
     assert _tooling(after_call, no_platformdirs) == []
+    if not interpret:
+        assert _tooling(at_import, ("triton",)) == []
+    elif lk3d.kernels.HAS_TRITON:
+        assert "triton" in at_import
 
 
 @pytest.fixture

@@ -91,7 +91,7 @@ def run(shapes, device, progress=True, rounds=5, pairs=None):
             "lk3d-auto": lambda: lk3d.conv3d(x, w, None, 1, p, 1, groups),
         }
         same = {}
-        if _algos._aten_layout(x, w.shape) is x:
+        if _algos.aten_layout(x, w.shape) is x:
             same["lk3d-aten"] = "torch"
             del providers["lk3d-aten"]
         if _algos.kernels_can_run(x) and device.type == "cuda":
