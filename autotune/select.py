@@ -24,7 +24,6 @@ import functools
 import math
 import os
 import threading
-import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -35,6 +34,7 @@ from lk3d.autotune import configs as config_spaces
 from lk3d.autotune import registry
 from lk3d.autotune.cache import default_cache, space_hash
 from lk3d.autotune.fingerprint import device_id
+from lk3d.autotune.timing import time_ms  # the planner's measurement
 
 MODEL_VERSION = 1  # bump when the meaning of stored plans changes
 _local = threading.local()
@@ -184,29 +184,6 @@ def _space_of(candidates, kernels):
     spaces = [{"model": MODEL_VERSION, "candidates": list(candidates)}]
     spaces += [{"kernel": k, "configs": config_spaces.space(k)} for k in kernels]
     return space_hash(spaces)
-
-
-def time_ms(fn: Callable[[], object], device: torch.device, budget_ms: float = math.inf) -> float:
-    """Median milliseconds of ``fn()``. A first run that already exceeds ``budget_ms`` is
-    returned as it is (no repeats for a candidate that has lost)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize(device)
-        first = (time.perf_counter() - start) * 1e3
-        if first > budget_ms:
-            return first
-        from triton.testing import do_bench
-        return float(do_bench(fn, return_mode="median"))
-    start = time.perf_counter()
-    fn()
-    first = (time.perf_counter() - start) * 1e3
-    if first > budget_ms or first > 2000:
-        return first
-    import torch.utils.benchmark as benchmark
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min(1.0, max(0.05, 5 * first / 1e3))).median * 1e3
 
 
 def choose(op: str, key: str, device: torch.device, candidates: Sequence[str],

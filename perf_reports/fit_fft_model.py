@@ -11,15 +11,14 @@ machine otherwise idle and PyTorch's huge pages on:
 import argparse
 import itertools
 import json
-import math
 import random
-import time
 
 import numpy as np
 import torch
 from scipy.optimize import nnls
 
 from lk3d import fft
+from lk3d.autotune.timing import repeat_ms
 
 # (Q, K, N, cin, cout, groups): the outputs per axis, taps per axis and channels of one correlation.
 PROBLEMS = [
@@ -40,17 +39,12 @@ PROBLEMS = [
 ]
 
 
-def best_ms(fn, reps):
-    """The fastest of ``reps`` runs after two warm-up runs: on a shared machine interference only
-    ever adds time, and the first runs of a new size pay its page faults."""
+def best_ms(fn, min_run_time=1.0):
+    """The fastest of about ``min_run_time`` seconds of runs after a warm-up run (and the run
+    that sizes the timer's blocks): on a shared machine interference only ever adds time, and the
+    first runs of a new size pay its page faults."""
     fn()
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * min(ts)
+    return repeat_ms(fn, "cpu", min_run_time, stat="min")
 
 
 def measure(per_problem=10, seed=0):
@@ -67,7 +61,7 @@ def measure(per_problem=10, seed=0):
         pick += rng.sample(rest, min(len(rest), per_problem - len(pick)))
         rng.shuffle(pick)
         for L in pick:
-            ms = best_ms(lambda: fft.xcorr(x, w, (1, 1, 1), Q, groups, L=L), 4)
+            ms = best_ms(lambda: fft.xcorr(x, w, (1, 1, 1), Q, groups, L=L))
             feats = fft.fft_features(L, Q, E, K, N, cin, cout, groups)
             rows.append(dict(problem=[Q, K, N, cin, cout, groups], L=list(L), ms=ms,
                              features=feats))

@@ -329,21 +329,6 @@ def test_progress_bar_only_on_a_terminal(monkeypatch, tty, enabled, drawn):
     assert list(bench.progress_bar(iter([3, 1, 2]), enabled=enabled)) == [3, 1, 2]
 
 
-def test_paired_ratio():
-    from lk3d.tools import bench_dispatch
-    ratio = bench_dispatch.paired_ratio(lambda: time.sleep(0.004), lambda: time.sleep(0.001),
-                                        torch.device("cpu"), pairs=7)
-    assert 2 < ratio < 6  # 4 ms over 1 ms, give or take a sleep's overshoot
-
-
-def test_paired_ratio_alternates_the_order():
-    from lk3d.tools import bench_dispatch
-    calls = []
-    bench_dispatch.paired_ratio(lambda: calls.append("a"), lambda: calls.append("b"),
-                                torch.device("cpu"), pairs=4)
-    assert calls[2:] == ["a", "b", "b", "a", "a", "b", "b", "a"]  # after one warm-up pair
-
-
 # ---------------------------------------------------------------------------------------------
 # lk3d explain
 # ---------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ memory one step allocates above its inputs, in MiB.
 
 Timing is the median of ``triton.testing.do_bench`` on CUDA and of
 ``torch.utils.benchmark.Timer.blocked_autorange`` on the CPU (all torch threads;
-``lk3d.tools.timing``). Before timing, lk3d's output is compared with ``F.conv3d``'s of the
+``lk3d.autotune.timing``). Before timing, lk3d's output is compared with ``F.conv3d``'s of the
 same (dense) kernel in the same dtype (relative L2 error, in the lk3d rows, with the algorithm
 lk3d's planner picked for dense and depthwise cases, from ``lk3d.explain``).
 

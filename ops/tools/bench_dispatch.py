@@ -16,16 +16,14 @@ and reports, against the fastest candidate lk3d chooses among on the same input 
 lk3d-aten, lk3d-fft, lk3d-tiled): ``pick/best``, the measured time of the algorithm the plan picked
 over the best (the quality of the choice; the goal: within 1.1x everywhere), and ``auto/best``,
 lk3d.conv3d's own end-to-end time over the best: its time over the picked algorithm's, measured by
-alternating single calls of the two (``paired_ratio``: the same code timed in separate rounds
-differs by up to +-30% on a shared 2-core machine, a pair of back-to-back calls far less), times
-``pick/best``. The ``lk3d-auto`` column itself is timed in the rounds like the others. Also the
-FFT's speedup over the faster torch layout (torch or torch-cl). Providers known to be
+alternating single calls of the two (``lk3d.autotune.timing.paired_ratio``: the same code timed in
+separate rounds differs by up to +-30% on a shared 2-core machine, a pair of back-to-back calls far
+less), times ``pick/best``. The ``lk3d-auto`` column itself is timed in the rounds like the others.
+Also the FFT's speedup over the faster torch layout (torch or torch-cl). Providers known to be
 pathological are skipped with the reason in the row instead of hanging the run (CPU aten, NCDHW,
 dense k >= 21: minutes).
 """
 import os
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
@@ -33,10 +31,9 @@ import torch.nn.functional as F
 
 import lk3d
 from lk3d import _algos, fft
-from lk3d.autotune.select import time_ms
+from lk3d.autotune.timing import paired_ratio, time_ms
 from lk3d.tools.bench import progress_bar
 from lk3d.tools.table import format_table
-from lk3d.tools.timing import first_call_s
 
 
 @dataclass(frozen=True)
@@ -71,10 +68,10 @@ def _skip(provider, shape, device):
 
 def run(shapes, device, progress=True, rounds=5, pairs=None):
     """One row per shape: provider -> ms (or a skip reason), auto's choice and the ratios. Each
-    provider is timed in ``rounds`` interleaved rounds and keeps its best median; ``pairs``: the
-    alternating calls of ``paired_ratio`` (None: a second's worth). Where lk3d's
-    aten algorithm is the very call torch makes (it keeps the input's layout), it is timed once,
-    as torch: two timings of one call differ only by noise."""
+    provider is timed in ``rounds`` interleaved rounds (the planner's ``time_ms``) and keeps its
+    best median; ``pairs``: the alternating calls of ``paired_ratio`` (None: a second's worth).
+    Where lk3d's aten algorithm is the very call torch makes (it keeps the input's layout), it is
+    timed once, as torch: two timings of one call differ only by noise."""
     rows = []
     for shape in progress_bar(shapes, enabled=progress, desc="dispatch"):
         x, w = shape.tensors(device)
@@ -129,25 +126,6 @@ def run(shapes, device, progress=True, rounds=5, pairs=None):
                          auto_over_best=overhead * picked / others[best],
                          fft_speedup=torch_best / times["lk3d-fft"]))
     return rows
-
-
-def paired_ratio(fn_a, fn_b, device, pairs=None, min_s=1.0):
-    """Median over pairs of back-to-back single calls of time(a) / time(b): drift of a shared
-    machine hits both calls of a pair alike, which separately timed rounds cannot give. The
-    order alternates (a b, b a, a b, ...): the first call of a pair was measured ~5% faster than
-    the same code run second."""
-    def more():  # ``pairs`` pairs; else at least 5 and up to 200 within ``min_s`` seconds
-        if pairs is not None:
-            return len(ratios) < pairs
-        return len(ratios) < 5 or (len(ratios) < 200 and time.perf_counter() - start < min_s)
-
-    fn_a(), fn_b()  # warm
-    ratios, start = [], time.perf_counter()
-    while more():
-        ts = {name: first_call_s(fn, device)
-              for name, fn in (("a", fn_a), ("b", fn_b))[::1 if len(ratios) % 2 == 0 else -1]}
-        ratios.append(ts["a"] / ts["b"])
-    return statistics.median(ratios)
 
 
 def format_rows(rows):

@@ -1,5 +1,5 @@
 """The providers of ``lk3d bench`` and one measurement of a (case, provider, mode): the tensors
-of a case, what each provider runs, its timing (``lk3d.tools.timing``), its peak memory, and the
+of a case, what each provider runs, its timing (``lk3d.autotune.timing``), its peak memory, and the
 accuracy check of lk3d's op. These run in the benchmark's worker process (or in this one)."""
 import contextlib
 import math
@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import lk3d
+from lk3d.autotune.timing import call_s, repeat_ms
 from lk3d.tools.bench_cases import Case
-from lk3d.tools.timing import first_call_s, repeat_ms
 
 _DENSE_PROVIDERS = ("lk3d", "lk3d-fft", "lk3d-tiled", "torch", "torch-cl")
 OP_PROVIDERS = {
@@ -216,9 +216,9 @@ def time_case(case: Case, provider: str, mode: str, device: str, budget_s: float
     on CUDA the budget counts from the second, so a one-time compile does not skip a row (the
     worker's hard limit still bounds it)."""
     fn = _provider_fn(case, provider, mode, device)
-    first = first_call_s(fn, device)
+    first = call_s(fn, device)
     if device == "cuda":
-        steady = first_call_s(fn, device)
+        steady = call_s(fn, device)
         # do_bench: one call, 5 to estimate, then warm-up and repetitions of ~min_run_time each
         if steady * 8 + 2 * min_run_time > budget_s:
             return None

@@ -239,6 +239,17 @@ def _save(fig, path):
     return True
 
 
+def _dress(ax, xlabel=None, ylabel=None, legend_size=8, **grid):
+    """Label ``ax``'s axes, draw a light grid (``grid``: ``axis`` and ``which`` of
+    ``Axes.grid``) and its legend."""
+    if xlabel is not None:
+        ax.set_xlabel(xlabel)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3, **grid)
+    ax.legend(fontsize=legend_size)
+
+
 def _plot_speedup(plt, rows, path):
     speedup = _values(rows, "speedup")
     lines = defaultdict(lambda: defaultdict(list))  # op -> (mode, dtype) -> [(k, speedup)]
@@ -267,10 +278,8 @@ def _plot_speedup(plt, rows, path):
         ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.3g}x"))
         ax.set_xticks(sorted({k for points in lines[op].values() for k, _ in points}))
         ax.set_title(op)
-        ax.set_xlabel("kernel size k (k×k×k)")
-        ax.set_ylabel("lk3d speedup over the fastest non-lk3d provider")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        _dress(ax, "kernel size k (k×k×k)", "lk3d speedup over the fastest non-lk3d provider",
+               which="both")
     fig.suptitle(_title(rows, "lk3d speedup vs kernel size (geometric mean per k, dots: cases)"),
                  fontsize=10)
     return _save(fig, path)
@@ -292,9 +301,8 @@ def _plot_roofline(plt, rows, path):
     ax.set_yticks(range(len(labels)))
     ax.set_yticklabels([f"{c} ({m})" for c, m in labels], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("fraction of the roofline (%): max(FLOPs/peak FLOP/s, bytes/peak B/s) / time")
-    ax.grid(True, axis="x", alpha=0.3)
-    ax.legend(fontsize=8)
+    _dress(ax, "fraction of the roofline (%): max(FLOPs/peak FLOP/s, bytes/peak B/s) / time",
+           axis="x")
     ceilings = _ceilings_text(rows)
     ax.set_title(_title(rows, "roofline fraction per case"
                         + (f"\nceilings, same run: {ceilings}" if ceilings else "")), fontsize=9)
@@ -316,11 +324,8 @@ def _plot_density(plt, rows, path):
         points.sort()
         ax.plot([d for d, _ in points], [v for _, v in points], marker="o",
                 label=f"{family} {provider} {mode}")
-    ax.set_xlabel("block density")
-    ax.set_ylabel("median time (ms)")
     ax.set_yscale("log")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    _dress(ax, "block density", "median time (ms)", legend_size=7, which="both")
     ax.set_title(_title(rows, "block-sparse: time vs density"), fontsize=10)
     return _save(fig, path)
 
@@ -339,9 +344,7 @@ def _plot_cp(plt, rows, path):
                label=provider)
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels([f"{c}\n({m})" for c, m in labels], fontsize=8)
-    ax.set_ylabel("median time (ms)")
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    _dress(ax, ylabel="median time (ms)", axis="y")
     ax.set_title(_title(rows, "CP kernel: lk3d vs the unfused chain vs dense F.conv3d"),
                  fontsize=10)
     return _save(fig, path)

@@ -33,7 +33,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from lk3d._algos import allow_tf32
-from lk3d.tools.timing import repeat_ms
+from lk3d.autotune.timing import repeat_ms
 
 MODES = ("fwd", "bwd", "fwdbwd")
 _PASSES = {"fwd": 1, "bwd": 2, "fwdbwd": 3}  # convolutions of the forward's size per mode
