@@ -1,7 +1,9 @@
 """Which algorithm runs a convolution: forced, cached, measured, or modelled — in that order.
 
     LK3D_ALGO=tiled|fft|aten   force one (where it can run here; else a warning, once per
-                               algorithm and reason in a process, and the choice goes on as usual)
+                               algorithm and reason in a process, and the choice goes on as usual);
+                               any registered algorithm's name is taken (``sparse``/``dense``:
+                               block-sparse's routes); an op without it chooses as if unset
     LK3D_AUTOTUNE=1            measure the candidates on a cache miss and store the winner
     LK3D_AUTOTUNE=0            never measure, also not inside ``tune()``
     with lk3d.autotune.tune(): measure on a cache miss, for the calls inside the block
@@ -142,13 +144,14 @@ def _why_not(algo: str, op: str, device: torch.device, candidates: Sequence[str]
     return f"{op} on {device.type} chooses among {', '.join(candidates)} only"
 
 
-def _warn_forced(algo: str, reason: str) -> None:
-    """Warn that ``LK3D_ALGO=algo`` is ignored, once per (algo, reason) in this process."""
+def _warn_forced(by: str, algo: str, reason: str) -> None:
+    """Warn that ``by=algo`` (``LK3D_ALGO=algo``, or a caller's own switch) is ignored, once per
+    (by, algo, reason) in this process."""
     with _forced_lock:
-        if (algo, reason) in _forced_warned:
+        if (by, algo, reason) in _forced_warned:
             return
-        _forced_warned.add((algo, reason))
-    warnings.warn(f"LK3D_ALGO={algo} cannot run here: {reason}; the algorithm is chosen as if "
+        _forced_warned.add((by, algo, reason))
+    warnings.warn(f"{by}={algo} cannot run here: {reason}; the algorithm is chosen as if "
                   "it were unset (said once per process)", RuntimeWarning, stacklevel=4)
 
 
@@ -189,23 +192,28 @@ def _space_of(candidates, kernels):
 def choose(op: str, key: str, device: torch.device, candidates: Sequence[str],
            model_ms: Callable[[str], float], run: Optional[Callable[[str], object]] = None,
            kernels: Sequence[str] = (), preferred: Optional[str] = None, *,
-           configs: Optional[Callable[[str], Sequence[dict]]] = None) -> Plan:
+           configs: Optional[Callable[[str], Sequence[dict]]] = None,
+           forced: Optional[tuple[str, str]] = None) -> Plan:
     """The plan for one problem.
 
     ``candidates``: the algorithms that can run it here; ``model_ms(algo)``: modelled ms;
     ``run(algo)``: runs it once (for measuring); ``kernels``: config spaces behind "tiled";
     ``preferred``: an algorithm that wins over cache and model when nothing is forced (the
     Triton interpreter's CPU runs, whose purpose is to execute the kernels); ``configs(algo)``:
-    launch configs to measure for an algorithm (then run is called as ``run(algo, config)``)."""
-    forced = forced_algo()
+    launch configs to measure for an algorithm (then run is called as ``run(algo, config)``);
+    ``forced``: ``(algo, by)``, an algorithm the caller forces and the switch that says so (e.g.
+    ``("dense", "lk3d.block_sparse.ROUTE")``): it takes the place of ``LK3D_ALGO``, and is obeyed
+    or warned about as LK3D_ALGO is."""
+    env = forced_algo()  # read (and checked) on every call
+    algo, by = forced if forced is not None else (env, "LK3D_ALGO")
     tuning = measuring()  # read (and checked) on every call, not only on a cache miss
-    if forced is not None and forced in candidates:
-        return Plan(forced, "forced", key)
+    if algo is not None and algo in candidates:
+        return Plan(algo, "forced", key)
     note = ""
-    if forced is not None:
-        reason = _why_not(forced, op, device, candidates)
-        note = f"LK3D_ALGO={forced} cannot run here: {reason}"
-        _warn_forced(forced, reason)
+    if algo is not None:
+        reason = _why_not(algo, op, device, candidates)
+        note = f"{by}={algo} cannot run here: {reason}"
+        _warn_forced(by, algo, reason)
     if preferred is not None and preferred in candidates:
         return Plan(preferred, "model", key, note=note or "interpreter: the kernels are the test")
     fid = device_id(device)
@@ -243,10 +251,12 @@ def choose(op: str, key: str, device: torch.device, candidates: Sequence[str],
 
 
 def plan(op: str, key: str, device: torch.device, problem: Sequence,
-         run: Optional[Callable] = None, preferred: Optional[str] = None) -> Plan:
+         run: Optional[Callable] = None, preferred: Optional[str] = None,
+         forced: Optional[tuple[str, str]] = None) -> Plan:
     """The plan for ``problem`` of ``op``, chosen among the algorithms registered for it
     (``lk3d.autotune.registry``): the candidates are those that can run it here, the model their
-    cost models, the configs measured theirs; ``run``, ``preferred`` and the rest as ``choose``.
+    cost models, the configs measured theirs; ``run``, ``preferred``, ``forced`` and the rest as
+    ``choose``.
     """
     algos = registry.algorithms(op)
 
@@ -258,4 +268,5 @@ def plan(op: str, key: str, device: torch.device, problem: Sequence,
         return found.configs(*problem) if found.configs is not None else None
 
     return choose(op, key, device, [a.name for a in algos if a.can_run(*problem)], model, run,
-                  tuple(k for a in algos for k in a.spaces), preferred, configs=configs)
+                  tuple(k for a in algos for k in a.spaces), preferred, configs=configs,
+                  forced=forced)

@@ -1,36 +1,93 @@
-"""The block-sparse Triton launchers of ``lk3d.kernels.block_sparse`` with their launch config:
-what ``lk3d.block_sparse`` calls where the kernels serve. Same arguments as the launchers (padding
-six ints); ``config=None`` takes ``lk3d.autotune.configs.default_config`` (the space:
-``lk3d.kernels.block_sparse_configs``), chosen for the voxels the launch produces or reduces over.
+"""The block-sparse Triton launchers of ``lk3d.kernels.block_sparse`` with their launch config, and
+what the planner knows of them: what ``lk3d.block_sparse``'s sparse route runs where the kernels
+serve. Same arguments as the launchers (padding six ints); ``config=None`` takes
+``lk3d.autotune.configs.default_config`` (the space: ``lk3d.kernels.block_sparse_configs``), chosen
+for the voxels the launch produces or reduces over.
+
+The three passes are named ``"forward"``, ``"grad_input"`` and ``"grad_values"``; for each,
+``SPACES`` names the kernel kinds whose configs it launches with, ``launch_configs`` the configs
+worth measuring and ``kernels_ms`` its modelled time.
 """
 import math
 
+from lk3d import _algos, kernels
 from lk3d.autotune import configs
-from lk3d import kernels
 from lk3d.kernels import block_sparse_configs as block_sparse_family
-from lk3d.kernels import out_size
+from lk3d.kernels import out_size, pow2
 
 configs.register(block_sparse_family)
 
+SPACES = {"forward": ("block_sparse_fwd", "block_sparse_dw"),
+          "grad_input": ("block_sparse_fwd", "block_sparse_dw"),
+          "grad_values": ("block_sparse_wgrad", "block_sparse_dw_wgrad")}
 
-def _config(kind, M, block_shape, t, programs=1):
-    problem = configs.Problem(kind, M=M, block_shape=tuple(block_shape), programs=programs)
-    return configs.default_config(problem, t.device, t.element_size())
 
-
-def _kind(weight_shape, wgrad=False):
+def problem(pass_, x_shape, weight_shape, block_shape, nnz, stride, padding, dilation):
+    """What the config choice of pass ``pass_`` looks at, for an input of shape ``x_shape``."""
     depthwise = weight_shape[1] == 1
-    if wgrad:
-        return "block_sparse_dw_wgrad" if depthwise else "block_sparse_wgrad"
-    return "block_sparse_dw" if depthwise else "block_sparse_fwd"
+    size = out_size(x_shape[2:], weight_shape[2:], stride, padding, dilation)
+    if pass_ == "grad_values":
+        return configs.Problem("block_sparse_dw_wgrad" if depthwise else "block_sparse_wgrad",
+                               M=x_shape[0] * math.prod(size), block_shape=tuple(block_shape),
+                               programs=nnz * math.prod(block_shape[2:]))
+    produced = size if pass_ == "forward" else x_shape[2:]
+    return configs.Problem("block_sparse_dw" if depthwise else "block_sparse_fwd",
+                           M=x_shape[0] * math.prod(produced), block_shape=tuple(block_shape))
+
+
+def launch_configs(pass_, input, nnz, weight_shape, block_shape, stride, padding, dilation):
+    """The launch configs worth measuring for pass ``pass_`` of a call with this ``input``."""
+    return configs.candidate_configs(
+        problem(pass_, input.shape, weight_shape, block_shape, nnz, stride, padding, dilation),
+        input.device, input.element_size())
+
+
+# The kernels' modelled time on CUDA is lk3d.conv3d's model of its own Triton kernels ("tiled",
+# lk3d._algos.model_ms) on the dense weight, times the fraction of it stored (the density), over
+# the step efficiency of the channel-block kernel against the dense implicit GEMM: a step gathers
+# its [BLOCK_M, channels] operand element by element and feeds one tl.dot of channel extents
+# padded to >= 16, so its useful work grows with bo·bi and its cost with the gathered channels
+# (bi forward, bo grad-input, both grad-values). At 16x16 blocks the issue ceilings on sm_90 are
+# ~67 against ~313 TFLOP/s of the dense kernel (see the kernels' SASS readings); wider blocks
+# approach the dense kernel. The depthwise kernels are elementwise like the dense depthwise one,
+# whose rate the model takes as it is. Untuned guesses, as lk3d.conv3d's CUDA rates are, until
+# `lk3d tune` measures the device.
+_STEP_EFFICIENCY_16 = 67 / 313
+
+
+def _tile(n):
+    return pow2(n, 16, 1 << 30)
+
+
+def kernels_ms(pass_, input, nnz, weight_shape, block_shape, stride, padding, dilation,
+               groups) -> float:
+    """Modelled milliseconds of pass ``pass_`` by the kernels; inf off CUDA (the interpreter is
+    for checking the kernels, not for speed)."""
+    if input.device.type != "cuda":
+        return math.inf
+    dense_ms = _algos.model_ms("tiled", list(input.shape), list(weight_shape), stride, padding,
+                               dilation, groups, input.dtype, input.device)
+    blocks = math.prod(w // b for w, b in zip(weight_shape, block_shape))
+    bo, bi = block_shape[:2]
+    efficiency = 1.0
+    if weight_shape[1] > 1:
+        gathered = {"forward": _tile(bi), "grad_input": _tile(bo),
+                    "grad_values": (_tile(bi) + _tile(bo)) / 2}[pass_]
+        efficiency = min(1.0, _STEP_EFFICIENCY_16 * bo * bi / (16 * gathered))
+    return dense_ms * (nnz / blocks) / efficiency
+
+
+def _config(pass_, t, x_shape, weight_shape, block_shape, nnz, stride, padding, dilation):
+    return configs.default_config(problem(pass_, x_shape, weight_shape, block_shape, nnz, stride,
+                                          padding, dilation), t.device, t.element_size())
 
 
 def block_sparse_fwd(x, values, row_ptr, col, weight_shape, block_shape, bias, stride, padding,
                      dilation, groups, config=None, *, allow_tf32=False):
     """``lk3d.kernels.block_sparse.block_sparse_fwd`` with its config."""
     if config is None:
-        size = out_size(x.shape[2:], weight_shape[2:], stride, padding, dilation)
-        config = _config(_kind(weight_shape), x.shape[0] * math.prod(size), block_shape, x)
+        config = _config("forward", x, x.shape, weight_shape, block_shape, values.shape[0],
+                         stride, padding, dilation)
     return kernels.block_sparse.block_sparse_fwd(
         x, values, row_ptr, col, weight_shape, block_shape, bias, stride, padding, dilation, groups,
         config, allow_tf32=allow_tf32)
@@ -40,8 +97,8 @@ def block_sparse_bwd_input(grad, values, row_ptr, col, weight_shape, block_shape
                            stride, padding, dilation, groups, config=None, *, allow_tf32=False):
     """``lk3d.kernels.block_sparse.block_sparse_bwd_input`` with its config."""
     if config is None:
-        config = _config(_kind(weight_shape), input_shape[0] * math.prod(input_shape[2:]),
-                         block_shape, grad)
+        config = _config("grad_input", grad, input_shape, weight_shape, block_shape,
+                         values.shape[0], stride, padding, dilation)
     return kernels.block_sparse.block_sparse_bwd_input(
         grad, values, row_ptr, col, weight_shape, block_shape, input_shape, stride, padding,
         dilation, groups, config, allow_tf32=allow_tf32)
@@ -51,9 +108,8 @@ def block_sparse_bwd_values(grad, x, values, row_ptr, col, weight_shape, block_s
                             padding, dilation, groups, config=None, *, allow_tf32=False):
     """``lk3d.kernels.block_sparse.block_sparse_bwd_values`` with its config."""
     if config is None:
-        M = grad.shape[0] * math.prod(grad.shape[2:])
-        config = _config(_kind(weight_shape, wgrad=True), M, block_shape, x,
-                         programs=values.shape[0] * math.prod(block_shape[2:]))
+        config = _config("grad_values", x, x.shape, weight_shape, block_shape, values.shape[0],
+                         stride, padding, dilation)
     return kernels.block_sparse.block_sparse_bwd_values(
         grad, x, values, row_ptr, col, weight_shape, block_shape, stride, padding, dilation, groups,
         config, allow_tf32=allow_tf32)

@@ -9,18 +9,30 @@ multiplier), with exactly ``F.conv3d(input, weight.to_dense(), bias, ...)``'s re
 groups > 1 and ``Cin/g > 1`` a block row may not span two groups (``(Cout/g) % bo == 0``); a
 depthwise weight (``Cin/g == 1``) takes any ``bo`` dividing ``Cout``.
 
-Where it runs: the Triton kernels of ``lk3d.kernels.block_sparse`` when they are there and can
-serve the tensors (``_forward``, ``_grad_input``, ``_grad_values``), else the torch path, by one
-of two routes with the same result, whichever a cost model says is cheaper (``explain`` tells
-which; ``ROUTE`` forces one): the dense route runs the dense convolution of ``to_dense()`` with
-lk3d.conv3d's aten or FFT algorithm (oneDNN's dense kernels beat per-block torch products on
-small channel blocks at all but low densities), the sparse route
-(``block_sparse_conv3d_torch``, in ``lk3d.block_sparse_ref``) works in proportion to the stored
-blocks: ``nnz·bo·bi·bd·bh·bw`` multiply-adds per output voxel (``block_sparse_conv3d_macs``), the
-dense cost times the block density, and as many for each backward pass. The pattern (``row_ptr``,
-``col``) is fixed within a step: it gets no gradient. Double backward works on every path: the
-backward op's own autograd is written with the forward and backward ops (see "Double backward"
-below).
+Where it runs. Each pass (``lk3d::block_sparse_conv3d``, and grad-input and grad-values inside
+``lk3d::block_sparse_conv3d_backward``) picks, per call, one of two routes with the same result
+through ``lk3d.autotune.select``, as ``lk3d.conv3d`` picks its algorithm (the planner's ops
+``block_sparse_conv3d``, ``block_sparse_conv3d_grad_input``, ``block_sparse_conv3d_grad_values``;
+``explain`` and ``plans`` show the choice):
+
+    sparse   work in proportion to the stored blocks, ``nnz·bo·bi·bd·bh·bw`` multiply-adds per
+             output voxel (``block_sparse_conv3d_macs``; the dense cost times the block density),
+             and as many for each backward pass: the Triton kernels of
+             ``lk3d.kernels.block_sparse`` where they serve the tensors (``USE_KERNELS`` and
+             ``_algos.kernels_can_run``: CUDA fp16/bf16/fp32; CPU under the interpreter, where
+             this route is preferred unless one is forced), else per-block torch products
+             (``block_sparse_conv3d_torch``, in ``lk3d.block_sparse_ref``).
+    dense    the dense convolution of ``to_dense()`` with lk3d.conv3d's aten or FFT algorithm
+             (oneDNN's dense kernels beat per-block torch products on small channel blocks at all
+             but low densities; on CUDA, cuDNN beats the kernels' padded 16-wide channel tiles on
+             small blocks).
+
+``LK3D_ALGO=sparse|dense`` forces a route, and so does ``lk3d.block_sparse.ROUTE = "sparse" |
+"dense"`` (``"auto"``, the default, forces nothing; where set it takes LK3D_ALGO's place); a
+cached or measured plan (``LK3D_AUTOTUNE=1``, ``lk3d.autotune.tune()``, also over the kernels'
+launch configs) wins over the cost models. The pattern (``row_ptr``, ``col``) is fixed within a
+step: it gets no gradient. Double backward works on every route: the backward op's own autograd
+is written with the forward and backward ops (see "Double backward" below).
 
 Non-finite values: in ``F.conv3d(input, weight.to_dense())`` a NaN or Inf of the input meets the
 zeros of the blocks that are not stored, and ``Inf · 0`` is NaN; the kernels and the sparse route
@@ -31,26 +43,25 @@ stored values, or a grad-input whose output gradient or stored values, are not a
 aten, with F.conv3d's NaN/Inf placement. Grad-values needs no such step: every route sums the
 same products there.
 """
+from functools import partial
 from typing import List, Optional
 
 import torch
 
 from lk3d import _algos
+from lk3d import _block_sparse_launch as launch
 from lk3d._spec import (Conv3dSpec, batched, check_group_channels, check_same, check_tensor,
                         empty, geometry, out_size, positive_int, triple)
+from lk3d.autotune import registry, select
+from lk3d.autotune.cache import problem_key
 from lk3d.block_sparse_ref import (block_sparse_conv3d_torch, block_sparse_conv3d_torch_backward,
                                    sparse_route_macs, sparse_route_ms)
 from lk3d.block_sparse_weight import (BlockSparseWeight, check_block_shape, dense_weight,
                                       stored_blocks)
-from lk3d.kernels import memory_format
-
-try:
-    from lk3d import _block_sparse_launch as _kernels
-except ImportError:  # no Triton here, or the kernels are not written yet: the torch path serves
-    _kernels = None
+from lk3d.kernels import INTERPRETED, memory_format
 
 __all__ = ["BlockSparseWeight", "block_sparse_conv3d", "block_sparse_conv3d_torch",
-           "block_sparse_conv3d_macs", "check_block_sparse_conv3d", "explain"]
+           "block_sparse_conv3d_macs", "check_block_sparse_conv3d", "explain", "plans"]
 
 # Set to False to run the torch path even where the Triton kernels could serve.
 USE_KERNELS = True
@@ -107,19 +118,37 @@ def block_sparse_conv3d_macs(input, weight, stride=1, padding=0, dilation=1, gro
 
 
 # ---------------------------------------------------------------------------------------------
-# the torch path's route: the stored blocks, or the dense convolution of the same kernel
+# the routes: two algorithms of each pass, chosen by lk3d.autotune.select
 # ---------------------------------------------------------------------------------------------
 
-# Where the Triton kernels do not serve, a call runs one of two routes with the same result:
-# "sparse" (block_sparse_conv3d_torch, work ∝ the stored blocks) or "dense" (the dense
-# convolution of ``to_dense()`` by lk3d.conv3d's aten or FFT algorithm, whichever its cost
-# model prefers). Small blocks cost the sparse route far more per multiply-add than oneDNN's
-# dense kernels (gathers and scatters of channel slices, small batched products), so it wins
-# only below some density; ``_route`` picks the cheaper by the two cost models
-# (``lk3d.block_sparse_ref.sparse_route_ms`` and lk3d.conv3d's ``_algos.model_ms``).
+# Each pass (forward, grad-input, grad-values) is an op of the planner with two algorithms, its
+# routes: "sparse", work in proportion to the stored blocks (the Triton kernels where they serve
+# the tensors, else block_sparse_conv3d_torch), and "dense", the dense convolution of
+# ``to_dense()`` by lk3d.conv3d's aten or FFT algorithm (whichever its cost model prefers,
+# ``_dense_algo``). The plan comes as for lk3d.conv3d: forced (``ROUTE``, else LK3D_ALGO), cached,
+# measured (LK3D_AUTOTUNE=1, lk3d.autotune.tune()) or modelled. Small blocks cost the torch route
+# far more per multiply-add than oneDNN's dense kernels (gathers and scatters of channel slices,
+# small batched products), and the kernels on CUDA more than the dense kernels (a gather per
+# element, channel tiles padded to 16), so "sparse" wins only below some density. The models:
+# ``lk3d.block_sparse_ref.sparse_route_ms`` for the torch route,
+# ``lk3d._block_sparse_launch.kernels_ms`` for the kernels, lk3d.conv3d's ``_algos.model_ms`` for
+# "dense". Under the Triton interpreter the kernels, where they serve, are preferred (they are
+# what the tests check). Each pass's problem is ``(pass, input, row_ptr, col, weight_shape,
+# block_shape, stride, padding, dilation, groups, serve)``, ``serve`` saying whether the kernels
+# take the pass's tensors.
 
-# "auto" (the cost model), or "sparse" / "dense" to force a route (the tests force "sparse").
+OPS = {"forward": "block_sparse_conv3d", "grad_input": "block_sparse_conv3d_grad_input",
+       "grad_values": "block_sparse_conv3d_grad_values"}
+
+# Forces a route of every pass: "auto" (no forcing), "sparse" or "dense". It is the planner's own
+# forcing, as LK3D_ALGO=sparse|dense is, and takes its place for block-sparse calls.
 ROUTE = "auto"
+
+
+def _serve(t):
+    """Whether the Triton kernels serve a pass reading ``t``: ``USE_KERNELS`` on, ``t`` of a device
+    and dtype they take (``lk3d._algos.kernels_can_run``)."""
+    return USE_KERNELS and _algos.kernels_can_run(t)
 
 
 def _dense_algo(input, weight_shape, stride, padding, dilation, groups):
@@ -132,102 +161,156 @@ def _dense_algo(input, weight_shape, stride, padding, dilation, groups):
     return algo, times[algo]
 
 
-def _route(input, row_ptr, col, weight_shape, block_shape, stride, padding, dilation, groups):
-    """``(route, dense algo or None, modelled ms per route)`` of a torch-path call (see
-    ``ROUTE``)."""
-    if ROUTE not in ("auto", "sparse", "dense"):
-        raise ValueError(f"lk3d.block_sparse.ROUTE: expected 'auto', 'sparse' or 'dense', got "
+def _forced():
+    """``(route, "lk3d.block_sparse.ROUTE")`` where ``ROUTE`` forces one, else None."""
+    routes = [a.name for a in registry.algorithms(OPS["forward"])]
+    if ROUTE not in ("auto", *routes):
+        raise ValueError(f"lk3d.block_sparse.ROUTE: expected 'auto' or one of {routes}, got "
                          f"{ROUTE!r}")
-    times, algo = {}, None
-    if ROUTE != "dense":
-        times["sparse"] = sparse_route_ms(input, row_ptr, col, weight_shape, block_shape, stride,
-                                          padding, dilation, groups)
-    if ROUTE != "sparse":
-        algo, times["dense"] = _dense_algo(input, weight_shape, stride, padding, dilation,
-                                           groups)
-    route = min(times, key=times.get)
-    return route, algo if route == "dense" else None, times
+    return None if ROUTE == "auto" else (ROUTE, "lk3d.block_sparse.ROUTE")
 
 
-def explain(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> dict:
-    """How ``block_sparse_conv3d(input, weight, ...)`` would run here: ``{"path": "kernels"}``
-    where the Triton kernels serve, else ``{"path": "torch", "route": "sparse" | "dense",
-    "algo": the dense route's algorithm or None, "times_ms": modelled ms per route}``."""
-    x, _, spec = _checked(input, _check_weight(weight), bias, stride, padding, dilation, groups)
-    if _launcher("block_sparse_fwd", x) is not None:
-        return dict(path="kernels")
-    route, algo, times = _route(x, weight.row_ptr, weight.col, weight.shape, weight.block_shape,
-                                list(spec.stride), list(spec.padding), list(spec.dilation),
-                                spec.groups)
-    return dict(path="torch", route=route, algo=algo, times_ms=times)
+def _plan(pass_, input, row_ptr, col, weight_shape, block_shape, stride, padding, dilation,
+          groups, serve, run=None):
+    """The ``select.Plan`` of pass ``pass_`` (a key of ``OPS``). The plan cache key adds to
+    lk3d.conv3d's the block shape, the stored blocks and whether the kernels serve."""
+    op = OPS[pass_]
+    key = problem_key(op, input.dtype, list(input.shape), weight_shape, stride, padding,
+                      dilation, groups)
+    key += f"|b{'x'.join(map(str, block_shape))}|nnz{col.shape[0]}|" + (
+        "kernels" if serve else "torch")
+    preferred = "sparse" if serve and INTERPRETED and input.device.type == "cpu" else None
+    problem = (pass_, input, row_ptr, col, weight_shape, block_shape, stride, padding, dilation,
+               groups, serve)
+    return select.plan(op, key, input.device, problem, run, preferred, _forced())
 
 
-# ---------------------------------------------------------------------------------------------
-# the custom ops
-# ---------------------------------------------------------------------------------------------
+def _run(pass_, main, args, problem):
+    """Choose the route of pass ``pass_`` (its tensors read ``main``) and run it on ``args``, the
+    runners' arguments; ``problem``: ``(input, row_ptr, col, weight_shape, block_shape, stride,
+    padding, dilation, groups)``."""
+    op = OPS[pass_]
 
-def _launcher(name, t):
-    """The Triton launcher ``name`` of ``lk3d.kernels.block_sparse`` (with its config, through
-    ``lk3d._block_sparse_launch``) if it exists and can serve tensors like ``t``, else None."""
-    if not USE_KERNELS or _kernels is None or not _algos.kernels_can_run(t):
+    def run(algo, config=None):
+        runner = registry.get(op, algo).run
+        return runner(*args) if config is None else runner(*args, config=config)
+
+    plan = _plan(pass_, *problem, _serve(main), run)
+    return run(plan.algo, plan.config)
+
+
+def _sparse_ms(pass_, input, row_ptr, col, weight_shape, block_shape, stride, padding, dilation,
+               groups, serve):
+    if serve:
+        return launch.kernels_ms(pass_, input, col.shape[0], weight_shape, block_shape, stride,
+                                 padding, dilation, groups)
+    return sparse_route_ms(input, row_ptr, col, weight_shape, block_shape, stride, padding,
+                           dilation, groups)
+
+
+def _dense_ms(pass_, input, row_ptr, col, weight_shape, block_shape, stride, padding, dilation,
+              groups, serve):
+    return _dense_algo(input, weight_shape, stride, padding, dilation, groups)[1]
+
+
+def _sparse_configs(pass_, input, row_ptr, col, weight_shape, block_shape, stride, padding,
+                    dilation, groups, serve):
+    if not serve:
         return None
-    return getattr(_kernels, name, None)
+    return launch.launch_configs(pass_, input, col.shape[0], weight_shape, block_shape, stride,
+                                 padding, dilation)
 
+
+def _always(*problem):
+    return True
+
+
+# the runners, by pass and route
+
+def _sparse_forward(input, values, row_ptr, col, bias, weight_shape, block_shape, stride, padding,
+                    dilation, groups, config=None):
+    if _serve(input):
+        return launch.block_sparse_fwd(input, values, row_ptr, col, weight_shape, block_shape,
+                                       bias, stride, padding, dilation, groups, config)
+    return block_sparse_conv3d_torch(input, values, row_ptr, col, bias, weight_shape,
+                                     block_shape, stride, padding, dilation, groups)
+
+
+def _dense_forward(input, values, row_ptr, col, bias, weight_shape, block_shape, stride, padding,
+                   dilation, groups):
+    algo = _dense_algo(input, weight_shape, stride, padding, dilation, groups)[0]
+    w = dense_weight(values, row_ptr, col, weight_shape, block_shape)
+    return _algos.FORWARD[algo](input, w, bias, stride, padding, dilation, groups)
+
+
+def _sparse_backward(pass_, grad, input, values, row_ptr, col, weight_shape, block_shape, stride,
+                     padding, dilation, groups, config=None):
+    """The sparse route of backward pass ``pass_`` ("grad_input" or "grad_values")."""
+    if _serve(grad) and pass_ == "grad_input":
+        return launch.block_sparse_bwd_input(grad, values, row_ptr, col, weight_shape,
+                                             block_shape, list(input.shape), stride, padding,
+                                             dilation, groups, config)
+    if _serve(grad):
+        return launch.block_sparse_bwd_values(grad, input, values, row_ptr, col, weight_shape,
+                                              block_shape, stride, padding, dilation, groups,
+                                              config)
+    need_input = pass_ == "grad_input"
+    return block_sparse_conv3d_torch_backward(
+        grad, input, values, row_ptr, col, weight_shape, block_shape, stride, padding, dilation,
+        groups, need_input=need_input, need_values=not need_input)[0 if need_input else 1]
+
+
+def _dense_backward(pass_, grad, input, values, row_ptr, col, weight_shape, block_shape, stride,
+                    padding, dilation, groups):
+    """The dense route of backward pass ``pass_``: grad-values is the stored blocks' part of the
+    dense weight's gradient."""
+    algo = _dense_algo(input, weight_shape, stride, padding, dilation, groups)[0]
+    if pass_ == "grad_input":
+        w = dense_weight(values, row_ptr, col, weight_shape, block_shape)
+        return _algos.GRAD_INPUT[algo](grad, w, list(input.shape), stride, padding, dilation,
+                                       groups)
+    gw = _algos.GRAD_WEIGHT[algo](grad, input, list(weight_shape), stride, padding, dilation,
+                                  groups)
+    return stored_blocks(gw, row_ptr, col, block_shape)
+
+
+# The backward passes' runners take ``(grad, input, values, row_ptr, col, weight_shape,
+# block_shape, stride, padding, dilation, groups)``.
+for _pass, _sparse_run, _dense_run in (
+        ("forward", _sparse_forward, _dense_forward),
+        *((p, partial(_sparse_backward, p), partial(_dense_backward, p))
+          for p in ("grad_input", "grad_values"))):
+    registry.register(registry.Algorithm(
+        OPS[_pass], "sparse", _sparse_run, _always, _sparse_ms, spaces=launch.SPACES[_pass],
+        configs=_sparse_configs, launches=True))
+    registry.register(registry.Algorithm(OPS[_pass], "dense", _dense_run, _always, _dense_ms))
+
+
+# ---------------------------------------------------------------------------------------------
+# the passes and the custom ops
+# ---------------------------------------------------------------------------------------------
 
 def _forward(input, values, row_ptr, col, bias, weight_shape, block_shape, stride, padding,
              dilation, groups):
     if not _algos.finite(input, values):  # see "Non-finite values" in the module docstring
         w = dense_weight(values, row_ptr, col, weight_shape, block_shape)
         return _algos.aten_forward(input, w, bias, stride, padding, dilation, groups)
-    run = _launcher("block_sparse_fwd", input)
-    if run is not None:
-        return run(input, values, row_ptr, col, weight_shape, block_shape, bias, stride,
-                   padding, dilation, groups)
-    route, algo, _ = _route(input, row_ptr, col, weight_shape, block_shape, stride, padding,
-                            dilation, groups)
-    if route == "dense":
+    geometry = (stride, padding, dilation, groups)
+    return _run("forward", input, (input, values, row_ptr, col, bias, weight_shape, block_shape,
+                                   *geometry),
+                (input, row_ptr, col, weight_shape, block_shape, *geometry))
+
+
+def _backward_pass(pass_, grad, input, values, row_ptr, col, weight_shape, block_shape, stride,
+                   padding, dilation, groups):
+    """Backward pass ``pass_``: "grad_input" or "grad_values"."""
+    geometry = (stride, padding, dilation, groups)
+    if pass_ == "grad_input" and not _algos.finite(grad, values):
         w = dense_weight(values, row_ptr, col, weight_shape, block_shape)
-        return _algos.FORWARD[algo](input, w, bias, stride, padding, dilation, groups)
-    return block_sparse_conv3d_torch(input, values, row_ptr, col, bias, weight_shape,
-                                     block_shape, stride, padding, dilation, groups)
-
-
-def _grad_input(grad, values, row_ptr, col, weight_shape, block_shape, input, stride, padding,
-                dilation, groups):
-    if not _algos.finite(grad, values):
-        w = dense_weight(values, row_ptr, col, weight_shape, block_shape)
-        return _algos.aten_grad_input(grad, w, list(input.shape), stride, padding, dilation,
-                                      groups)
-    run = _launcher("block_sparse_bwd_input", grad)
-    if run is not None:
-        return run(grad, values, row_ptr, col, weight_shape, block_shape, list(input.shape),
-                   stride, padding, dilation, groups)
-    route, algo, _ = _route(input, row_ptr, col, weight_shape, block_shape, stride, padding,
-                            dilation, groups)
-    if route == "dense":
-        w = dense_weight(values, row_ptr, col, weight_shape, block_shape)
-        return _algos.GRAD_INPUT[algo](grad, w, list(input.shape), stride, padding, dilation,
-                                       groups)
-    return block_sparse_conv3d_torch_backward(grad, input, values, row_ptr, col, weight_shape,
-                                              block_shape, stride, padding, dilation, groups,
-                                              need_values=False)[0]
-
-
-def _grad_values(grad, input, values, row_ptr, col, weight_shape, block_shape, stride, padding,
-                 dilation, groups):
-    run = _launcher("block_sparse_bwd_values", grad)
-    if run is not None:
-        return run(grad, input, values, row_ptr, col, weight_shape, block_shape, stride, padding,
-                   dilation, groups)
-    route, algo, _ = _route(input, row_ptr, col, weight_shape, block_shape, stride, padding,
-                            dilation, groups)
-    if route == "dense":
-        gw = _algos.GRAD_WEIGHT[algo](grad, input, list(weight_shape), stride, padding, dilation,
-                                      groups)
-        return stored_blocks(gw, row_ptr, col, block_shape)
-    return block_sparse_conv3d_torch_backward(grad, input, values, row_ptr, col, weight_shape,
-                                              block_shape, stride, padding, dilation, groups,
-                                              need_input=False)[1]
+        return _algos.aten_grad_input(grad, w, list(input.shape), *geometry)
+    return _run(pass_, grad, (grad, input, values, row_ptr, col, weight_shape, block_shape,
+                              *geometry),
+                (input, row_ptr, col, weight_shape, block_shape, *geometry))
 
 
 @torch.library.custom_op("lk3d::block_sparse_conv3d", mutates_args=())
@@ -266,9 +349,9 @@ def block_sparse_conv3d_backward_op(grad: torch.Tensor, input: torch.Tensor,
         args = (list(weight_shape), list(block_shape), list(stride), list(padding),
                 list(dilation), groups)
         if output_mask[0]:
-            gx = _grad_input(grad, values, row_ptr, col, args[0], args[1], input, *args[2:])
+            gx = _backward_pass("grad_input", grad, input, values, row_ptr, col, *args)
         if output_mask[1]:
-            gv = _grad_values(grad, input, values, row_ptr, col, *args)
+            gv = _backward_pass("grad_values", grad, input, values, row_ptr, col, *args)
     gx = torch.zeros_like(input, memory_format=mf) if gx is None else gx
     gv = torch.zeros_like(values) if gv is None else gv
     return [gx.to(input.dtype).contiguous(memory_format=mf), gv.to(values.dtype).contiguous()]
@@ -344,6 +427,54 @@ block_sparse_conv3d_backward_op.register_autograd(_backward_backward,
 # ---------------------------------------------------------------------------------------------
 # the functional
 # ---------------------------------------------------------------------------------------------
+
+def _plans(passes, input, weight, bias, stride, padding, dilation, groups):
+    """``(input with a batch dim, spec, whether the kernels serve, {pass: select.Plan})``."""
+    x, _, spec = _checked(input, _check_weight(weight), bias, stride, padding, dilation, groups)
+    serve = _serve(x)
+    problem = (x, weight.row_ptr, weight.col, list(weight.shape), list(weight.block_shape),
+               list(spec.stride), list(spec.padding), list(spec.dilation), spec.groups, serve)
+    return x, spec, serve, {p: _plan(p, *problem) for p in passes}
+
+
+def explain(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> dict:
+    """How the forward of ``block_sparse_conv3d(input, weight, ...)`` would run here, without
+    running anything: ``{"path": "kernels"}`` where the plan is the sparse route and the Triton
+    kernels serve, else ``{"path": "torch", "route": "sparse" | "dense", "algo": the dense
+    route's algorithm or None, "times_ms": ms per route (modelled, or measured for a cached
+    plan; none for a forced one)}``. ``plans`` gives every pass's plan."""
+    x, spec, serve, found = _plans(("forward",), input, weight, bias, stride, padding, dilation,
+                                   groups)
+    plan = found["forward"]
+    if plan.algo == "sparse" and serve:
+        return dict(path="kernels")
+    algo = None
+    if plan.algo == "dense":
+        algo = _dense_algo(x, weight.shape, list(spec.stride), list(spec.padding),
+                           list(spec.dilation), spec.groups)[0]
+    return dict(path="torch", route=plan.algo, algo=algo, times_ms=dict(plan.times_ms))
+
+
+def plans(input, weight, bias=None, stride=1, padding=0, dilation=1,
+          groups=1) -> "select.Plans":
+    """The plans ``block_sparse_conv3d`` would use for these arguments, without running anything:
+    ``{"forward": plan, "grad_input": plan, "grad_values": plan}`` (an
+    ``lk3d.autotune.select.Plans``: printed, a table), each a dict as ``lk3d.explain`` gives
+    (route "sparse" or "dense", where the choice came from, the launch config, ms per route)."""
+    x, spec, serve, found = _plans(tuple(OPS), input, weight, bias, stride, padding, dilation,
+                                   groups)
+    dense = _dense_algo(x, weight.shape, list(spec.stride), list(spec.padding),
+                        list(spec.dilation), spec.groups)[0]
+    pad = padding if isinstance(padding, str) else tuple(spec.pad_left)
+    sparse = "the Triton kernels" if serve else "per-block torch products"
+    title = (f"lk3d.block_sparse_conv3d on {x.device}, {str(x.dtype).removeprefix('torch.')}: "
+             f"input {tuple(x.shape)}, weight {tuple(weight.shape)} in blocks "
+             f"{tuple(weight.block_shape)}, density {weight.density:.3g}, stride "
+             f"{tuple(spec.stride)}, padding {pad}, dilation {tuple(spec.dilation)}, groups "
+             f"{spec.groups}\npath: sparse by {sparse}, dense by lk3d.conv3d's {dense} on "
+             f"the dense weight")
+    return select.Plans({p: plan.as_dict() for p, plan in found.items()}, title)
+
 
 def block_sparse_conv3d_parts(input, shape, block_shape, values, row_ptr, col, bias, stride,
                               padding, dilation, groups):

@@ -86,22 +86,10 @@ def _explain_case(name, dtype, device, parser):
         g = torch.Generator().manual_seed(0)
         dense = torch.randn(w_shape, generator=g).to(device, dtype)
         weight = lk3d.BlockSparseWeight.from_dense(dense, case.block, density=case.density)
-        return _block_sparse_text(x, weight, case)
+        return str(lk3d.block_sparse.plans(x, weight, None, 1, case.padding, 1,
+                                           case.groups))
     return str(lk3d.explain(x, _stand_in(w_shape, dtype, device), None, 1, case.padding, 1,
                             case.groups))
-
-
-def _block_sparse_text(x, weight, case):
-    plan = lk3d.block_sparse.explain(x, weight, None, 1, case.padding, 1, case.groups)
-    head = (f"lk3d.block_sparse_conv3d on {x.device}, {str(x.dtype).removeprefix('torch.')}: "
-            f"input {tuple(x.shape)}, weight {tuple(weight.shape)} in blocks "
-            f"{tuple(case.block)}, density {case.density:g}, padding {case.padding}, groups "
-            f"{case.groups}")
-    if plan["path"] != "torch":
-        return f"{head}\npath: the Triton kernels (every pass)"
-    times = ", ".join(f"{route} {ms:.3g} ms" for route, ms in plan["times_ms"].items())
-    algo = f" (lk3d.conv3d's {plan['algo']} on the dense weight)" if plan["algo"] else ""
-    return (f"{head}\npath: torch, route {plan['route']}{algo}\nmodelled: {times}")
 
 
 def run(args, parser):
@@ -149,7 +137,8 @@ def add_parser(sub):
     """The ``explain`` subcommand of the ``lk3d`` parser's ``sub``."""
     p = sub.add_parser("explain", help="the plan lk3d would use for a convolution, per pass",
                        description="Print the plan lk3d would use for each pass of a "
-                       "convolution (forward, grad-input, grad-weight; CP: forward, backward): "
+                       "convolution (forward, grad-input, grad-weight; CP: forward, backward; "
+                       "block-sparse: forward, grad-input, grad-values): "
                        "the algorithm, where the choice came from (forced, cache, seed, measured, "
                        "model), the launch config and the measured or modelled milliseconds per "
                        "candidate. Nothing runs and no input is allocated. Give a case of lk3d "
