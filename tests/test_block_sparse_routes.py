@@ -165,7 +165,7 @@ def test_cuda_cost_models_weigh_both_routes(block, groups, density, fastest, mon
     candidate: small channel blocks, padded to 16-wide tiles in the kernels, lose to it at all
     but low densities; wide blocks and depthwise weights keep the kernels."""
     monkeypatch.setattr(block_sparse, "USE_KERNELS", True)
-    monkeypatch.setattr(_algos, "_cuda_rate", lambda device, dtype: 4e14)
+    monkeypatch.setattr(_algos, "cuda_rate", lambda device, dtype: 4e14)
     x = _CudaStandIn((1, 64, 32, 32, 32))
     w_shape = [64, 64 // groups, 15, 15, 15]
     blocks = 1
