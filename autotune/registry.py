@@ -32,6 +32,9 @@ class Algorithm:
     why_not: Optional[Callable[[torch.device], str]] = None  # why it may not run on a device
     launches: bool = False            # runs Triton launches: a plan without a config takes the
                                       # default one
+    config_problem: Optional[Callable] = None  # config_problem(*problem): the configs.Problem
+                                      # whose default config ``select.execute`` passes where the
+                                      # plan has none (else the runner takes its own default)
 
 
 _OPS: dict[str, dict[str, Algorithm]] = {}

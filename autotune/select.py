@@ -34,7 +34,7 @@ import torch
 
 from lk3d.autotune import configs as config_spaces
 from lk3d.autotune import registry
-from lk3d.autotune.cache import default_cache, space_hash
+from lk3d.autotune.cache import default_cache, problem_key, space_hash
 from lk3d.autotune.fingerprint import device_id
 from lk3d.autotune.timing import time_ms  # the planner's measurement
 
@@ -250,15 +250,21 @@ def choose(op: str, key: str, device: torch.device, candidates: Sequence[str],
     return Plan(algo, "model", key, None, modelled, note)
 
 
-def plan(op: str, key: str, device: torch.device, problem: Sequence,
+def plan(op: str, key, device: torch.device, problem: Sequence,
          run: Optional[Callable] = None, preferred: Optional[str] = None,
-         forced: Optional[tuple[str, str]] = None) -> Plan:
+         forced: Optional[tuple[str, str]] = None, only: bool = False) -> Plan:
     """The plan for ``problem`` of ``op``, chosen among the algorithms registered for it
     (``lk3d.autotune.registry``): the candidates are those that can run it here, the model their
     cost models, the configs measured theirs; ``run``, ``preferred``, ``forced`` and the rest as
-    ``choose``.
+    ``choose``. ``key``: the problem key, or the arguments of ``cache.problem_key`` after the op
+    (``(dtype, x_shape, w_shape, stride, padding, dilation, groups)``, then any strings to append).
+    ``only``: a problem only one algorithm can run gets it without further ado (source "only").
     """
     algos = registry.algorithms(op)
+    key = key if isinstance(key, str) else problem_key(op, *key[:7]) + "".join(key[7:])
+    candidates = [a.name for a in algos if a.can_run(*problem)]
+    if only and len(candidates) == 1:
+        return Plan(candidates[0], "only", key)
 
     def model(name):
         return registry.get(op, name).cost_ms(*problem)
@@ -267,6 +273,25 @@ def plan(op: str, key: str, device: torch.device, problem: Sequence,
         found = registry.get(op, name)
         return found.configs(*problem) if found.configs is not None else None
 
-    return choose(op, key, device, [a.name for a in algos if a.can_run(*problem)], model, run,
+    return choose(op, key, device, candidates, model, run,
                   tuple(k for a in algos for k in a.spaces), preferred, configs=configs,
                   forced=forced)
+
+
+def execute(op: str, key, device: torch.device, problem: Sequence, args: Sequence,
+            preferred: Optional[str] = None, forced: Optional[tuple[str, str]] = None,
+            only: bool = False):
+    """Plan ``problem`` of ``op`` (as ``plan``) and run the plan: the chosen algorithm's runner on
+    ``args``, with the plan's launch config as ``config=`` for an algorithm that launches (where
+    the plan has none: the default config of the algorithm's ``config_problem``, else None). What an op's pass calls, once, to be planned and run; measuring runs the
+    candidates the same way."""
+    def run(algo, config=None):
+        runner = registry.get(op, algo).run
+        return runner(*args) if config is None else runner(*args, config=config)
+
+    chosen = plan(op, key, device, problem, run, preferred, forced, only)
+    found = registry.get(op, chosen.algo)
+    config = chosen.config if found.launches else None
+    if found.launches and config is None and found.config_problem is not None:
+        config = config_spaces.default_config(found.config_problem(*problem), device)
+    return run(chosen.algo, config)

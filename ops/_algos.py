@@ -1,7 +1,7 @@
 """The three algorithms behind lk3d's dense conv3d ops, one runner per pass, and their cost model,
 registered with ``lk3d.autotune.registry`` for the passes ``conv3d``, ``conv3d_grad_input`` and
 ``conv3d_grad_weight`` (the planner's problem: ``(main tensor, x_shape, w_shape, stride, padding,
-dilation, groups)``).
+dilation, groups, out_size)``, the output's spatial size computed once per call).
 
     tiled   Triton kernels (lk3d.kernels.tiled): CUDA fp16/bf16/fp32; CPU fp16/fp32/fp64 when
             Triton runs in its interpreter (TRITON_INTERPRET=1).
@@ -68,9 +68,8 @@ def _aten_can_run(main, *problem):
     return True
 
 
-def _tiled_can_run(main, x_shape, w_shape, stride, padding, dilation, groups):
+def _tiled_can_run(main, x_shape, w_shape, stride, padding, dilation, groups, size):
     """The kernels serve ``main``, and index one sample of input and output in int32."""
-    size = out_size(x_shape[2:], w_shape[2:], stride, padding, dilation)
     return kernels_can_run(main) and max(math.prod(x_shape[2:]), math.prod(size)) <= MAX_VOLUME
 
 
@@ -216,10 +215,11 @@ def _taps(shape):
     return shape[2] * shape[3] * shape[4]
 
 
-def tiled_problem(op, x_shape, w_shape, stride, padding, dilation, groups, device):
-    """What the config choice of the Triton kernel serving pass ``op`` looks at."""
+def tiled_problem(op, x_shape, w_shape, stride, padding, dilation, groups, device, size=None):
+    """What the config choice of the Triton kernel serving pass ``op`` looks at (``size``: the
+    output's spatial size where the caller has it)."""
     taps, cout, cig = _taps(w_shape), w_shape[0], w_shape[1]
-    size = out_size(x_shape[2:], w_shape[2:], stride, padding, dilation)
+    size = size or out_size(x_shape[2:], w_shape[2:], stride, padding, dilation)
     if op in ("conv3d", "conv3d_grad_input"):
         produced = size if op == "conv3d" else x_shape[2:]
         if cig == 1:
@@ -239,9 +239,10 @@ def tiled_problem(op, x_shape, w_shape, stride, padding, dilation, groups, devic
                    * -(-cig // probe["BLOCK_CI"]))
 
 
-def tiled_configs(op, x_shape, w_shape, stride, padding, dilation, groups, dtype, device):
+def tiled_configs(op, x_shape, w_shape, stride, padding, dilation, groups, dtype, device,
+                  size=None):
     """Launch configs worth measuring for pass ``op`` on ``device``."""
-    problem = tiled_problem(op, x_shape, w_shape, stride, padding, dilation, groups, device)
+    problem = tiled_problem(op, x_shape, w_shape, stride, padding, dilation, groups, device, size)
     return candidate_configs(problem, device, torch.empty((), dtype=dtype).element_size())
 
 
@@ -322,9 +323,11 @@ def cuda_rate(device, dtype):
     return p.multi_processor_count * per_sm
 
 
-def model_ms(algo, x_shape, w_shape, stride, padding, dilation, groups, dtype, device):
-    """Modelled milliseconds of one forward-sized pass of ``algo``."""
-    size = out_size(x_shape[2:], w_shape[2:], stride, padding, dilation)
+def model_ms(algo, x_shape, w_shape, stride, padding, dilation, groups, dtype, device,
+             size=None):
+    """Modelled milliseconds of one forward-sized pass of ``algo`` (``size``: the output's spatial
+    size where the caller has it)."""
+    size = size or out_size(x_shape[2:], w_shape[2:], stride, padding, dilation)
     flops = 2 * x_shape[0] * w_shape[0] * math.prod(size) * w_shape[1] * _taps(w_shape)
     form = "depthwise" if w_shape[1] == 1 else "dense"
     if algo == "fft":
@@ -351,17 +354,24 @@ def model_ms(algo, x_shape, w_shape, stride, padding, dilation, groups, dtype, d
 # ---------------------------------------------------------------------------------------------
 
 def _cost(algo):
-    def cost_ms(main, x_shape, w_shape, stride, padding, dilation, groups):
+    def cost_ms(main, x_shape, w_shape, stride, padding, dilation, groups, size):
         return model_ms(algo, x_shape, w_shape, stride, padding, dilation, groups, main.dtype,
-                        main.device)
+                        main.device, size)
     return cost_ms
 
 
 def _launch_configs(op):
-    def launch_configs(main, x_shape, w_shape, stride, padding, dilation, groups):
+    def launch_configs(main, x_shape, w_shape, stride, padding, dilation, groups, size):
         return tiled_configs(op, x_shape, w_shape, stride, padding, dilation, groups, main.dtype,
-                             main.device)
+                             main.device, size)
     return launch_configs
+
+
+def _config_problem(op):
+    def config_problem(main, x_shape, w_shape, stride, padding, dilation, groups, size):
+        return tiled_problem(op, x_shape, w_shape, stride, padding, dilation, groups, main.device,
+                             size)
+    return config_problem
 
 
 for _op, _runners, _kinds in (
@@ -372,7 +382,8 @@ for _op, _runners, _kinds in (
          ("conv3d_wgrad", "conv3d_dw_wgrad"))):
     registry.register(registry.Algorithm(
         _op, "tiled", _runners[0], _tiled_can_run, _cost("tiled"), spaces=_kinds,
-        configs=_launch_configs(_op), why_not=kernels_why_not, launches=True))
+        configs=_launch_configs(_op), why_not=kernels_why_not, launches=True,
+        config_problem=_config_problem(_op)))
     registry.register(registry.Algorithm(_op, "fft", _runners[1], _fft_can_run, _cost("fft")))
     registry.register(registry.Algorithm(_op, "aten", _runners[2], _aten_can_run, _cost("aten")))
 

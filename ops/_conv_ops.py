@@ -28,27 +28,29 @@ from lk3d import _algos
 from lk3d._algos import kernels_can_run
 from lk3d._spec import empty, out_size
 from lk3d.autotune import registry, select
-from lk3d.autotune.cache import problem_key
 from lk3d.kernels import INTERPRETED, memory_format
 
 
-def plan(op, main, x_shape, w_shape, stride, padding, dilation, groups, run=None):
-    """The ``select.Plan`` for one pass; ``main`` is the tensor the pass reads (device, dtype)."""
-    key = problem_key(op, main.dtype, x_shape, w_shape, stride, padding, dilation, groups)
+def _request(op, main, x_shape, w_shape, stride, padding, dilation, groups, size):
+    """The plan cache key's parts, the planner's problem and the preferred algorithm of one pass
+    (``size``: the output's spatial size, computed once per call)."""
+    key = (main.dtype, x_shape, w_shape, stride, padding, dilation, groups)
     preferred = "tiled" if (INTERPRETED and main.device.type == "cpu") else None
-    return select.plan(op, key, main.device,
-                       (main, x_shape, w_shape, stride, padding, dilation, groups), run, preferred)
+    return key, (main, x_shape, w_shape, stride, padding, dilation, groups, tuple(size)), preferred
 
 
-def _run(op, main, x_shape, w_shape, args, geometry):
-    """Choose and run one pass; ``args`` lead the runner's arguments, ``geometry`` ends them."""
-    def run(algo, config=None):
-        runner = registry.get(op, algo).run
-        if config is None:
-            return runner(*args, *geometry)
-        return runner(*args, *geometry, config=config)
-    p = plan(op, main, x_shape, w_shape, *geometry, run=run)
-    return run(p.algo, p.config if registry.get(op, p.algo).launches else None)
+def plan(op, main, x_shape, w_shape, stride, padding, dilation, groups, size):
+    """The ``select.Plan`` for one pass; ``main`` is the tensor the pass reads (device, dtype)."""
+    key, problem, preferred = _request(op, main, x_shape, w_shape, stride, padding, dilation,
+                                       groups, size)
+    return select.plan(op, key, main.device, problem, preferred=preferred)
+
+
+def _run(op, main, x_shape, w_shape, size, args, geometry):
+    """Choose and run one pass: its one call of the planner; ``args`` lead the runner's
+    arguments, ``geometry`` ends them."""
+    key, problem, preferred = _request(op, main, x_shape, w_shape, *geometry, size)
+    return select.execute(op, key, main.device, problem, (*args, *geometry), preferred)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,7 +73,7 @@ def conv3d_op(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     mf = memory_format(input)
     if math.prod(shape) == 0:
         return empty(shape, input, mf)
-    y = _run("conv3d", input, list(input.shape), list(weight.shape),
+    y = _run("conv3d", input, list(input.shape), list(weight.shape), shape[2:],
              (input, weight, bias), (stride, padding, dilation, groups))
     return y.to(input.dtype).contiguous(memory_format=mf)
 
@@ -92,8 +94,8 @@ def conv3d_grad_input_op(grad: torch.Tensor, weight: torch.Tensor, input_shape: 
     mf = memory_format(grad)
     if grad.numel() == 0:
         return empty(input_shape, grad, mf).zero_()
-    gx = _run("conv3d_grad_input", grad, list(input_shape),
-              list(weight.shape), (grad, weight, list(input_shape)),
+    gx = _run("conv3d_grad_input", grad, list(input_shape), list(weight.shape), grad.shape[2:],
+              (grad, weight, list(input_shape)),
               (stride, padding, dilation, groups))
     return gx.to(grad.dtype).contiguous(memory_format=mf)
 
@@ -109,8 +111,8 @@ def conv3d_grad_weight_op(grad: torch.Tensor, input: torch.Tensor, weight_shape:
                           groups: int) -> torch.Tensor:
     if grad.numel() == 0:
         return grad.new_zeros(weight_shape)
-    gw = _run("conv3d_grad_weight", input, list(input.shape),
-              list(weight_shape), (grad, input, list(weight_shape)),
+    gw = _run("conv3d_grad_weight", input, list(input.shape), list(weight_shape), grad.shape[2:],
+              (grad, input, list(weight_shape)),
               (stride, padding, dilation, groups))
     return gw.to(grad.dtype).contiguous()
 

@@ -53,7 +53,6 @@ from lk3d import _block_sparse_launch as launch
 from lk3d._spec import (Conv3dSpec, batched, check_group_channels, check_same, check_tensor,
                         empty, geometry, out_size, positive_int, triple)
 from lk3d.autotune import registry, select
-from lk3d.autotune.cache import problem_key
 from lk3d.block_sparse_ref import (block_sparse_conv3d_torch, block_sparse_conv3d_torch_backward,
                                    sparse_route_macs, sparse_route_ms)
 from lk3d.block_sparse_weight import (BlockSparseWeight, check_block_shape, dense_weight,
@@ -170,33 +169,35 @@ def _forced():
     return None if ROUTE == "auto" else (ROUTE, "lk3d.block_sparse.ROUTE")
 
 
-def _plan(pass_, input, row_ptr, col, weight_shape, block_shape, stride, padding, dilation,
-          groups, serve, run=None):
-    """The ``select.Plan`` of pass ``pass_`` (a key of ``OPS``). The plan cache key adds to
-    lk3d.conv3d's the block shape, the stored blocks and whether the kernels serve."""
-    op = OPS[pass_]
-    key = problem_key(op, input.dtype, list(input.shape), weight_shape, stride, padding,
-                      dilation, groups)
-    key += f"|b{'x'.join(map(str, block_shape))}|nnz{col.shape[0]}|" + (
-        "kernels" if serve else "torch")
+def _request(pass_, input, row_ptr, col, weight_shape, block_shape, stride, padding, dilation,
+             groups, serve):
+    """The plan cache key's parts, the planner's problem and the preferred route of pass ``pass_``
+    (a key of ``OPS``). The key adds to lk3d.conv3d's the block shape, the stored blocks and
+    whether the kernels serve."""
+    key = (input.dtype, list(input.shape), weight_shape, stride, padding, dilation, groups,
+           f"|b{'x'.join(map(str, block_shape))}|nnz{col.shape[0]}|",
+           "kernels" if serve else "torch")
     preferred = "sparse" if serve and INTERPRETED and input.device.type == "cpu" else None
     problem = (pass_, input, row_ptr, col, weight_shape, block_shape, stride, padding, dilation,
                groups, serve)
-    return select.plan(op, key, input.device, problem, run, preferred, _forced())
+    return key, problem, preferred
+
+
+def _plan(pass_, *problem):
+    """The ``select.Plan`` of pass ``pass_``; ``problem`` as ``_request`` takes it after the
+    pass."""
+    key, problem, preferred = _request(pass_, *problem)
+    return select.plan(OPS[pass_], key, problem[1].device, problem, preferred=preferred,
+                       forced=_forced())
 
 
 def _run(pass_, main, args, problem):
     """Choose the route of pass ``pass_`` (its tensors read ``main``) and run it on ``args``, the
     runners' arguments; ``problem``: ``(input, row_ptr, col, weight_shape, block_shape, stride,
     padding, dilation, groups)``."""
-    op = OPS[pass_]
-
-    def run(algo, config=None):
-        runner = registry.get(op, algo).run
-        return runner(*args) if config is None else runner(*args, config=config)
-
-    plan = _plan(pass_, *problem, _serve(main), run)
-    return run(plan.algo, plan.config)
+    key, problem, preferred = _request(pass_, *problem, _serve(main))
+    return select.execute(OPS[pass_], key, problem[1].device, problem, args, preferred,
+                          _forced())
 
 
 def _sparse_ms(pass_, input, row_ptr, col, weight_shape, block_shape, stride, padding, dilation,

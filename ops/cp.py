@@ -80,7 +80,6 @@ from lk3d._algos import kernels_can_run
 from lk3d._spec import (Conv3dSpec, batched, check_same, check_tensor, empty, geometry, out_size,
                         triple)
 from lk3d.autotune import configs, registry, select
-from lk3d.autotune.cache import problem_key
 from lk3d.cp_factors import CPFactors
 from lk3d.cp_ref import (cp_conv3d_dense, cp_conv3d_dense_backward, cp_conv3d_ref,
                          cp_conv3d_torch, cp_conv3d_torch_backward)
@@ -181,32 +180,42 @@ def model_ms(algo, x_shape, cout, rank, kernel, stride, padding, dilation, dtype
     return passes * 1e3 * secs + 0.05
 
 
-def _plan(op, input, U_out, A, B, C, stride, padding, dilation, serve, run=None):
-    """The ``select.Plan`` of one pass (``op``: "cp_conv3d" or "cp_conv3d_backward");
-    ``serve``: whether the kernels can take the call's tensors."""
+def _request(op, input, U_out, A, B, C, stride, padding, dilation, serve):
+    """The plan cache key's parts, the planner's problem and the preferred algorithm of one pass
+    (``op``: "cp_conv3d" or "cp_conv3d_backward"); ``serve``: whether the kernels can take the
+    call's tensors."""
     cout, rank = U_out.shape
     kernel = [A.shape[0], B.shape[0], C.shape[0]]
-    key = problem_key(op, input.dtype, list(input.shape), [cout, input.shape[1], *kernel],
-                      stride, padding, dilation, 1) + f"|R{rank}"
-    problem = (input, U_out, A, B, C, stride, padding, dilation, serve)
-    cands = [a.name for a in registry.algorithms(op) if a.can_run(*problem)]
-    if len(cands) == 1:
-        return select.Plan(cands[0], "only", key)
+    key = (input.dtype, list(input.shape), [cout, input.shape[1], *kernel], stride, padding,
+           dilation, 1, f"|R{rank}")
     preferred = "tiled" if INTERPRETED and input.device.type == "cpu" else None
-    return select.plan(op, key, input.device, problem, run, preferred)
+    return key, (input, U_out, A, B, C, stride, padding, dilation, serve), preferred
+
+
+def _plan(op, input, U_out, A, B, C, stride, padding, dilation, serve):
+    """The ``select.Plan`` of one pass, as ``_run`` would choose it."""
+    key, problem, preferred = _request(op, input, U_out, A, B, C, stride, padding, dilation,
+                                       serve)
+    return select.plan(op, key, input.device, problem, preferred=preferred, only=True)
+
+
+def _run(op, args, tensors, geometry, dense, bias=None):
+    """Run pass ``op`` on ``args`` (its runners' arguments). ``tensors``: the input first, the
+    factors ``U_out, U_in, A, B, C, weights`` last, every tensor the pass sums over (one that is
+    not finite sends the call to ``dense``, see "Non-finite values"); ``geometry``: stride,
+    padding, dilation; ``bias``, added elementwise, only has to suit the kernels."""
+    if not _algos.finite(*tensors):
+        return dense(*args)
+    input, (U_out, _, A, B, C, _) = tensors[0], tensors[-6:]
+    key, problem, preferred = _request(op, input, U_out, A, B, C, *geometry,
+                                       _kernels_serve(*tensors, bias))
+    return select.execute(op, key, input.device, problem, args, preferred, only=True)
 
 
 def _forward(input, U_out, U_in, A, B, C, weights, bias, stride, padding, dilation):
-    args = (input, U_out, U_in, A, B, C, weights, bias, stride, padding, dilation)
-    if not _algos.finite(input, U_out, U_in, A, B, C, weights):  # see "Non-finite values"
-        return cp_conv3d_dense(*args)
-
-    def run(algo):
-        return registry.get("cp_conv3d", algo).run(*args)
-
-    plan = _plan("cp_conv3d", input, U_out, A, B, C, stride, padding, dilation,
-                 _kernels_serve(input, U_out, U_in, A, B, C, weights, bias), run)
-    return run(plan.algo)
+    tensors = (input, U_out, U_in, A, B, C, weights)
+    return _run("cp_conv3d", (*tensors, bias, stride, padding, dilation), tensors,
+                (stride, padding, dilation), cp_conv3d_dense, bias)
 
 
 def _forward_kernels(input, U_out, U_in, A, B, C, weights, bias, stride, padding, dilation):
@@ -224,16 +233,10 @@ def _forward_kernels(input, U_out, U_in, A, B, C, weights, bias, stride, padding
 
 def _backward_impl(grad, input, U_out, U_in, A, B, C, weights, stride, padding, dilation,
                    output_mask):
-    args = (grad, input, U_out, U_in, A, B, C, weights, stride, padding, dilation, output_mask)
-    if not _algos.finite(grad, input, U_out, U_in, A, B, C, weights):
-        return cp_conv3d_dense_backward(*args)
-
-    def run(algo):
-        return registry.get("cp_conv3d_backward", algo).run(*args)
-
-    plan = _plan("cp_conv3d_backward", input, U_out, A, B, C, stride, padding, dilation,
-                 _kernels_serve(input, grad, U_out, U_in, A, B, C, weights), run)
-    return run(plan.algo)
+    return _run("cp_conv3d_backward", (grad, input, U_out, U_in, A, B, C, weights, stride,
+                                       padding, dilation, output_mask),
+                (input, grad, U_out, U_in, A, B, C, weights), (stride, padding, dilation),
+                cp_conv3d_dense_backward)
 
 
 def _backward_kernels(grad, input, U_out, U_in, A, B, C, weights, stride, padding, dilation,

@@ -39,7 +39,7 @@ def explain(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
     title = (f"lk3d.conv3d on {input.device}, {str(input.dtype).removeprefix('torch.')}: input "
              f"{tuple(x_shape)}, weight {tuple(w_shape)}, stride {_text(stride)}, padding "
              f"{_text(padding)}, dilation {_text(dilation)}, groups {spec.groups}")
-    return Plans({name: plan(op, input, x_shape, w_shape, *geometry).as_dict()
+    return Plans({name: plan(op, input, x_shape, w_shape, *geometry, spec.out_size).as_dict()
                   for name, op in (("forward", "conv3d"), ("grad_input", "conv3d_grad_input"),
                                    ("grad_weight", "conv3d_grad_weight"))}, title)
 
