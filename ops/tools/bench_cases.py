@@ -9,7 +9,7 @@ import torch
 
 from lk3d._spec import triple
 from lk3d.tools import roofline
-from lk3d.tools._data import read_data
+from lk3d.tools.data_files import read_data
 
 OPS = ("dense", "depthwise", "cp", "block_sparse")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from lk3d.autotune import select
-from lk3d.tools._data import read_data
+from lk3d.tools.data_files import read_data
 from lk3d.tools.table import fmt, format_table
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
