@@ -221,9 +221,14 @@ def _seed_entries() -> dict[str, dict]:
 
 def _user_cache_dir() -> str:
     """``platformdirs.user_cache_dir("lk3d")``; platformdirs is imported only here, when a cache
-    without ``$LK3D_CACHE_DIR`` is first opened, not by ``import lk3d``."""
-    import platformdirs
-
+    without ``$LK3D_CACHE_DIR`` is first opened, not by ``import lk3d``. Where it is not installed
+    (a minimal image), the folder it gives on Linux: ``$XDG_CACHE_HOME/lk3d``, else
+    ``~/.cache/lk3d``."""
+    try:
+        import platformdirs
+    except ImportError:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return os.path.join(base, "lk3d")
     return platformdirs.user_cache_dir("lk3d")
 
 

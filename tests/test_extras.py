@@ -59,6 +59,32 @@ def test_import_lk3d_loads_no_tooling(interpret):
         assert "triton" in at_import
 
 
+# A minimal image (the GPU machines') has neither platformdirs nor tensorly: lk3d imports, convolves
+# (its plan cache in the XDG folder), and ``lk3d info`` runs.
+WITHOUT_PLATFORMDIRS = """
+import sys
+sys.modules["platformdirs"] = None
+sys.modules["tensorly"] = None
+import torch, lk3d
+from lk3d.autotune.cache import default_cache
+from lk3d.tools.cli import main
+lk3d.conv3d(torch.randn(1, 2, 5, 6, 7), torch.randn(3, 2, 3, 1, 3), padding=1)
+print(default_cache().directory)
+main(["info"])
+"""
+
+
+def test_without_platformdirs_and_tensorly(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("LK3D_CACHE_DIR", "TRITON_INTERPRET")}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_PLATFORMDIRS], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == str(tmp_path / "xdg" / "lk3d")
+    assert any(line.startswith("lk3d ") for line in lines[1:]), proc.stdout
+
+
 @pytest.fixture
 def missing(monkeypatch):
     """``missing("tqdm", ...)``: those modules (and their submodules already loaded) do not

@@ -76,12 +76,16 @@ def reports_root() -> Path:
     """Where ``lk3d bench`` keeps its reports unless ``--out`` says otherwise, and what
     ``lk3d report`` reads by default: ``$LK3D_REPORT_DIR`` when set, else ``reports`` in the
     user's data folder (``platformdirs.user_data_dir("lk3d")``: ``~/.local/share/lk3d/reports``
-    on Linux)."""
+    on Linux; where platformdirs is not installed, that Linux folder: ``$XDG_DATA_HOME/lk3d``,
+    else ``~/.local/share/lk3d``)."""
     env = os.environ.get(REPORT_DIR_ENV, "").strip()
     if env:
         return Path(env).expanduser()
-    import platformdirs
-
+    try:
+        import platformdirs
+    except ImportError:
+        base = os.environ.get("XDG_DATA_HOME") or Path("~/.local/share").expanduser()
+        return Path(base) / "lk3d" / "reports"
     return Path(platformdirs.user_data_dir("lk3d")) / "reports"
 
 
