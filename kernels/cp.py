@@ -28,7 +28,8 @@ caches), the result is written once, and no ``[N, R, D, H, W]`` tensor exists an
 Two step shapes (``SPAN``, constexpr, chosen by the launcher): one tap per step with BLOCK_K
 channels (channels >= BLOCK_K), or a step spanning BLOCK_K consecutive (tap, channel) pairs of the
 flattened ``K = taps · channels`` axis (few channels: no mostly-masked tiles, and k³ taps collapse
-into few steps; this is also what keeps the Triton interpreter quick).
+into few steps; this is also what keeps the Triton interpreter quick). The launcher also passes
+the number of steps (``STEPS``, see ``steps``).
 
 FLOPs per produced voxel: ``2·k³·Cin·R + 2·R·Cout`` (forward). That is not the separable cost
 ``2·R·(Cin + kd + kh + kw + Cout)`` of running U_in, then A, B, C one axis at a time, then U_out:
@@ -105,8 +106,9 @@ def _gather(kk, a_ptr, o_a0, yd, yh, yw, m_m, AD, AH, AW, sa_c, sa_d, sa_h, sa_w
             DIL_D: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
             TRANSPOSED: tl.constexpr, SPAN: tl.constexpr, BLOCK_K: tl.constexpr):
     """The [BLOCK_M, BLOCK_K] tile of the gathered operand for step ``kk`` (zeros where
-    masked)."""
-    c, m_c, kd, kh, kw, _, _ = _step(kk, KC, KD, KH, KW, SPAN, BLOCK_K)
+    masked), and the step as ``_step`` decodes it (a tuple), for the caller's other uses."""
+    step = _step(kk, KC, KD, KH, KW, SPAN, BLOCK_K)
+    c, m_c, kd, kh, kw, _, _ = step
     if SPAN:  # a tap per column
         ad, v_d = tap_coord(yd[:, None], kd[None, :], AD, STR_D, PAD_D, DIL_D, TRANSPOSED)
         ah, v_h = tap_coord(yh[:, None], kh[None, :], AH, STR_H, PAD_H, DIL_H, TRANSPOSED)
@@ -121,7 +123,7 @@ def _gather(kk, a_ptr, o_a0, yd, yh, yw, m_m, AD, AH, AW, sa_c, sa_d, sa_h, sa_w
         o_v = o_a0 + ad.to(tl.int64) * sa_d + ah.to(tl.int64) * sa_h + aw.to(tl.int64) * sa_w
         o_a = o_v[:, None] + c.to(tl.int64)[None, :] * sa_c
         m_a = (m_m & v_d & v_h & v_w)[:, None] & m_c[None, :]
-    return load_vox(a_ptr + o_a, m_a, VOX=0)
+    return load_vox(a_ptr + o_a, m_a, VOX=0), step
 
 
 @triton.jit
@@ -149,13 +151,12 @@ def _tap_coefs(fa_ptr, fb_ptr, fc_ptr, kd, kh, kw, m_c, o_r, m_r,
 
 
 @triton.jit
-def _projection(kk, p_ptr, fa_ptr, fb_ptr, fc_ptr, o_r, m_r, sp_k, sp_r,
+def _projection(step, p_ptr, fa_ptr, fb_ptr, fc_ptr, o_r, m_r, sp_k, sp_r,
                 sfa_k, sfa_r, sfb_k, sfb_r, sfc_k, sfc_r,
-                KC: tl.constexpr, KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                SPAN: tl.constexpr, BLOCK_K: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """Step ``kk``'s projection block ``P[k, :] * A[a, :] B[b, :] C[c, :]`` ([BLOCK_K, R_PAD]),
-    by which its gathered tile is multiplied."""
-    c, m_c, kd, kh, kw, _, _ = _step(kk, KC, KD, KH, KW, SPAN, BLOCK_K)
+                ACC_DTYPE: tl.constexpr, SPAN: tl.constexpr):
+    """The projection block ``P[k, :] * A[a, :] B[b, :] C[c, :]`` ([BLOCK_K, R_PAD]) of a step
+    (``_step``'s tuple), by which its gathered tile is multiplied."""
+    c, m_c, kd, kh, kw, _, _ = step
     return _rows(p_ptr, c, m_c, o_r, m_r, sp_k, sp_r, ACC_DTYPE) * _tap_coefs(
         fa_ptr, fb_ptr, fc_ptr, kd, kh, kw, m_c, o_r, m_r,
         sfa_k, sfa_r, sfb_k, sfb_r, sfc_k, sfc_r, ACC_DTYPE, SPAN)
@@ -239,12 +240,11 @@ def _cp_conv_kernel(
         o_a0 = n.to(tl.int64) * sa_n
         z = tl.zeros((BLOCK_M, R_PAD), dtype=ACC_DTYPE)
         for kk in range(STEPS):
-            b_a = _gather(kk, a_ptr, o_a0, yd, yh, yw, m_m, AD, AH, AW, sa_c, sa_d, sa_h, sa_w,
-                          KC, KD, KH, KW, STR_D, STR_H, STR_W, PAD_D, PAD_H, PAD_W,
-                          DIL_D, DIL_H, DIL_W, TRANSPOSED, SPAN, BLOCK_K)
-            b_p = _projection(kk, p_ptr, fa_ptr, fb_ptr, fc_ptr, o_r, m_r, sp_k, sp_r,
-                              sfa_k, sfa_r, sfb_k, sfb_r, sfc_k, sfc_r,
-                              KC, KD, KH, KW, SPAN, BLOCK_K, ACC_DTYPE)
+            b_a, step = _gather(kk, a_ptr, o_a0, yd, yh, yw, m_m, AD, AH, AW, sa_c, sa_d, sa_h,
+                                sa_w, KC, KD, KH, KW, STR_D, STR_H, STR_W, PAD_D, PAD_H, PAD_W,
+                                DIL_D, DIL_H, DIL_W, TRANSPOSED, SPAN, BLOCK_K)
+            b_p = _projection(step, p_ptr, fa_ptr, fb_ptr, fc_ptr, o_r, m_r, sp_k, sp_r,
+                              sfa_k, sfa_r, sfb_k, sfb_r, sfc_k, sfc_r, ACC_DTYPE, SPAN)
             z = tl.dot(b_a, b_p.to(dt), z, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         if HAS_WEIGHTS:
             z *= tl.load(w_ptr + o_r * sw_r, mask=m_r, other=0.0).to(ACC_DTYPE)[None, :]
@@ -334,10 +334,10 @@ def _cp_grad_kernel(
             b_gz = gz.to(dt)
         z = tl.zeros((BLOCK_M, R_PAD), dtype=ACC_DTYPE)
         for kk in range(STEPS):
-            b_a = _gather(kk, x_ptr, o_a0, yd, yh, yw, m_m, XD, XH, XW, sx_c, sx_d, sx_h, sx_w,
-                          KC, KD, KH, KW, STR_D, STR_H, STR_W, PAD_D, PAD_H, PAD_W,
-                          DIL_D, DIL_H, DIL_W, False, SPAN, BLOCK_K)
-            c, m_c, kd, kh, kw, col, first = _step(kk, KC, KD, KH, KW, SPAN, BLOCK_K)
+            b_a, step = _gather(kk, x_ptr, o_a0, yd, yh, yw, m_m, XD, XH, XW, sx_c, sx_d, sx_h,
+                                sx_w, KC, KD, KH, KW, STR_D, STR_H, STR_W, PAD_D, PAD_H, PAD_W,
+                                DIL_D, DIL_H, DIL_W, False, SPAN, BLOCK_K)
+            c, m_c, kd, kh, kw, col, first = step
             b_p = _rows(p_ptr, c, m_c, o_r, m_r, sp_k, sp_r, ACC_DTYPE)
             if NEED_OUT:
                 b_pc = b_p * _tap_coefs(fa_ptr, fb_ptr, fc_ptr, kd, kh, kw, m_c, o_r, m_r,
