@@ -6,11 +6,12 @@
     common.py                                 what every family shares: the index and load
                                               helpers its kernels call, and its launchers' helpers
 
-A family's ``*_configs`` module holds its launch-config space as data (and the few facts the
-config choice needs: the default per problem, the shared memory a config takes). It imports
-neither Triton nor anything of lk3d but this package, so the planner can name a config space
-(hash it into the plan cache key) where Triton does not import. A launcher takes one explicit
-config, and padding as six ints ``(d_l, h_l, w_l, d_r, h_r, w_r)``; nothing here imports
+A family's ``*_configs`` module holds its launch-config space as data, one ``<KIND>_CONFIGS``
+list per kernel kind (``config_spaces`` gathers them into its ``CONFIG_SPACES``), and the few
+facts the config choice needs: the default per problem, the shared memory a config takes. It
+imports neither Triton nor anything of lk3d but this package, so the planner can name a config
+space (hash it into the plan cache key) where Triton does not import. A launcher takes one
+explicit config, and padding as six ints ``(d_l, h_l, w_l, d_r, h_r, w_r)``; nothing here imports
 ``lk3d.autotune`` or the ops layer.
 
 ``HAS_TRITON`` says whether Triton is installed here (Linux x86_64 wheels); ``INTERPRETED`` whether
@@ -52,12 +53,31 @@ def pow2(n, lo, hi):
     return max(lo, min(hi, 1 << max(0, math.ceil(math.log2(max(1, n))))))
 
 
+def config_spaces(namespace):
+    """A family's ``CONFIG_SPACES`` ({kind: configs}) from the globals of its ``*_configs``
+    module: each ``<KIND>_CONFIGS`` list there is the space of kernel kind ``<kind>``
+    (``CONV3D_FWD_CONFIGS`` that of ``conv3d_fwd``), in the order defined, so a space is named
+    once. A ValueError for an empty space or one whose configs name different keys: the first
+    config's keys stand for the space's where ``LK3D_CONFIG`` forces keys."""
+    spaces = {}
+    for name, configs in namespace.items():
+        if not name.endswith("_CONFIGS"):
+            continue
+        if not configs or any(c.keys() != configs[0].keys() for c in configs):
+            raise ValueError(f"{name}: expected a non-empty list of configs that all name the "
+                             f"same keys, got {configs}")
+        spaces[name[:-len("_CONFIGS")].lower()] = configs
+    return spaces
+
 
 def split_programs(M, block, programs, partial, device_programs):
     """How many programs share a reduction of ``M`` voxels (``block`` per step) in a launch of
     ``programs`` programs before splitting, each split writing ``partial`` elements of partial
     sums: enough to fill a device that keeps ``device_programs`` busy, at least 8 reduction steps
-    per program, and the partials within ``MAX_PARTIAL_ELEMS``."""
+    per program, and the partials within ``MAX_PARTIAL_ELEMS``. One under the interpreter
+    (``device_programs`` None), which runs programs one after another."""
+    if device_programs is None:
+        return 1
     want = max(1, device_programs // max(1, programs))
     by_work = max(1, M // (8 * block))
     by_memory = max(1, MAX_PARTIAL_ELEMS // max(1, partial))

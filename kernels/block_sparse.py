@@ -52,7 +52,8 @@ import triton.language as tl
 from lk3d.kernels import memory_format, out_size, pow2
 from lk3d.kernels.common import (acc_dtype, check_config, flat_grid, geometry, launch_opts,
                                  load_vox, new, partial_dtype, precision, program_ids, split_flat,
-                                 split_len, split_tap, store_vox, tap_coord, wide, widen)
+                                 split_len, split_tap, store_vox, tap_coord, tap_source, wide,
+                                 widen)
 
 
 @triton.jit
@@ -251,14 +252,10 @@ def _bs_conv3d_wgrad_kernel(
     for m0 in range(0, M_PER_SPLIT, BLOCK_S):
         o_m = lo + m0 + tl.arange(0, BLOCK_S)
         m_m = o_m < M
-        n, od, oh, ow = split_flat(o_m, OD, OH, OW, WIDE)
-        xd, v_d = tap_coord(od, kd, XD, STR_D, PAD_D, DIL_D, False)
-        xh, v_h = tap_coord(oh, kh, XH, STR_H, PAD_H, DIL_H, False)
-        xw, v_w = tap_coord(ow, kw, XW, STR_W, PAD_W, DIL_W, False)
-        n64 = n.to(tl.int64)
-        o_y = n64 * sy_n + od.to(tl.int64) * sy_d + oh.to(tl.int64) * sy_h + ow.to(tl.int64) * sy_w
-        o_x = n64 * sx_n + xd.to(tl.int64) * sx_d + xh.to(tl.int64) * sx_h + xw.to(tl.int64) * sx_w
-        m_x = m_m & v_d & v_h & v_w
+        o_y, o_x, v_x = tap_source(o_m, kd, kh, kw, OD, OH, OW, XD, XH, XW, sx_n, sx_d, sx_h, sx_w,
+                                   sy_n, sy_d, sy_h, sy_w, STR_D, STR_H, STR_W, PAD_D, PAD_H, PAD_W,
+                                   DIL_D, DIL_H, DIL_W, WIDE)
+        m_x = m_m & v_x
         b_dy = load_vox(p_dy[None, :] + o_y[:, None], m_m[:, None] & m_o[None, :], VOX=0)
         if DEPTHWISE:
             b_x = load_vox(p_x[None, :] + o_x[:, None], m_x[:, None] & m_o[None, :], VOX=0)

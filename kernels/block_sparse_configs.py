@@ -12,7 +12,7 @@ needed) on the path that takes it. The functions below are this family's part of
 ``lk3d.autotune.configs``; ``problem`` is an ``lk3d.autotune.configs.Problem`` (fields used here:
 kind, M, block_shape, programs: the (stored block, tap) programs of grad-values before splitting).
 """
-from lk3d.kernels import pow2, split_programs
+from lk3d.kernels import config_spaces, pow2, split_programs
 
 # Channel-block forward and grad-input (tl.dot per stored block and tap).
 # Shared memory ~ stages * (BLOCK_M * BK + BK * BN) * bytes.
@@ -35,12 +35,7 @@ BLOCK_SPARSE_DW_WGRAD_CONFIGS = [
     dict(BLOCK_S=128, num_warps=4, num_stages=1),
 ]
 
-CONFIG_SPACES = {
-    "block_sparse_fwd": BLOCK_SPARSE_FWD_CONFIGS,
-    "block_sparse_dw": BLOCK_SPARSE_DW_CONFIGS,
-    "block_sparse_wgrad": BLOCK_SPARSE_WGRAD_CONFIGS,
-    "block_sparse_dw_wgrad": BLOCK_SPARSE_DW_WGRAD_CONFIGS,
-}
+CONFIG_SPACES = config_spaces(globals())  # {kind: <KIND>_CONFIGS above}
 # Keys a launch takes beyond its space's (LK3D_CONFIG may force them too).
 RUNTIME_KEYS = ("SPLIT",)
 _WGRAD = ("block_sparse_wgrad", "block_sparse_dw_wgrad")
@@ -90,8 +85,6 @@ def split(problem, config, device_programs):
     program and the fp32 partials within the cap."""
     if problem.kind not in _WGRAD:
         return None
-    if device_programs is None:
-        return 1
     bo, bi = problem.block_shape[:2]
     return split_programs(problem.M, config["BLOCK_S"], problem.programs,
                           problem.programs * bo * bi, device_programs)

@@ -81,6 +81,26 @@ def split_tap(t, KH: tl.constexpr, KW: tl.constexpr):
 
 
 @triton.jit
+def tap_source(o_m, kd, kh, kw, OD, OH, OW, XD, XH, XW, sx_n, sx_d, sx_h, sx_w,
+               sy_n, sy_d, sy_h, sy_w, STR_D: tl.constexpr, STR_H: tl.constexpr,
+               STR_W: tl.constexpr, PAD_D: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+               DIL_D: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+               WIDE: tl.constexpr):
+    """What a weight-gradient reduction over output voxels reads for one forward tap
+    ``(kd, kh, kw)``: for flat output indices ``o_m`` over ``[batch, OD, OH, OW]``, the int64
+    offsets (less the channel term) of grad_output there and of the input voxel the tap reads,
+    and whether that input voxel exists (False in the padding)."""
+    n, od, oh, ow = split_flat(o_m, OD, OH, OW, WIDE)
+    xd, v_d = tap_coord(od, kd, XD, STR_D, PAD_D, DIL_D, False)
+    xh, v_h = tap_coord(oh, kh, XH, STR_H, PAD_H, DIL_H, False)
+    xw, v_w = tap_coord(ow, kw, XW, STR_W, PAD_W, DIL_W, False)
+    n64 = n.to(tl.int64)
+    o_y = n64 * sy_n + od.to(tl.int64) * sy_d + oh.to(tl.int64) * sy_h + ow.to(tl.int64) * sy_w
+    o_x = n64 * sx_n + xd.to(tl.int64) * sx_d + xh.to(tl.int64) * sx_h + xw.to(tl.int64) * sx_w
+    return o_y, o_x, v_d & v_h & v_w
+
+
+@triton.jit
 def load_vox(ptrs, mask, VOX: tl.constexpr):
     """``tl.load(ptrs, mask, other=0)`` of a 2-D tile whose axis ``VOX`` runs over voxels, laid out
     with the voxels fastest across threads (see ``VOXELS_LAST``)."""

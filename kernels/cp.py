@@ -28,7 +28,8 @@ caches), the result is written once, and no ``[N, R, D, H, W]`` tensor exists an
 Two step shapes (``SPAN``, constexpr, chosen by the launcher): one tap per step with BLOCK_K
 channels (channels >= BLOCK_K), or a step spanning BLOCK_K consecutive (tap, channel) pairs of the
 flattened ``K = taps · channels`` axis (few channels: no mostly-masked tiles, and k³ taps collapse
-into few steps; this is also what keeps the Triton interpreter quick).
+into few steps; this is also what keeps the Triton interpreter quick). The launcher also passes
+the number of steps (``STEPS``, see ``steps``).
 
 FLOPs per produced voxel: ``2·k³·Cin·R + 2·R·Cout`` (forward). That is not the separable cost
 ``2·R·(Cin + kd + kh + kw + Cout)`` of running U_in, then A, B, C one axis at a time, then U_out:
@@ -74,15 +75,16 @@ from lk3d.kernels.cp_configs import r_pad
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _step(kk, o_k, KC: tl.constexpr, KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+def _step(kk, KC: tl.constexpr, KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
           SPAN: tl.constexpr, BLOCK_K: tl.constexpr):
     """Channels, taps and partial-sum column of reduction step ``kk``, and whether it starts its
     column: SPAN steps cover BLOCK_K (tap, channel) pairs (vectors), else one tap (a scalar)."""
+    o_k = tl.arange(0, BLOCK_K)
     if SPAN:
         o_kk = kk * BLOCK_K + o_k
         c = o_kk % KC
         tap = o_kk // KC
-        m_c = o_kk < KT
+        m_c = o_kk < KD * KH * KW * KC
         col = o_kk
         first = kk >= 0
     else:
@@ -97,13 +99,16 @@ def _step(kk, o_k, KC: tl.constexpr, KT: tl.constexpr, KH: tl.constexpr, KW: tl.
 
 
 @triton.jit
-def _gather(a_ptr, o_a0, yd, yh, yw, m_m, c, m_c, kd, kh, kw, AD, AH, AW,
-            sa_c, sa_d, sa_h, sa_w,
+def _gather(kk, a_ptr, o_a0, yd, yh, yw, m_m, AD, AH, AW, sa_c, sa_d, sa_h, sa_w,
+            KC: tl.constexpr, KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
             STR_D: tl.constexpr, STR_H: tl.constexpr, STR_W: tl.constexpr,
             PAD_D: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
             DIL_D: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-            TRANSPOSED: tl.constexpr, SPAN: tl.constexpr):
-    """The [BLOCK_M, BLOCK_K] tile of the gathered operand for one step (zeros where masked)."""
+            TRANSPOSED: tl.constexpr, SPAN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The [BLOCK_M, BLOCK_K] tile of the gathered operand for step ``kk`` (zeros where
+    masked), and the step as ``_step`` decodes it (a tuple), for the caller's other uses."""
+    step = _step(kk, KC, KD, KH, KW, SPAN, BLOCK_K)
+    c, m_c, kd, kh, kw, _, _ = step
     if SPAN:  # a tap per column
         ad, v_d = tap_coord(yd[:, None], kd[None, :], AD, STR_D, PAD_D, DIL_D, TRANSPOSED)
         ah, v_h = tap_coord(yh[:, None], kh[None, :], AH, STR_H, PAD_H, DIL_H, TRANSPOSED)
@@ -118,7 +123,7 @@ def _gather(a_ptr, o_a0, yd, yh, yw, m_m, c, m_c, kd, kh, kw, AD, AH, AW,
         o_v = o_a0 + ad.to(tl.int64) * sa_d + ah.to(tl.int64) * sa_h + aw.to(tl.int64) * sa_w
         o_a = o_v[:, None] + c.to(tl.int64)[None, :] * sa_c
         m_a = (m_m & v_d & v_h & v_w)[:, None] & m_c[None, :]
-    return load_vox(a_ptr + o_a, m_a, VOX=0)
+    return load_vox(a_ptr + o_a, m_a, VOX=0), step
 
 
 @triton.jit
@@ -143,6 +148,18 @@ def _tap_coefs(fa_ptr, fb_ptr, fc_ptr, kd, kh, kw, m_c, o_r, m_r,
                 * tl.load(fc_ptr + kw * sfc_k + o_r * sfc_r, mask=m_r, other=0.0).to(ACC_DTYPE))
         coef = coef[None, :]
     return coef
+
+
+@triton.jit
+def _projection(step, p_ptr, fa_ptr, fb_ptr, fc_ptr, o_r, m_r, sp_k, sp_r,
+                sfa_k, sfa_r, sfb_k, sfb_r, sfc_k, sfc_r,
+                ACC_DTYPE: tl.constexpr, SPAN: tl.constexpr):
+    """The projection block ``P[k, :] * A[a, :] B[b, :] C[c, :]`` ([BLOCK_K, R_PAD]) of a step
+    (``_step``'s tuple), by which its gathered tile is multiplied."""
+    c, m_c, kd, kh, kw, _, _ = step
+    return _rows(p_ptr, c, m_c, o_r, m_r, sp_k, sp_r, ACC_DTYPE) * _tap_coefs(
+        fa_ptr, fb_ptr, fc_ptr, kd, kh, kw, m_c, o_r, m_r,
+        sfa_k, sfa_r, sfb_k, sfb_r, sfc_k, sfc_r, ACC_DTYPE, SPAN)
 
 
 @triton.jit
@@ -201,6 +218,7 @@ def _cp_conv_kernel(
     DIL_D: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     TRANSPOSED: tl.constexpr,   # False: forward; True: grad-input through the transposed tap map
     SPAN: tl.constexpr,         # steps span (tap, channel) pairs (few channels) or one tap each
+    STEPS: tl.constexpr,        # reduction steps per tile (``steps``)
     HAS_WEIGHTS: tl.constexpr,  # explicit flags, never a ones/zeros tensor standing in
     HAS_BIAS: tl.constexpr,
     WRITE_Y: tl.constexpr,      # grad-input may be wanted only for its grad U_in partials
@@ -214,25 +232,19 @@ def _cp_conv_kernel(
     BLOCK_K: tl.constexpr,      # reduction elements per step
 ):
     i_p = tl.program_id(0)
-    o_k = tl.arange(0, BLOCK_K)
     o_r = tl.arange(0, R_PAD)
     m_r = o_r < R
-    KT: tl.constexpr = KD * KH * KW * KC
-    STEPS: tl.constexpr = (KT + BLOCK_K - 1) // BLOCK_K if SPAN else (
-        KD * KH * KW * ((KC + BLOCK_K - 1) // BLOCK_K))
     dt = a_ptr.dtype.element_ty
     for t in range(TILES):
         m_m, n, yd, yh, yw = _voxels(i_p * TILES + t, M, YD, YH, YW, BLOCK_M, WIDE)
         o_a0 = n.to(tl.int64) * sa_n
         z = tl.zeros((BLOCK_M, R_PAD), dtype=ACC_DTYPE)
         for kk in range(STEPS):
-            c, m_c, kd, kh, kw, _, _ = _step(kk, o_k, KC, KT, KH, KW, SPAN, BLOCK_K)
-            b_a = _gather(a_ptr, o_a0, yd, yh, yw, m_m, c, m_c, kd, kh, kw, AD, AH, AW,
-                          sa_c, sa_d, sa_h, sa_w, STR_D, STR_H, STR_W, PAD_D, PAD_H, PAD_W,
-                          DIL_D, DIL_H, DIL_W, TRANSPOSED, SPAN)
-            b_p = _rows(p_ptr, c, m_c, o_r, m_r, sp_k, sp_r, ACC_DTYPE) * _tap_coefs(
-                fa_ptr, fb_ptr, fc_ptr, kd, kh, kw, m_c, o_r, m_r,
-                sfa_k, sfa_r, sfb_k, sfb_r, sfc_k, sfc_r, ACC_DTYPE, SPAN)
+            b_a, step = _gather(kk, a_ptr, o_a0, yd, yh, yw, m_m, AD, AH, AW, sa_c, sa_d, sa_h,
+                                sa_w, KC, KD, KH, KW, STR_D, STR_H, STR_W, PAD_D, PAD_H, PAD_W,
+                                DIL_D, DIL_H, DIL_W, TRANSPOSED, SPAN, BLOCK_K)
+            b_p = _projection(step, p_ptr, fa_ptr, fb_ptr, fc_ptr, o_r, m_r, sp_k, sp_r,
+                              sfa_k, sfa_r, sfb_k, sfb_r, sfc_k, sfc_r, ACC_DTYPE, SPAN)
             z = tl.dot(b_a, b_p.to(dt), z, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         if HAS_WEIGHTS:
             z *= tl.load(w_ptr + o_r * sw_r, mask=m_r, other=0.0).to(ACC_DTYPE)[None, :]
@@ -288,6 +300,7 @@ def _cp_grad_kernel(
     PAD_D: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     DIL_D: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     SPAN: tl.constexpr,
+    STEPS: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
     NEED_TAPS: tl.constexpr,  # D, for grad A, B, C
     NEED_OUT: tl.constexpr,   # G, for grad U_out and grad w
@@ -298,13 +311,9 @@ def _cp_grad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     i_p = tl.program_id(0)
-    o_k = tl.arange(0, BLOCK_K)
     o_r = tl.arange(0, R_PAD)
     m_r = o_r < R
-    KT: tl.constexpr = KD * KH * KW * KC
-    STEPS: tl.constexpr = (KT + BLOCK_K - 1) // BLOCK_K if SPAN else (
-        KD * KH * KW * ((KC + BLOCK_K - 1) // BLOCK_K))
-    COLS: tl.constexpr = KT if SPAN else KD * KH * KW
+    COLS: tl.constexpr = KD * KH * KW * (KC if SPAN else 1)
     dt = x_ptr.dtype.element_ty
     for t in range(TILES):
         m_m, n, yd, yh, yw = _voxels(i_p * TILES + t, M, YD, YH, YW, BLOCK_M, WIDE)
@@ -325,10 +334,10 @@ def _cp_grad_kernel(
             b_gz = gz.to(dt)
         z = tl.zeros((BLOCK_M, R_PAD), dtype=ACC_DTYPE)
         for kk in range(STEPS):
-            c, m_c, kd, kh, kw, col, first = _step(kk, o_k, KC, KT, KH, KW, SPAN, BLOCK_K)
-            b_a = _gather(x_ptr, o_a0, yd, yh, yw, m_m, c, m_c, kd, kh, kw, XD, XH, XW,
-                          sx_c, sx_d, sx_h, sx_w, STR_D, STR_H, STR_W, PAD_D, PAD_H, PAD_W,
-                          DIL_D, DIL_H, DIL_W, False, SPAN)
+            b_a, step = _gather(kk, x_ptr, o_a0, yd, yh, yw, m_m, XD, XH, XW, sx_c, sx_d, sx_h,
+                                sx_w, KC, KD, KH, KW, STR_D, STR_H, STR_W, PAD_D, PAD_H, PAD_W,
+                                DIL_D, DIL_H, DIL_W, False, SPAN, BLOCK_K)
+            c, m_c, kd, kh, kw, col, first = step
             b_p = _rows(p_ptr, c, m_c, o_r, m_r, sp_k, sp_r, ACC_DTYPE)
             if NEED_OUT:
                 b_pc = b_p * _tap_coefs(fa_ptr, fb_ptr, fc_ptr, kd, kh, kw, m_c, o_r, m_r,
@@ -372,6 +381,14 @@ def span(channels, config):
     return bool(config.get("SPAN", channels < config["BLOCK_K"]))
 
 
+def steps(taps, channels, block_k, spans):
+    """Reduction steps per voxel tile (the kernels' STEPS): over ``taps * channels`` (tap,
+    channel) pairs ``block_k`` at a time when ``spans``, else ``block_k`` channels of one tap."""
+    if spans:
+        return triton.cdiv(taps * channels, block_k)
+    return taps * triton.cdiv(channels, block_k)
+
+
 def _factor_args(first, second, A, B, C, weights):
     ptrs = (first, second, A, B, C, weights if weights is not None else first)
     strides = (*first.stride(), *second.stride(), *A.stride(), *B.stride(), *C.stride(),
@@ -388,10 +405,14 @@ def _tiles(M, config, split):
     return split_len(tiles, split, 1)
 
 
-def _meta(t, config, kernel, stride, padding, dilation, rank, allow_tf32, tiles, volume):
-    """The constexprs and options of a launch whose programs cover ``tiles`` voxel tiles of a
-    grid of ``volume`` voxels per sample."""
-    return dict(**geometry(stride, padding, dilation, kernel), R=rank, R_PAD=r_pad(rank),
+def _meta(t, config, kernel, channels, stride, padding, dilation, rank, allow_tf32, tiles,
+          volume):
+    """The constexprs and options of a launch gathering ``channels`` channels whose programs
+    cover ``tiles`` voxel tiles of a grid of ``volume`` voxels per sample."""
+    spans = span(channels, config)
+    return dict(**geometry(stride, padding, dilation, kernel), KC=channels, SPAN=spans,
+                STEPS=steps(math.prod(kernel), channels, config["BLOCK_K"], spans),
+                R=rank, R_PAD=r_pad(rank),
                 ACC_DTYPE=acc_dtype(t), PRECISION=precision(t, allow_tf32),
                 WIDE=wide(tiles * config["BLOCK_M"], volume=volume),
                 BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
@@ -414,10 +435,10 @@ def cp_conv3d_fwd(x, U_out, U_in, A, B, C, weights, bias, stride, padding, dilat
         x, *ptrs, bias if bias is not None else U_out, y, x, y,
         M, per, *x.shape[2:], *size,
         *x.stride(), *strides, bias.stride(0) if bias is not None else 0, *y.stride(), *x.stride(),
-        KC=cin, NC=cout, TRANSPOSED=False, SPAN=span(cin, config),
-        HAS_WEIGHTS=weights is not None, HAS_BIAS=bias is not None, WRITE_Y=True, EMIT_GQ=False,
-        **_meta(x, config, kernel, stride, padding, dilation, rank, allow_tf32, per * programs,
-                math.prod(size)))
+        NC=cout, TRANSPOSED=False, HAS_WEIGHTS=weights is not None, HAS_BIAS=bias is not None,
+        WRITE_Y=True, EMIT_GQ=False,
+        **_meta(x, config, kernel, cin, stride, padding, dilation, rank, allow_tf32,
+                per * programs, math.prod(size)))
     return y
 
 
@@ -439,10 +460,10 @@ def cp_conv3d_bwd_input(dy, x, U_out, U_in, A, B, C, weights, stride, padding, d
         dy, *ptrs, U_out, y, x, gq if gq is not None else y,
         M, per, *dy.shape[2:], *x.shape[2:],
         *dy.stride(), *strides, 0, *y.stride(), *x.stride(),
-        KC=cout, NC=cin, TRANSPOSED=True, SPAN=span(cout, config),
-        HAS_WEIGHTS=weights is not None, HAS_BIAS=False, WRITE_Y=need_input, EMIT_GQ=need_u_in,
-        **_meta(dy, config, kernel, stride, padding, dilation, rank, allow_tf32, per * programs,
-                math.prod(x.shape[2:])))
+        NC=cin, TRANSPOSED=True, HAS_WEIGHTS=weights is not None, HAS_BIAS=False,
+        WRITE_Y=need_input, EMIT_GQ=need_u_in,
+        **_meta(dy, config, kernel, cout, stride, padding, dilation, rank, allow_tf32,
+                per * programs, math.prod(x.shape[2:])))
     return dx, (gq.sum(0) if gq is not None else None)
 
 
@@ -467,10 +488,9 @@ def cp_conv3d_bwd_factors(x, dy, U_out, U_in, A, B, C, weights, stride, padding,
         x, dy, *ptrs, gt if gt is not None else go, go if go is not None else gt,
         M, per, *x.shape[2:], *dy.shape[2:],
         *x.stride(), *dy.stride(), *strides,
-        KC=cin, NC=cout, SPAN=spans, HAS_WEIGHTS=weights is not None,
-        NEED_TAPS=need_taps, NEED_OUT=need_out,
-        **_meta(x, config, kernel, stride, padding, dilation, rank, allow_tf32, per * programs,
-                math.prod(dy.shape[2:])))
+        NC=cout, HAS_WEIGHTS=weights is not None, NEED_TAPS=need_taps, NEED_OUT=need_out,
+        **_meta(x, config, kernel, cin, stride, padding, dilation, rank, allow_tf32,
+                per * programs, math.prod(dy.shape[2:])))
     D = None
     if gt is not None:
         D = gt.sum(0).reshape(taps, cin if spans else 1, rank).sum(1).reshape(*kernel, rank)

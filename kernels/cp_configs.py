@@ -16,7 +16,7 @@ The functions below are this family's part of ``lk3d.autotune.configs``; ``probl
 """
 import math
 
-from lk3d.kernels import MAX_PARTIAL_ELEMS, pow2
+from lk3d.kernels import MAX_PARTIAL_ELEMS, config_spaces, pow2
 
 # Main loop: a [BLOCK_M, BLOCK_K] gather times a [BLOCK_K, R_PAD] projection block; epilogue:
 # [BLOCK_M, R_PAD] x [R_PAD, BLOCK_N]. Shared memory ~ stages * (BM + R_PAD) * BK * bytes. The
@@ -38,7 +38,7 @@ CP_GRAD_CONFIGS = [
     dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2),
 ]
 
-CONFIG_SPACES = {"cp_conv": CP_CONV_CONFIGS, "cp_grad": CP_GRAD_CONFIGS}
+CONFIG_SPACES = config_spaces(globals())  # {kind: <KIND>_CONFIGS above}
 # Keys a launch takes beyond its space's (LK3D_CONFIG may force them too).
 RUNTIME_KEYS = ("SPLIT", "SPAN")
 

@@ -39,7 +39,7 @@ from lk3d.kernels import memory_format, out_size
 from lk3d.kernels.common import (acc_dtype, alloc, check_config, flat_grid, geometry,
                                  launch_opts, load_vox, new, partial_dtype, precision,
                                  program_ids, reach, split_flat, split_len, split_tap, store_vox,
-                                 tap_coord, wide, widen)
+                                 tap_coord, tap_source, wide, widen)
 
 
 @triton.jit
@@ -224,15 +224,11 @@ def _conv3d_wgrad_kernel(
     for m0 in range(0, M_PER_SPLIT, BLOCK_K):
         o_m = lo + m0 + o_k
         m_m = o_m < M
-        n, od, oh, ow = split_flat(o_m, OD, OH, OW, WIDE)
-        xd, v_d = tap_coord(od, kd, XD, STR_D, PAD_D, DIL_D, False)
-        xh, v_h = tap_coord(oh, kh, XH, STR_H, PAD_H, DIL_H, False)
-        xw, v_w = tap_coord(ow, kw, XW, STR_W, PAD_W, DIL_W, False)
-        n64 = n.to(tl.int64)
-        o_y = n64 * sy_n + od.to(tl.int64) * sy_d + oh.to(tl.int64) * sy_h + ow.to(tl.int64) * sy_w
-        o_x = n64 * sx_n + xd.to(tl.int64) * sx_d + xh.to(tl.int64) * sx_h + xw.to(tl.int64) * sx_w
+        o_y, o_x, v_x = tap_source(o_m, kd, kh, kw, OD, OH, OW, XD, XH, XW, sx_n, sx_d, sx_h, sx_w,
+                                   sy_n, sy_d, sy_h, sy_w, STR_D, STR_H, STR_W, PAD_D, PAD_H, PAD_W,
+                                   DIL_D, DIL_H, DIL_W, WIDE)
         b_dy = load_vox(p_dy + o_y[None, :], m_co[:, None] & m_m[None, :], VOX=1)
-        b_x = load_vox(p_x + o_x[:, None], (m_m & v_d & v_h & v_w)[:, None] & m_ci[None, :], VOX=0)
+        b_x = load_vox(p_x + o_x[:, None], (m_m & v_x)[:, None] & m_ci[None, :], VOX=0)
         acc = tl.dot(b_dy, b_x, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
 
     T: tl.constexpr = KD * KH * KW

@@ -12,7 +12,7 @@ compile-time setting: it is derived from the problem and the device (``split``).
 The functions below are this family's part of ``lk3d.autotune.configs``; ``problem`` is an
 ``lk3d.autotune.configs.Problem`` (fields used here: kind, M, KC, NC, taps, programs, partial).
 """
-from lk3d.kernels import pow2, split_programs
+from lk3d.kernels import config_spaces, pow2, split_programs
 
 # Implicit GEMM (forward and grad-input). Shared memory ~ stages * (BM*BK + BK*BN) * bytes.
 CONV3D_FWD_CONFIGS = [
@@ -45,13 +45,7 @@ BIAS_GRAD_CONFIGS = [
     dict(BLOCK_S=1024, num_warps=4, num_stages=1),
 ]
 
-CONFIG_SPACES = {
-    "conv3d_fwd": CONV3D_FWD_CONFIGS,
-    "conv3d_dw": CONV3D_DW_CONFIGS,
-    "conv3d_wgrad": CONV3D_WGRAD_CONFIGS,
-    "conv3d_dw_wgrad": CONV3D_DW_WGRAD_CONFIGS,
-    "bias_grad": BIAS_GRAD_CONFIGS,
-}
+CONFIG_SPACES = config_spaces(globals())  # {kind: <KIND>_CONFIGS above}
 # Keys a launch takes beyond its space's (LK3D_CONFIG may force them too).
 RUNTIME_KEYS = ("SPLIT",)
 _SPLIT_KINDS = ("conv3d_wgrad", "conv3d_dw_wgrad", "bias_grad")
@@ -102,7 +96,5 @@ def split(problem, config, device_programs):
     the interpreter (``device_programs`` None), else enough to fill the device."""
     if problem.kind not in _SPLIT_KINDS:
         return None
-    if device_programs is None:
-        return 1
     block = config.get("BLOCK_K", config.get("BLOCK_S", 128))
     return split_programs(problem.M, block, problem.programs, problem.partial, device_programs)

@@ -151,3 +151,33 @@ def test_config_families_registered():
     assert configs.space("conv3d_fwd") is CONFIG_SPACES["conv3d_fwd"]
     with pytest.raises(ValueError, match=r"kind: expected one of \[.*'cp_conv'.*\], got 'conv2d'"):
         default_config(Problem("conv2d", M=8), "cpu")
+
+
+def test_config_spaces_are_the_kind_lists():
+    """A family's CONFIG_SPACES holds its <KIND>_CONFIGS lists themselves under their kinds, in
+    the order defined; a list that is empty or whose configs name different keys is a ValueError
+    naming it. A split reduction takes one program under the interpreter, more on a device."""
+    from lk3d.kernels import block_sparse_configs, config_spaces, cp_configs, tiled_configs
+
+    assert list(CONFIG_SPACES) == ["conv3d_fwd", "conv3d_dw", "conv3d_wgrad", "conv3d_dw_wgrad",
+                                   "bias_grad"]
+    assert CONFIG_SPACES["conv3d_dw_wgrad"] is tiled_configs.CONV3D_DW_WGRAD_CONFIGS
+    assert list(block_sparse_configs.CONFIG_SPACES) == [
+        "block_sparse_fwd", "block_sparse_dw", "block_sparse_wgrad", "block_sparse_dw_wgrad"]
+    assert list(cp_configs.CONFIG_SPACES) == ["cp_conv", "cp_grad"]
+    space = [dict(BLOCK=16, num_warps=4), dict(BLOCK=32, num_warps=8)]
+    assert config_spaces({"DW_FWD_CONFIGS": space, "RUNTIME_KEYS": ("SPLIT",)}) == {
+        "dw_fwd": space}
+    with pytest.raises(ValueError, match=r"^MIXED_CONFIGS: expected a non-empty list of configs "
+                                         r"that all name the same keys, got \[\{'BLOCK': 16\}, "
+                                         r"\{'BLOCK_M': 16\}\]$"):
+        config_spaces({"MIXED_CONFIGS": [dict(BLOCK=16), dict(BLOCK_M=16)]})
+    with pytest.raises(ValueError, match=r"^EMPTY_CONFIGS: expected .*, got \[\]$"):
+        config_spaces({"EMPTY_CONFIGS": []})
+
+    wgrad = Problem("conv3d_wgrad", M=10**6, programs=7, partial=1000)
+    assert tiled_configs.split(wgrad, dict(BLOCK_K=64), None) == 1
+    assert tiled_configs.split(wgrad, dict(BLOCK_K=64), 528) == 75  # 528 // 7 programs
+    bs = Problem("block_sparse_wgrad", M=10**6, programs=7, block_shape=(4, 4, 1, 1, 1))
+    assert block_sparse_configs.split(bs, dict(BLOCK_S=64), None) == 1
+    assert block_sparse_configs.split(bs, dict(BLOCK_S=64), 528) == 75

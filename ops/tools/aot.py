@@ -251,6 +251,7 @@ def cp_cases():
         return dataclasses.replace(case, signature=sig)
 
     rank = dict(R=16, R_PAD=16)
+    taps = _GEOMETRY["KD"] * _GEOMETRY["KH"] * _GEOMETRY["KW"]
     cases = []
     for i, config in enumerate(CP_CONV_CONFIGS):
         for dtype in ("bf16", "fp16", "fp32"):
@@ -261,8 +262,10 @@ def cp_cases():
                     case = _case(cp._cp_conv_kernel, name + ("-span" if spans else ""), dtype,
                                  config, dict(
                                      KC=channels, NC=64, **rank, **_GEOMETRY, **_strides(stride),
-                                     TRANSPOSED=transposed, SPAN=spans, HAS_WEIGHTS=True,
-                                     HAS_BIAS=not transposed, WRITE_Y=True, EMIT_GQ=transposed),
+                                     TRANSPOSED=transposed, SPAN=spans,
+                                     STEPS=cp.steps(taps, channels, config["BLOCK_K"], spans),
+                                     HAS_WEIGHTS=True, HAS_BIAS=not transposed, WRITE_Y=True,
+                                     EMIT_GQ=transposed),
                                  expect_tensor_cores=True)
                     cases.append(fp32_partials(case, ("gq_ptr",)))
     for i, config in enumerate(CP_GRAD_CONFIGS):
@@ -272,8 +275,10 @@ def cp_cases():
                     continue
                 case = _case(cp._cp_grad_kernel, "cp-grad" + ("-span" if spans else ""), dtype,
                              config, dict(KC=channels, NC=64, **rank, **_GEOMETRY, **_strides(1),
-                                          SPAN=spans, HAS_WEIGHTS=True, NEED_TAPS=True,
-                                          NEED_OUT=True), expect_tensor_cores=True)
+                                          SPAN=spans,
+                                          STEPS=cp.steps(taps, channels, config["BLOCK_K"], spans),
+                                          HAS_WEIGHTS=True, NEED_TAPS=True, NEED_OUT=True),
+                             expect_tensor_cores=True)
                 cases.append(fp32_partials(case, ("gt_ptr", "go_ptr")))
     return cases
 
