@@ -16,7 +16,7 @@ allows any bo dividing Cout, output channel o reading input channel o // (Cout/g
 Layout of activations: any strides (NCDHW, channels_last_3d, views); results come out in the
 memory format of the tensor they are made from (``lk3d.kernels.memory_format``).
 
-Channel-block path (Cin/g > 1), ``_bs_conv3d_kernel`` with DEPTHWISE=False: an implicit GEMM whose
+Channel-block path (Cin/g > 1), ``bs_conv3d_kernel`` with DEPTHWISE=False: an implicit GEMM whose
 reduction walks only stored blocks. A program owns BLOCK_M produced voxels and one produced channel
 block; its flattened loop runs over (stored block, tap of the block's brick): decode ``col`` into
 (ci, db, hb, wb), gather the [BLOCK_M, bi] activation tile at the tap's shifted coordinates
@@ -33,7 +33,7 @@ row reads its own input channel, so a tap is an elementwise multiply-accumulate 
 channel per output channel; with a channel multiplier > 1 these land in an [N, Cout, D, H, W]
 fp32 scratch that the launcher sums per input channel (multiplier × the input in memory).
 
-Grad-values (``_bs_conv3d_wgrad_kernel``): one program per (stored block, tap) and split of the
+Grad-values (``bs_conv3d_wgrad_kernel``): one program per (stored block, tap) and split of the
 voxel reduction; [bi, BLOCK_S]·[BLOCK_S, bo] ``tl.dot`` products of the shifted input and the
 output gradient (depthwise: elementwise products summed over voxels). SPLIT programs write fp32
 partials that the launcher sums: deterministic, no atomics.
@@ -57,7 +57,7 @@ from lk3d.kernels.common import (acc_dtype, check_config, flat_grid, geometry, l
 
 
 @triton.jit
-def _bs_conv3d_kernel(
+def bs_conv3d_kernel(
     # Pointers
     a_ptr,     # gathered operand [N, CA, AD, AH, AW]: input (forward) or grad_output (grad-input)
     v_ptr,     # stored blocks [nnz, BO, BI, BD, BH, BW], contiguous
@@ -190,7 +190,7 @@ def _bs_conv3d_kernel(
 
 
 @triton.jit
-def _bs_conv3d_wgrad_kernel(
+def bs_conv3d_wgrad_kernel(
     # Pointers
     x_ptr,     # input [N, Cin, XD, XH, XW]
     dy_ptr,    # grad_output [N, Cout, OD, OH, OW]
@@ -283,7 +283,7 @@ def _pad(n, lo):
 
 
 def tile_channels(block_shape, depthwise, transposed=False):
-    """(BLOCK_K, BLOCK_N) of ``_bs_conv3d_kernel``: the block's reduction and produced channel
+    """(BLOCK_K, BLOCK_N) of ``bs_conv3d_kernel``: the block's reduction and produced channel
     extents, padded to a power of two (>= 16 where they feed ``tl.dot``)."""
     bo, bi = block_shape[:2]
     if depthwise:
@@ -293,7 +293,7 @@ def tile_channels(block_shape, depthwise, transposed=False):
 
 
 def wgrad_channels(block_shape, depthwise):
-    """(BLOCK_I, BLOCK_O) of ``_bs_conv3d_wgrad_kernel``: bi and bo padded (>= 16 for tl.dot)."""
+    """(BLOCK_I, BLOCK_O) of ``bs_conv3d_wgrad_kernel``: bi and bo padded (>= 16 for tl.dot)."""
     bo, bi = block_shape[:2]
     return (1, _pad(bo, 1)) if depthwise else (_pad(bi, 16), _pad(bo, 16))
 
@@ -348,7 +348,7 @@ def block_sparse_fwd(x, values, row_ptr, col, weight_shape, block_shape, bias, s
         return y
     num_m = triton.cdiv(M, config["BLOCK_M"])
     row_ptr, col = row_ptr.contiguous(), col.contiguous()  # the kernel reads them unit-strided
-    _bs_conv3d_kernel[flat_grid(num_m, 1, cout // block_shape[0])](
+    bs_conv3d_kernel[flat_grid(num_m, 1, cout // block_shape[0])](
         x, values.contiguous(), row_ptr, row_ptr, row_ptr, col,
         bias if bias is not None else values, y,
         M, num_m, *x.shape[2:], *size, *x.stride(),
@@ -390,7 +390,7 @@ def block_sparse_bwd_input(grad, values, row_ptr, col, weight_shape, block_shape
         dx = y = new(tuple(input_shape), grad.dtype, grad.device, memory_format(grad))
     block_k, block_n = tile_channels(block_shape, depthwise, transposed=True)
     num_m = triton.cdiv(M, config["BLOCK_M"])
-    _bs_conv3d_kernel[flat_grid(num_m, 1, produced)](
+    bs_conv3d_kernel[flat_grid(num_m, 1, produced)](
         grad, values.contiguous(), ent, blk, brow, col, values, y,
         M, num_m, *grad.shape[2:], D, H, W, *grad.stride(), 0, *y.stride(),
         **_common(weight_shape, block_shape, stride, padding, dilation, groups),
@@ -419,7 +419,7 @@ def block_sparse_bwd_values(grad, x, values, row_ptr, col, weight_shape, block_s
         return torch.zeros_like(values)
     per, split = split_len(M, config["SPLIT"], config["BLOCK_S"])
     part = new((split, nnz, bo, bi, taps), partial_dtype(x), x.device)
-    _bs_conv3d_wgrad_kernel[flat_grid(nnz * taps, 1, split)](
+    bs_conv3d_wgrad_kernel[flat_grid(nnz * taps, 1, split)](
         x, grad, block_rows(row_ptr, nnz), col.contiguous(), part,
         nnz, M, per, *x.shape[2:], *grad.shape[2:], *x.stride(), *grad.stride(),
         **_common(weight_shape, block_shape, stride, padding, dilation, groups),

@@ -5,7 +5,7 @@ A rank-R CP kernel is ``W[o, i, a, b, c] = sum_r Uo[o, r] w[r] Ui[i, r] A[a, r] 
 channels_last_3d and strided views are all read through their strides, never copied. Factors are
 ``[rows, R]`` matrices of any strides; ``w`` (the component weights) is optional.
 
-``_cp_conv_kernel`` (forward, and grad-input with ``TRANSPOSED``): one program per tile of BLOCK_M
+``cp_conv_kernel`` (forward, and grad-input with ``TRANSPOSED``): one program per tile of BLOCK_M
 produced voxels (flattened over n, d, h, w)::
 
     z[m, r] = sum_{tap, k} a[m @ tap, k] * P[k, r] * A[a, r] B[b, r] C[c, r]    (fp32 accumulator)
@@ -41,7 +41,7 @@ still saves ``Cout / R`` of the FLOPs and never builds the dense weight.
 Grad-input can also emit (``EMIT_GQ``) per-program partials of ``grad Ui = x^T @ gu`` ([Cin, R];
 ``gu`` is z·w at the input voxels, before the Ui projection) that the launcher sums.
 
-``_cp_grad_kernel`` (factors): per tile of output voxels, ``gz = grad_y @ Uo · w`` ([BLOCK_M, R]);
+``cp_grad_kernel`` (factors): per tile of output voxels, ``gz = grad_y @ Uo · w`` ([BLOCK_M, R]);
 the same step loop gathers ``x`` and accumulates both ``z`` (as the forward) and the per-tap sums
 ``D[tap, r] = sum_m gz[m, r] u_tap[m, r]``, computed as ``Ui[k, r] · (x_tap^T gz)[k, r]`` summed
 over the tap's channels; the epilogue gives ``G[o, r] = sum_m grad_y[m, o] z[m, r]``. The
@@ -186,7 +186,7 @@ def _voxels(i_tile, M, YD, YH, YW, BLOCK_M: tl.constexpr, WIDE: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _cp_conv_kernel(
+def cp_conv_kernel(
     # Pointers
     a_ptr,     # gathered [N, KC, AD, AH, AW]: input (forward) or grad_output (grad-input)
     p_ptr,     # first projection [KC, R]: U_in (forward) or U_out (grad-input)
@@ -272,7 +272,7 @@ def _cp_conv_kernel(
 
 
 @triton.jit
-def _cp_grad_kernel(
+def cp_grad_kernel(
     # Pointers
     x_ptr,     # input [N, KC, XD, XH, XW]
     dy_ptr,    # grad_output [N, NC, YD, YH, YW]
@@ -431,7 +431,7 @@ def cp_conv3d_fwd(x, U_out, U_in, A, B, C, weights, bias, stride, padding, dilat
     M = N * math.prod(size)
     per, programs = _tiles(M, config, None)
     ptrs, strides = _factor_args(U_in, U_out, A, B, C, weights)
-    _cp_conv_kernel[(programs,)](
+    cp_conv_kernel[(programs,)](
         x, *ptrs, bias if bias is not None else U_out, y, x, y,
         M, per, *x.shape[2:], *size,
         *x.stride(), *strides, bias.stride(0) if bias is not None else 0, *y.stride(), *x.stride(),
@@ -456,7 +456,7 @@ def cp_conv3d_bwd_input(dy, x, U_out, U_in, A, B, C, weights, stride, padding, d
     gq = new((programs, cin, rank), partial_dtype(dy), dy.device) if need_u_in else None
     ptrs, strides = _factor_args(U_out, U_in, A, B, C, weights)
     y = dx if dx is not None else dy
-    _cp_conv_kernel[(programs,)](
+    cp_conv_kernel[(programs,)](
         dy, *ptrs, U_out, y, x, gq if gq is not None else y,
         M, per, *dy.shape[2:], *x.shape[2:],
         *dy.stride(), *strides, 0, *y.stride(), *x.stride(),
@@ -484,7 +484,7 @@ def cp_conv3d_bwd_factors(x, dy, U_out, U_in, A, B, C, weights, stride, padding,
     gt = new((programs, cols, rank), pdt, x.device) if need_taps else None
     go = new((programs, cout, rank), pdt, x.device) if need_out else None
     ptrs, strides = _factor_args(U_in, U_out, A, B, C, weights)
-    _cp_grad_kernel[(programs,)](
+    cp_grad_kernel[(programs,)](
         x, dy, *ptrs, gt if gt is not None else go, go if go is not None else gt,
         M, per, *x.shape[2:], *dy.shape[2:],
         *x.stride(), *dy.stride(), *strides,

@@ -1,8 +1,8 @@
 """Launch-config spaces of the CP kernels (``lk3d.kernels.cp``), as data, and what the config
 choice needs to know of them. No Triton is imported here.
 
-    cp_conv   ``_cp_conv_kernel``: forward and grad-input (with its grad U_in partials)
-    cp_grad   ``_cp_grad_kernel``: the per-tap sums D and G behind grad A, B, C, U_out, weights
+    cp_conv   ``cp_conv_kernel``: forward and grad-input (with its grad U_in partials)
+    cp_grad   ``cp_grad_kernel``: the per-tap sums D and G behind grad A, B, C, U_out, weights
 
 Keys: BLOCK_M (produced voxels per tile), BLOCK_N (produced channels per epilogue step), BLOCK_K
 (reduction elements per step), num_warps, num_stages. SPLIT (how many programs share the voxels

@@ -3,7 +3,7 @@
 Layout: any strides. Tensors are NCDHW logically; NCDHW-contiguous, channels_last_3d and
 non-contiguous views are all read through their strides, never copied.
 
-Implicit GEMM (``_conv3d_igemm_kernel``, dense and grouped):
+Implicit GEMM (``conv3d_igemm_kernel``, dense and grouped):
     forward     M = N·OD·OH·OW (output voxels), N = Cout/g, K = Cin/g·kd·kh·kw
     grad-input  M = N·D·H·W   (input voxels),  N = Cin/g,  K = Cout/g·kd·kh·kw
 The reduction is one flattened loop over taps × channel blocks (so the software pipeliner sees one
@@ -12,7 +12,7 @@ coordinates (padding, stride and dilation are masks, im2col is never materialise
 ``tl.dot``. Grad-input is the same body with the transposed tap map
 ``o = (i + pad - k·dil) / stride`` (exact division only), so stride > 1 needs no zero-insertion.
 
-Depthwise (``_conv3d_dw_kernel``, Cin/g = 1, channel multiplier Cout/Cin >= 1): one program per
+Depthwise (``conv3d_dw_kernel``, Cin/g = 1, channel multiplier Cout/Cin >= 1): one program per
 (batch, channel) and a block of BLOCK output voxels; taps run as kd/kh outer loops (their index
 arithmetic hoisted) and a kw inner loop, so a program re-reads its haloed input tile from L1/L2
 across all k³ taps instead of from HBM. Channels and batch are the parallel grid axis.
@@ -43,7 +43,7 @@ from lk3d.kernels.common import (acc_dtype, alloc, check_config, flat_grid, geom
 
 
 @triton.jit
-def _conv3d_igemm_kernel(
+def conv3d_igemm_kernel(
     # Pointers
     a_ptr,     # gathered operand [N, G*KC, AD, AH, AW]: input (forward) or grad_output (grad-input)
     w_ptr,     # weight [Cout, Cin/g, KD, KH, KW]
@@ -115,7 +115,7 @@ def _conv3d_igemm_kernel(
 
 
 @triton.jit
-def _conv3d_dw_kernel(
+def conv3d_dw_kernel(
     # Pointers
     a_ptr,     # gathered operand: input [N, Cin, AD, AH, AW] (forward) or grad_output (grad-input)
     w_ptr,     # weight [Cout, 1, KD, KH, KW], Cout = Cin * MULT
@@ -180,7 +180,7 @@ def _conv3d_dw_kernel(
 
 
 @triton.jit
-def _conv3d_wgrad_kernel(
+def conv3d_wgrad_kernel(
     # Pointers
     x_ptr,     # input [N, Cin, XD, XH, XW]
     dy_ptr,    # grad_output [N, Cout, OD, OH, OW]
@@ -238,7 +238,7 @@ def _conv3d_wgrad_kernel(
 
 
 @triton.jit
-def _conv3d_dw_wgrad_kernel(
+def conv3d_dw_wgrad_kernel(
     # Pointers
     x_ptr,     # input [N, Cin, XD, XH, XW]
     dy_ptr,    # grad_output [N, Cout, OD, OH, OW], Cout = Cin * MULT
@@ -289,7 +289,7 @@ def _conv3d_dw_wgrad_kernel(
 
 
 @triton.jit
-def _bias_grad_kernel(
+def bias_grad_kernel(
     dy_ptr,    # grad_output [N, C, OD, OH, OW]
     db_ptr,    # fp32 partials [SPLIT, C], contiguous
     M, M_PER_SPLIT, OD, OH, OW,  # M = N * OD * OH * OW
@@ -333,7 +333,7 @@ def conv3d_fwd(x, w, bias, stride, padding, dilation, groups, config, *, allow_t
     if y.numel() == 0:
         return y
     num_m = triton.cdiv(M, config["BLOCK_M"])
-    _conv3d_igemm_kernel[flat_grid(num_m, triton.cdiv(nc, config["BLOCK_N"]), groups)](
+    conv3d_igemm_kernel[flat_grid(num_m, triton.cdiv(nc, config["BLOCK_N"]), groups)](
         x, w, bias if bias is not None else w, y,
         M, num_m, D, H, W, *size,
         *x.stride(),
@@ -361,7 +361,7 @@ def conv3d_bwd_input(dy, w, input_shape, stride, padding, dilation, groups, conf
     if dx.numel() == 0:
         return dx
     num_m = triton.cdiv(M, config["BLOCK_M"])
-    _conv3d_igemm_kernel[flat_grid(num_m, triton.cdiv(nc, config["BLOCK_N"]), groups)](
+    conv3d_igemm_kernel[flat_grid(num_m, triton.cdiv(nc, config["BLOCK_N"]), groups)](
         dy, w, w, dx,
         M, num_m, *dy.shape[2:], D, H, W,
         *dy.stride(),
@@ -387,7 +387,7 @@ def conv3d_dw_fwd(x, w, bias, stride, padding, dilation, config, *, out=None):
     if y.numel() == 0:
         return y
     num_s = triton.cdiv(S, config["BLOCK"])
-    _conv3d_dw_kernel[flat_grid(num_s, N * cout)](
+    conv3d_dw_kernel[flat_grid(num_s, N * cout)](
         x, w, bias if bias is not None else w, y,
         S, num_s, D, H, W, *size,
         *x.stride(), w.stride(0), *w.stride()[2:], bias.stride(0) if bias is not None else 0,
@@ -407,7 +407,7 @@ def conv3d_dw_bwd_input(dy, w, input_shape, stride, padding, dilation, config, *
     if dx.numel() == 0:
         return dx
     num_s = triton.cdiv(S, config["BLOCK"])
-    _conv3d_dw_kernel[flat_grid(num_s, N * cin)](
+    conv3d_dw_kernel[flat_grid(num_s, N * cin)](
         dy, w, w, dx,
         S, num_s, *dy.shape[2:], D, H, W,
         *dy.stride(), w.stride(0), *w.stride()[2:], 0, *dx.stride(),
@@ -428,7 +428,7 @@ def conv3d_bwd_weight(x, dy, weight_shape, stride, padding, dilation, groups, co
     T = math.prod(weight_shape[2:])
     part = new((split, cout, cig, T), partial_dtype(x), x.device)
     tiles = T * triton.cdiv(cog, config["BLOCK_CO"]) * triton.cdiv(cig, config["BLOCK_CI"])
-    _conv3d_wgrad_kernel[flat_grid(tiles, groups, split)](
+    conv3d_wgrad_kernel[flat_grid(tiles, groups, split)](
         x, dy, part, M, per, groups, *x.shape[2:], *dy.shape[2:], *x.stride(), *dy.stride(),
         CIG=cig, COG=cog, **geometry(stride, padding, dilation, weight_shape[2:]),
         ACC_DTYPE=acc_dtype(x), PRECISION=precision(x, allow_tf32),
@@ -446,7 +446,7 @@ def conv3d_dw_bwd_weight(x, dy, weight_shape, stride, padding, dilation, config)
     per, split = split_len(M, config["SPLIT"], config["BLOCK_S"])
     T = math.prod(weight_shape[2:])
     part = new((split, cout, T), partial_dtype(x), x.device)
-    _conv3d_dw_wgrad_kernel[flat_grid(cout, triton.cdiv(T, config["BLOCK_T"]), split)](
+    conv3d_dw_wgrad_kernel[flat_grid(cout, triton.cdiv(T, config["BLOCK_T"]), split)](
         x, dy, part, M, per, *x.shape[2:], *dy.shape[2:], *x.stride(), *dy.stride(),
         CO=cout, MULT=cout // x.shape[1], **geometry(stride, padding, dilation, weight_shape[2:]),
         ACC_DTYPE=acc_dtype(x), WIDE=wide(split * per, volume=math.prod(dy.shape[2:])),
@@ -462,7 +462,7 @@ def bias_grad(dy, config):
     M = dy.shape[0] * math.prod(dy.shape[2:])
     per, split = split_len(M, config["SPLIT"], config["BLOCK_S"])
     part = new((split, C), partial_dtype(dy), dy.device)
-    _bias_grad_kernel[flat_grid(C, 1, split)](
+    bias_grad_kernel[flat_grid(C, 1, split)](
         dy, part, M, per, *dy.shape[2:], *dy.stride(),
         C=C, ACC_DTYPE=acc_dtype(dy), WIDE=wide(split * per, volume=math.prod(dy.shape[2:])),
         BLOCK_S=config["BLOCK_S"], **launch_opts(config))

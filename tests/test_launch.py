@@ -34,10 +34,10 @@ pytestmark = pytest.mark.skipif(not _algos.kernels_can_run(
     reason=f"the Triton kernels do not take float64 on {DEVICE}")
 
 GRID_YZ = 65535  # CUDA's limit on grid dimensions y and z
-KERNELS = [(tiled, "_conv3d_igemm_kernel"), (tiled, "_conv3d_dw_kernel"),
-           (tiled, "_conv3d_wgrad_kernel"), (tiled, "_conv3d_dw_wgrad_kernel"),
-           (tiled, "_bias_grad_kernel"), (cpk, "_cp_conv_kernel"), (cpk, "_cp_grad_kernel"),
-           (bs, "_bs_conv3d_kernel"), (bs, "_bs_conv3d_wgrad_kernel")]
+KERNELS = [(tiled, "conv3d_igemm_kernel"), (tiled, "conv3d_dw_kernel"),
+           (tiled, "conv3d_wgrad_kernel"), (tiled, "conv3d_dw_wgrad_kernel"),
+           (tiled, "bias_grad_kernel"), (cpk, "cp_conv_kernel"), (cpk, "cp_grad_kernel"),
+           (bs, "bs_conv3d_kernel"), (bs, "bs_conv3d_wgrad_kernel")]
 
 
 @pytest.fixture(autouse=True)
@@ -146,9 +146,9 @@ def _launch_everything_big():
 def test_launch_grids_within_cuda_limits(launches):
     _launch_everything_big()
     names = {name for name, _, _ in launches}
-    assert names >= {"_conv3d_dw_kernel", "_conv3d_igemm_kernel", "_conv3d_wgrad_kernel",
-                     "_conv3d_dw_wgrad_kernel", "_bias_grad_kernel", "_bs_conv3d_kernel",
-                     "_bs_conv3d_wgrad_kernel"}, names
+    assert names >= {"conv3d_dw_kernel", "conv3d_igemm_kernel", "conv3d_wgrad_kernel",
+                     "conv3d_dw_wgrad_kernel", "bias_grad_kernel", "bs_conv3d_kernel",
+                     "bs_conv3d_wgrad_kernel"}, names
     for name, grid, _ in launches:
         assert grid[0] < 2 ** 31, (name, grid)
         assert all(g <= GRID_YZ for g in grid[1:]), f"{name}: grid {grid} past y/z limits"
@@ -174,9 +174,9 @@ def test_wide_flag_past_2_31_voxels(launches):
     cpk.cp_conv3d_fwd(big, *factors, None, None, (1, 1, 1), (0,) * 6, (1, 1, 1),
                       dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=32))
     wide = [(name, kwargs["WIDE"]) for name, _, kwargs in launches]
-    assert wide == [("_conv3d_igemm_kernel", True), ("_conv3d_igemm_kernel", False),
-                    ("_conv3d_igemm_kernel", True), ("_conv3d_dw_wgrad_kernel", True),
-                    ("_bias_grad_kernel", True), ("_cp_conv_kernel", True)]
+    assert wide == [("conv3d_igemm_kernel", True), ("conv3d_igemm_kernel", False),
+                    ("conv3d_igemm_kernel", True), ("conv3d_dw_wgrad_kernel", True),
+                    ("bias_grad_kernel", True), ("cp_conv_kernel", True)]
 
 
 def test_one_sample_past_2_31_voxels_is_a_clear_error(launches):

@@ -218,22 +218,22 @@ def shipped_cases():
     for config in CONFIG_SPACES["conv3d_fwd"]:
         for name, transposed, stride in (("igemm-fwd", False, 1), ("igemm-bwd", True, 2)):
             for dtype in ("bf16", "fp16", "fp32"):
-                cases.append(_case(tiled._conv3d_igemm_kernel, name, dtype, config, dict(
+                cases.append(_case(tiled.conv3d_igemm_kernel, name, dtype, config, dict(
                     KC=64, NC=64, **_GEOMETRY, **_strides(stride), TRANSPOSED=transposed,
                     HAS_BIAS=not transposed), expect_tensor_cores=True))
     for config in CONFIG_SPACES["conv3d_dw"]:
         for name, transposed, stride in (("dw-fwd", False, 1), ("dw-bwd", True, 2)):
-            cases.append(_case(tiled._conv3d_dw_kernel, name, "bf16", config, dict(
+            cases.append(_case(tiled.conv3d_dw_kernel, name, "bf16", config, dict(
                 CY=64, MULT=1, **_GEOMETRY, **_strides(stride), TRANSPOSED=transposed,
                 HAS_BIAS=not transposed)))
     for config in CONFIG_SPACES["conv3d_wgrad"]:
-        cases.append(_case(tiled._conv3d_wgrad_kernel, "wgrad", "bf16", config, dict(
+        cases.append(_case(tiled.conv3d_wgrad_kernel, "wgrad", "bf16", config, dict(
             CIG=64, COG=64, **_GEOMETRY, **_strides(1)), expect_tensor_cores=True))
     for config in CONFIG_SPACES["conv3d_dw_wgrad"]:
-        cases.append(_case(tiled._conv3d_dw_wgrad_kernel, "dw_wgrad", "bf16", config, dict(
+        cases.append(_case(tiled.conv3d_dw_wgrad_kernel, "dw_wgrad", "bf16", config, dict(
             CO=64, MULT=1, **_GEOMETRY, **_strides(1))))
     for config in CONFIG_SPACES["bias_grad"]:
-        cases.append(_case(tiled._bias_grad_kernel, "bias_grad", "bf16", config, dict(C=64)))
+        cases.append(_case(tiled.bias_grad_kernel, "bias_grad", "bf16", config, dict(C=64)))
     cases += cp_cases() + block_sparse_cases()
     return cases + wide_cases(cases)
 
@@ -259,7 +259,7 @@ def cp_cases():
                 for channels, spans in ((64, False), (4, True)):
                     if spans and (i or dtype != "bf16"):
                         continue
-                    case = _case(cp._cp_conv_kernel, name + ("-span" if spans else ""), dtype,
+                    case = _case(cp.cp_conv_kernel, name + ("-span" if spans else ""), dtype,
                                  config, dict(
                                      KC=channels, NC=64, **rank, **_GEOMETRY, **_strides(stride),
                                      TRANSPOSED=transposed, SPAN=spans,
@@ -273,7 +273,7 @@ def cp_cases():
             for channels, spans in ((64, False), (4, True)):
                 if spans and (i or dtype != "bf16"):
                     continue
-                case = _case(cp._cp_grad_kernel, "cp-grad" + ("-span" if spans else ""), dtype,
+                case = _case(cp.cp_grad_kernel, "cp-grad" + ("-span" if spans else ""), dtype,
                              config, dict(KC=channels, NC=64, **rank, **_GEOMETRY, **_strides(1),
                                           SPAN=spans,
                                           STEPS=cp.steps(taps, channels, config["BLOCK_K"], spans),
@@ -325,7 +325,7 @@ def block_sparse_cases():
                                   TRANSPOSED=tr, HAS_BIAS=not tr, BLOCK_K=block_k,
                                   BLOCK_N=block_n)
                 name = f"bs-{'bwd' if tr else 'fwd'}-{_block_id(*block)}"
-                cases += [_bs_case(bs._bs_conv3d_kernel, name, dtype, config, constexprs,
+                cases += [_bs_case(bs.bs_conv3d_kernel, name, dtype, config, constexprs,
                                    expect_tensor_cores=True) for dtype in dtypes]
     for config in BLOCK_SPARSE_DW_CONFIGS:
         for tr in (False, True):
@@ -333,19 +333,19 @@ def block_sparse_cases():
             constexprs = dict(**_block(*dw_block), **dw, **_strides(2 if tr else 1),
                               TRANSPOSED=tr, HAS_BIAS=not tr, BLOCK_K=block_k, BLOCK_N=block_n)
             name = f"bs-dw-{'bwd' if tr else 'fwd'}-{_block_id(*dw_block)}"
-            cases.append(_bs_case(bs._bs_conv3d_kernel, name, "bf16", config, constexprs))
+            cases.append(_bs_case(bs.bs_conv3d_kernel, name, "bf16", config, constexprs))
     for config in BLOCK_SPARSE_WGRAD_CONFIGS:
         for block, _ in dense_blocks:
             block_i, block_o = bs.wgrad_channels(block, False)
             constexprs = dict(**_block(*block), **dense, **_strides(1), BLOCK_I=block_i,
                               BLOCK_O=block_o)
-            cases.append(_bs_case(bs._bs_conv3d_wgrad_kernel, f"bs-wgrad-{_block_id(*block)}",
+            cases.append(_bs_case(bs.bs_conv3d_wgrad_kernel, f"bs-wgrad-{_block_id(*block)}",
                                   "bf16", config, constexprs, expect_tensor_cores=True))
     for config in BLOCK_SPARSE_DW_WGRAD_CONFIGS:
         block_i, block_o = bs.wgrad_channels(dw_block, True)
         constexprs = dict(**_block(*dw_block), **dw, **_strides(1), BLOCK_I=block_i,
                           BLOCK_O=block_o)
-        cases.append(_bs_case(bs._bs_conv3d_wgrad_kernel, f"bs-dw-wgrad-{_block_id(*dw_block)}",
+        cases.append(_bs_case(bs.bs_conv3d_wgrad_kernel, f"bs-dw-wgrad-{_block_id(*dw_block)}",
                               "bf16", config, constexprs))
     return cases
 
