@@ -21,9 +21,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from lk3d import _cuda_model as cuda_model
 from lk3d import fft
 from lk3d._spec import empty, extent, out_size, zero_pad
-from lk3d.autotune import configs, registry
+from lk3d.autotune import configs, devices, registry
 from lk3d.autotune.configs import Problem, candidate_configs, default_config
 from lk3d import kernels
 from lk3d.kernels import HAS_TRITON, INTERPRETED, MAX_VOLUME, memory_format
@@ -303,44 +304,47 @@ def tiled_grad_bias(grad):
 # cost model
 # ---------------------------------------------------------------------------------------------
 
-# Sustained rates the model assumes (FLOP/s). CPU numbers were fitted to `lk3d bench --dispatch`
-# on a 2-core Intel Xeon (oneDNN, [1,16,48³], k=3..21; per thread; an AVX-512 AMD EPYC ran aten
-# ~3x and the FFT ~2x faster) plus the time to stream input and output once; CUDA ones are
-# fractions of the device's dense rate, untuned guesses until `lk3d tune` measures (or a shipped
-# seed covers) the device.
+# Sustained rates the CPU model assumes (FLOP/s), fitted to `lk3d bench --dispatch` on a 2-core
+# Intel Xeon (oneDNN, [1,16,48³], k=3..21; per thread; an AVX-512 AMD EPYC ran aten ~3x and the FFT
+# ~2x faster) plus the time to stream input and output once. CUDA candidates are priced from the
+# device's figures (lk3d._cuda_model), never from the host, until `lk3d tune` measures (or a
+# shipped seed covers) the device.
 CPU_ATEN_PER_THREAD = {"dense": 90e9, "depthwise": 60e9}
 CPU_BYTES_PER_S = 10e9
-CUDA_FRACTION = {("tiled", "dense"): 0.45, ("tiled", "depthwise"): 0.08,
-                  ("aten", "dense"): 0.35, ("aten", "depthwise"): 0.01}
-_CUDA_FFT_SPEEDUP = 80.0  # a GPU's FFT pipeline against the CPU model (a guess, as before)
 _FFT_CALIBRATION = 1.35   # measured / modelled seconds of conv3d by lk3d.fft (with pad and crop)
 _FFT_OVERHEAD_MS = 0.3    # its ~40 torch calls, whatever the size
 
+# lk3d's kernel kind of each pass on CUDA (lk3d._cuda_model.KERNEL_CEILINGS), dense / depthwise
+TILED_KINDS = {"conv3d": ("implicit_gemm", "depthwise"),
+               "conv3d_grad_input": ("implicit_gemm", "depthwise"),
+               "conv3d_grad_weight": ("implicit_gemm_wgrad", "depthwise_wgrad")}
 
-def cuda_rate(device, dtype):
-    p = torch.cuda.get_device_properties(device)
-    per_sm = 1024 * 1.7e9 if dtype in (torch.float16, torch.bfloat16) else 512 * 1.7e9
-    return p.multi_processor_count * per_sm
+
+def _fft_geometry(x_shape, w_shape, padding, dilation):
+    K = tuple(w_shape[2:])
+    E = extent(K, dilation)
+    Q = tuple(s + pl + pr - e + 1 for s, pl, pr, e in zip(x_shape[2:], *split_pad(padding), E))
+    return Q, E, K
 
 
 def model_ms(algo, x_shape, w_shape, stride, padding, dilation, groups, dtype, device,
-             size=None):
-    """Modelled milliseconds of one forward-sized pass of ``algo`` (``size``: the output's spatial
-    size where the caller has it)."""
+             size=None, op="conv3d"):
+    """Modelled milliseconds of one forward-sized pass ``op`` of ``algo`` (``size``: the output's
+    spatial size where the caller has it). ``device``: a ``torch.device``, or the figures of a GPU
+    (``lk3d.autotune.devices.Figures``, e.g. ``devices.named("h100")``) to price a CUDA plan
+    without that GPU."""
     size = size or out_size(x_shape[2:], w_shape[2:], stride, padding, dilation)
     flops = 2 * x_shape[0] * w_shape[0] * math.prod(size) * w_shape[1] * _taps(w_shape)
     form = "depthwise" if w_shape[1] == 1 else "dense"
+    gpu = devices.figures(device)
+    if gpu is not None:
+        return _cuda_ms(algo, x_shape, w_shape, padding, dilation, groups, dtype, gpu, size,
+                        op, flops, form)
     if algo == "fft":
-        K = tuple(w_shape[2:])
-        E = extent(K, dilation)
-        Q = tuple(s + pl + pr - e + 1 for s, pl, pr, e in
-                  zip(x_shape[2:], *split_pad(padding), E))
+        Q, E, K = _fft_geometry(x_shape, w_shape, padding, dilation)
         secs = fft.plan_tiles(Q, E, K, x_shape[0], x_shape[1], w_shape[0], groups)[1]
         secs *= _FFT_CALIBRATION * 2 / max(1, torch.get_num_threads())
-        return 1e3 * (secs / _CUDA_FFT_SPEEDUP if device.type == "cuda" else secs) + \
-            _FFT_OVERHEAD_MS
-    if device.type == "cuda":
-        return 1e3 * flops / (CUDA_FRACTION[algo, form] * cuda_rate(device, dtype)) + 0.01
+        return 1e3 * secs + _FFT_OVERHEAD_MS
     if algo == "aten":
         moved = 4 * x_shape[0] * (x_shape[1] * math.prod(x_shape[2:])
                                   + w_shape[0] * math.prod(size))
@@ -349,14 +353,32 @@ def model_ms(algo, x_shape, w_shape, stride, padding, dilation, groups, dtype, d
     return math.inf  # the interpreter is for checking kernels, not for speed
 
 
+def _cuda_ms(algo, x_shape, w_shape, padding, dilation, groups, dtype, gpu, size, op, flops,
+             form):
+    """``model_ms`` on a GPU of figures ``gpu``: from its rates alone."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    activations = x_shape[0] * (x_shape[1] * math.prod(x_shape[2:])
+                                + w_shape[0] * math.prod(size))
+    moved = elem * (activations + math.prod(w_shape))
+    if algo == "fft":
+        Q, E, K = _fft_geometry(x_shape, w_shape, padding, dilation)
+        L = fft.plan_tiles(Q, E, K, x_shape[0], x_shape[1], w_shape[0], groups)[0]
+        return cuda_model.fft_ms(L, Q, E, K, x_shape[0], x_shape[1], w_shape[0], groups,
+                                 (elem + 8) * activations, gpu)
+    if algo == "tiled":
+        kind = TILED_KINDS[op][form == "depthwise"]
+        return cuda_model.kernel_ms(kind, flops, moved, gpu, dtype, allow_tf32())
+    return cuda_model.aten_ms(form, flops, moved, gpu, dtype, allow_tf32())
+
+
 # ---------------------------------------------------------------------------------------------
 # the registry entries of the three passes, and their runners by algorithm
 # ---------------------------------------------------------------------------------------------
 
-def _cost(algo):
+def _cost(algo, op):
     def cost_ms(main, x_shape, w_shape, stride, padding, dilation, groups, size):
         return model_ms(algo, x_shape, w_shape, stride, padding, dilation, groups, main.dtype,
-                        main.device, size)
+                        main.device, size, op)
     return cost_ms
 
 
@@ -381,11 +403,13 @@ for _op, _runners, _kinds in (
         ("conv3d_grad_weight", (tiled_grad_weight, fft_grad_weight, aten_grad_weight),
          ("conv3d_wgrad", "conv3d_dw_wgrad"))):
     registry.register(registry.Algorithm(
-        _op, "tiled", _runners[0], _tiled_can_run, _cost("tiled"), spaces=_kinds,
+        _op, "tiled", _runners[0], _tiled_can_run, _cost("tiled", _op), spaces=_kinds,
         configs=_launch_configs(_op), why_not=kernels_why_not, launches=True,
         config_problem=_config_problem(_op)))
-    registry.register(registry.Algorithm(_op, "fft", _runners[1], _fft_can_run, _cost("fft")))
-    registry.register(registry.Algorithm(_op, "aten", _runners[2], _aten_can_run, _cost("aten")))
+    registry.register(registry.Algorithm(_op, "fft", _runners[1], _fft_can_run,
+                                         _cost("fft", _op)))
+    registry.register(registry.Algorithm(_op, "aten", _runners[2], _aten_can_run,
+                                         _cost("aten", _op)))
 
 FORWARD = registry.Runners("conv3d")
 GRAD_INPUT = registry.Runners("conv3d_grad_input")

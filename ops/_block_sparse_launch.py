@@ -11,7 +11,8 @@ worth measuring and ``kernels_ms`` its modelled time.
 import math
 
 from lk3d import _algos, kernels
-from lk3d.autotune import configs
+from lk3d import _cuda_model as cuda_model
+from lk3d.autotune import configs, devices
 from lk3d.kernels import block_sparse_configs as block_sparse_family
 from lk3d.kernels import out_size, pow2
 
@@ -43,16 +44,19 @@ def launch_configs(pass_, input, nnz, weight_shape, block_shape, stride, padding
 
 
 # The kernels' modelled time on CUDA is lk3d.conv3d's model of its own Triton kernels ("tiled",
-# lk3d._algos.model_ms) on the dense weight, times the fraction of it stored (the density), over
-# the step efficiency of the channel-block kernel against the dense implicit GEMM: a step gathers
-# its [BLOCK_M, channels] operand element by element and feeds one tl.dot of channel extents
-# padded to >= 16, so its useful work grows with bo·bi and its cost with the gathered channels
-# (bi forward, bo grad-input, both grad-values). At 16x16 blocks the issue ceilings on sm_90 are
-# ~67 against ~313 TFLOP/s of the dense kernel (see the kernels' SASS readings); wider blocks
-# approach the dense kernel. The depthwise kernels are elementwise like the dense depthwise one,
-# whose rate the model takes as it is. Untuned guesses, as lk3d.conv3d's CUDA rates are, until
-# `lk3d tune` measures the device.
-_STEP_EFFICIENCY_16 = 67 / 313
+# lk3d._algos.model_ms, priced from the device's figures) on the dense weight, times the fraction
+# of it stored (the density), over the step efficiency of the channel-block kernel against the
+# dense implicit GEMM: a step gathers its [BLOCK_M, channels] operand element by element and
+# feeds one tl.dot of channel extents padded to >= 16, so its useful work grows with bo·bi and
+# its cost with the gathered channels (bi forward, bo grad-input, both grad-values). At 16x16
+# blocks the efficiency is the ratio of the two kernels' issue ceilings
+# (lk3d._cuda_model.KERNEL_CEILINGS); wider blocks approach the dense kernel. The depthwise kernels
+# are elementwise like the dense depthwise one, whose rate the model takes as it is. Untuned, as
+# lk3d.conv3d's CUDA rates are, until `lk3d tune` measures the device.
+_STEP_EFFICIENCY_16 = (cuda_model.KERNEL_CEILINGS["block_sparse_16x16"][1]
+                       / cuda_model.KERNEL_CEILINGS["implicit_gemm"][1])
+_CONV_OPS = {"forward": "conv3d", "grad_input": "conv3d_grad_input",
+             "grad_values": "conv3d_grad_weight"}
 
 
 def _tile(n):
@@ -60,13 +64,15 @@ def _tile(n):
 
 
 def kernels_ms(pass_, input, nnz, weight_shape, block_shape, stride, padding, dilation,
-               groups) -> float:
+               groups, device=None) -> float:
     """Modelled milliseconds of pass ``pass_`` by the kernels; inf off CUDA (the interpreter is
-    for checking the kernels, not for speed)."""
-    if input.device.type != "cuda":
+    for checking the kernels, not for speed). ``device``: ``input``'s by default, or a GPU's
+    figures (``lk3d.autotune.devices.Figures``)."""
+    gpu = devices.figures(input.device if device is None else device)
+    if gpu is None:
         return math.inf
     dense_ms = _algos.model_ms("tiled", list(input.shape), list(weight_shape), stride, padding,
-                               dilation, groups, input.dtype, input.device)
+                               dilation, groups, input.dtype, gpu, op=_CONV_OPS[pass_])
     blocks = math.prod(w // b for w, b in zip(weight_shape, block_shape))
     bo, bi = block_shape[:2]
     efficiency = 1.0

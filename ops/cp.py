@@ -76,10 +76,11 @@ from typing import List, Optional
 import torch
 
 from lk3d import _algos
+from lk3d import _cuda_model as cuda_model
 from lk3d._algos import kernels_can_run
 from lk3d._spec import (Conv3dSpec, batched, check_same, check_tensor, empty, geometry, out_size,
                         triple)
-from lk3d.autotune import configs, registry, select
+from lk3d.autotune import configs, devices, registry, select
 from lk3d.cp_factors import CPFactors
 from lk3d.cp_ref import (cp_conv3d_dense, cp_conv3d_dense_backward, cp_conv3d_ref,
                          cp_conv3d_torch, cp_conv3d_torch_backward)
@@ -147,34 +148,40 @@ def _problem(kind, M, kc, nc, A, B, C, rank, partials=False):
 # Triton interpreter the kernels are preferred (they are what the tests check). The fused
 # kernels cost 2·k³·Cin·R FLOPs per output voxel (compute-bound), the sequence about its memory
 # traffic (five convolutions, four R-channel intermediates): the sequence wins at large kernels.
-# CUDA rates are lk3d.conv3d's (fractions of the device's dense rate for its tiled kernels and
-# cuDNN), untuned guesses as they are until `lk3d tune` measures the device.
-_CUDA_BYTES_PER_S = 2.0e12    # sustained bandwidth of the sequence's memory-bound convolutions
-_CUDA_LAUNCH_MS = 0.008       # per kernel launch
+# CUDA rates come from the device's figures (lk3d._cuda_model): the fused kernels at their issue
+# ceiling ("cp_fused"), the sequence's pointwise convolutions at cuDNN's dense rate and its 1-D
+# depthwise ones at its depthwise rate, floored by its memory traffic; guesses until `lk3d tune`
+# measures the device.
 
 
 def model_ms(algo, x_shape, cout, rank, kernel, stride, padding, dilation, dtype, device,
              backward=False) -> float:
     """Modelled milliseconds of a CP convolution's forward (or, with ``backward``, its backward:
     about twice the forward's work) by ``algo``: "tiled" (the fused Triton kernels) or "aten"
-    (the factored sequence of convolutions)."""
+    (the factored sequence of convolutions). ``device``: a ``torch.device`` or a GPU's figures
+    (``lk3d.autotune.devices.Figures``)."""
     size = out_size(x_shape[2:], kernel, stride, padding, dilation)
     n, cin = x_shape[:2]
     m_in, m_out = n * math.prod(x_shape[2:]), n * math.prod(size)
     passes = 2 if backward else 1
-    if algo == "tiled":
-        if device.type != "cuda":
-            return math.inf  # the interpreter checks kernels; it is not for speed
-        flops = 2 * m_out * (math.prod(kernel) * cin * rank + rank * cout)
-        rate = _algos.CUDA_FRACTION["tiled", "dense"] * _algos.cuda_rate(device, dtype)
-        return passes * 1e3 * flops / rate + _CUDA_LAUNCH_MS
+    gpu = devices.figures(device)
     elem = torch.empty((), dtype=dtype).element_size()
     moved = elem * (m_in * (cin + 7 * rank) + m_out * (rank + cout))
+    if algo == "tiled":
+        if gpu is None:
+            return math.inf  # the interpreter checks kernels; it is not for speed
+        flops = 2 * m_out * (math.prod(kernel) * cin * rank + rank * cout)
+        return passes * cuda_model.kernel_ms("cp_fused", flops, elem * m_out * (cin + cout), gpu,
+                                             dtype, _algos.allow_tf32())
     flops = 2 * (m_in * rank * (cin + sum(kernel)) + m_out * rank * cout)
-    if device.type == "cuda":
-        secs = moved / _CUDA_BYTES_PER_S + flops / (
-            _algos.CUDA_FRACTION["aten", "dense"] * _algos.cuda_rate(device, dtype))
-        return passes * 1e3 * secs + 5 * passes * _CUDA_LAUNCH_MS
+    if gpu is not None:
+        tf32 = _algos.allow_tf32()
+        pointwise = 2 * (m_in * rank * cin + m_out * rank * cout)
+        secs = 1e-3 * (cuda_model.aten_ms("dense", pointwise, 0, gpu, dtype, tf32, 2)
+                       + cuda_model.aten_ms("depthwise", flops - pointwise, 0, gpu, dtype, tf32,
+                                            3))
+        secs += moved / (cuda_model.BANDWIDTH_FRACTION * gpu.bandwidth)
+        return passes * 1e3 * secs
     secs = moved / _algos.CPU_BYTES_PER_S + flops / (
         _algos.CPU_ATEN_PER_THREAD["depthwise"] * torch.get_num_threads())
     return passes * 1e3 * secs + 0.05

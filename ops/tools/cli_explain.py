@@ -1,11 +1,13 @@
 """``lk3d explain``: the plan lk3d would use for each pass of a convolution, given as a case of
 ``lk3d bench``'s sets or by its shapes; nothing runs and no input is allocated."""
 import argparse
+import json
 
 import torch
 
 import lk3d
-from lk3d.tools import bench
+from lk3d.autotune import devices
+from lk3d.tools import bench, explain_device
 
 
 def _int_list(text):
@@ -67,13 +69,18 @@ def _stand_in(shape, dtype, device):
 _RAW_ONLY = ("input", "weight", "groups", "stride", "padding", "dilation", "rank")
 
 
-def _explain_case(name, dtype, device, parser):
-    """The plans of a case of lk3d bench's sets (``bench.CASE_SETS``)."""
+def _case(name, parser):
+    """The case of lk3d bench's sets (``bench.CASE_SETS``) named ``name``."""
     cases = {c.name: c for cs in bench.CASE_SETS.values() for c in cs}
     if name not in cases:
         parser.error(f"case: expected one of lk3d bench's cases ({', '.join(cases)}), "
                      f"got {name!r}")
-    case = cases[name]
+    return cases[name]
+
+
+def _explain_case(name, dtype, device, parser):
+    """The plans of a case of lk3d bench's sets (``bench.CASE_SETS``)."""
+    case = _case(name, parser)
     dtype = dtype or case.torch_dtype
     x = _stand_in((case.N, case.Cin, *case.size), dtype, device)
     if case.op == "cp":
@@ -92,18 +99,70 @@ def _explain_case(name, dtype, device, parser):
                             case.groups))
 
 
+def _check_rank(args, parser):
+    """--rank needs a dense kernel: --weight's Cin/g equal to --input's C, groups 1."""
+    cin = args.input[1]
+    cout, cig = args.weight[:2]
+    if cig != cin or (args.groups or 1) != 1:
+        given = ",".join(map(str, args.weight)) + (
+            "" if args.groups is None else f" and --groups {args.groups}")
+        parser.error(f"--rank: a CP kernel is dense (groups 1): expected --weight "
+                     f"{cout},{cin},... (Cin = {cin}), got {given}")
+
+
+def _named_passes(args, dtype, parser):
+    """``(case label, {pass: plan})`` on the named GPU ``args.device``, modelled."""
+    gpu = devices.named(args.device)
+    if args.case is not None:
+        return args.case, explain_device.case_passes(args.device, _case(args.case, parser), dtype)
+    if args.input is None or args.weight is None:
+        parser.error("expected a case (lk3d bench --list names them) or both --input and "
+                     "--weight")
+    dtype = dtype or torch.float32
+    geometry = dict(stride=args.stride or 1, padding=args.padding or 0,
+                    dilation=args.dilation or 1)
+    label = (f"input {','.join(map(str, args.input))} weight {','.join(map(str, args.weight))}"
+             + "".join(f" {k} {v}" for k, v in geometry.items())
+             + f" {str(dtype).replace('torch.', '')}")
+    if args.rank is not None:
+        _check_rank(args, parser)
+        return f"{label} rank {args.rank}", explain_device.cp_passes(
+            gpu, args.input, args.weight[0], args.rank, args.weight[2:], dtype, **geometry)
+    return label + f" groups {args.groups or 1}", explain_device.conv3d_passes(
+        gpu, args.input, args.weight, dtype, groups=args.groups or 1, **geometry)
+
+
+def _run_named(args, dtype, parser):
+    try:
+        label, passes = _named_passes(args, dtype, parser)
+    except (TypeError, ValueError) as e:
+        parser.error(str(e))
+    print(explain_device.table(args.device, label, passes))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": args.device, "case": label, "passes": passes}, f, indent=1)
+    return 0
+
+
 def run(args, parser):
-    device = torch.device(args.device or bench.default_device())
+    args.case = args.case if args.case is not None else args.case_option
+    dtype = bench.DTYPES[args.dtype] if args.dtype else None
+    raw = [f"--{n}" for n in _RAW_ONLY if getattr(args, n) is not None]
+    if args.case is not None and raw:
+        parser.error(f"expected a case or shapes, got the case {args.case!r} and "
+                     f"{', '.join(raw)}")
+    if args.device in devices.NAMED:
+        return _run_named(args, dtype, parser)
+    if args.json:
+        parser.error(f"--json: expected --device one of {', '.join(devices.NAMED)} (the "
+                     f"modelled plans of a named GPU), got --device {args.device or 'local'}")
+    device = torch.device(bench.default_device() if args.device in (None, "local")
+                          else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here "
                      "(torch.cuda.is_available() is False); use --device cpu")
-    dtype = bench.DTYPES[args.dtype] if args.dtype else None
-    raw = [f"--{n}" for n in _RAW_ONLY if getattr(args, n) is not None]
     try:
         if args.case is not None:
-            if raw:
-                parser.error(f"expected a case or shapes, got the case {args.case!r} and "
-                             f"{', '.join(raw)}")
             print(_explain_case(args.case, dtype, device, parser))
             return 0
         if args.input is None or args.weight is None:
@@ -115,13 +174,8 @@ def run(args, parser):
                     0 if args.padding is None else args.padding,
                     1 if args.dilation is None else args.dilation)
         if args.rank is not None:
-            n, cin = args.input[:2]
-            cout, cig, *kernel = args.weight
-            if cig != cin or (args.groups or 1) != 1:
-                given = ",".join(map(str, args.weight)) + (
-                    "" if args.groups is None else f" and --groups {args.groups}")
-                parser.error(f"--rank: a CP kernel is dense (groups 1): expected --weight "
-                             f"{cout},{cin},... (Cin = {cin}), got {given}")
+            _check_rank(args, parser)
+            cout, cin, *kernel = args.weight
             factors = lk3d.CPFactors(*(torch.ones(k, args.rank, dtype=dtype, device=device)
                                        for k in (cout, cin, *kernel)))
             print(lk3d.cp.explain(x, factors, None, *geometry))
@@ -145,6 +199,8 @@ def add_parser(sub):
                        "bench's sets (lk3d bench --list, --quick --list) or the shapes, e.g. "
                        "--input 2,48,96,96,96 --weight 48,1,7,7,7 --groups 48 --padding same.")
     p.add_argument("case", nargs="?", help="a case name of lk3d bench's sets")
+    p.add_argument("--case", dest="case_option", metavar="ID",
+                   help="the same, as an option (e.g. a goal case: G1, G3-k7, G5-d10)")
     p.add_argument("--input", type=_ints(5, "N,C,D,H,W"), metavar="N,C,D,H,W")
     p.add_argument("--weight", type=_ints(5, "Cout,Cin/groups,kd,kh,kw"),
                    metavar="Cout,Cin/g,kd,kh,kw")
@@ -159,6 +215,10 @@ def add_parser(sub):
                    help="a rank-R CP kernel of the --weight's shape (lk3d.cp_conv3d)")
     p.add_argument("--dtype", choices=tuple(bench.DTYPES),
                    help="default: the case's, else float32")
-    p.add_argument("--device", choices=("cpu", "cuda"),
-                   help="default: cuda if available, else cpu")
+    p.add_argument("--device", choices=("local", "cpu", "cuda", *devices.NAMED),
+                   help="default (local): cuda if available, else cpu; a named GPU ("
+                   + ", ".join(devices.NAMED) + "): its plans as modelled from its figures, "
+                   "on any machine")
+    p.add_argument("--json", metavar="PATH", help="with a named GPU: write {device, case, "
+                   "passes: {pass: {algorithm, source, candidates_ms}}} to PATH")
     p.set_defaults(func=run, subparser=p)
