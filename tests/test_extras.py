@@ -98,7 +98,7 @@ def missing(monkeypatch):
 
 
 TINY_DENSE = ["bench", "--tiny", "--no-progress", "--no-isolate", "--min-run-time", "0.01",
-              "--modes", "fwd", "--filter", "dense", "--providers", "torch"]
+              "--budget", "600", "--modes", "fwd", "--filter", "dense", "--providers", "torch"]
 
 
 def test_bench_without_matplotlib_and_tqdm(tmp_path, monkeypatch, capsys, missing):

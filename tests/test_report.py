@@ -140,7 +140,7 @@ def tiny_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("reports") / lk3d.__version__ / "tiny-device"
     dev = "cuda" if torch.cuda.is_available() and _test_device() == "cuda" else "cpu"
     rc = main(["bench", "--tiny", "--no-progress", "--no-isolate", "--min-run-time", "0.01",
-               "--modes", "fwd", "--device", dev, "--out", str(out)])
+               "--budget", "600", "--modes", "fwd", "--device", dev, "--out", str(out)])
     assert rc == 0
     return out
 
