@@ -1,13 +1,15 @@
 """``lk3d estimate`` (``lk3d.tools.estimate``): the issue ceiling against the hand readings of the
 SASS, the recorded launches and their specialisation, and the command on a tiny dense case
 compiled for sm_90."""
+import json
 import math
+import os
 
 import pytest
 
 pytest.importorskip("triton")
 
-from lk3d.tools import estimate  # noqa: E402  (after the skip: it imports triton)
+from lk3d.tools import aot, estimate  # noqa: E402  (after the skip: they import triton)
 
 # The figures the hand readings used: 132 SMs at 1.98 GHz, bf16 tensor 790 TFLOP/s (measured),
 # fp32 FMA 67 TFLOP/s, 4.3 TB/s.
@@ -41,3 +43,110 @@ def test_issue_ceiling_caps():
         estimate.device_figures(75)
     with pytest.raises(ValueError, match="unit: expected 'tensor' or 'fma', got 'sfu'"):
         estimate.peak_tflops(device, "sfu", "bf16")
+
+
+def test_fallback_specialize_agrees_with_the_jit():
+    import torch
+
+    values = [1, 0, 7, 16, 48, -32, 2 ** 31, 2 ** 31 + 16, True, False, None, 1.5,
+              torch.empty(3, dtype=torch.bfloat16, device="meta"),
+              torch.empty(4, dtype=torch.float32, device="meta")]
+    native = estimate._specializer()
+    for v in values:
+        kind, attr = native(v)
+        fallback = estimate._fallback_specialize(v)
+        assert fallback[0] == kind and bool(fallback[1]) == bool(attr), (v, native(v), fallback)
+    with pytest.raises(TypeError, match="argument: expected a tensor, int, float, bool or None, "
+                                        "got str"):
+        estimate._fallback_specialize("x")
+
+
+@pytest.mark.parametrize("pass_", estimate.PASSES)
+@pytest.mark.parametrize("op,conv", [
+    ("dense", estimate.Conv((2, 48, 11, 7, 9), (32, 48, 3, 5, 3), padding="same")),
+    ("grouped", estimate.Conv((1, 48, 7, 9, 5), (36, 16, 3, 3, 3), stride=2, groups=3)),
+    ("depthwise", estimate.Conv((2, 13, 9, 11, 7), (26, 1, 5, 3, 3), padding="same",
+                                groups=13)),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_recorded_launches(op, conv, pass_):
+    """Each pass records the one launch its launcher makes on meta tensors, with the arch's
+    default config; its executed FLOPs cover the op's, and the JIT's specialisation holds."""
+    from lk3d.kernels import tiled
+
+    kernels = {name: getattr(tiled, name) for name in ("conv3d_igemm_kernel", "conv3d_dw_kernel")}
+    variant, config, (launch,) = estimate.tiled_launches(conv, pass_, 90)
+    assert {n: getattr(tiled, n) for n in kernels} == kernels  # the recorders are gone
+    assert conv.op == op and variant == ("direct" if op == "depthwise" else "gather")
+    expected = {("dense", "grad_weight"): "conv3d_wgrad_kernel",
+                ("grouped", "grad_weight"): "conv3d_wgrad_kernel",
+                ("depthwise", "grad_weight"): "conv3d_dw_wgrad_kernel",
+                ("depthwise", "forward"): "conv3d_dw_kernel",
+                ("depthwise", "grad_input"): "conv3d_dw_kernel"}
+    assert launch.name == expected.get((op, pass_), "conv3d_igemm_kernel")
+    assert launch.num_warps == config["num_warps"] and launch.num_stages == config["num_stages"]
+    assert all(launch.args[k] == v for k, v in config.items() if k.startswith("BLOCK"))
+    assert estimate._executed_flops(launch) >= estimate._useful_flops(conv) > 0
+    signature, constexprs, divisible = estimate.specialize(launch)
+    assert list(signature) == launch.kernel.arg_names
+    for name, value in launch.args.items():
+        if isinstance(value, int) and not isinstance(value, bool) and value == 1:
+            assert signature[name] == "constexpr" and constexprs[name] == 1, name
+        elif signature[name].startswith("*"):
+            assert name in divisible
+        elif signature[name] in ("i32", "i64"):
+            assert (name in divisible) == (value % 16 == 0), name
+
+
+KEYS = ("case", "op", "pass", "variant", "arch", "dtype", "kernel", "config", "grid",
+        "registers", "spill_bytes", "shared_bytes", "loop_instructions", "loop_counts",
+        "executed_flops", "useful_flops", "bytes", "unit", "peak_tflops",
+        "issue_ceiling_tflops", "fraction", "modelled_ms")
+
+
+def test_estimate_command_errors(capsys):
+    from lk3d.tools import cli
+
+    base = ["estimate", "--input", "1,8,5,5,5", "--weight", "8,8,3,3,3"]
+    for extra, message in (
+            (["--passes", "forward,bwd"], "--passes: expected a comma-separated subset of "
+                                          "forward,grad_input,grad_weight, got 'forward,bwd'"),
+            (["--groups", "3"], "groups"),
+            (["--arch", "75"], "--arch: invalid choice: 75")):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(base + extra)
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.xdist_group("aot")
+@pytest.mark.skipif(not os.path.exists(aot.CUOBJDUMP),
+                    reason=f"no cuobjdump bundled with triton at {aot.CUOBJDUMP}")
+def test_estimate_command_sm90(tmp_path, capsys):
+    """``lk3d estimate --json`` on a tiny dense case: one compile for sm_90, every key present
+    and sane, the tensor-core loop counted."""
+    from lk3d.tools import cli
+
+    path = tmp_path / "estimate.json"
+    assert cli.main(["estimate", "--arch", "90", "--input", "1,64,5,7,3", "--weight",
+                     "64,64,3,3,3", "--dtype", "bf16", "--padding", "same", "--passes",
+                     "forward", "--case-id", "tiny", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "conv3d_igemm_kernel" in out and "H100 SXM" in out
+    (r,) = json.loads(path.read_text())
+    assert tuple(r) == KEYS
+    assert (r["case"], r["op"], r["pass"], r["variant"], r["arch"], r["dtype"], r["unit"]) == (
+        "tiny", "dense", "forward", "gather", 90, "bf16", "tensor")
+    assert r["kernel"] == "conv3d_igemm_kernel" and r["grid"] == [1]
+    assert r["config"] == dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+    assert r["loop_counts"]["HGMMA"] >= 1 and r["loop_counts"]["BRA"] == 1
+    assert r["loop_instructions"] == sum(r["loop_counts"].values())
+    assert 0 < r["registers"] <= 255 and r["spill_bytes"] == 0 and r["shared_bytes"] > 0
+    # 105 outputs of 64 channels, 2·64·27 FLOPs each; the one program computes 128 rows.
+    assert r["useful_flops"] == 2 * 64 * 27 * 105 * 64
+    assert r["executed_flops"] == 2 * 128 * 64 * 32 * 27 * 2
+    assert r["bytes"] == 2 * (64 * 105 * 2 + 64 * 64 * 27)
+    assert r["peak_tflops"] == 989.4
+    assert 0 < r["issue_ceiling_tflops"] <= r["peak_tflops"]
+    assert r["fraction"] == pytest.approx(r["issue_ceiling_tflops"] / r["peak_tflops"])
+    assert r["modelled_ms"] == pytest.approx(
+        r["executed_flops"] / (r["issue_ceiling_tflops"] * 1e12) * 1e3)

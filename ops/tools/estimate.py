@@ -19,18 +19,15 @@ unit. A necessary condition only: latency and occupancy can keep a kernel below 
 
     lk3d estimate --arch 90 --input 1,64,64,64,64 --weight 64,64,7,7,7 --dtype bf16 --padding same
 """
-import argparse
 import dataclasses
 import inspect
 import json
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
-import triton
 
-from lk3d.tools import aot, sass
+from lk3d.tools import sass
 
 PASSES = ("forward", "grad_input", "grad_weight")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -56,6 +53,8 @@ def device_figures(arch):
     GPU the estimate for ``sm_<arch>`` assumes."""
     if arch not in _DEVICES:
         raise ValueError(f"arch: expected one of {sorted(_DEVICES)}, got {arch!r}")
+    from lk3d.tools import aot
+
     return dict(_DEVICES[arch], arch=arch, smem_limit=aot.SHARED_LIMIT[arch])
 
 
@@ -81,3 +80,386 @@ def issue_ceiling(loop_instructions, num_warps, step_flops, unit, device, dtype,
     ceiling = min(peak, issue, bandwidth)
     return dict(issue=issue, bandwidth=bandwidth, peak=peak, ceiling=ceiling,
                 fraction=ceiling / peak)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launches: what a launcher launches, recorded on meta tensors
+# ---------------------------------------------------------------------------------------------
+
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
+
+
+@dataclass(frozen=True, eq=False)
+class Launch:
+    kernel: object  # the @triton.jit function (JITFunction, or InterpretedFunction)
+    name: str       # its name in its module, e.g. "conv3d_igemm_kernel"
+    args: dict      # every argument name -> the value passed (tensors on the meta device)
+    grid: tuple
+    num_warps: int
+    num_stages: int
+
+
+def _raw(kernel):
+    return kernel.fn
+
+
+def _is_constexpr(kernel, name):
+    import triton.language as tl
+
+    annotation = inspect.signature(_raw(kernel)).parameters[name].annotation
+    return annotation is tl.constexpr or "constexpr" in str(annotation)
+
+
+class _Recorder:
+    """Stands in for a kernel in its module: ``kernel[grid](*args, **kwargs)`` appends a Launch."""
+
+    def __init__(self, kernel, name, launches):
+        self.kernel, self.name, self.launches = kernel, name, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            options = {k: kwargs.pop(k) for k in _LAUNCH_OPTIONS if k in kwargs}
+            params = inspect.signature(_raw(self.kernel)).parameters
+            bound = dict(zip(self.kernel.arg_names, args), **kwargs)
+            for name, p in params.items():
+                if name not in bound and p.default is not inspect.Parameter.empty:
+                    bound[name] = p.default
+            grid_ = tuple(grid(bound) if callable(grid) else grid)
+            self.launches.append(Launch(self.kernel, self.name, bound, grid_,
+                                        options.get("num_warps", 4),
+                                        options.get("num_stages", 3)))
+        return launch
+
+
+def record(module, launcher, *args, **kwargs):
+    """The launches ``launcher(*args, **kwargs)`` makes, in order, with the ``@triton.jit``
+    kernels of ``module`` swapped for recorders while it runs (its tensors: meta tensors)."""
+    kernels = {name: obj for name, obj in vars(module).items()
+               if hasattr(obj, "arg_names") and hasattr(obj, "fn")}
+    launches = []
+    try:
+        for name, kernel in kernels.items():
+            setattr(module, name, _Recorder(kernel, name, launches))
+        launcher(*args, **kwargs)
+    finally:
+        for name, kernel in kernels.items():
+            setattr(module, name, kernel)
+    return launches
+
+
+def _fallback_specialize(value):
+    """The JIT's specialisation of one argument: (type, "D" where divisible by 16, else "")."""
+    if value is None:
+        return "constexpr", None
+    if isinstance(value, bool):
+        return "u1", None
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", 1
+        kind = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+        return kind, "D" if value % 16 == 0 else ""
+    if isinstance(value, float):
+        return "fp32", None
+    if isinstance(value, torch.Tensor):
+        names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+                 torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64",
+                 torch.int8: "i8", torch.uint8: "u8", torch.int16: "i16", torch.bool: "u1"}
+        aligned = value.device.type == "meta" or value.data_ptr() % 16 == 0
+        return f"*{names[value.dtype]}", "D" if aligned else ""
+    raise TypeError(f"argument: expected a tensor, int, float, bool or None, got "
+                    f"{type(value).__name__}")
+
+
+def _specializer():
+    try:
+        from triton.backends.compiler import BaseBackend
+        from triton.runtime.jit import native_specialize_impl
+    except ImportError:  # a Triton without the native binder: the same rules, written out
+        return _fallback_specialize
+
+    def specialize(value):
+        return tuple(native_specialize_impl(BaseBackend, value, False, True, True)[:2])
+    return specialize
+
+
+def specialize(launch):
+    """(signature, constexprs, divisible) of ``launch`` as the JIT compiles it: constexpr
+    parameters and ints equal to 1 (and None) as constexprs, the others typed by value, ints
+    divisible by 16 and 16-byte-aligned pointers (a meta tensor: a fresh allocation, aligned)
+    named in ``divisible``."""
+    spec = _specializer()
+    signature, constexprs, divisible = {}, {}, []
+    for name in launch.kernel.arg_names:
+        value = launch.args[name]
+        if _is_constexpr(launch.kernel, name):
+            signature[name], constexprs[name] = "constexpr", value
+            continue
+        kind, attr = spec(value)
+        signature[name] = kind
+        if kind == "constexpr":
+            constexprs[name] = value
+        elif attr and "D" in attr:
+            divisible.append(name)
+    return signature, constexprs, divisible
+
+
+def compile_launches(launches, arch):
+    """Each launch compiled for ``sm_<arch>`` (``aot.compile_many``: child processes under the
+    interpreter), or the exception its compile raised."""
+    from lk3d.tools import aot
+
+    jobs = [(ln.kernel, *specialize(ln)[:2], arch, ln.num_warps, ln.num_stages, specialize(ln)[2])
+            for ln in launches]
+    return aot.compile_many(jobs, processes=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems: the launches of each pass of a convolution, with the default config of the arch
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Conv:
+    """A convolution as ``lk3d.conv3d`` takes it; ``padding`` as the user gives it."""
+    input: tuple   # N, Cin, D, H, W
+    weight: tuple  # Cout, Cin/groups, kd, kh, kw
+    dtype: str = "bf16"
+    stride: object = 1
+    padding: object = 0
+    dilation: object = 1
+    groups: int = 1
+
+    @property
+    def op(self):
+        cin, cig = self.input[1], self.weight[1]
+        if cig == 1 and self.groups == cin and cin > 1:
+            return "depthwise"
+        return "dense" if self.groups == 1 else "grouped"
+
+    @property
+    def id(self):
+        n, c, *size = self.input
+        return (f"N{n}-C{c}-D{'x'.join(map(str, size))}-k{'x'.join(map(str, self.weight[2:]))}"
+                f"-o{self.weight[0]}-g{self.groups}")
+
+
+def _default_config(kind, problem_fields, arch, element_size):
+    """(config, problem, family, device programs) for ``kind`` on the arch's GPU: the config is
+    the family's pick within the arch's shared memory, as ``lk3d.autotune.configs.default_config``
+    picks it on such a GPU (``LK3D_CONFIG`` is not applied); SPLIT, where the kind takes one, is
+    the caller's (``family.split`` for the device programs, 4 per SM)."""
+    from lk3d import _algos  # noqa: F401  (registers the tiled family)
+    from lk3d.autotune import configs
+
+    device = device_figures(arch)
+    problem = configs.Problem(kind=kind, **problem_fields)
+    fam = configs.family(kind)
+    config = fam.pick(problem, device["smem_limit"], element_size)
+    return config, problem, fam, 4 * device["sms"]
+
+
+def tiled_launches(conv, pass_, arch):
+    """(variant, config, launches) of lk3d's tiled kernels for ``pass_`` of ``conv`` on
+    ``sm_<arch>``, recorded from the launchers with the arch's default config."""
+    from lk3d import _spec
+    from lk3d.kernels import tiled
+
+    dtype = DTYPES[conv.dtype]
+    meta = dict(dtype=dtype, device="meta")
+    x = torch.empty(conv.input, **meta)
+    w = torch.empty(conv.weight, **meta)
+    spec = _spec.check_conv3d(x, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    geometry = (spec.stride, spec.padding, spec.dilation)
+    dy = torch.empty((conv.input[0], conv.weight[0], *spec.out_size), **meta)
+    depthwise = conv.weight[1] == 1
+    taps = math.prod(conv.weight[2:])
+    cout, cig = conv.weight[:2]
+    size = x.element_size()
+    if pass_ in ("forward", "grad_input"):
+        produced = spec.out_size if pass_ == "forward" else conv.input[2:]
+        M = math.prod(produced)
+        if depthwise:
+            config, *_ = _default_config("conv3d_dw", dict(M=M, taps=taps), arch, size)
+            if pass_ == "forward":
+                return "direct", config, record(tiled, tiled.conv3d_dw_fwd, x, w, None,
+                                                *geometry, config)
+            return "direct", config, record(tiled, tiled.conv3d_dw_bwd_input, dy, w, conv.input,
+                                            *geometry, config)
+        kc, nc = (cig, cout // conv.groups) if pass_ == "forward" else (cout // conv.groups, cig)
+        config, *_ = _default_config("conv3d_fwd", dict(M=conv.input[0] * M, KC=kc, NC=nc,
+                                                        taps=taps), arch, size)
+        if pass_ == "forward":
+            return "gather", config, record(tiled, tiled.conv3d_fwd, x, w, None, *geometry,
+                                            conv.groups, config)
+        return "gather", config, record(tiled, tiled.conv3d_bwd_input, dy, w, conv.input,
+                                        *geometry, conv.groups, config)
+    if pass_ != "grad_weight":
+        raise ValueError(f"pass: expected one of {PASSES}, got {pass_!r}")
+    M = conv.input[0] * math.prod(spec.out_size)
+    if depthwise:
+        fields = dict(M=M, taps=taps, partial=cout * taps)
+        config, problem, fam, programs = _default_config("conv3d_dw_wgrad", fields, arch, size)
+        fields["programs"] = cout * -(-taps // config["BLOCK_T"])
+        launcher = tiled.conv3d_dw_bwd_weight
+        args = (x, dy, conv.weight, *geometry)
+    else:
+        fields = dict(M=M, KC=cig, NC=cout // conv.groups, taps=taps, partial=cout * cig * taps)
+        config, problem, fam, programs = _default_config("conv3d_wgrad", fields, arch, size)
+        fields["programs"] = (taps * conv.groups * -(-(cout // conv.groups) // config["BLOCK_CO"])
+                              * -(-cig // config["BLOCK_CI"]))
+        launcher = tiled.conv3d_bwd_weight
+        args = (x, dy, conv.weight, *geometry, conv.groups)
+    config["SPLIT"] = fam.split(dataclasses.replace(problem, programs=fields["programs"]),
+                                config, programs)
+    return "direct" if depthwise else "gather", config, record(tiled, launcher, *args, config)
+
+
+def _executed_flops(launch):
+    """FLOPs a launch computes, masked-off work included (by its kernel's loop structure)."""
+    a, programs = launch.args, math.prod(launch.grid)
+    taps = a["KD"] * a["KH"] * a["KW"]
+    if launch.name == "conv3d_igemm_kernel":
+        steps = taps * -(-a["KC"] // a["BLOCK_K"])
+        return 2 * programs * a["BLOCK_M"] * a["BLOCK_N"] * a["BLOCK_K"] * steps
+    if launch.name == "conv3d_dw_kernel":
+        return 2 * programs * a["BLOCK"] * taps * (a["MULT"] if a["TRANSPOSED"] else 1)
+    if launch.name == "conv3d_wgrad_kernel":
+        return 2 * programs * a["BLOCK_CO"] * a["BLOCK_CI"] * a["M_PER_SPLIT"]
+    if launch.name == "conv3d_dw_wgrad_kernel":
+        return 2 * programs * a["BLOCK_T"] * a["M_PER_SPLIT"]
+    raise ValueError(f"kernel: no FLOP count for {launch.name!r}")
+
+
+def _useful_flops(conv):
+    """The op's own FLOPs for one pass: 2 · Cin/g · k³ per output element (every pass alike)."""
+    from lk3d import _spec
+
+    x = torch.empty(conv.input, device="meta")
+    w = torch.empty(conv.weight, device="meta")
+    spec = _spec.check_conv3d(x, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    outputs = conv.input[0] * conv.weight[0] * math.prod(spec.out_size)
+    return 2 * math.prod(conv.weight[1:]) * outputs
+
+
+def _bytes(launch):
+    """The least bytes a launch moves: each tensor it is passed, read or written once."""
+    tensors = {id(v): v for v in launch.args.values() if isinstance(v, torch.Tensor)}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _whole(text):
+    """The whole kernel as one step, for a kernel whose SASS has no loop."""
+    body = tuple(sass.parse(text))
+    return sass.Loop(body[0].address, body[-1].address, body)
+
+
+def estimate(conv, arch, passes=PASSES, case_id=None):
+    """One record per launch of lk3d's Triton kernels for each of ``passes`` of ``conv`` (a
+    ``Conv``) on ``sm_<arch>``, with the keys ``lk3d estimate --json`` writes."""
+    from lk3d.tools import aot
+
+    device = device_figures(arch)
+    planned = []
+    for pass_ in passes:
+        variant, config, launches = tiled_launches(conv, pass_, arch)
+        planned += [(pass_, variant, config, ln) for ln in launches]
+    compiled = compile_launches([ln for *_, ln in planned], arch)
+    useful = _useful_flops(conv)
+    records = []
+    for (pass_, variant, config, ln), kernel in zip(planned, compiled):
+        if isinstance(kernel, Exception):
+            raise kernel
+        usage = aot.resource_usage(kernel)
+        text = aot.sass(kernel)
+        loop = sass.innermost_loop(text) or _whole(text)
+        step, unit = sass.step_flops(loop, ln.num_warps)
+        executed, nbytes = _executed_flops(ln), _bytes(ln)
+        r = issue_ceiling(loop.instructions, ln.num_warps, step, unit, device, conv.dtype,
+                          executed, nbytes)
+        records.append({
+            "case": case_id or conv.id, "op": conv.op, "pass": pass_, "variant": variant,
+            "arch": arch, "dtype": conv.dtype, "kernel": ln.name, "config": config,
+            "grid": list(ln.grid), "registers": usage.registers,
+            "spill_bytes": usage.spill_bytes, "shared_bytes": usage.shared_bytes,
+            "loop_instructions": loop.instructions, "loop_counts": loop.counts(),
+            "executed_flops": executed, "useful_flops": useful, "bytes": nbytes, "unit": unit,
+            "peak_tflops": r["peak"], "issue_ceiling_tflops": r["ceiling"],
+            "fraction": r["fraction"], "modelled_ms": executed / (r["ceiling"] * 1e12) * 1e3})
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------
+
+def table(records):
+    """The records as a text table, one line per launch."""
+    header = (f"{'pass':<12} {'kernel':<24} {'grid':>8} {'regs':>4} {'smem':>6} {'loop':>5} "
+              f"{'hot':<16} {'unit':<6} {'peak':>7} {'ceiling':>8} {'frac':>6} {'ms':>8}")
+    lines = [header, "-" * len(header)]
+    for r in records:
+        hot = ", ".join(f"{n} {op}" for op, n in r["loop_counts"].items()
+                        if op in sass.TENSOR_OPS + sass.FMA_OPS)
+        lines.append(f"{r['pass']:<12} {r['kernel']:<24} {math.prod(r['grid']):>8} "
+                     f"{r['registers']:>4} {r['shared_bytes']:>6} {r['loop_instructions']:>5} "
+                     f"{hot:<16} {r['unit']:<6} {r['peak_tflops']:>7.1f} "
+                     f"{r['issue_ceiling_tflops']:>8.2f} {r['fraction']:>6.1%} "
+                     f"{r['modelled_ms']:>8.2f}")
+    return "\n".join(lines)
+
+
+def run(args, parser):
+    passes = tuple(args.passes.split(","))
+    unknown = [p for p in passes if p not in PASSES]
+    if unknown:
+        parser.error(f"--passes: expected a comma-separated subset of {','.join(PASSES)}, "
+                     f"got {args.passes!r}")
+    conv = Conv(args.input, args.weight, args.dtype,
+                1 if args.stride is None else args.stride,
+                0 if args.padding is None else args.padding,
+                1 if args.dilation is None else args.dilation, args.groups or 1)
+    try:
+        records = estimate(conv, args.arch, passes, args.case_id)
+    except (TypeError, ValueError) as e:  # lk3d's argument checks name the argument
+        parser.error(str(e))
+    device = device_figures(args.arch)
+    print(f"{records[0]['case']} ({conv.op}, {conv.dtype}) on sm_{args.arch}: issue ceilings "
+          f"for {device['name']} ({device['sms']} SMs, {device['clock_ghz']} GHz, "
+          f"{device['bandwidth_tbs']} TB/s), TFLOP/s")
+    print(table(records))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    return 0
+
+
+def add_parser(sub):
+    """The ``estimate`` subcommand of the ``lk3d`` parser's ``sub``."""
+    from lk3d.tools.cli_explain import _ints, _one_or_three, _one_positive, _padding
+
+    p = sub.add_parser("estimate", help="issue ceilings of lk3d's Triton kernels on a GPU, from "
+                       "their machine code (no GPU needed)",
+                       description="Record each launch lk3d's Triton kernels make for each pass "
+                       "of a convolution (the arch's default config), compile it ahead of time "
+                       "for sm_80 or sm_90, count the innermost loop of its SASS and print the "
+                       "issue ceiling: the FLOP/s its instructions per step allow at 4 "
+                       "warp-instructions per clock per SM, capped by the unit's peak and the "
+                       "bandwidth. E.g. --arch 90 --input 1,64,64,64,64 --weight 64,64,7,7,7 "
+                       "--dtype bf16 --padding same.")
+    p.add_argument("--arch", type=int, choices=sorted(_DEVICES), default=90,
+                   help="the SM version to compile for (default: 90)")
+    p.add_argument("--input", type=_ints(5, "N,C,D,H,W"), metavar="N,C,D,H,W", required=True)
+    p.add_argument("--weight", type=_ints(5, "Cout,Cin/groups,kd,kh,kw"), required=True,
+                   metavar="Cout,Cin/g,kd,kh,kw")
+    p.add_argument("--groups", type=_one_positive("groups"), metavar="G", help="default: 1")
+    p.add_argument("--stride", type=_one_or_three("stride", 1), metavar="S",
+                   help="an int or 3 (default: 1)")
+    p.add_argument("--padding", type=_padding, metavar="P",
+                   help="same, valid, an int or 3 (default: 0)")
+    p.add_argument("--dilation", type=_one_or_three("dilation", 1), metavar="D",
+                   help="an int or 3 (default: 1)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="default: bf16")
+    p.add_argument("--passes", default=",".join(PASSES),
+                   help=f"comma-separated (default: {','.join(PASSES)})")
+    p.add_argument("--case-id", help="the records' case (default: one made of the shapes)")
+    p.add_argument("--json", metavar="PATH", help="write the records here (a JSON list)")
+    p.set_defaults(func=run, subparser=p)
