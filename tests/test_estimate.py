@@ -85,7 +85,7 @@ def test_recorded_launches(op, conv, pass_):
     assert launch.name == expected.get((op, pass_), "conv3d_igemm_kernel")
     assert launch.num_warps == config["num_warps"] and launch.num_stages == config["num_stages"]
     assert all(launch.args[k] == v for k, v in config.items() if k.startswith("BLOCK"))
-    assert estimate._executed_flops(launch) >= estimate._useful_flops(conv) > 0
+    assert estimate._executed_flops(launch) >= estimate._useful_flops(conv, pass_) > 0
     signature, constexprs, divisible = estimate.specialize(launch)
     assert list(signature) == launch.kernel.arg_names
     for name, value in launch.args.items():
@@ -150,3 +150,24 @@ def test_estimate_command_sm90(tmp_path, capsys):
     assert r["fraction"] == pytest.approx(r["issue_ceiling_tflops"] / r["peak_tflops"])
     assert r["modelled_ms"] == pytest.approx(
         r["executed_flops"] / (r["issue_ceiling_tflops"] * 1e12) * 1e3)
+
+
+def test_recorded_cp_launches():
+    """CP: the forward's one fused launch; the backward's grad-input (with grad U_in partials)
+    and factor-sum launches, each with its own config and SPLIT programs."""
+    conv = estimate.Conv((2, 24, 7, 9, 5), (40, 24, 5, 3, 3), padding="same", rank=5)
+    assert conv.op == "cp" and conv.passes == ("forward", "backward") and conv.id.endswith("-R5")
+    variant, config, (launch,) = estimate.launches(conv, "forward", 90)
+    assert (variant, launch.name, launch.args["R"]) == ("fused", "cp_conv_kernel", 5)
+    assert launch.args["EMIT_GQ"] is False and "SPLIT" not in config
+    assert estimate._executed_flops(launch) >= estimate._useful_flops(conv, "forward") > 0
+    _, _, (grad_input, factors) = estimate.launches(conv, "backward", 90)
+    assert (grad_input.name, factors.name) == ("cp_conv_kernel", "cp_grad_kernel")
+    assert grad_input.args["EMIT_GQ"] is True and grad_input.args["TRANSPOSED"] is True
+    for ln in (grad_input, factors):
+        assert math.prod(ln.grid) == ln.config["SPLIT"] and ln.config["num_warps"] == ln.num_warps
+    assert (estimate._executed_flops(grad_input) + estimate._executed_flops(factors)
+            >= estimate._useful_flops(conv, "backward"))
+    with pytest.raises(ValueError, match="pass: expected one of \\('forward', 'backward'\\), "
+                                         "got 'grad_input'"):
+        estimate.launches(conv, "grad_input", 90)

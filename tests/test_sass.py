@@ -47,6 +47,25 @@ def test_synthetic_loops():
     assert sass.step_flops(inner, num_warps=2) == (2 * 2 * 32 * 2, "fma")
 
 
+def test_synthetic_reduction_loop_over_epilogue_loop():
+    # A smaller sibling loop after the inner one, with math and a store but no load: an
+    # epilogue; the loop that loads its operands is the reduction.
+    epilogue = """
+        /*0100*/                   FFMA R5, R5, R3, RZ ;                  /* 0x0000000000007919 */
+        /*0110*/                   STG.E [R2.64], R5 ;                    /* 0x0000000000007919 */
+        /*0120*/               @P3 BRA 0x100 ;                            /* 0x0000000000007919 */
+        /*0130*/                   EXIT ;                                 /* 0x0000000000007919 */
+"""
+    text = SYNTHETIC.split("        /*0100*/")[0].replace("`(.L_x_1)", "0x40") + epilogue
+    assert [(lp.start, lp.instructions) for lp in sass.loops(text)] == [(0x100, 3), (0x60, 5),
+                                                                       (0x40, 11)]
+    loop = sass.innermost_loop(text)
+    assert (loop.start, loop.end) == (0x60, 0xA0)
+    # Without the load, the smaller of the two innermost hot loops.
+    loop = sass.innermost_loop(text.replace("LDG.E.U16 R4", "MOV R4"))
+    assert (loop.start, loop.end) == (0x100, 0x120)
+
+
 def test_synthetic_hot_instructions_choose_the_loop():
     # With the math moved out of the inner loop into the outer one, the outer loop is the hot one.
     text = SYNTHETIC.replace("FFMA R5", "IMAD R5").replace("FFMA R6", "IMAD R6").replace(

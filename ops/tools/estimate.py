@@ -30,6 +30,7 @@ import torch
 from lk3d.tools import sass
 
 PASSES = ("forward", "grad_input", "grad_weight")
+CP_PASSES = ("forward", "backward")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # Device figures per arch, until a table of named GPUs replaces ``device_figures``.
@@ -97,6 +98,7 @@ class Launch:
     grid: tuple
     num_warps: int
     num_stages: int
+    config: dict = None  # the launcher's config, where a pass's launches take different ones
 
 
 def _raw(kernel):
@@ -227,10 +229,13 @@ class Conv:
     padding: object = 0
     dilation: object = 1
     groups: int = 1
+    rank: int = None  # a rank-R CP kernel of the weight's shape (lk3d.cp_conv3d)
 
     @property
     def op(self):
         cin, cig = self.input[1], self.weight[1]
+        if self.rank:
+            return "cp"
         if cig == 1 and self.groups == cin and cin > 1:
             return "depthwise"
         return "dense" if self.groups == 1 else "grouped"
@@ -239,7 +244,24 @@ class Conv:
     def id(self):
         n, c, *size = self.input
         return (f"N{n}-C{c}-D{'x'.join(map(str, size))}-k{'x'.join(map(str, self.weight[2:]))}"
-                f"-o{self.weight[0]}-g{self.groups}")
+                f"-o{self.weight[0]}-g{self.groups}" + (f"-R{self.rank}" if self.rank else ""))
+
+    @property
+    def passes(self):
+        """The passes of the op: CP's backward is one pass (its grad-input and factor kernels)."""
+        return CP_PASSES if self.rank else PASSES
+
+
+def _checked(conv):
+    """(meta input, meta weight, spec) of ``conv``: its arguments checked as lk3d.conv3d checks
+    them."""
+    from lk3d import _spec
+
+    meta = dict(dtype=DTYPES[conv.dtype], device="meta")
+    x = torch.empty(conv.input, **meta)
+    w = torch.empty(conv.weight, **meta)
+    return x, w, _spec.check_conv3d(x, w, None, conv.stride, conv.padding, conv.dilation,
+                                    conv.groups)
 
 
 def _default_config(kind, problem_fields, arch, element_size):
@@ -247,7 +269,7 @@ def _default_config(kind, problem_fields, arch, element_size):
     the family's pick within the arch's shared memory, as ``lk3d.autotune.configs.default_config``
     picks it on such a GPU (``LK3D_CONFIG`` is not applied); SPLIT, where the kind takes one, is
     the caller's (``family.split`` for the device programs, 4 per SM)."""
-    from lk3d import _algos  # noqa: F401  (registers the tiled family)
+    from lk3d import _algos, cp  # noqa: F401  (they register the tiled and CP families)
     from lk3d.autotune import configs
 
     device = device_figures(arch)
@@ -260,14 +282,10 @@ def _default_config(kind, problem_fields, arch, element_size):
 def tiled_launches(conv, pass_, arch):
     """(variant, config, launches) of lk3d's tiled kernels for ``pass_`` of ``conv`` on
     ``sm_<arch>``, recorded from the launchers with the arch's default config."""
-    from lk3d import _spec
     from lk3d.kernels import tiled
 
-    dtype = DTYPES[conv.dtype]
-    meta = dict(dtype=dtype, device="meta")
-    x = torch.empty(conv.input, **meta)
-    w = torch.empty(conv.weight, **meta)
-    spec = _spec.check_conv3d(x, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    x, w, spec = _checked(conv)
+    meta = dict(dtype=x.dtype, device="meta")
     geometry = (spec.stride, spec.padding, spec.dilation)
     dy = torch.empty((conv.input[0], conv.weight[0], *spec.out_size), **meta)
     depthwise = conv.weight[1] == 1
@@ -313,6 +331,51 @@ def tiled_launches(conv, pass_, arch):
     return "direct" if depthwise else "gather", config, record(tiled, launcher, *args, config)
 
 
+def cp_launches(conv, pass_, arch):
+    """(variant, config, launches) of lk3d's fused CP kernels for ``pass_`` ("forward" or
+    "backward": grad-input with grad U_in, then the factors' sums) of ``conv`` (``conv.rank``
+    set), recorded from the launchers with the arch's default configs (the backward's two
+    launches each carry their own: ``Launch.config``)."""
+    from lk3d.kernels import cp
+
+    x, _, spec = _checked(conv)
+    meta = dict(dtype=x.dtype, device="meta")
+    cout, cin, *kernel = conv.weight
+    rank, taps, size = conv.rank, math.prod(kernel), x.element_size()
+    factors = [torch.empty((n, rank), **meta) for n in (cout, cin, *kernel)]
+    geometry = (spec.stride, spec.padding, spec.dilation)
+    n = conv.input[0]
+    if pass_ == "forward":
+        fields = dict(M=n * math.prod(spec.out_size), KC=cin, NC=cout, taps=taps, rank=rank)
+        config, *_ = _default_config("cp_conv", fields, arch, size)
+        return "fused", config, record(cp, cp.cp_conv3d_fwd, x, *factors, None, None, *geometry,
+                                       config)
+    if pass_ != "backward":
+        raise ValueError(f"pass: expected one of {CP_PASSES}, got {pass_!r}")
+    dy = torch.empty((n, cout, *spec.out_size), **meta)
+    launches = []
+    for kind, M, kc, nc in (("cp_conv", n * math.prod(conv.input[2:]), cout, cin),
+                            ("cp_grad", n * math.prod(spec.out_size), cin, cout)):
+        fields = dict(M=M, KC=kc, NC=nc, taps=taps, rank=rank, partials=True)
+        config, problem, fam, programs = _default_config(kind, fields, arch, size)
+        config["SPLIT"] = fam.split(problem, config, programs)
+        if kind == "cp_conv":
+            recorded = record(cp, cp.cp_conv3d_bwd_input, dy, x, *factors, None, *geometry,
+                              config, need_input=True, need_u_in=True)
+        else:
+            recorded = record(cp, cp.cp_conv3d_bwd_factors, x, dy, *factors, None, *geometry,
+                              config)
+        launches += [dataclasses.replace(ln, config=config) for ln in recorded]
+    return "fused", config, launches
+
+
+def launches(conv, pass_, arch):
+    """(variant, config, launches) of ``pass_`` of ``conv`` on ``sm_<arch>``."""
+    if conv.rank:
+        return cp_launches(conv, pass_, arch)
+    return tiled_launches(conv, pass_, arch)
+
+
 def _executed_flops(launch):
     """FLOPs a launch computes, masked-off work included (by its kernel's loop structure)."""
     a, programs = launch.args, math.prod(launch.grid)
@@ -326,18 +389,27 @@ def _executed_flops(launch):
         return 2 * programs * a["BLOCK_CO"] * a["BLOCK_CI"] * a["M_PER_SPLIT"]
     if launch.name == "conv3d_dw_wgrad_kernel":
         return 2 * programs * a["BLOCK_T"] * a["M_PER_SPLIT"]
+    tiles = programs * a.get("TILES", 1)
+    rows = 2 * tiles * a.get("BLOCK_M", 0) * a.get("R_PAD", 0)  # x columns x reduction
+    epilogue = -(-a.get("NC", 0) // a.get("BLOCK_N", 1)) * a.get("BLOCK_N", 0)
+    if launch.name == "cp_conv_kernel":
+        return rows * (a["BLOCK_K"] * a["STEPS"] + epilogue * (a["WRITE_Y"] + a["EMIT_GQ"]))
+    if launch.name == "cp_grad_kernel":
+        return rows * (a["BLOCK_K"] * a["STEPS"] * (a["NEED_OUT"] + a["NEED_TAPS"])
+                       + epilogue * (a["NEED_OUT"] + a["NEED_TAPS"]))
     raise ValueError(f"kernel: no FLOP count for {launch.name!r}")
 
 
-def _useful_flops(conv):
-    """The op's own FLOPs for one pass: 2 · Cin/g · k³ per output element (every pass alike)."""
-    from lk3d import _spec
-
-    x = torch.empty(conv.input, device="meta")
-    w = torch.empty(conv.weight, device="meta")
-    spec = _spec.check_conv3d(x, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-    outputs = conv.input[0] * conv.weight[0] * math.prod(spec.out_size)
-    return 2 * math.prod(conv.weight[1:]) * outputs
+def _useful_flops(conv, pass_):
+    """The op's own FLOPs for one pass: 2 · Cin/g · k³ per output element (every pass alike);
+    CP: 2 · R · (Cin + kd + kh + kw + Cout) per output voxel, the backward twice that."""
+    x, _, spec = _checked(conv)
+    voxels = conv.input[0] * math.prod(spec.out_size)
+    if conv.rank:
+        cout, cin, *kernel = conv.weight
+        per = 2 * conv.rank * (cin + sum(kernel) + cout)
+        return per * voxels * (2 if pass_ == "backward" else 1)
+    return 2 * math.prod(conv.weight[1:]) * conv.weight[0] * voxels
 
 
 def _bytes(launch):
@@ -352,18 +424,17 @@ def _whole(text):
     return sass.Loop(body[0].address, body[-1].address, body)
 
 
-def estimate(conv, arch, passes=PASSES, case_id=None):
+def estimate(conv, arch, passes=None, case_id=None):
     """One record per launch of lk3d's Triton kernels for each of ``passes`` of ``conv`` (a
     ``Conv``) on ``sm_<arch>``, with the keys ``lk3d estimate --json`` writes."""
     from lk3d.tools import aot
 
     device = device_figures(arch)
     planned = []
-    for pass_ in passes:
-        variant, config, launches = tiled_launches(conv, pass_, arch)
-        planned += [(pass_, variant, config, ln) for ln in launches]
+    for pass_ in passes or conv.passes:
+        variant, config, recorded = launches(conv, pass_, arch)
+        planned += [(pass_, variant, config, ln) for ln in recorded]
     compiled = compile_launches([ln for *_, ln in planned], arch)
-    useful = _useful_flops(conv)
     records = []
     for (pass_, variant, config, ln), kernel in zip(planned, compiled):
         if isinstance(kernel, Exception):
@@ -377,11 +448,12 @@ def estimate(conv, arch, passes=PASSES, case_id=None):
                           executed, nbytes)
         records.append({
             "case": case_id or conv.id, "op": conv.op, "pass": pass_, "variant": variant,
-            "arch": arch, "dtype": conv.dtype, "kernel": ln.name, "config": config,
+            "arch": arch, "dtype": conv.dtype, "kernel": ln.name, "config": ln.config or config,
             "grid": list(ln.grid), "registers": usage.registers,
             "spill_bytes": usage.spill_bytes, "shared_bytes": usage.shared_bytes,
             "loop_instructions": loop.instructions, "loop_counts": loop.counts(),
-            "executed_flops": executed, "useful_flops": useful, "bytes": nbytes, "unit": unit,
+            "executed_flops": executed, "useful_flops": _useful_flops(conv, pass_),
+            "bytes": nbytes, "unit": unit,
             "peak_tflops": r["peak"], "issue_ceiling_tflops": r["ceiling"],
             "fraction": r["fraction"], "modelled_ms": executed / (r["ceiling"] * 1e12) * 1e3})
     return records
@@ -397,8 +469,8 @@ def table(records):
               f"{'hot':<16} {'unit':<6} {'peak':>7} {'ceiling':>8} {'frac':>6} {'ms':>8}")
     lines = [header, "-" * len(header)]
     for r in records:
-        hot = ", ".join(f"{n} {op}" for op, n in r["loop_counts"].items()
-                        if op in sass.TENSOR_OPS + sass.FMA_OPS)
+        unit_ops = sass.TENSOR_OPS if r["unit"] == "tensor" else sass.FMA_OPS
+        hot = ", ".join(f"{n} {op}" for op, n in r["loop_counts"].items() if op in unit_ops)
         lines.append(f"{r['pass']:<12} {r['kernel']:<24} {math.prod(r['grid']):>8} "
                      f"{r['registers']:>4} {r['shared_bytes']:>6} {r['loop_instructions']:>5} "
                      f"{hot:<16} {r['unit']:<6} {r['peak_tflops']:>7.1f} "
@@ -408,15 +480,14 @@ def table(records):
 
 
 def run(args, parser):
-    passes = tuple(args.passes.split(","))
-    unknown = [p for p in passes if p not in PASSES]
-    if unknown:
-        parser.error(f"--passes: expected a comma-separated subset of {','.join(PASSES)}, "
-                     f"got {args.passes!r}")
     conv = Conv(args.input, args.weight, args.dtype,
                 1 if args.stride is None else args.stride,
                 0 if args.padding is None else args.padding,
-                1 if args.dilation is None else args.dilation, args.groups or 1)
+                1 if args.dilation is None else args.dilation, args.groups or 1, args.rank)
+    passes = tuple(args.passes.split(",")) if args.passes else conv.passes
+    if any(p not in conv.passes for p in passes):
+        parser.error(f"--passes: expected a comma-separated subset of {','.join(conv.passes)}, "
+                     f"got {args.passes!r}")
     try:
         records = estimate(conv, args.arch, passes, args.case_id)
     except (TypeError, ValueError) as e:  # lk3d's argument checks name the argument
@@ -458,8 +529,10 @@ def add_parser(sub):
     p.add_argument("--dilation", type=_one_or_three("dilation", 1), metavar="D",
                    help="an int or 3 (default: 1)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="default: bf16")
-    p.add_argument("--passes", default=",".join(PASSES),
-                   help=f"comma-separated (default: {','.join(PASSES)})")
+    p.add_argument("--rank", type=_one_positive("rank"), metavar="R",
+                   help="a rank-R CP kernel of the --weight's shape (lk3d.cp_conv3d)")
+    p.add_argument("--passes", help=f"comma-separated (default: all: {','.join(PASSES)}; CP: "
+                   f"{','.join(CP_PASSES)})")
     p.add_argument("--case-id", help="the records' case (default: one made of the shapes)")
     p.add_argument("--json", metavar="PATH", help="write the records here (a JSON list)")
     p.set_defaults(func=run, subparser=p)

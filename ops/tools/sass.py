@@ -5,14 +5,17 @@
 labels, ``BRA `(.L_x_3)`` with ``.L_x_3:`` lines; both are read). A loop is a backward branch:
 its body is the instructions from the target to the branch, both included.
 
-**The innermost loop** is the smallest such body that contains a *hot* instruction: the kernel's
-tensor-core instructions (HGMMA, HMMA) where it has any, else its FP32/FP16 math (FFMA, FADD,
-FMUL, HFMA2, ...), else any instruction. A branch to itself (the ``BRA`` trap after ``EXIT``)
-is no loop. Smallest, not outermost: when the compiler splits the reduction into a peeled
-prologue and a steady-state loop, or nests the tap loops, the steady state is what repeats
-most. Every instruction in the body counts, NOPs and the branch included: each takes an issue
-slot of its warp, and forward branches inside the body (guarded tails) are counted as if taken
-never, an upper bound on a step's issue cost only where they skip work.
+**The innermost loop** is, among the loops that hold a *hot* instruction (the kernel's
+tensor-core instructions, HGMMA or HMMA, where it has any, else its FP32/FP16 math: FFMA, FADD,
+FMUL, HFMA2, ...; else any instruction), one that holds no other such loop; where several do
+(a reduction loop and an epilogue loop over output channel blocks, siblings in the code), the
+one with the most global loads (LDG, LDGSTS, UTMALDG: the reduction streams its operands every
+step, an epilogue writes), then the smaller. A branch to itself (the ``BRA`` trap after
+``EXIT``) is no loop. Innermost, not outermost: when the compiler nests the tap loops or keeps a
+loop over tiles around the reduction, the innermost hot loop is what repeats most. Every
+instruction in the body counts, NOPs and the branch included: each takes an issue slot of its
+warp; forward branches inside the body (guarded tails) are counted as never taken, so where they
+skip work the count is an upper bound on a step's issue cost.
 
 **Classes** are mnemonics up to the first '.': ``HGMMA.64x64x16.F32.BF16`` counts as HGMMA,
 ``LDG.E.U16`` as LDG, ``@!P0 BRA`` as BRA.
@@ -25,6 +28,7 @@ TENSOR_OPS = ("HGMMA", "HMMA")          # wgmma (sm_90) and mma.sync (sm_80+)
 FMA_OPS = ("FFMA", "FADD", "FMUL", "HFMA2", "HADD2", "HMUL2", "DFMA", "DADD", "DMUL")
 FLOPS_PER_LANE = {"FFMA": 2, "FADD": 1, "FMUL": 1, "HFMA2": 4, "HADD2": 2, "HMUL2": 2,
                   "DFMA": 2, "DADD": 1, "DMUL": 1}  # per active lane of one warp instruction
+LOAD_OPS = ("LDG", "LDGSTS", "UTMALDG")  # global loads (UTMALDG: a TMA copy)
 _BRANCHES = ("BRA", "JMP")
 
 _INSTR = re.compile(r"^\s*/\*([0-9a-fA-F]+)\*/\s+(.*?)\s*;")
@@ -119,10 +123,14 @@ def hot_classes(instrs):
 def innermost_loop(text):
     """The innermost loop of SASS ``text`` (see the module docstring); None without loops."""
     hot = hot_classes(parse(text))
-    for loop in loops(text):
-        if not hot or any(i.opclass in hot for i in loop.body):
-            return loop
-    return None
+    found = [lp for lp in loops(text) if not hot or any(i.opclass in hot for i in lp.body)]
+    innermost = [lp for lp in found
+                 if not any(o is not lp and lp.start <= o.start and o.end <= lp.end
+                            for o in found)]
+    if not innermost:
+        return None
+    return max(innermost, key=lambda lp: (sum(i.opclass in LOAD_OPS for i in lp.body),
+                                          -lp.instructions, -lp.start))
 
 
 def step_flops(loop, num_warps):
