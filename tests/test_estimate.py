@@ -171,3 +171,29 @@ def test_recorded_cp_launches():
     with pytest.raises(ValueError, match="pass: expected one of \\('forward', 'backward'\\), "
                                          "got 'grad_input'"):
         estimate.launches(conv, "grad_input", 90)
+
+
+def test_recorded_block_sparse_launches(capsys):
+    """Block-sparse: one launch per pass over a meta block index of the density's share of the
+    blocks; the executed FLOPs are the dense count times the density where blocks fill the
+    tiles; depthwise blocks and half-given options are refused."""
+    conv = estimate.Conv((1, 32, 5, 7, 3), (48, 32, 3, 3, 3), padding="same",
+                         block=(16, 16, 1, 1, 1), density=0.3)
+    assert conv.op == "block_sparse" and conv.nnz == round(0.3 * 3 * 2 * 27)
+    names = {"forward": "bs_conv3d_kernel", "grad_input": "bs_conv3d_kernel",
+             "grad_values": "bs_conv3d_wgrad_kernel"}
+    for pass_ in conv.passes:
+        variant, config, (launch,) = estimate.launches(conv, pass_, 80)
+        assert variant == "sparse" and launch.name == names[pass_]
+        executed, useful = estimate._executed_flops(launch), estimate._useful_flops(conv, pass_)
+        assert useful == pytest.approx(2 * 32 * 27 * 48 * 105 * 0.3, rel=0.02)
+        assert executed >= useful * 0.98
+    with pytest.raises(ValueError, match="weight: the estimate covers channel-block"):
+        estimate.launches(estimate.Conv((1, 16, 5, 5, 5), (16, 1, 3, 3, 3), groups=16,
+                                        block=(16, 1, 1, 1, 1), density=0.5), "forward", 90)
+    from lk3d.tools import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["estimate", "--input", "1,32,5,7,3", "--weight", "48,32,3,3,3",
+                  "--block", "16,16,1,1,1"])
+    assert "expected --block and --density together" in capsys.readouterr().err

@@ -19,6 +19,7 @@ unit. A necessary condition only: latency and occupancy can keep a kernel below 
 
     lk3d estimate --arch 90 --input 1,64,64,64,64 --weight 64,64,7,7,7 --dtype bf16 --padding same
 """
+import argparse
 import dataclasses
 import inspect
 import json
@@ -31,6 +32,7 @@ from lk3d.tools import sass
 
 PASSES = ("forward", "grad_input", "grad_weight")
 CP_PASSES = ("forward", "backward")
+BS_PASSES = ("forward", "grad_input", "grad_values")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # Device figures per arch, until a table of named GPUs replaces ``device_figures``.
@@ -230,12 +232,16 @@ class Conv:
     dilation: object = 1
     groups: int = 1
     rank: int = None  # a rank-R CP kernel of the weight's shape (lk3d.cp_conv3d)
+    block: tuple = None  # block-sparse: the block shape (bo, bi, bd, bh, bw) ...
+    density: float = None  # ... and the fraction of blocks stored (lk3d.block_sparse_conv3d)
 
     @property
     def op(self):
         cin, cig = self.input[1], self.weight[1]
         if self.rank:
             return "cp"
+        if self.block:
+            return "block_sparse"
         if cig == 1 and self.groups == cin and cin > 1:
             return "depthwise"
         return "dense" if self.groups == 1 else "grouped"
@@ -244,12 +250,19 @@ class Conv:
     def id(self):
         n, c, *size = self.input
         return (f"N{n}-C{c}-D{'x'.join(map(str, size))}-k{'x'.join(map(str, self.weight[2:]))}"
-                f"-o{self.weight[0]}-g{self.groups}" + (f"-R{self.rank}" if self.rank else ""))
+                f"-o{self.weight[0]}-g{self.groups}" + (f"-R{self.rank}" if self.rank else "")
+                + (f"-b{'x'.join(map(str, self.block))}-d{self.density:g}" if self.block else ""))
 
     @property
     def passes(self):
         """The passes of the op: CP's backward is one pass (its grad-input and factor kernels)."""
-        return CP_PASSES if self.rank else PASSES
+        return CP_PASSES if self.rank else BS_PASSES if self.block else PASSES
+
+    @property
+    def nnz(self):
+        """Stored blocks of a block-sparse kernel: the density's share of all blocks (>= 1)."""
+        blocks = self.groups * math.prod(w // b for w, b in zip(self.weight, self.block))
+        return max(1, round(self.density * blocks))
 
 
 def _checked(conv):
@@ -269,7 +282,7 @@ def _default_config(kind, problem_fields, arch, element_size):
     the family's pick within the arch's shared memory, as ``lk3d.autotune.configs.default_config``
     picks it on such a GPU (``LK3D_CONFIG`` is not applied); SPLIT, where the kind takes one, is
     the caller's (``family.split`` for the device programs, 4 per SM)."""
-    from lk3d import _algos, cp  # noqa: F401  (they register the tiled and CP families)
+    from lk3d import _algos, block_sparse, cp  # noqa: F401  (they register the families)
     from lk3d.autotune import configs
 
     device = device_figures(arch)
@@ -369,10 +382,51 @@ def cp_launches(conv, pass_, arch):
     return "fused", config, launches
 
 
+def block_sparse_launches(conv, pass_, arch):
+    """(variant, config, launches) of lk3d's block-sparse kernels for ``pass_`` of ``conv``
+    (``conv.block`` and ``conv.density`` set; channel blocks, not depthwise), recorded from the
+    launchers with the arch's default config; the block index is a meta tensor of ``conv.nnz``
+    entries (the launches depend on its size, not its values)."""
+    from lk3d import _block_sparse_launch
+    from lk3d.kernels import block_sparse as bs
+
+    if conv.weight[1] == 1:
+        raise ValueError("weight: the estimate covers channel-block (not depthwise) block-sparse "
+                         f"kernels, got Cin/groups = 1 in {conv.weight}")
+    x, _, spec = _checked(conv)
+    meta = dict(dtype=x.dtype, device="meta")
+    nnz, block = conv.nnz, tuple(conv.block)
+    values = torch.empty((nnz, *block), **meta)
+    row_ptr = torch.empty(conv.weight[0] // block[0] + 1, dtype=torch.int32, device="meta")
+    col = torch.empty(nnz, dtype=torch.int32, device="meta")
+    geometry = (spec.stride, spec.padding, spec.dilation)
+    if pass_ not in BS_PASSES:
+        raise ValueError(f"pass: expected one of {BS_PASSES}, got {pass_!r}")
+    problem = _block_sparse_launch.problem(pass_, conv.input, conv.weight, block, nnz,
+                                           *geometry)
+    fields = {f.name: getattr(problem, f.name) for f in dataclasses.fields(problem)
+              if f.name != "kind"}
+    config, problem, fam, programs = _default_config(problem.kind, fields, arch,
+                                                     x.element_size())
+    args = (values, row_ptr, col, conv.weight, block)
+    if pass_ == "forward":
+        return "sparse", config, record(bs, bs.block_sparse_fwd, x, *args, None, *geometry,
+                                        conv.groups, config)
+    dy = torch.empty((conv.input[0], conv.weight[0], *spec.out_size), **meta)
+    if pass_ == "grad_input":
+        return "sparse", config, record(bs, bs.block_sparse_bwd_input, dy, *args, conv.input,
+                                        *geometry, conv.groups, config)
+    config["SPLIT"] = fam.split(problem, config, programs)
+    return "sparse", config, record(bs, bs.block_sparse_bwd_values, dy, x, *args, *geometry,
+                                    conv.groups, config)
+
+
 def launches(conv, pass_, arch):
     """(variant, config, launches) of ``pass_`` of ``conv`` on ``sm_<arch>``."""
     if conv.rank:
         return cp_launches(conv, pass_, arch)
+    if conv.block:
+        return block_sparse_launches(conv, pass_, arch)
     return tiled_launches(conv, pass_, arch)
 
 
@@ -389,6 +443,12 @@ def _executed_flops(launch):
         return 2 * programs * a["BLOCK_CO"] * a["BLOCK_CI"] * a["M_PER_SPLIT"]
     if launch.name == "conv3d_dw_wgrad_kernel":
         return 2 * programs * a["BLOCK_T"] * a["M_PER_SPLIT"]
+    if launch.name == "bs_conv3d_kernel" and not a["DEPTHWISE"]:  # every M tile walks all blocks
+        nnz = launch.args["v_ptr"].shape[0]
+        steps = nnz * a["BD"] * a["BH"] * a["BW"]
+        return 2 * a["NUM_M"] * a["BLOCK_M"] * a["BLOCK_K"] * a["BLOCK_N"] * steps
+    if launch.name == "bs_conv3d_wgrad_kernel" and not a["DEPTHWISE"]:
+        return 2 * programs * a["BLOCK_I"] * a["BLOCK_O"] * a["M_PER_SPLIT"]
     tiles = programs * a.get("TILES", 1)
     rows = 2 * tiles * a.get("BLOCK_M", 0) * a.get("R_PAD", 0)  # x columns x reduction
     epilogue = -(-a.get("NC", 0) // a.get("BLOCK_N", 1)) * a.get("BLOCK_N", 0)
@@ -402,14 +462,16 @@ def _executed_flops(launch):
 
 def _useful_flops(conv, pass_):
     """The op's own FLOPs for one pass: 2 · Cin/g · k³ per output element (every pass alike);
-    CP: 2 · R · (Cin + kd + kh + kw + Cout) per output voxel, the backward twice that."""
+    CP: 2 · R · (Cin + kd + kh + kw + Cout) per output voxel, the backward twice that;
+    block-sparse: the dense count times the density."""
     x, _, spec = _checked(conv)
     voxels = conv.input[0] * math.prod(spec.out_size)
     if conv.rank:
         cout, cin, *kernel = conv.weight
         per = 2 * conv.rank * (cin + sum(kernel) + cout)
         return per * voxels * (2 if pass_ == "backward" else 1)
-    return 2 * math.prod(conv.weight[1:]) * conv.weight[0] * voxels
+    dense = 2 * math.prod(conv.weight[1:]) * conv.weight[0] * voxels
+    return dense * conv.density if conv.block else dense
 
 
 def _bytes(launch):
@@ -483,7 +545,11 @@ def run(args, parser):
     conv = Conv(args.input, args.weight, args.dtype,
                 1 if args.stride is None else args.stride,
                 0 if args.padding is None else args.padding,
-                1 if args.dilation is None else args.dilation, args.groups or 1, args.rank)
+                1 if args.dilation is None else args.dilation, args.groups or 1, args.rank,
+                args.block, args.density)
+    if (args.block is None) != (args.density is None) or (args.block and args.rank):
+        parser.error("expected --block and --density together (block-sparse), or --rank (CP), "
+                     "or neither")
     passes = tuple(args.passes.split(",")) if args.passes else conv.passes
     if any(p not in conv.passes for p in passes):
         parser.error(f"--passes: expected a comma-separated subset of {','.join(conv.passes)}, "
@@ -501,6 +567,16 @@ def run(args, parser):
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)
     return 0
+
+
+def _density(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
 
 
 def add_parser(sub):
@@ -531,8 +607,12 @@ def add_parser(sub):
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="default: bf16")
     p.add_argument("--rank", type=_one_positive("rank"), metavar="R",
                    help="a rank-R CP kernel of the --weight's shape (lk3d.cp_conv3d)")
+    p.add_argument("--block", type=_ints(5, "bo,bi,bd,bh,bw"), metavar="bo,bi,bd,bh,bw",
+                   help="a block-sparse kernel of these blocks (lk3d.block_sparse_conv3d)")
+    p.add_argument("--density", type=_density, metavar="F",
+                   help="block-sparse: the fraction of blocks stored, in (0, 1]")
     p.add_argument("--passes", help=f"comma-separated (default: all: {','.join(PASSES)}; CP: "
-                   f"{','.join(CP_PASSES)})")
+                   f"{','.join(CP_PASSES)}; block-sparse: {','.join(BS_PASSES)})")
     p.add_argument("--case-id", help="the records' case (default: one made of the shapes)")
     p.add_argument("--json", metavar="PATH", help="write the records here (a JSON list)")
     p.set_defaults(func=run, subparser=p)
