@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from lk3d.tools import aot, estimate  # noqa: E402  (after the skip: they import triton)
+from lk3d.tools import aot, estimate, launch_record  # noqa: E402  (after the skip)
 
 # The figures the hand readings used: 132 SMs at 1.98 GHz, bf16 tensor 790 TFLOP/s (measured),
 # fp32 FMA 67 TFLOP/s, 4.3 TB/s.
@@ -51,21 +51,21 @@ def test_fallback_specialize_agrees_with_the_jit():
     values = [1, 0, 7, 16, 48, -32, 2 ** 31, 2 ** 31 + 16, True, False, None, 1.5,
               torch.empty(3, dtype=torch.bfloat16, device="meta"),
               torch.empty(4, dtype=torch.float32, device="meta")]
-    native = estimate._specializer()
+    native = launch_record._specializer()
     for v in values:
         kind, attr = native(v)
-        fallback = estimate._fallback_specialize(v)
+        fallback = launch_record._fallback_specialize(v)
         assert fallback[0] == kind and bool(fallback[1]) == bool(attr), (v, native(v), fallback)
     with pytest.raises(TypeError, match="argument: expected a tensor, int, float, bool or None, "
                                         "got str"):
-        estimate._fallback_specialize("x")
+        launch_record._fallback_specialize("x")
 
 
-@pytest.mark.parametrize("pass_", estimate.PASSES)
+@pytest.mark.parametrize("pass_", launch_record.PASSES)
 @pytest.mark.parametrize("op,conv", [
-    ("dense", estimate.Conv((2, 48, 11, 7, 9), (32, 48, 3, 5, 3), padding="same")),
-    ("grouped", estimate.Conv((1, 48, 7, 9, 5), (36, 16, 3, 3, 3), stride=2, groups=3)),
-    ("depthwise", estimate.Conv((2, 13, 9, 11, 7), (26, 1, 5, 3, 3), padding="same",
+    ("dense", launch_record.Conv((2, 48, 11, 7, 9), (32, 48, 3, 5, 3), padding="same")),
+    ("grouped", launch_record.Conv((1, 48, 7, 9, 5), (36, 16, 3, 3, 3), stride=2, groups=3)),
+    ("depthwise", launch_record.Conv((2, 13, 9, 11, 7), (26, 1, 5, 3, 3), padding="same",
                                 groups=13)),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_recorded_launches(op, conv, pass_):
@@ -74,7 +74,7 @@ def test_recorded_launches(op, conv, pass_):
     from lk3d.kernels import tiled
 
     kernels = {name: getattr(tiled, name) for name in ("conv3d_igemm_kernel", "conv3d_dw_kernel")}
-    variant, config, (launch,) = estimate.tiled_launches(conv, pass_, 90)
+    variant, config, (launch,) = launch_record.tiled_launches(conv, pass_, 90)
     assert {n: getattr(tiled, n) for n in kernels} == kernels  # the recorders are gone
     assert conv.op == op and variant == ("direct" if op == "depthwise" else "gather")
     expected = {("dense", "grad_weight"): "conv3d_wgrad_kernel",
@@ -85,8 +85,8 @@ def test_recorded_launches(op, conv, pass_):
     assert launch.name == expected.get((op, pass_), "conv3d_igemm_kernel")
     assert launch.num_warps == config["num_warps"] and launch.num_stages == config["num_stages"]
     assert all(launch.args[k] == v for k, v in config.items() if k.startswith("BLOCK"))
-    assert estimate._executed_flops(launch) >= estimate._useful_flops(conv, pass_) > 0
-    signature, constexprs, divisible = estimate.specialize(launch)
+    assert launch_record.executed_flops(launch) >= launch_record.useful_flops(conv, pass_) > 0
+    signature, constexprs, divisible = launch_record.specialize(launch)
     assert list(signature) == launch.kernel.arg_names
     for name, value in launch.args.items():
         if isinstance(value, int) and not isinstance(value, bool) and value == 1:
@@ -155,41 +155,42 @@ def test_estimate_command_sm90(tmp_path, capsys):
 def test_recorded_cp_launches():
     """CP: the forward's one fused launch; the backward's grad-input (with grad U_in partials)
     and factor-sum launches, each with its own config and SPLIT programs."""
-    conv = estimate.Conv((2, 24, 7, 9, 5), (40, 24, 5, 3, 3), padding="same", rank=5)
+    conv = launch_record.Conv((2, 24, 7, 9, 5), (40, 24, 5, 3, 3), padding="same", rank=5)
     assert conv.op == "cp" and conv.passes == ("forward", "backward") and conv.id.endswith("-R5")
-    variant, config, (launch,) = estimate.launches(conv, "forward", 90)
+    variant, config, (launch,) = launch_record.launches(conv, "forward", 90)
     assert (variant, launch.name, launch.args["R"]) == ("fused", "cp_conv_kernel", 5)
     assert launch.args["EMIT_GQ"] is False and "SPLIT" not in config
-    assert estimate._executed_flops(launch) >= estimate._useful_flops(conv, "forward") > 0
-    _, _, (grad_input, factors) = estimate.launches(conv, "backward", 90)
+    assert launch_record.executed_flops(launch) >= launch_record.useful_flops(conv, "forward") > 0
+    _, _, (grad_input, factors) = launch_record.launches(conv, "backward", 90)
     assert (grad_input.name, factors.name) == ("cp_conv_kernel", "cp_grad_kernel")
     assert grad_input.args["EMIT_GQ"] is True and grad_input.args["TRANSPOSED"] is True
     for ln in (grad_input, factors):
         assert math.prod(ln.grid) == ln.config["SPLIT"] and ln.config["num_warps"] == ln.num_warps
-    assert (estimate._executed_flops(grad_input) + estimate._executed_flops(factors)
-            >= estimate._useful_flops(conv, "backward"))
+    assert (launch_record.executed_flops(grad_input) + launch_record.executed_flops(factors)
+            >= launch_record.useful_flops(conv, "backward"))
     with pytest.raises(ValueError, match="pass: expected one of \\('forward', 'backward'\\), "
                                          "got 'grad_input'"):
-        estimate.launches(conv, "grad_input", 90)
+        launch_record.launches(conv, "grad_input", 90)
 
 
 def test_recorded_block_sparse_launches(capsys):
     """Block-sparse: one launch per pass over a meta block index of the density's share of the
     blocks; the executed FLOPs are the dense count times the density where blocks fill the
     tiles; depthwise blocks and half-given options are refused."""
-    conv = estimate.Conv((1, 32, 5, 7, 3), (48, 32, 3, 3, 3), padding="same",
+    conv = launch_record.Conv((1, 32, 5, 7, 3), (48, 32, 3, 3, 3), padding="same",
                          block=(16, 16, 1, 1, 1), density=0.3)
     assert conv.op == "block_sparse" and conv.nnz == round(0.3 * 3 * 2 * 27)
     names = {"forward": "bs_conv3d_kernel", "grad_input": "bs_conv3d_kernel",
              "grad_values": "bs_conv3d_wgrad_kernel"}
     for pass_ in conv.passes:
-        variant, config, (launch,) = estimate.launches(conv, pass_, 80)
+        variant, config, (launch,) = launch_record.launches(conv, pass_, 80)
         assert variant == "sparse" and launch.name == names[pass_]
-        executed, useful = estimate._executed_flops(launch), estimate._useful_flops(conv, pass_)
+        executed = launch_record.executed_flops(launch)
+        useful = launch_record.useful_flops(conv, pass_)
         assert useful == pytest.approx(2 * 32 * 27 * 48 * 105 * 0.3, rel=0.02)
         assert executed >= useful * 0.98
     with pytest.raises(ValueError, match="weight: the estimate covers channel-block"):
-        estimate.launches(estimate.Conv((1, 16, 5, 5, 5), (16, 1, 3, 3, 3), groups=16,
+        launch_record.launches(launch_record.Conv((1, 16, 5, 5, 5), (16, 1, 3, 3, 3), groups=16,
                                         block=(16, 1, 1, 1, 1), density=0.5), "forward", 90)
     from lk3d.tools import cli
 
