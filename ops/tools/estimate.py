@@ -80,8 +80,10 @@ def _whole(text):
 
 
 def estimate(conv, arch, passes=None, case_id=None):
-    """One record per launch of lk3d's Triton kernels for each of ``passes`` of ``conv`` (a
-    ``Conv``) on ``sm_<arch>``, with the keys ``lk3d estimate --json`` writes."""
+    """One record per launch of lk3d's Triton kernels for each of ``passes`` (default: all of
+    the op's) of ``conv`` (a ``launch_record.Conv``) on ``sm_<arch>``, with the keys ``lk3d
+    estimate --json`` writes. ``modelled_ms`` is the launch's executed FLOPs at its ceiling (no
+    launch overhead, no tail of a partial last wave)."""
     from lk3d.tools import aot
 
     device = device_figures(arch)
@@ -137,10 +139,10 @@ def table(records):
 
 def run(args, parser):
     conv = launch_record.Conv(args.input, args.weight, args.dtype,
-                1 if args.stride is None else args.stride,
-                0 if args.padding is None else args.padding,
-                1 if args.dilation is None else args.dilation, args.groups or 1, args.rank,
-                args.block, args.density)
+                              1 if args.stride is None else args.stride,
+                              0 if args.padding is None else args.padding,
+                              1 if args.dilation is None else args.dilation, args.groups or 1,
+                              args.rank, args.block, args.density)
     if (args.block is None) != (args.density is None) or (args.block and args.rank):
         parser.error("expected --block and --density together (block-sparse), or --rank (CP), "
                      "or neither")
