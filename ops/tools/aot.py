@@ -60,7 +60,8 @@ def compile_kernel(fn, signature, constexprs, arch, num_warps, num_stages):
 
 
 def compile_many(jobs, processes=None):
-    """Compile each ``(fn, signature, constexprs, arch, num_warps, num_stages)``; the exception in
+    """Compile each ``(fn, signature, constexprs, arch, num_warps, num_stages[, divisible])``
+    (``divisible``: see ``_compile_here``); the exception in
     place of the kernel where one fails. Under the interpreter, in child processes (``processes``
     of them, default one per CPU core), each compiling its share of the jobs."""
     jobs = list(jobs)
@@ -93,9 +94,12 @@ def compile_many(jobs, processes=None):
             for ok, group, key in results]
 
 
-def _compile_here(fn, signature, constexprs, arch, num_warps, num_stages):
-    aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
-               for name, ty in signature.items() if ty.startswith("*")}
+def _compile_here(fn, signature, constexprs, arch, num_warps, num_stages, divisible=None):
+    """``divisible``: the arguments known divisible by 16 (pointers: 16-byte aligned), as the
+    JIT marks them; default every pointer and no int."""
+    if divisible is None:
+        divisible = [name for name, ty in signature.items() if ty.startswith("*")]
+    aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages,
@@ -142,12 +146,7 @@ def resource_usage(compiled):
     (Triton's launcher allows ``limit - static`` dynamic bytes), so it is added in.
     """
     arch = compiled.metadata.target.arch
-    with tempfile.TemporaryDirectory(prefix="lk3d-aot-") as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        out = subprocess.run([CUOBJDUMP, "-res-usage", "-sass", path], check=True,
-                             capture_output=True, text=True).stdout
+    out = _cuobjdump(compiled, "-res-usage", "-sass")
     line = re.search(r"^\s*(REG:\d+.*)$", out, re.MULTILINE)
     if line is None:
         raise RuntimeError(f"cuobjdump -res-usage: no REG line in\n{out[:2000]}")
@@ -161,6 +160,21 @@ def resource_usage(compiled):
         mma_ops=mma,
         tensor_cores=any(op in mma for op in TENSOR_CORE_OPS.get(arch, ())),
     )
+
+
+def sass(compiled):
+    """The SASS of a compiled kernel's cubin, as ``cuobjdump -sass`` prints it (see
+    ``lk3d.tools.sass`` for its innermost loop)."""
+    return _cuobjdump(compiled, "-sass")
+
+
+def _cuobjdump(compiled, *flags):
+    with tempfile.TemporaryDirectory(prefix="lk3d-aot-") as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        return subprocess.run([CUOBJDUMP, *flags, path], check=True, capture_output=True,
+                              text=True).stdout
 
 
 @dataclass(frozen=True, eq=False)

@@ -15,6 +15,9 @@
                                     (default DIR: where lk3d bench writes; nothing else is touched)
     lk3d explain CASE | --input N,C,D,H,W --weight Cout,Cin/g,kd,kh,kw [--groups G ...]
                                     the plan lk3d.conv3d would use per pass, as a table
+    lk3d estimate --arch 90 --input ... --weight ... [--json PATH]
+                                    issue ceilings of the Triton kernels' launches, from sm_90 or
+                                    sm_80 machine code compiled here (lk3d.tools.estimate)
     lk3d tune [--suite gpu|cpu] [--layers FILE.json]   measure and cache the best algorithms
     lk3d cache clear | export FILE | import FILE        manage the per-device plan cache
 
@@ -33,7 +36,7 @@ import torch
 import lk3d
 from lk3d import cpu_memory
 from lk3d._algos import allow_tf32
-from lk3d.tools import bench, cli_explain, report
+from lk3d.tools import bench, cli_explain, estimate, report
 
 _ENV_VARS = ("TRITON_INTERPRET", "LK3D_ALGO", "LK3D_CONFIG", "LK3D_AUTOTUNE", "LK3D_CACHE_DIR",
              report.REPORT_DIR_ENV, "LK3D_FFT_MEMORY_MB", "LK3D_TEST_DEVICE", "TRITON_CACHE_DIR",
@@ -489,6 +492,7 @@ def build_parser():
     p.set_defaults(func=_cmd_report, subparser=p)
 
     cli_explain.add_parser(sub)
+    estimate.add_parser(sub)
 
     p = sub.add_parser("tune", help="measure every algorithm on a list of layers; cache winners")
     p.add_argument("--suite", choices=("gpu", "cpu"), help="built-in layers (default: gpu on "

@@ -1,0 +1,216 @@
+"""``lk3d estimate``: what lk3d's Triton kernels can reach on a GPU, read from their machine code
+without one.
+
+For a convolution and each of its passes, the launches lk3d's launchers make for the arch's
+default config are recorded on meta tensors and compiled ahead of time for ``sm_<arch>`` with the
+JIT's specialisation (``lk3d.tools.launch_record``); registers, spills and shared memory are read
+from the cubin (``lk3d.tools.aot``) and the innermost loop from the SASS (``lk3d.tools.sass``).
+
+The **issue ceiling** (``issue_ceiling``) is the FLOP rate the kernel cannot exceed: an SM issues
+at most 4 warp-instructions per clock, so a loop step of I instructions per warp on W warps takes
+at least I·W/4 clocks per program, during which the program does the step's FLOPs (read off the
+SASS: ``sass.step_flops``). That rate over every SM, capped by the unit's peak (tensor cores or
+FP32 FMA) and by the bytes the launch must move at the device's bandwidth, is the ceiling; its
+fraction of the peak says how far the kernel's code, not the memory system, keeps it from the
+unit. A necessary condition only: latency and occupancy can keep a kernel below its ceiling.
+
+    lk3d estimate --arch 90 --input 1,64,64,64,64 --weight 64,64,7,7,7 --dtype bf16 --padding same
+"""
+import argparse
+import json
+import math
+
+from lk3d.tools import launch_record, sass
+
+
+# Device figures per arch, until a table of named GPUs replaces ``device_figures``.
+# H100 SXM (sm_90): 132 SMs; max boost clock 1.98 GHz; dense bf16/fp16 tensor 989.4 TFLOP/s, tf32
+# 494.7, fp32 FMA 66.9, HBM3 3.35 TB/s (NVIDIA H100 Tensor Core GPU datasheet, SXM column; the
+# datasheet's sparsity figures halved). A100 80GB SXM (sm_80): 108 SMs, boost 1.41 GHz (NVIDIA
+# A100 Tensor Core GPU Architecture whitepaper); dense bf16/fp16 tensor 312 TFLOP/s, tf32 156,
+# fp32 FMA 19.5, HBM2e 2.039 TB/s (NVIDIA A100 datasheet, 80GB SXM column). Shared memory: the
+# per-block opt-in limit (``aot.SHARED_LIMIT``).
+_DEVICES = {
+    90: dict(name="H100 SXM", sms=132, clock_ghz=1.98, fma_tflops=66.9, bandwidth_tbs=3.35,
+             tensor_tflops={"bf16": 989.4, "fp16": 989.4, "fp32": 494.7}),
+    80: dict(name="A100 80GB SXM", sms=108, clock_ghz=1.41, fma_tflops=19.5, bandwidth_tbs=2.039,
+             tensor_tflops={"bf16": 312.0, "fp16": 312.0, "fp32": 156.0}),
+}
+ISSUE_PER_CLOCK = 4  # warp-instructions an SM issues per clock (4 schedulers, 1 each)
+
+
+def device_figures(arch):
+    """SMs, clock (GHz), peaks (TFLOP/s), bandwidth (TB/s) and shared-memory limit (bytes) of the
+    GPU the estimate for ``sm_<arch>`` assumes."""
+    if arch not in _DEVICES:
+        raise ValueError(f"arch: expected one of {sorted(_DEVICES)}, got {arch!r}")
+    from lk3d.tools import aot
+
+    return dict(_DEVICES[arch], arch=arch, smem_limit=aot.SHARED_LIMIT[arch])
+
+
+def peak_tflops(device, unit, dtype):
+    """The peak of ``unit`` ("tensor" or "fma") for operands of ``dtype`` ("bf16", ...)."""
+    if unit == "tensor":
+        return device["tensor_tflops"][dtype]
+    if unit == "fma":
+        return device["fma_tflops"]
+    raise ValueError(f"unit: expected 'tensor' or 'fma', got {unit!r}")
+
+
+def issue_ceiling(loop_instructions, num_warps, step_flops, unit, device, dtype, flops, nbytes):
+    """The FLOP rates (TFLOP/s) a launch cannot exceed, as a dict: ``issue`` (``step_flops`` per
+    program every ``loop_instructions`` · ``num_warps`` / 4 clocks, on every SM), ``bandwidth``
+    (``flops`` over the time ``nbytes`` take at the device's bandwidth), ``peak`` (the unit's),
+    ``ceiling`` (the least of the three) and ``fraction`` (ceiling / peak)."""
+    clocks = loop_instructions * num_warps / ISSUE_PER_CLOCK
+    issue = step_flops / clocks * device["sms"] * device["clock_ghz"] * 1e9 / 1e12
+    seconds = nbytes / (device["bandwidth_tbs"] * 1e12)
+    bandwidth = flops / seconds / 1e12 if seconds else math.inf
+    peak = peak_tflops(device, unit, dtype)
+    ceiling = min(peak, issue, bandwidth)
+    return dict(issue=issue, bandwidth=bandwidth, peak=peak, ceiling=ceiling,
+                fraction=ceiling / peak)
+
+
+def _whole(text):
+    """The whole kernel as one step, for a kernel whose SASS has no loop."""
+    body = tuple(sass.parse(text))
+    return sass.Loop(body[0].address, body[-1].address, body)
+
+
+def estimate(conv, arch, passes=None, case_id=None):
+    """One record per launch of lk3d's Triton kernels for each of ``passes`` (default: all of
+    the op's) of ``conv`` (a ``launch_record.Conv``) on ``sm_<arch>``, with the keys ``lk3d
+    estimate --json`` writes. ``modelled_ms`` is the launch's executed FLOPs at its ceiling (no
+    launch overhead, no tail of a partial last wave)."""
+    from lk3d.tools import aot
+
+    device = device_figures(arch)
+    planned = []
+    for pass_ in passes or conv.passes:
+        variant, config, recorded = launch_record.launches(conv, pass_, arch)
+        planned += [(pass_, variant, config, ln) for ln in recorded]
+    compiled = launch_record.compile_launches([ln for *_, ln in planned], arch)
+    records = []
+    for (pass_, variant, config, ln), kernel in zip(planned, compiled):
+        if isinstance(kernel, Exception):
+            raise kernel
+        usage = aot.resource_usage(kernel)
+        text = aot.sass(kernel)
+        loop = sass.innermost_loop(text) or _whole(text)
+        step, unit = sass.step_flops(loop, ln.num_warps)
+        executed, nbytes = launch_record.executed_flops(ln), launch_record.launch_bytes(ln)
+        r = issue_ceiling(loop.instructions, ln.num_warps, step, unit, device, conv.dtype,
+                          executed, nbytes)
+        records.append({
+            "case": case_id or conv.id, "op": conv.op, "pass": pass_, "variant": variant,
+            "arch": arch, "dtype": conv.dtype, "kernel": ln.name, "config": ln.config or config,
+            "grid": list(ln.grid), "registers": usage.registers,
+            "spill_bytes": usage.spill_bytes, "shared_bytes": usage.shared_bytes,
+            "loop_instructions": loop.instructions, "loop_counts": loop.counts(),
+            "executed_flops": executed,
+            "useful_flops": launch_record.useful_flops(conv, pass_),
+            "bytes": nbytes, "unit": unit,
+            "peak_tflops": r["peak"], "issue_ceiling_tflops": r["ceiling"],
+            "fraction": r["fraction"], "modelled_ms": executed / (r["ceiling"] * 1e12) * 1e3})
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------
+
+def table(records):
+    """The records as a text table, one line per launch."""
+    header = (f"{'pass':<12} {'kernel':<24} {'grid':>8} {'regs':>4} {'smem':>6} {'loop':>5} "
+              f"{'hot':<16} {'unit':<6} {'peak':>7} {'ceiling':>8} {'frac':>6} {'ms':>8}")
+    lines = [header, "-" * len(header)]
+    for r in records:
+        unit_ops = sass.TENSOR_OPS if r["unit"] == "tensor" else sass.FMA_OPS
+        hot = ", ".join(f"{n} {op}" for op, n in r["loop_counts"].items() if op in unit_ops)
+        lines.append(f"{r['pass']:<12} {r['kernel']:<24} {math.prod(r['grid']):>8} "
+                     f"{r['registers']:>4} {r['shared_bytes']:>6} {r['loop_instructions']:>5} "
+                     f"{hot:<16} {r['unit']:<6} {r['peak_tflops']:>7.1f} "
+                     f"{r['issue_ceiling_tflops']:>8.2f} {r['fraction']:>6.1%} "
+                     f"{r['modelled_ms']:>8.2f}")
+    return "\n".join(lines)
+
+
+def run(args, parser):
+    conv = launch_record.Conv(args.input, args.weight, args.dtype,
+                              1 if args.stride is None else args.stride,
+                              0 if args.padding is None else args.padding,
+                              1 if args.dilation is None else args.dilation, args.groups or 1,
+                              args.rank, args.block, args.density)
+    if (args.block is None) != (args.density is None) or (args.block and args.rank):
+        parser.error("expected --block and --density together (block-sparse), or --rank (CP), "
+                     "or neither")
+    passes = tuple(args.passes.split(",")) if args.passes else conv.passes
+    if any(p not in conv.passes for p in passes):
+        parser.error(f"--passes: expected a comma-separated subset of {','.join(conv.passes)}, "
+                     f"got {args.passes!r}")
+    try:
+        records = estimate(conv, args.arch, passes, args.case_id)
+    except (TypeError, ValueError) as e:  # lk3d's argument checks name the argument
+        parser.error(str(e))
+    device = device_figures(args.arch)
+    print(f"{records[0]['case']} ({conv.op}, {conv.dtype}) on sm_{args.arch}: issue ceilings "
+          f"for {device['name']} ({device['sms']} SMs, {device['clock_ghz']} GHz, "
+          f"{device['bandwidth_tbs']} TB/s), TFLOP/s")
+    print(table(records))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    return 0
+
+
+def _density(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
+
+
+def add_parser(sub):
+    """The ``estimate`` subcommand of the ``lk3d`` parser's ``sub``."""
+    from lk3d.tools.cli_explain import _ints, _one_or_three, _one_positive, _padding
+
+    p = sub.add_parser("estimate", help="issue ceilings of lk3d's Triton kernels on a GPU, from "
+                       "their machine code (no GPU needed)",
+                       description="Record each launch lk3d's Triton kernels make for each pass "
+                       "of a convolution (the arch's default config), compile it ahead of time "
+                       "for sm_80 or sm_90, count the innermost loop of its SASS and print the "
+                       "issue ceiling: the FLOP/s its instructions per step allow at 4 "
+                       "warp-instructions per clock per SM, capped by the unit's peak and the "
+                       "bandwidth. E.g. --arch 90 --input 1,64,64,64,64 --weight 64,64,7,7,7 "
+                       "--dtype bf16 --padding same.")
+    p.add_argument("--arch", type=int, choices=sorted(_DEVICES), default=90,
+                   help="the SM version to compile for (default: 90)")
+    p.add_argument("--input", type=_ints(5, "N,C,D,H,W"), metavar="N,C,D,H,W", required=True)
+    p.add_argument("--weight", type=_ints(5, "Cout,Cin/groups,kd,kh,kw"), required=True,
+                   metavar="Cout,Cin/g,kd,kh,kw")
+    p.add_argument("--groups", type=_one_positive("groups"), metavar="G", help="default: 1")
+    p.add_argument("--stride", type=_one_or_three("stride", 1), metavar="S",
+                   help="an int or 3 (default: 1)")
+    p.add_argument("--padding", type=_padding, metavar="P",
+                   help="same, valid, an int or 3 (default: 0)")
+    p.add_argument("--dilation", type=_one_or_three("dilation", 1), metavar="D",
+                   help="an int or 3 (default: 1)")
+    p.add_argument("--dtype", choices=tuple(launch_record.DTYPES), default="bf16",
+                   help="default: bf16")
+    p.add_argument("--rank", type=_one_positive("rank"), metavar="R",
+                   help="a rank-R CP kernel of the --weight's shape (lk3d.cp_conv3d)")
+    p.add_argument("--block", type=_ints(5, "bo,bi,bd,bh,bw"), metavar="bo,bi,bd,bh,bw",
+                   help="a block-sparse kernel of these blocks (lk3d.block_sparse_conv3d)")
+    p.add_argument("--density", type=_density, metavar="F",
+                   help="block-sparse: the fraction of blocks stored, in (0, 1]")
+    lr = launch_record
+    p.add_argument("--passes", help=f"comma-separated (default: all: {','.join(lr.PASSES)}; CP: "
+                   f"{','.join(lr.CP_PASSES)}; block-sparse: {','.join(lr.BS_PASSES)})")
+    p.add_argument("--case-id", help="the records' case (default: one made of the shapes)")
+    p.add_argument("--json", metavar="PATH", help="write the records here (a JSON list)")
+    p.set_defaults(func=run, subparser=p)

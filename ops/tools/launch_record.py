@@ -1,0 +1,420 @@
+"""The launches lk3d's launchers make, recorded without a GPU, and what they compute.
+
+``record`` calls a launcher (``lk3d.kernels.tiled``, ``cp``, ``block_sparse``) on
+``device="meta"`` tensors with its module's ``@triton.jit`` kernels swapped for recorders: each
+``kernel[grid](...)`` appends a ``Launch`` (kernel, every argument, grid, warps, stages) instead
+of running. ``specialize`` types a launch's arguments as the JIT does (ints equal to 1 and None
+become constexprs, ints divisible by 16 and 16-byte-aligned pointers are marked so; a meta tensor
+counts as a fresh, aligned allocation), and ``compile_launches`` compiles them ahead of time
+(``lk3d.tools.aot``).
+
+``launches(conv, pass_, arch)`` gives the launches of one pass of a convolution (``Conv``: dense,
+grouped, depthwise, rank-R CP, channel-block block-sparse) with the config lk3d picks on the
+arch's GPU; ``executed_flops``, ``useful_flops`` and ``launch_bytes`` what each computes and
+moves. ``lk3d.tools.estimate`` turns them into issue ceilings.
+"""
+import dataclasses
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+
+PASSES = ("forward", "grad_input", "grad_weight")
+CP_PASSES = ("forward", "backward")
+BS_PASSES = ("forward", "grad_input", "grad_values")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# ---------------------------------------------------------------------------------------------
+# Launches: what a launcher launches, recorded on meta tensors
+# ---------------------------------------------------------------------------------------------
+
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
+
+
+@dataclass(frozen=True, eq=False)
+class Launch:
+    kernel: object  # the @triton.jit function (JITFunction, or InterpretedFunction)
+    name: str       # its name in its module, e.g. "conv3d_igemm_kernel"
+    args: dict      # every argument name -> the value passed (tensors on the meta device)
+    grid: tuple
+    num_warps: int
+    num_stages: int
+    config: dict = None  # the launcher's config, where a pass's launches take different ones
+
+
+def _raw(kernel):
+    return kernel.fn
+
+
+def _is_constexpr(kernel, name):
+    import triton.language as tl
+
+    annotation = inspect.signature(_raw(kernel)).parameters[name].annotation
+    return annotation is tl.constexpr or "constexpr" in str(annotation)
+
+
+class _Recorder:
+    """Stands in for a kernel in its module: ``kernel[grid](*args, **kwargs)`` appends a Launch."""
+
+    def __init__(self, kernel, name, launches):
+        self.kernel, self.name, self.launches = kernel, name, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            options = {k: kwargs.pop(k) for k in _LAUNCH_OPTIONS if k in kwargs}
+            params = inspect.signature(_raw(self.kernel)).parameters
+            bound = dict(zip(self.kernel.arg_names, args), **kwargs)
+            for name, p in params.items():
+                if name not in bound and p.default is not inspect.Parameter.empty:
+                    bound[name] = p.default
+            grid_ = tuple(grid(bound) if callable(grid) else grid)
+            self.launches.append(Launch(self.kernel, self.name, bound, grid_,
+                                        options.get("num_warps", 4),
+                                        options.get("num_stages", 3)))
+        return launch
+
+
+def record(module, launcher, *args, **kwargs):
+    """The launches ``launcher(*args, **kwargs)`` makes, in order, with the ``@triton.jit``
+    kernels of ``module`` swapped for recorders while it runs (its tensors: meta tensors)."""
+    kernels = {name: obj for name, obj in vars(module).items()
+               if hasattr(obj, "arg_names") and hasattr(obj, "fn")}
+    launches = []
+    try:
+        for name, kernel in kernels.items():
+            setattr(module, name, _Recorder(kernel, name, launches))
+        launcher(*args, **kwargs)
+    finally:
+        for name, kernel in kernels.items():
+            setattr(module, name, kernel)
+    return launches
+
+
+def _fallback_specialize(value):
+    """The JIT's specialisation of one argument: (type, "D" where divisible by 16, else "")."""
+    if value is None:
+        return "constexpr", None
+    if isinstance(value, bool):
+        return "u1", None
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", 1
+        kind = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+        return kind, "D" if value % 16 == 0 else ""
+    if isinstance(value, float):
+        return "fp32", None
+    if isinstance(value, torch.Tensor):
+        names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+                 torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64",
+                 torch.int8: "i8", torch.uint8: "u8", torch.int16: "i16", torch.bool: "u1"}
+        aligned = value.device.type == "meta" or value.data_ptr() % 16 == 0
+        return f"*{names[value.dtype]}", "D" if aligned else ""
+    raise TypeError(f"argument: expected a tensor, int, float, bool or None, got "
+                    f"{type(value).__name__}")
+
+
+def _specializer():
+    try:
+        from triton.backends.compiler import BaseBackend
+        from triton.runtime.jit import native_specialize_impl
+    except ImportError:  # a Triton without the native binder: the same rules, written out
+        return _fallback_specialize
+
+    def specialize(value):
+        return tuple(native_specialize_impl(BaseBackend, value, False, True, True)[:2])
+    return specialize
+
+
+def specialize(launch):
+    """(signature, constexprs, divisible) of ``launch`` as the JIT compiles it: constexpr
+    parameters and ints equal to 1 (and None) as constexprs, the others typed by value, ints
+    divisible by 16 and 16-byte-aligned pointers (a meta tensor: a fresh allocation, aligned)
+    named in ``divisible``."""
+    spec = _specializer()
+    signature, constexprs, divisible = {}, {}, []
+    for name in launch.kernel.arg_names:
+        value = launch.args[name]
+        if _is_constexpr(launch.kernel, name):
+            signature[name], constexprs[name] = "constexpr", value
+            continue
+        kind, attr = spec(value)
+        signature[name] = kind
+        if kind == "constexpr":
+            constexprs[name] = value
+        elif attr and "D" in attr:
+            divisible.append(name)
+    return signature, constexprs, divisible
+
+
+def compile_launches(launches, arch):
+    """Each launch compiled for ``sm_<arch>`` (``aot.compile_many``: child processes under the
+    interpreter), or the exception its compile raised."""
+    from lk3d.tools import aot
+
+    jobs = [(ln.kernel, *specialize(ln)[:2], arch, ln.num_warps, ln.num_stages, specialize(ln)[2])
+            for ln in launches]
+    return aot.compile_many(jobs, processes=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems: the launches of each pass of a convolution, with the default config of the arch
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Conv:
+    """A convolution as ``lk3d.conv3d`` takes it; ``padding`` as the user gives it."""
+    input: tuple   # N, Cin, D, H, W
+    weight: tuple  # Cout, Cin/groups, kd, kh, kw
+    dtype: str = "bf16"
+    stride: object = 1
+    padding: object = 0
+    dilation: object = 1
+    groups: int = 1
+    rank: int = None  # a rank-R CP kernel of the weight's shape (lk3d.cp_conv3d)
+    block: tuple = None  # block-sparse: the block shape (bo, bi, bd, bh, bw) ...
+    density: float = None  # ... and the fraction of blocks stored (lk3d.block_sparse_conv3d)
+
+    @property
+    def op(self):
+        cin, cig = self.input[1], self.weight[1]
+        if self.rank:
+            return "cp"
+        if self.block:
+            return "block_sparse"
+        if cig == 1 and self.groups == cin and cin > 1:
+            return "depthwise"
+        return "dense" if self.groups == 1 else "grouped"
+
+    @property
+    def id(self):
+        n, c, *size = self.input
+        return (f"N{n}-C{c}-D{'x'.join(map(str, size))}-k{'x'.join(map(str, self.weight[2:]))}"
+                f"-o{self.weight[0]}-g{self.groups}" + (f"-R{self.rank}" if self.rank else "")
+                + (f"-b{'x'.join(map(str, self.block))}-d{self.density:g}" if self.block else ""))
+
+    @property
+    def passes(self):
+        """The passes of the op: CP's backward is one pass (its grad-input and factor kernels)."""
+        return CP_PASSES if self.rank else BS_PASSES if self.block else PASSES
+
+    @property
+    def nnz(self):
+        """Stored blocks of a block-sparse kernel: the density's share of all blocks (>= 1)."""
+        blocks = self.groups * math.prod(w // b for w, b in zip(self.weight, self.block))
+        return max(1, round(self.density * blocks))
+
+
+def _checked(conv):
+    """(meta input, meta weight, spec) of ``conv``: its arguments checked as lk3d.conv3d checks
+    them."""
+    from lk3d import _spec
+
+    meta = dict(dtype=DTYPES[conv.dtype], device="meta")
+    x = torch.empty(conv.input, **meta)
+    w = torch.empty(conv.weight, **meta)
+    return x, w, _spec.check_conv3d(x, w, None, conv.stride, conv.padding, conv.dilation,
+                                    conv.groups)
+
+
+def _default_config(kind, problem_fields, arch, element_size):
+    """(config, problem, family, device programs) for ``kind`` on the arch's GPU: the config is
+    the family's pick within the arch's shared memory, as ``lk3d.autotune.configs.default_config``
+    picks it on such a GPU (``LK3D_CONFIG`` is not applied); SPLIT, where the kind takes one, is
+    the caller's (``family.split`` for the device programs, 4 per SM)."""
+    from lk3d import _algos, block_sparse, cp  # noqa: F401  (they register the families)
+    from lk3d.tools.estimate import device_figures
+    from lk3d.autotune import configs
+
+    device = device_figures(arch)
+    problem = configs.Problem(kind=kind, **problem_fields)
+    fam = configs.family(kind)
+    config = fam.pick(problem, device["smem_limit"], element_size)
+    return config, problem, fam, 4 * device["sms"]
+
+
+def tiled_launches(conv, pass_, arch):
+    """(variant, config, launches) of lk3d's tiled kernels for ``pass_`` of ``conv`` on
+    ``sm_<arch>``, recorded from the launchers with the arch's default config."""
+    from lk3d.kernels import tiled
+
+    x, w, spec = _checked(conv)
+    meta = dict(dtype=x.dtype, device="meta")
+    geometry = (spec.stride, spec.padding, spec.dilation)
+    dy = torch.empty((conv.input[0], conv.weight[0], *spec.out_size), **meta)
+    depthwise = conv.weight[1] == 1
+    taps = math.prod(conv.weight[2:])
+    cout, cig = conv.weight[:2]
+    size = x.element_size()
+    if pass_ in ("forward", "grad_input"):
+        produced = spec.out_size if pass_ == "forward" else conv.input[2:]
+        M = math.prod(produced)
+        if depthwise:
+            config, *_ = _default_config("conv3d_dw", dict(M=M, taps=taps), arch, size)
+            if pass_ == "forward":
+                return "direct", config, record(tiled, tiled.conv3d_dw_fwd, x, w, None,
+                                                *geometry, config)
+            return "direct", config, record(tiled, tiled.conv3d_dw_bwd_input, dy, w, conv.input,
+                                            *geometry, config)
+        kc, nc = (cig, cout // conv.groups) if pass_ == "forward" else (cout // conv.groups, cig)
+        config, *_ = _default_config("conv3d_fwd", dict(M=conv.input[0] * M, KC=kc, NC=nc,
+                                                        taps=taps), arch, size)
+        if pass_ == "forward":
+            return "gather", config, record(tiled, tiled.conv3d_fwd, x, w, None, *geometry,
+                                            conv.groups, config)
+        return "gather", config, record(tiled, tiled.conv3d_bwd_input, dy, w, conv.input,
+                                        *geometry, conv.groups, config)
+    if pass_ != "grad_weight":
+        raise ValueError(f"pass: expected one of {PASSES}, got {pass_!r}")
+    M = conv.input[0] * math.prod(spec.out_size)
+    if depthwise:
+        fields = dict(M=M, taps=taps, partial=cout * taps)
+        config, problem, fam, programs = _default_config("conv3d_dw_wgrad", fields, arch, size)
+        fields["programs"] = cout * -(-taps // config["BLOCK_T"])
+        launcher = tiled.conv3d_dw_bwd_weight
+        args = (x, dy, conv.weight, *geometry)
+    else:
+        fields = dict(M=M, KC=cig, NC=cout // conv.groups, taps=taps, partial=cout * cig * taps)
+        config, problem, fam, programs = _default_config("conv3d_wgrad", fields, arch, size)
+        fields["programs"] = (taps * conv.groups * -(-(cout // conv.groups) // config["BLOCK_CO"])
+                              * -(-cig // config["BLOCK_CI"]))
+        launcher = tiled.conv3d_bwd_weight
+        args = (x, dy, conv.weight, *geometry, conv.groups)
+    config["SPLIT"] = fam.split(dataclasses.replace(problem, programs=fields["programs"]),
+                                config, programs)
+    return "direct" if depthwise else "gather", config, record(tiled, launcher, *args, config)
+
+
+def cp_launches(conv, pass_, arch):
+    """(variant, config, launches) of lk3d's fused CP kernels for ``pass_`` ("forward" or
+    "backward": grad-input with grad U_in, then the factors' sums) of ``conv`` (``conv.rank``
+    set), recorded from the launchers with the arch's default configs (the backward's two
+    launches each carry their own: ``Launch.config``)."""
+    from lk3d.kernels import cp
+
+    x, _, spec = _checked(conv)
+    meta = dict(dtype=x.dtype, device="meta")
+    cout, cin, *kernel = conv.weight
+    rank, taps, size = conv.rank, math.prod(kernel), x.element_size()
+    factors = [torch.empty((n, rank), **meta) for n in (cout, cin, *kernel)]
+    geometry = (spec.stride, spec.padding, spec.dilation)
+    n = conv.input[0]
+    if pass_ == "forward":
+        fields = dict(M=n * math.prod(spec.out_size), KC=cin, NC=cout, taps=taps, rank=rank)
+        config, *_ = _default_config("cp_conv", fields, arch, size)
+        return "fused", config, record(cp, cp.cp_conv3d_fwd, x, *factors, None, None, *geometry,
+                                       config)
+    if pass_ != "backward":
+        raise ValueError(f"pass: expected one of {CP_PASSES}, got {pass_!r}")
+    dy = torch.empty((n, cout, *spec.out_size), **meta)
+    launches = []
+    for kind, M, kc, nc in (("cp_conv", n * math.prod(conv.input[2:]), cout, cin),
+                            ("cp_grad", n * math.prod(spec.out_size), cin, cout)):
+        fields = dict(M=M, KC=kc, NC=nc, taps=taps, rank=rank, partials=True)
+        config, problem, fam, programs = _default_config(kind, fields, arch, size)
+        config["SPLIT"] = fam.split(problem, config, programs)
+        if kind == "cp_conv":
+            recorded = record(cp, cp.cp_conv3d_bwd_input, dy, x, *factors, None, *geometry,
+                              config, need_input=True, need_u_in=True)
+        else:
+            recorded = record(cp, cp.cp_conv3d_bwd_factors, x, dy, *factors, None, *geometry,
+                              config)
+        launches += [dataclasses.replace(ln, config=config) for ln in recorded]
+    return "fused", config, launches
+
+
+def block_sparse_launches(conv, pass_, arch):
+    """(variant, config, launches) of lk3d's block-sparse kernels for ``pass_`` of ``conv``
+    (``conv.block`` and ``conv.density`` set; channel blocks, not depthwise), recorded from the
+    launchers with the arch's default config; the block index is a meta tensor of ``conv.nnz``
+    entries (the launches depend on its size, not its values)."""
+    from lk3d import _block_sparse_launch
+    from lk3d.kernels import block_sparse as bs
+
+    if conv.weight[1] == 1:
+        raise ValueError("weight: the estimate covers channel-block (not depthwise) block-sparse "
+                         f"kernels, got Cin/groups = 1 in {conv.weight}")
+    x, _, spec = _checked(conv)
+    meta = dict(dtype=x.dtype, device="meta")
+    nnz, block = conv.nnz, tuple(conv.block)
+    values = torch.empty((nnz, *block), **meta)
+    row_ptr = torch.empty(conv.weight[0] // block[0] + 1, dtype=torch.int32, device="meta")
+    col = torch.empty(nnz, dtype=torch.int32, device="meta")
+    geometry = (spec.stride, spec.padding, spec.dilation)
+    if pass_ not in BS_PASSES:
+        raise ValueError(f"pass: expected one of {BS_PASSES}, got {pass_!r}")
+    problem = _block_sparse_launch.problem(pass_, conv.input, conv.weight, block, nnz,
+                                           *geometry)
+    fields = {f.name: getattr(problem, f.name) for f in dataclasses.fields(problem)
+              if f.name != "kind"}
+    config, problem, fam, programs = _default_config(problem.kind, fields, arch,
+                                                     x.element_size())
+    args = (values, row_ptr, col, conv.weight, block)
+    if pass_ == "forward":
+        return "sparse", config, record(bs, bs.block_sparse_fwd, x, *args, None, *geometry,
+                                        conv.groups, config)
+    dy = torch.empty((conv.input[0], conv.weight[0], *spec.out_size), **meta)
+    if pass_ == "grad_input":
+        return "sparse", config, record(bs, bs.block_sparse_bwd_input, dy, *args, conv.input,
+                                        *geometry, conv.groups, config)
+    config["SPLIT"] = fam.split(problem, config, programs)
+    return "sparse", config, record(bs, bs.block_sparse_bwd_values, dy, x, *args, *geometry,
+                                    conv.groups, config)
+
+
+def launches(conv, pass_, arch):
+    """(variant, config, launches) of ``pass_`` of ``conv`` on ``sm_<arch>``."""
+    if conv.rank:
+        return cp_launches(conv, pass_, arch)
+    if conv.block:
+        return block_sparse_launches(conv, pass_, arch)
+    return tiled_launches(conv, pass_, arch)
+
+
+def executed_flops(launch):
+    """FLOPs a launch computes, masked-off work included (by its kernel's loop structure)."""
+    a, programs = launch.args, math.prod(launch.grid)
+    taps = a["KD"] * a["KH"] * a["KW"]
+    if launch.name == "conv3d_igemm_kernel":
+        steps = taps * -(-a["KC"] // a["BLOCK_K"])
+        return 2 * programs * a["BLOCK_M"] * a["BLOCK_N"] * a["BLOCK_K"] * steps
+    if launch.name == "conv3d_dw_kernel":
+        return 2 * programs * a["BLOCK"] * taps * (a["MULT"] if a["TRANSPOSED"] else 1)
+    if launch.name == "conv3d_wgrad_kernel":
+        return 2 * programs * a["BLOCK_CO"] * a["BLOCK_CI"] * a["M_PER_SPLIT"]
+    if launch.name == "conv3d_dw_wgrad_kernel":
+        return 2 * programs * a["BLOCK_T"] * a["M_PER_SPLIT"]
+    if launch.name == "bs_conv3d_kernel" and not a["DEPTHWISE"]:  # every M tile walks all blocks
+        nnz = launch.args["v_ptr"].shape[0]
+        steps = nnz * a["BD"] * a["BH"] * a["BW"]
+        return 2 * a["NUM_M"] * a["BLOCK_M"] * a["BLOCK_K"] * a["BLOCK_N"] * steps
+    if launch.name == "bs_conv3d_wgrad_kernel" and not a["DEPTHWISE"]:
+        return 2 * programs * a["BLOCK_I"] * a["BLOCK_O"] * a["M_PER_SPLIT"]
+    tiles = programs * a.get("TILES", 1)
+    rows = 2 * tiles * a.get("BLOCK_M", 0) * a.get("R_PAD", 0)  # x columns x reduction
+    epilogue = -(-a.get("NC", 0) // a.get("BLOCK_N", 1)) * a.get("BLOCK_N", 0)
+    if launch.name == "cp_conv_kernel":
+        return rows * (a["BLOCK_K"] * a["STEPS"] + epilogue * (a["WRITE_Y"] + a["EMIT_GQ"]))
+    if launch.name == "cp_grad_kernel":
+        return rows * (a["BLOCK_K"] * a["STEPS"] * (a["NEED_OUT"] + a["NEED_TAPS"])
+                       + epilogue * (a["NEED_OUT"] + a["NEED_TAPS"]))
+    raise ValueError(f"kernel: no FLOP count for {launch.name!r}")
+
+
+def useful_flops(conv, pass_):
+    """The op's own FLOPs for one pass: 2 · Cin/g · k³ per output element (every pass alike);
+    CP: 2 · R · (Cin + kd + kh + kw + Cout) per output voxel, the backward twice that;
+    block-sparse: the dense count times the density."""
+    x, _, spec = _checked(conv)
+    voxels = conv.input[0] * math.prod(spec.out_size)
+    if conv.rank:
+        cout, cin, *kernel = conv.weight
+        per = 2 * conv.rank * (cin + sum(kernel) + cout)
+        return per * voxels * (2 if pass_ == "backward" else 1)
+    dense = 2 * math.prod(conv.weight[1:]) * conv.weight[0] * voxels
+    return dense * conv.density if conv.block else dense
+
+
+def launch_bytes(launch):
+    """The least bytes a launch moves: each tensor it is passed, read or written once."""
+    tensors = {id(v): v for v in launch.args.values() if isinstance(v, torch.Tensor)}
+    return sum(t.numel() * t.element_size() for t in tensors.values())

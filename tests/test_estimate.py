@@ -1,0 +1,200 @@
+"""``lk3d estimate`` (``lk3d.tools.estimate``): the issue ceiling against the hand readings of the
+SASS, the recorded launches and their specialisation, and the command on a tiny dense case
+compiled for sm_90."""
+import json
+import math
+import os
+
+import pytest
+
+pytest.importorskip("triton")
+
+from lk3d.tools import aot, estimate, launch_record  # noqa: E402  (after the skip)
+
+# The figures the hand readings used: 132 SMs at 1.98 GHz, bf16 tensor 790 TFLOP/s (measured),
+# fp32 FMA 67 TFLOP/s, 4.3 TB/s.
+H200_READ = dict(estimate.device_figures(90), tensor_tflops={"bf16": 790.0}, fma_tflops=67.0,
+                 bandwidth_tbs=4.3)
+
+
+def test_issue_ceiling_matches_hand_readings():
+    # Implicit GEMM 128x64x32 on 4 warps: 438 instructions a step for 2*128*64*32 FLOPs.
+    r = estimate.issue_ceiling(438, 4, 2 * 128 * 64 * 32, "tensor", H200_READ, "bf16",
+                               flops=1e15, nbytes=1e6)
+    assert r["issue"] == pytest.approx(313, rel=0.01)
+    assert r["ceiling"] == r["issue"] and r["fraction"] == pytest.approx(0.396, rel=0.01)
+    # Depthwise BLOCK 256 on 8 warps: 31 instructions for 2 FFMA per lane (2 FLOPs each).
+    r = estimate.issue_ceiling(31, 8, 2 * 2 * 32 * 8, "fma", H200_READ, "bf16",
+                               flops=1e15, nbytes=1e6)
+    assert r["issue"] == pytest.approx(4.3, rel=0.01)
+    assert r["fraction"] == pytest.approx(4.3 / 67, rel=0.01)
+
+
+def test_issue_ceiling_caps():
+    device = estimate.device_figures(90)
+    # A step of one instruction per warp could issue far past the peak: the peak caps it.
+    r = estimate.issue_ceiling(1, 4, 2 * 128 * 64 * 32, "tensor", device, "bf16", 1e15, 1e6)
+    assert r["ceiling"] == r["peak"] == 989.4 and r["fraction"] == 1.0
+    # 1 FLOP per byte at 3.35 TB/s: 3.35 TFLOP/s whatever the loop.
+    r = estimate.issue_ceiling(100, 4, 2 * 128 * 64 * 32, "tensor", device, "bf16", 1e9, 1e9)
+    assert r["ceiling"] == r["bandwidth"] == pytest.approx(3.35)
+    assert math.isclose(r["fraction"], 3.35 / 989.4, rel_tol=1e-9)
+    with pytest.raises(ValueError, match="arch: expected one of \\[80, 90\\], got 75"):
+        estimate.device_figures(75)
+    with pytest.raises(ValueError, match="unit: expected 'tensor' or 'fma', got 'sfu'"):
+        estimate.peak_tflops(device, "sfu", "bf16")
+
+
+def test_fallback_specialize_agrees_with_the_jit():
+    import torch
+
+    values = [1, 0, 7, 16, 48, -32, 2 ** 31, 2 ** 31 + 16, True, False, None, 1.5,
+              torch.empty(3, dtype=torch.bfloat16, device="meta"),
+              torch.empty(4, dtype=torch.float32, device="meta")]
+    native = launch_record._specializer()
+    for v in values:
+        kind, attr = native(v)
+        fallback = launch_record._fallback_specialize(v)
+        assert fallback[0] == kind and bool(fallback[1]) == bool(attr), (v, native(v), fallback)
+    with pytest.raises(TypeError, match="argument: expected a tensor, int, float, bool or None, "
+                                        "got str"):
+        launch_record._fallback_specialize("x")
+
+
+@pytest.mark.parametrize("pass_", launch_record.PASSES)
+@pytest.mark.parametrize("op,conv", [
+    ("dense", launch_record.Conv((2, 48, 11, 7, 9), (32, 48, 3, 5, 3), padding="same")),
+    ("grouped", launch_record.Conv((1, 48, 7, 9, 5), (36, 16, 3, 3, 3), stride=2, groups=3)),
+    ("depthwise", launch_record.Conv((2, 13, 9, 11, 7), (26, 1, 5, 3, 3), padding="same",
+                                groups=13)),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_recorded_launches(op, conv, pass_):
+    """Each pass records the one launch its launcher makes on meta tensors, with the arch's
+    default config; its executed FLOPs cover the op's, and the JIT's specialisation holds."""
+    from lk3d.kernels import tiled
+
+    kernels = {name: getattr(tiled, name) for name in ("conv3d_igemm_kernel", "conv3d_dw_kernel")}
+    variant, config, (launch,) = launch_record.tiled_launches(conv, pass_, 90)
+    assert {n: getattr(tiled, n) for n in kernels} == kernels  # the recorders are gone
+    assert conv.op == op and variant == ("direct" if op == "depthwise" else "gather")
+    expected = {("dense", "grad_weight"): "conv3d_wgrad_kernel",
+                ("grouped", "grad_weight"): "conv3d_wgrad_kernel",
+                ("depthwise", "grad_weight"): "conv3d_dw_wgrad_kernel",
+                ("depthwise", "forward"): "conv3d_dw_kernel",
+                ("depthwise", "grad_input"): "conv3d_dw_kernel"}
+    assert launch.name == expected.get((op, pass_), "conv3d_igemm_kernel")
+    assert launch.num_warps == config["num_warps"] and launch.num_stages == config["num_stages"]
+    assert all(launch.args[k] == v for k, v in config.items() if k.startswith("BLOCK"))
+    assert launch_record.executed_flops(launch) >= launch_record.useful_flops(conv, pass_) > 0
+    signature, constexprs, divisible = launch_record.specialize(launch)
+    assert list(signature) == launch.kernel.arg_names
+    for name, value in launch.args.items():
+        if isinstance(value, int) and not isinstance(value, bool) and value == 1:
+            assert signature[name] == "constexpr" and constexprs[name] == 1, name
+        elif signature[name].startswith("*"):
+            assert name in divisible
+        elif signature[name] in ("i32", "i64"):
+            assert (name in divisible) == (value % 16 == 0), name
+
+
+KEYS = ("case", "op", "pass", "variant", "arch", "dtype", "kernel", "config", "grid",
+        "registers", "spill_bytes", "shared_bytes", "loop_instructions", "loop_counts",
+        "executed_flops", "useful_flops", "bytes", "unit", "peak_tflops",
+        "issue_ceiling_tflops", "fraction", "modelled_ms")
+
+
+def test_estimate_command_errors(capsys):
+    from lk3d.tools import cli
+
+    base = ["estimate", "--input", "1,8,5,5,5", "--weight", "8,8,3,3,3"]
+    for extra, message in (
+            (["--passes", "forward,bwd"], "--passes: expected a comma-separated subset of "
+                                          "forward,grad_input,grad_weight, got 'forward,bwd'"),
+            (["--groups", "3"], "groups"),
+            (["--arch", "75"], "--arch: invalid choice: 75")):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(base + extra)
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.xdist_group("aot")
+@pytest.mark.skipif(not os.path.exists(aot.CUOBJDUMP),
+                    reason=f"no cuobjdump bundled with triton at {aot.CUOBJDUMP}")
+def test_estimate_command_sm90(tmp_path, capsys):
+    """``lk3d estimate --json`` on a tiny dense case: one compile for sm_90, every key present
+    and sane, the tensor-core loop counted."""
+    from lk3d.tools import cli
+
+    path = tmp_path / "estimate.json"
+    assert cli.main(["estimate", "--arch", "90", "--input", "1,64,5,7,3", "--weight",
+                     "64,64,3,3,3", "--dtype", "bf16", "--padding", "same", "--passes",
+                     "forward", "--case-id", "tiny", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "conv3d_igemm_kernel" in out and "H100 SXM" in out
+    (r,) = json.loads(path.read_text())
+    assert tuple(r) == KEYS
+    assert (r["case"], r["op"], r["pass"], r["variant"], r["arch"], r["dtype"], r["unit"]) == (
+        "tiny", "dense", "forward", "gather", 90, "bf16", "tensor")
+    assert r["kernel"] == "conv3d_igemm_kernel" and r["grid"] == [1]
+    assert r["config"] == dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+    assert r["loop_counts"]["HGMMA"] >= 1 and r["loop_counts"]["BRA"] == 1
+    assert r["loop_instructions"] == sum(r["loop_counts"].values())
+    assert 0 < r["registers"] <= 255 and r["spill_bytes"] == 0 and r["shared_bytes"] > 0
+    # 105 outputs of 64 channels, 2·64·27 FLOPs each; the one program computes 128 rows.
+    assert r["useful_flops"] == 2 * 64 * 27 * 105 * 64
+    assert r["executed_flops"] == 2 * 128 * 64 * 32 * 27 * 2
+    assert r["bytes"] == 2 * (64 * 105 * 2 + 64 * 64 * 27)
+    assert r["peak_tflops"] == 989.4
+    assert 0 < r["issue_ceiling_tflops"] <= r["peak_tflops"]
+    assert r["fraction"] == pytest.approx(r["issue_ceiling_tflops"] / r["peak_tflops"])
+    assert r["modelled_ms"] == pytest.approx(
+        r["executed_flops"] / (r["issue_ceiling_tflops"] * 1e12) * 1e3)
+
+
+def test_recorded_cp_launches():
+    """CP: the forward's one fused launch; the backward's grad-input (with grad U_in partials)
+    and factor-sum launches, each with its own config and SPLIT programs."""
+    conv = launch_record.Conv((2, 24, 7, 9, 5), (40, 24, 5, 3, 3), padding="same", rank=5)
+    assert conv.op == "cp" and conv.passes == ("forward", "backward") and conv.id.endswith("-R5")
+    variant, config, (launch,) = launch_record.launches(conv, "forward", 90)
+    assert (variant, launch.name, launch.args["R"]) == ("fused", "cp_conv_kernel", 5)
+    assert launch.args["EMIT_GQ"] is False and "SPLIT" not in config
+    assert launch_record.executed_flops(launch) >= launch_record.useful_flops(conv, "forward") > 0
+    _, _, (grad_input, factors) = launch_record.launches(conv, "backward", 90)
+    assert (grad_input.name, factors.name) == ("cp_conv_kernel", "cp_grad_kernel")
+    assert grad_input.args["EMIT_GQ"] is True and grad_input.args["TRANSPOSED"] is True
+    for ln in (grad_input, factors):
+        assert math.prod(ln.grid) == ln.config["SPLIT"] and ln.config["num_warps"] == ln.num_warps
+    assert (launch_record.executed_flops(grad_input) + launch_record.executed_flops(factors)
+            >= launch_record.useful_flops(conv, "backward"))
+    with pytest.raises(ValueError, match="pass: expected one of \\('forward', 'backward'\\), "
+                                         "got 'grad_input'"):
+        launch_record.launches(conv, "grad_input", 90)
+
+
+def test_recorded_block_sparse_launches(capsys):
+    """Block-sparse: one launch per pass over a meta block index of the density's share of the
+    blocks; the executed FLOPs are the dense count times the density where blocks fill the
+    tiles; depthwise blocks and half-given options are refused."""
+    conv = launch_record.Conv((1, 32, 5, 7, 3), (48, 32, 3, 3, 3), padding="same",
+                         block=(16, 16, 1, 1, 1), density=0.3)
+    assert conv.op == "block_sparse" and conv.nnz == round(0.3 * 3 * 2 * 27)
+    names = {"forward": "bs_conv3d_kernel", "grad_input": "bs_conv3d_kernel",
+             "grad_values": "bs_conv3d_wgrad_kernel"}
+    for pass_ in conv.passes:
+        variant, config, (launch,) = launch_record.launches(conv, pass_, 80)
+        assert variant == "sparse" and launch.name == names[pass_]
+        executed = launch_record.executed_flops(launch)
+        useful = launch_record.useful_flops(conv, pass_)
+        assert useful == pytest.approx(2 * 32 * 27 * 48 * 105 * 0.3, rel=0.02)
+        assert executed >= useful * 0.98
+    with pytest.raises(ValueError, match="weight: the estimate covers channel-block"):
+        launch_record.launches(launch_record.Conv((1, 16, 5, 5, 5), (16, 1, 3, 3, 3), groups=16,
+                                        block=(16, 1, 1, 1, 1), density=0.5), "forward", 90)
+    from lk3d.tools import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["estimate", "--input", "1,32,5,7,3", "--weight", "48,32,3,3,3",
+                  "--block", "16,16,1,1,1"])
+    assert "expected --block and --density together" in capsys.readouterr().err
