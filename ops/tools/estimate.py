@@ -20,33 +20,29 @@ import argparse
 import json
 import math
 
+from lk3d.autotune import devices
 from lk3d.tools import launch_record, sass
 
 
-# Device figures per arch, until a table of named GPUs replaces ``device_figures``.
-# H100 SXM (sm_90): 132 SMs; max boost clock 1.98 GHz; dense bf16/fp16 tensor 989.4 TFLOP/s, tf32
-# 494.7, fp32 FMA 66.9, HBM3 3.35 TB/s (NVIDIA H100 Tensor Core GPU datasheet, SXM column; the
-# datasheet's sparsity figures halved). A100 80GB SXM (sm_80): 108 SMs, boost 1.41 GHz (NVIDIA
-# A100 Tensor Core GPU Architecture whitepaper); dense bf16/fp16 tensor 312 TFLOP/s, tf32 156,
-# fp32 FMA 19.5, HBM2e 2.039 TB/s (NVIDIA A100 datasheet, 80GB SXM column). Shared memory: the
-# per-block opt-in limit (``aot.SHARED_LIMIT``).
-_DEVICES = {
-    90: dict(name="H100 SXM", sms=132, clock_ghz=1.98, fma_tflops=66.9, bandwidth_tbs=3.35,
-             tensor_tflops={"bf16": 989.4, "fp16": 989.4, "fp32": 494.7}),
-    80: dict(name="A100 80GB SXM", sms=108, clock_ghz=1.41, fma_tflops=19.5, bandwidth_tbs=2.039,
-             tensor_tflops={"bf16": 312.0, "fp16": 312.0, "fp32": 156.0}),
-}
+# The GPU an estimate for an arch assumes (the table and its sources: lk3d.autotune.devices).
+ARCH_DEVICE = {90: "h100", 80: "a100"}
 ISSUE_PER_CLOCK = 4  # warp-instructions an SM issues per clock (4 schedulers, 1 each)
 
 
 def device_figures(arch):
     """SMs, clock (GHz), peaks (TFLOP/s), bandwidth (TB/s) and shared-memory limit (bytes) of the
-    GPU the estimate for ``sm_<arch>`` assumes."""
-    if arch not in _DEVICES:
-        raise ValueError(f"arch: expected one of {sorted(_DEVICES)}, got {arch!r}")
+    GPU the estimate for ``sm_<arch>`` assumes (``ARCH_DEVICE``, figures from
+    ``lk3d.autotune.devices``)."""
+    if arch not in ARCH_DEVICE:
+        raise ValueError(f"arch: expected one of {sorted(ARCH_DEVICE)}, got {arch!r}")
     from lk3d.tools import aot
 
-    return dict(_DEVICES[arch], arch=arch, smem_limit=aot.SHARED_LIMIT[arch])
+    f = devices.named(ARCH_DEVICE[arch])
+    return dict(name=f.name, sms=f.sms, clock_ghz=f.clock_hz / 1e9, fma_tflops=f.fma_fp32 / 1e12,
+                bandwidth_tbs=f.bandwidth / 1e12,
+                tensor_tflops={"bf16": f.tensor_16 / 1e12, "fp16": f.tensor_16 / 1e12,
+                               "fp32": f.tensor_tf32 / 1e12},
+                arch=arch, smem_limit=aot.SHARED_LIMIT[arch])
 
 
 def peak_tflops(device, unit, dtype):
@@ -188,7 +184,7 @@ def add_parser(sub):
                        "warp-instructions per clock per SM, capped by the unit's peak and the "
                        "bandwidth. E.g. --arch 90 --input 1,64,64,64,64 --weight 64,64,7,7,7 "
                        "--dtype bf16 --padding same.")
-    p.add_argument("--arch", type=int, choices=sorted(_DEVICES), default=90,
+    p.add_argument("--arch", type=int, choices=sorted(ARCH_DEVICE), default=90,
                    help="the SM version to compile for (default: 90)")
     p.add_argument("--input", type=_ints(5, "N,C,D,H,W"), metavar="N,C,D,H,W", required=True)
     p.add_argument("--weight", type=_ints(5, "Cout,Cin/groups,kd,kh,kw"), required=True,
