@@ -32,7 +32,7 @@ from lk3d.kernels import tiled_configs as tiled_family
 
 configs.register(tiled_family)
 
-_KERNEL_DTYPES = {
+KERNEL_DTYPES = {
     "cuda": (torch.float16, torch.bfloat16, torch.float32),
     # bf16 tl.dot is wrong in the interpreter (see CPU_FACTS); CPU bf16 goes elsewhere.
     "cpu": (torch.float16, torch.float32, torch.float64),
@@ -47,8 +47,8 @@ def kernels_can_run(t: torch.Tensor) -> bool:
     if t.dim() == 5 and math.prod(t.shape[2:]) > MAX_VOLUME:
         return False
     if t.device.type == "cuda":
-        return t.dtype in _KERNEL_DTYPES["cuda"]
-    return t.device.type == "cpu" and INTERPRETED and t.dtype in _KERNEL_DTYPES["cpu"]
+        return t.dtype in KERNEL_DTYPES["cuda"]
+    return t.device.type == "cpu" and INTERPRETED and t.dtype in KERNEL_DTYPES["cpu"]
 
 
 def kernels_why_not(device: torch.device) -> str:

@@ -18,7 +18,7 @@ def _int_list(text):
         return ()
 
 
-def _ints(count, what):
+def ints_arg(count, what):
     """An argparse type: ``count`` comma-separated positive ints (``what`` names them)."""
     def parse(text):
         values = _int_list(text)
@@ -30,15 +30,15 @@ def _ints(count, what):
     return parse
 
 
-def _one_positive(name):
+def positive_arg(name):
     """An argparse type: one positive int."""
     def parse(text):
-        return _ints(1, name)(text)[0]
+        return ints_arg(1, name)(text)[0]
     parse.__name__ = name
     return parse
 
 
-def _one_or_three(name, minimum):
+def triple_arg(name, minimum):
     """An argparse type: an int or 3 comma-separated ints, each >= ``minimum``."""
     def parse(text):
         values = _int_list(text)
@@ -50,11 +50,11 @@ def _one_or_three(name, minimum):
     return parse
 
 
-def _padding(text):
+def padding_arg(text):
     if text in ("same", "valid"):
         return text
     try:
-        return _one_or_three("padding", 0)(text)
+        return triple_arg("padding", 0)(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected 'same', 'valid', an int >= 0 or 3 of them, "
                                          f"comma-separated, got {text!r}") from None
@@ -187,6 +187,22 @@ def run(args, parser):
     return 0
 
 
+def add_convolution_arguments(p, required=False):
+    """``--input``, ``--weight``, ``--groups``, ``--stride``, ``--padding``, ``--dilation``: one
+    convolution's shapes and geometry, as ``lk3d explain`` and ``lk3d estimate`` take them."""
+    p.add_argument("--input", type=ints_arg(5, "N,C,D,H,W"), metavar="N,C,D,H,W",
+                   required=required)
+    p.add_argument("--weight", type=ints_arg(5, "Cout,Cin/groups,kd,kh,kw"),
+                   metavar="Cout,Cin/g,kd,kh,kw", required=required)
+    p.add_argument("--groups", type=positive_arg("groups"), metavar="G", help="default: 1")
+    p.add_argument("--stride", type=triple_arg("stride", 1), metavar="S",
+                   help="an int or 3 (default: 1)")
+    p.add_argument("--padding", type=padding_arg, metavar="P",
+                   help="same, valid, an int or 3 (default: 0)")
+    p.add_argument("--dilation", type=triple_arg("dilation", 1), metavar="D",
+                   help="an int or 3 (default: 1)")
+
+
 def add_parser(sub):
     """The ``explain`` subcommand of the ``lk3d`` parser's ``sub``."""
     p = sub.add_parser("explain", help="the plan lk3d would use for a convolution, per pass",
@@ -201,17 +217,8 @@ def add_parser(sub):
     p.add_argument("case", nargs="?", help="a case name of lk3d bench's sets")
     p.add_argument("--case", dest="case_option", metavar="ID",
                    help="the same, as an option (e.g. a goal case: G1, G3-k7, G5-d10)")
-    p.add_argument("--input", type=_ints(5, "N,C,D,H,W"), metavar="N,C,D,H,W")
-    p.add_argument("--weight", type=_ints(5, "Cout,Cin/groups,kd,kh,kw"),
-                   metavar="Cout,Cin/g,kd,kh,kw")
-    p.add_argument("--groups", type=_one_positive("groups"), metavar="G", help="default: 1")
-    p.add_argument("--stride", type=_one_or_three("stride", 1), metavar="S",
-                   help="an int or 3 (default: 1)")
-    p.add_argument("--padding", type=_padding, metavar="P",
-                   help="same, valid, an int or 3 (default: 0)")
-    p.add_argument("--dilation", type=_one_or_three("dilation", 1), metavar="D",
-                   help="an int or 3 (default: 1)")
-    p.add_argument("--rank", type=_one_positive("rank"), metavar="R",
+    add_convolution_arguments(p)
+    p.add_argument("--rank", type=positive_arg("rank"), metavar="R",
                    help="a rank-R CP kernel of the --weight's shape (lk3d.cp_conv3d)")
     p.add_argument("--dtype", choices=tuple(bench.DTYPES),
                    help="default: the case's, else float32")

@@ -173,7 +173,7 @@ def _density(text):
 
 def add_parser(sub):
     """The ``estimate`` subcommand of the ``lk3d`` parser's ``sub``."""
-    from lk3d.tools.cli_explain import _ints, _one_or_three, _one_positive, _padding
+    from lk3d.tools.cli_explain import add_convolution_arguments, ints_arg, positive_arg
 
     p = sub.add_parser("estimate", help="issue ceilings of lk3d's Triton kernels on a GPU, from "
                        "their machine code (no GPU needed)",
@@ -186,21 +186,12 @@ def add_parser(sub):
                        "--dtype bf16 --padding same.")
     p.add_argument("--arch", type=int, choices=sorted(ARCH_DEVICE), default=90,
                    help="the SM version to compile for (default: 90)")
-    p.add_argument("--input", type=_ints(5, "N,C,D,H,W"), metavar="N,C,D,H,W", required=True)
-    p.add_argument("--weight", type=_ints(5, "Cout,Cin/groups,kd,kh,kw"), required=True,
-                   metavar="Cout,Cin/g,kd,kh,kw")
-    p.add_argument("--groups", type=_one_positive("groups"), metavar="G", help="default: 1")
-    p.add_argument("--stride", type=_one_or_three("stride", 1), metavar="S",
-                   help="an int or 3 (default: 1)")
-    p.add_argument("--padding", type=_padding, metavar="P",
-                   help="same, valid, an int or 3 (default: 0)")
-    p.add_argument("--dilation", type=_one_or_three("dilation", 1), metavar="D",
-                   help="an int or 3 (default: 1)")
+    add_convolution_arguments(p, required=True)
     p.add_argument("--dtype", choices=tuple(launch_record.DTYPES), default="bf16",
                    help="default: bf16")
-    p.add_argument("--rank", type=_one_positive("rank"), metavar="R",
+    p.add_argument("--rank", type=positive_arg("rank"), metavar="R",
                    help="a rank-R CP kernel of the --weight's shape (lk3d.cp_conv3d)")
-    p.add_argument("--block", type=_ints(5, "bo,bi,bd,bh,bw"), metavar="bo,bi,bd,bh,bw",
+    p.add_argument("--block", type=ints_arg(5, "bo,bi,bd,bh,bw"), metavar="bo,bi,bd,bh,bw",
                    help="a block-sparse kernel of these blocks (lk3d.block_sparse_conv3d)")
     p.add_argument("--density", type=_density, metavar="F",
                    help="block-sparse: the fraction of blocks stored, in (0, 1]")

@@ -28,7 +28,7 @@ def _plan(times, routes=None):
 
 
 def _kernels_take(dtype, *volumes):
-    return dtype in _algos._KERNEL_DTYPES["cuda"] and max(volumes) <= MAX_VOLUME
+    return dtype in _algos.KERNEL_DTYPES["cuda"] and max(volumes) <= MAX_VOLUME
 
 
 def _spec(x_shape, kernel, stride, padding, dilation, groups):
