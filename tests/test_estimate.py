@@ -198,3 +198,57 @@ def test_recorded_block_sparse_launches(capsys):
         cli.main(["estimate", "--input", "1,32,5,7,3", "--weight", "48,32,3,3,3",
                   "--block", "16,16,1,1,1"])
     assert "expected --block and --density together" in capsys.readouterr().err
+
+
+def test_goal_cases_as_convolutions():
+    from lk3d.tools.bench_cases import GOAL_CASES
+
+    convs = {c.name: estimate.conv_of(c) for c in GOAL_CASES}
+    g1, g4, g5 = convs["G1"], convs["G4"], convs["G5-d10"]
+    assert (g1.op, g1.input, g1.weight, g1.groups, g1.dtype, g1.padding) == (
+        "depthwise", (2, 48, 96, 96, 96), (48, 1, 21, 21, 21), 48, "bf16", "same")
+    assert (g4.op, g4.rank, g4.weight) == ("cp", 16, (64, 64, 21, 21, 21))
+    assert (g5.op, g5.block, g5.density, g5.input) == (
+        "block_sparse", (16, 16, 1, 1, 1), 0.1, (1, 64, 32, 32, 32))
+    assert convs["G3-k11"].op == "dense" and convs["G3-k11"].weight[2:] == (11, 11, 11)
+
+
+def test_estimate_cases_report(tmp_path, capsys, monkeypatch):
+    """``--cases SET --out DIR``: every case estimated, the report written (estimate records
+    stand in for the compiles here)."""
+    from lk3d.tools import cli
+    from lk3d.tools.bench_cases import TINY_CASES
+
+    def fake(conv, arch, passes=None, case_id=None):
+        return [dict({k: 0 for k in KEYS}, case=case_id, op=conv.op, arch=arch, kernel="k_kernel",
+                     grid=[3], config={"BLOCK_M": 64}, loop_counts={"FFMA": 7, "LDG": 2},
+                     unit="fma", peak_tflops=66.9, issue_ceiling_tflops=6.69, fraction=0.1,
+                     **{"pass": p}) for p in (passes or conv.passes)]
+
+    monkeypatch.setattr(estimate, "estimate", fake)
+    out = tmp_path / "static-sm90"
+    assert cli.main(["estimate", "--cases", "tiny", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    expected = sum(len(estimate.conv_of(c).passes) for c in TINY_CASES)
+    assert f"wrote {expected} launches" in text
+    rows = (out / "estimate.csv").read_text().splitlines()
+    assert len(rows) == 1 + expected and rows[1].split(",")[12] == "FFMA:7 LDG:2"
+    assert {r["case"] for r in json.loads((out / "estimate.json").read_text())} == {
+        c.name for c in TINY_CASES}
+    assert json.loads((out / "about.json").read_text())["arch"] == 90
+    assert (out / "fraction.png").exists() or "plot skipped" in text
+
+
+def test_estimate_cases_errors(capsys):
+    from lk3d.tools import cli
+
+    for argv, message in (
+            (["--cases", "tiny", "--input", "1,8,5,5,5"], "--cases: expected no --input"),
+            (["--input", "1,8,5,5,5", "--weight", "8,8,3,3,3", "--out", "x"],
+             "--out: expected with --cases"),
+            (["--cases", "/no/such/cases.json"], "--cases:"),
+            ([], "expected --input and --weight")):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["estimate"] + argv)
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err

@@ -118,14 +118,18 @@ def estimate(conv, arch, passes=None, case_id=None):
 # ---------------------------------------------------------------------------------------------
 
 def table(records):
-    """The records as a text table, one line per launch."""
-    header = (f"{'pass':<12} {'kernel':<24} {'grid':>8} {'regs':>4} {'smem':>6} {'loop':>5} "
-              f"{'hot':<16} {'unit':<6} {'peak':>7} {'ceiling':>8} {'frac':>6} {'ms':>8}")
+    """The records as a text table, one line per launch (led by the case where there are
+    several)."""
+    width = max(len(r["case"]) for r in records) if len({r["case"] for r in records}) > 1 else 0
+    header = (f"{'case':<{width}} " if width else "") + (
+        f"{'pass':<12} {'kernel':<24} {'grid':>8} {'regs':>4} {'smem':>6} {'loop':>5} "
+        f"{'hot':<16} {'unit':<6} {'peak':>7} {'ceiling':>8} {'frac':>6} {'ms':>8}")
     lines = [header, "-" * len(header)]
     for r in records:
         unit_ops = sass.TENSOR_OPS if r["unit"] == "tensor" else sass.FMA_OPS
         hot = ", ".join(f"{n} {op}" for op, n in r["loop_counts"].items() if op in unit_ops)
-        lines.append(f"{r['pass']:<12} {r['kernel']:<24} {math.prod(r['grid']):>8} "
+        lines.append((f"{r['case']:<{width}} " if width else "") +
+                     f"{r['pass']:<12} {r['kernel']:<24} {math.prod(r['grid']):>8} "
                      f"{r['registers']:>4} {r['shared_bytes']:>6} {r['loop_instructions']:>5} "
                      f"{hot:<16} {r['unit']:<6} {r['peak_tflops']:>7.1f} "
                      f"{r['issue_ceiling_tflops']:>8.2f} {r['fraction']:>6.1%} "
@@ -134,6 +138,12 @@ def table(records):
 
 
 def run(args, parser):
+    if args.cases:
+        return _run_cases(args, parser)
+    if args.input is None or args.weight is None:
+        parser.error("expected --input and --weight (one convolution), or --cases")
+    if args.out:
+        parser.error("--out: expected with --cases (a report of several cases)")
     conv = launch_record.Conv(args.input, args.weight, args.dtype,
                               1 if args.stride is None else args.stride,
                               0 if args.padding is None else args.padding,
@@ -150,15 +160,56 @@ def run(args, parser):
         records = estimate(conv, args.arch, passes, args.case_id)
     except (TypeError, ValueError) as e:  # lk3d's argument checks name the argument
         parser.error(str(e))
-    device = device_figures(args.arch)
-    print(f"{records[0]['case']} ({conv.op}, {conv.dtype}) on sm_{args.arch}: issue ceilings "
-          f"for {device['name']} ({device['sms']} SMs, {device['clock_ghz']} GHz, "
-          f"{device['bandwidth_tbs']} TB/s), TFLOP/s")
-    print(table(records))
+    _print(records, args.arch, f"{records[0]['case']} ({conv.op}, {conv.dtype})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)
     return 0
+
+
+def _print(records, arch, what):
+    device = device_figures(arch)
+    print(f"{what} on sm_{arch}: issue ceilings for {device['name']} ({device['sms']} SMs, "
+          f"{device['clock_ghz']} GHz, {device['bandwidth_tbs']} TB/s), TFLOP/s")
+    print(table(records))
+
+
+def _run_cases(args, parser):
+    if args.input is not None or args.weight is not None or args.case_id:
+        parser.error("--cases: expected no --input, --weight or --case-id with it")
+    from lk3d.tools import bench_cases, report_static
+
+    try:
+        cases = (bench_cases.CASE_SETS[args.cases] if args.cases in bench_cases.CASE_SETS
+                 else bench_cases.load_cases(args.cases))
+        records = [r for case in cases
+                   for r in estimate(conv_of(case), args.arch, case_id=case.name)]
+    except (TypeError, ValueError, OSError) as e:
+        parser.error(f"--cases: {e}")
+    _print(records, args.arch, f"cases {args.cases!r}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    if args.out:
+        for line in report_static.write(records, args.out, args.arch):
+            print(line)
+    return 0
+
+
+_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def conv_of(case):
+    """The ``launch_record.Conv`` of a benchmark case (``lk3d.tools.bench_cases.Case``)."""
+    if case.dtype not in _DTYPE_NAMES:
+        raise ValueError(f"case {case.name!r}: dtype: expected one of {tuple(_DTYPE_NAMES)} "
+                         f"(the kernels' dtypes), got {case.dtype!r}")
+    sparse = case.op == "block_sparse"
+    return launch_record.Conv((case.N, case.Cin, *case.size),
+                              (case.Cout, case.Cin // case.groups, *case.kernel),
+                              _DTYPE_NAMES[case.dtype], 1, case.padding, 1, case.groups,
+                              case.rank or None, tuple(case.block) if sparse else None,
+                              case.density if sparse else None)
 
 
 def _density(text):
@@ -186,7 +237,10 @@ def add_parser(sub):
                        "--dtype bf16 --padding same.")
     p.add_argument("--arch", type=int, choices=sorted(ARCH_DEVICE), default=90,
                    help="the SM version to compile for (default: 90)")
-    add_convolution_arguments(p, required=True)
+    p.add_argument("--cases", metavar="SET|FILE",
+                   help="estimate every case of a benchmark case set (goals, quick, full, tiny) "
+                   "or of a cases file, instead of --input/--weight")
+    add_convolution_arguments(p)
     p.add_argument("--dtype", choices=tuple(launch_record.DTYPES), default="bf16",
                    help="default: bf16")
     p.add_argument("--rank", type=positive_arg("rank"), metavar="R",
@@ -200,4 +254,6 @@ def add_parser(sub):
                    f"{','.join(lr.CP_PASSES)}; block-sparse: {','.join(lr.BS_PASSES)})")
     p.add_argument("--case-id", help="the records' case (default: one made of the shapes)")
     p.add_argument("--json", metavar="PATH", help="write the records here (a JSON list)")
+    p.add_argument("--out", metavar="DIR", help="with --cases: write the report here "
+                   "(estimate.csv, estimate.json and a plot of each launch's fraction of peak)")
     p.set_defaults(func=run, subparser=p)
