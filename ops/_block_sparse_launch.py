@@ -83,34 +83,31 @@ def kernels_ms(pass_, input, nnz, weight_shape, block_shape, stride, padding, di
     return dense_ms * (nnz / blocks) / efficiency
 
 
-def _launch(pass_, name, main, x_shape, values, weight_shape, block_shape, geometry, config,
+def _launch(pass_, launcher, main, x_shape, values, weight_shape, block_shape, geometry, config,
             args, allow_tf32):
-    """Launch ``lk3d.kernels.block_sparse``'s launcher ``name`` for pass ``pass_`` on ``args``
-    (everything before the config), with ``config`` or the pass's default (chosen for ``main``'s
-    device and element size)."""
+    """``launcher`` (one of ``lk3d.kernels.block_sparse``'s) for pass ``pass_`` on ``args``
+    (everything before the geometry), with ``config`` or the pass's default (chosen for
+    ``main``'s device and element size)."""
     if config is None:
         config = configs.default_config(
             problem(pass_, x_shape, weight_shape, block_shape, values.shape[0], *geometry[:3]),
             main.device, main.element_size())
-    launcher = {"block_sparse_fwd": kernels.block_sparse.block_sparse_fwd,
-                "block_sparse_bwd_input": kernels.block_sparse.block_sparse_bwd_input,
-                "block_sparse_bwd_values": kernels.block_sparse.block_sparse_bwd_values}[name]
     return launcher(*args, *geometry, config, allow_tf32=allow_tf32)
 
 
 def block_sparse_fwd(x, values, row_ptr, col, weight_shape, block_shape, bias, stride, padding,
                      dilation, groups, config=None, *, allow_tf32=False):
     """``lk3d.kernels.block_sparse.block_sparse_fwd`` with its config."""
-    return _launch("forward", "block_sparse_fwd", x, x.shape, values, weight_shape, block_shape,
-                   (stride, padding, dilation, groups), config,
+    return _launch("forward", kernels.block_sparse.block_sparse_fwd, x, x.shape, values,
+                   weight_shape, block_shape, (stride, padding, dilation, groups), config,
                    (x, values, row_ptr, col, weight_shape, block_shape, bias), allow_tf32)
 
 
 def block_sparse_bwd_input(grad, values, row_ptr, col, weight_shape, block_shape, input_shape,
                            stride, padding, dilation, groups, config=None, *, allow_tf32=False):
     """``lk3d.kernels.block_sparse.block_sparse_bwd_input`` with its config."""
-    return _launch("grad_input", "block_sparse_bwd_input", grad, input_shape, values,
-                   weight_shape, block_shape, (stride, padding, dilation, groups), config,
+    return _launch("grad_input", kernels.block_sparse.block_sparse_bwd_input, grad, input_shape,
+                   values, weight_shape, block_shape, (stride, padding, dilation, groups), config,
                    (grad, values, row_ptr, col, weight_shape, block_shape, input_shape),
                    allow_tf32)
 
@@ -118,6 +115,6 @@ def block_sparse_bwd_input(grad, values, row_ptr, col, weight_shape, block_shape
 def block_sparse_bwd_values(grad, x, values, row_ptr, col, weight_shape, block_shape, stride,
                             padding, dilation, groups, config=None, *, allow_tf32=False):
     """``lk3d.kernels.block_sparse.block_sparse_bwd_values`` with its config."""
-    return _launch("grad_values", "block_sparse_bwd_values", x, x.shape, values, weight_shape,
-                   block_shape, (stride, padding, dilation, groups), config,
+    return _launch("grad_values", kernels.block_sparse.block_sparse_bwd_values, x, x.shape,
+                   values, weight_shape, block_shape, (stride, padding, dilation, groups), config,
                    (grad, x, values, row_ptr, col, weight_shape, block_shape), allow_tf32)
