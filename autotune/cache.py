@@ -219,17 +219,22 @@ def _seed_entries() -> dict[str, dict]:
     return parsed.entries
 
 
-def _user_cache_dir() -> str:
-    """``platformdirs.user_cache_dir("lk3d")``; platformdirs is imported only here, when a cache
-    without ``$LK3D_CACHE_DIR`` is first opened, not by ``import lk3d``. Where it is not installed
-    (a minimal image), the folder it gives on Linux: ``$XDG_CACHE_HOME/lk3d``, else
-    ``~/.cache/lk3d``."""
+# Where platformdirs is not installed (a minimal image): the folders it gives on Linux.
+_XDG = {"cache": ("XDG_CACHE_HOME", ".cache"), "data": ("XDG_DATA_HOME", ".local/share")}
+
+
+def user_dir(kind: str) -> str:
+    """lk3d's user folder of ``kind`` ("cache" or "data"): ``platformdirs.user_cache_dir("lk3d")``
+    or ``user_data_dir``. platformdirs is imported only here, when the folder is first needed,
+    not by ``import lk3d``; where it is not installed, ``$XDG_CACHE_HOME/lk3d`` (else
+    ``~/.cache/lk3d``), likewise ``$XDG_DATA_HOME`` (``~/.local/share``)."""
+    env, default = _XDG[kind]
     try:
         import platformdirs
     except ImportError:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        return os.path.join(base, "lk3d")
-    return platformdirs.user_cache_dir("lk3d")
+        return os.path.join(os.environ.get(env) or os.path.join(os.path.expanduser("~"), default),
+                            "lk3d")
+    return {"cache": platformdirs.user_cache_dir, "data": platformdirs.user_data_dir}[kind]("lk3d")
 
 
 class PlanCache:
@@ -240,7 +245,7 @@ class PlanCache:
 
     def __init__(self, directory: str | os.PathLike | None = None):
         if directory is None:
-            directory = os.environ.get("LK3D_CACHE_DIR") or _user_cache_dir()
+            directory = os.environ.get("LK3D_CACHE_DIR") or user_dir("cache")
         self.directory = Path(directory).expanduser()
         self.path = self.directory / f"plans-v{FORMAT_VERSION}.json"
         self._lock = filelock.FileLock(f"{self.path}.lock", timeout=_LOCK_TIMEOUT_S)

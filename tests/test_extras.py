@@ -157,3 +157,17 @@ def test_info_names_the_extras(capsys):
                 if line.startswith("extras"))
     for word in ("bench: matplotlib", "tqdm", "decompose: tensorly"):
         assert word in line, line
+
+
+def test_user_dirs_without_platformdirs(missing, monkeypatch, tmp_path):
+    """The plan cache's and the reports' folders are platformdirs' Linux ones without it."""
+    from lk3d.autotune.cache import user_dir
+
+    missing("platformdirs")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "c"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "d"))
+    monkeypatch.delenv("LK3D_REPORT_DIR", raising=False)
+    assert user_dir("cache") == str(tmp_path / "c" / "lk3d")
+    assert report.reports_root() == tmp_path / "d" / "lk3d" / "reports"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert user_dir("cache") == os.path.join(os.path.expanduser("~"), ".cache", "lk3d")

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from lk3d.autotune.cache import user_dir
 from lk3d.tools.table import fmt, write_csv
 
 COLUMNS = ("case", "provider", "mode", "metric", "value", "device", "torch", "triton", "lk3d",
@@ -76,17 +77,11 @@ def reports_root() -> Path:
     """Where ``lk3d bench`` keeps its reports unless ``--out`` says otherwise, and what
     ``lk3d report`` reads by default: ``$LK3D_REPORT_DIR`` when set, else ``reports`` in the
     user's data folder (``platformdirs.user_data_dir("lk3d")``: ``~/.local/share/lk3d/reports``
-    on Linux; where platformdirs is not installed, that Linux folder: ``$XDG_DATA_HOME/lk3d``,
-    else ``~/.local/share/lk3d``)."""
+    on Linux; ``lk3d.autotune.cache.user_dir``)."""
     env = os.environ.get(REPORT_DIR_ENV, "").strip()
     if env:
         return Path(env).expanduser()
-    try:
-        import platformdirs
-    except ImportError:
-        base = os.environ.get("XDG_DATA_HOME") or Path("~/.local/share").expanduser()
-        return Path(base) / "lk3d" / "reports"
-    return Path(platformdirs.user_data_dir("lk3d")) / "reports"
+    return Path(user_dir("data")) / "reports"
 
 
 # ---------------------------------------------------------------------------------------------
