@@ -1,8 +1,10 @@
 """Shared test cases, tolerances and reference for the convolution tests: one ``Case`` type for
 every form (dense, CP, block-sparse, module) and one tolerance table."""
+import contextlib
 import math
 from dataclasses import dataclass
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
@@ -184,6 +186,26 @@ def leaf_like(t):
 def assert_close_rel(name, got, want, tol):
     err = rel_err(got, want)
     assert err < tol, f"{name}: relative error {err:.3g} >= {tol:g}"
+
+
+@contextlib.contextmanager
+def raises_naming(error, names):
+    """``pytest.raises(error)`` whose message must also hold each of ``names`` (the argument,
+    the expected and the given value an error names)."""
+    with pytest.raises(error) as info:
+        yield info
+    for name in names:
+        assert name in str(info.value), f"{name!r} not in {str(info.value)!r}"
+
+
+def assert_one_node(fn, *args, op):
+    """``fn(*args)`` as ``torch._dynamo`` traces it (after a reset): one graph, no graph break,
+    and exactly one node of lk3d's ``op`` (its name as it shows, e.g. ``"lk3d.cp_conv3d"``)."""
+    torch._dynamo.reset()
+    counts = torch._dynamo.explain(fn)(*args)
+    assert counts.graph_break_count == 0 and counts.graph_count == 1
+    nodes = [str(n.target) for g in counts.graphs for n in g.graph.nodes]
+    assert sum(op in n for n in nodes) == 1, nodes
 
 
 def rel_err(y, ref):
