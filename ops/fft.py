@@ -42,9 +42,13 @@ gives NaN there (0·Inf), oneDNN (bf16, and fp32 for large kernels or channels_l
 padding; aten's answer is that of the torch path it takes.
 
 Memory: work is chunked over groups/output channels and over the batch so that one chunk's
-spectra (kernel + input tiles + output tiles, complex) stay under ``LK3D_FFT_MEMORY_MB`` (default
-1024 MiB) when the problem allows it; the peak is about that budget plus the input, its padded copy
-and the output. A single (sample, channel group) whose spectra alone exceed the budget still runs.
+complex spectra stay under ``LK3D_FFT_MEMORY_MB`` (default 1024 MiB) when the problem allows it:
+forward and grad-input hold the chunk's kernel spectrum and its input and output tiles'
+spectra; grad-weight holds the chunk's accumulator (Cin/g·Cout/g whole-volume spectra per group)
+and its samples' input and gradient spectra. The peak is about that budget plus the input, its
+padded copy and the output (grad-weight: plus the stride-1 gradient where stride > 1). A single
+(sample, channel group) whose spectra alone exceed the budget still runs. Depthwise products
+(Cin/g = 1) are elementwise in all three passes, never a matmul over a singleton channel axis.
 """
 import bisect
 import functools
@@ -296,18 +300,32 @@ def conv3d_grad_weight(grad, x, weight_shape, stride, padding, dilation, groups)
     L = [next_fast(p) for p in P]
     N = x.shape[0]
     Fr = L[0] * L[1] * (L[2] // 2 + 1)
-    acc = torch.zeros((groups, Fr, cg, og), dtype=cdtype, device=x.device)
     esize = torch.empty((), dtype=cdtype).element_size()
-    n_chunk = max(1, min(N, _budget_bytes() // max(1, Fr * esize * (cg + og) * groups)))
-    for n0 in range(0, N, n_chunk):
-        n1 = min(N, n0 + n_chunk)
-        n = n1 - n0
-        xs = torch.fft.rfftn(xp[n0:n1].to(rdtype), s=L, dim=(-3, -2, -1))
-        gs = torch.fft.rfftn(grad[n0:n1].to(rdtype), s=L, dim=(-3, -2, -1))
-        xs = xs.reshape(n, groups, cg, Fr).permute(1, 3, 2, 0)           # [G, Fr, cg, n]
-        gs = gs.reshape(n, groups, og, Fr).permute(1, 3, 0, 2).conj()    # [G, Fr, n, og]
-        acc += torch.matmul(xs, gs)
-    acc = acc.permute(0, 3, 2, 1).reshape(cout, cg, L[0], L[1], L[2] // 2 + 1)
-    corr = irfftn_cropped(acc, L, E)
+    # Chunks: groups, then the batch. Per group: its accumulator (cg·og spectra) and, per sample,
+    # the input's and the gradient's spectra (cg + og); a chunk's total stays within budget.
+    acc_group, sample_group = Fr * esize * cg * og, Fr * esize * (cg + og)
+    budget = _budget_bytes()
+    g_chunk = max(1, min(groups, budget // max(1, acc_group + sample_group)))
+    corr = torch.empty((cout, cg, *E), dtype=rdtype, device=x.device)
+    for g0 in range(0, groups, g_chunk):
+        g1 = min(groups, g0 + g_chunk)
+        g = g1 - g0
+        room = budget - g * acc_group
+        n_chunk = max(1, min(N, room // max(1, g * sample_group)))
+        acc = torch.zeros((g, Fr, cg, og), dtype=cdtype, device=x.device)
+        for n0 in range(0, N, n_chunk):
+            n1 = min(N, n0 + n_chunk)
+            n = n1 - n0
+            xs = torch.fft.rfftn(xp[n0:n1, g0 * cg:g1 * cg].to(rdtype), s=L, dim=(-3, -2, -1))
+            gs = torch.fft.rfftn(grad[n0:n1, g0 * og:g1 * og].to(rdtype), s=L,
+                                 dim=(-3, -2, -1))
+            gs = gs.reshape(n, g, og, Fr).conj()
+            if cg == 1:  # depthwise: an elementwise product per channel, summed over the batch
+                acc += (xs.reshape(n, g, 1, Fr) * gs).sum(0).transpose(1, 2).unsqueeze(2)
+            else:  # one [cg, n] @ [n, og] product per group and frequency
+                xs = xs.reshape(n, g, cg, Fr).permute(1, 3, 2, 0)           # [g, Fr, cg, n]
+                acc += torch.matmul(xs, gs.permute(1, 3, 0, 2))             # [g, Fr, cg, og]
+        acc = acc.permute(0, 3, 2, 1).reshape(g * og, cg, L[0], L[1], L[2] // 2 + 1)
+        corr[g0 * og:g1 * og] = irfftn_cropped(acc, L, E)
     dw = corr[:, :, ::dilation[0], ::dilation[1], ::dilation[2]]
     return dw.to(x.dtype).contiguous()

@@ -213,8 +213,8 @@ def test_memory_chunking_keeps_results(monkeypatch, rfftn_calls, device):
     monkeypatch.setenv("LK3D_FFT_MEMORY_MB", "0.01")
     rfftn_calls.clear()
     chunked = run()
-    # forward and grad-input: one per (group, sample); grad-weight: two per sample
-    assert len(rfftn_calls) == 2 * case.groups * case.N + 2 * case.N > unchunked_calls
+    # forward and grad-input: one per (group, sample) each; grad-weight: two per (group, sample)
+    assert len(rfftn_calls) == 4 * case.groups * case.N > unchunked_calls
     xr, wr, br = _leaves(*case.tensors())
     ref = F.conv3d(xr, wr, br, **case.args())
     refs = (ref, *torch.autograd.grad(ref, [xr, wr, br], gy.cpu()))
@@ -223,11 +223,13 @@ def test_memory_chunking_keeps_results(monkeypatch, rfftn_calls, device):
         assert rel_err(a, r) < FFT_TOL[torch.float64], name
 
 
-def test_memory_chunking_grad_weight_direct(monkeypatch, rfftn_calls):
-    """conv3d_grad_weight alone, strided and grouped, chunked over a batch of 3."""
-    stride, padding, dilation, groups = (2, 1, 2), (1, 0, 2, 1, 1, 0), (1, 2, 1), 2
-    x = torch.randn(3, 4, 7, 6, 9, dtype=torch.float64)
-    w = torch.randn(6, 2, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("groups, cin, cout", [(2, 4, 6), (5, 5, 10)], ids=["grouped", "depthwise"])
+def test_memory_chunking_grad_weight_direct(monkeypatch, rfftn_calls, groups, cin, cout):
+    """conv3d_grad_weight alone, strided, grouped or depthwise (channel multiplier 2: the
+    elementwise product), chunked over groups and a batch of 3."""
+    stride, padding, dilation = (2, 1, 2), (1, 0, 2, 1, 1, 0), (1, 2, 1)
+    x = torch.randn(3, cin, 7, 6, 9, dtype=torch.float64)
+    w = torch.randn(cout, cin // groups, 3, 2, 3, dtype=torch.float64, requires_grad=True)
     xp = F.pad(x, (2, 0, 0, 1, 1, 1))
     y = F.conv3d(xp, w, stride=stride, dilation=dilation, groups=groups)
     gy = torch.randn_like(y)
@@ -239,8 +241,9 @@ def test_memory_chunking_grad_weight_direct(monkeypatch, rfftn_calls):
     monkeypatch.setenv("LK3D_FFT_MEMORY_MB", "0.01")
     rfftn_calls.clear()
     chunked = fft.conv3d_grad_weight(*args)
-    assert len(rfftn_calls) == 2 * x.shape[0]
+    assert len(rfftn_calls) == 2 * groups * x.shape[0]
     assert rel_err(chunked, whole) < 1e-13
+    assert rel_err(whole, ref) < FFT_TOL[torch.float64]
     assert rel_err(chunked, ref) < FFT_TOL[torch.float64]
 
 
