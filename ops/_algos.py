@@ -362,7 +362,7 @@ def _cuda_ms(algo, x_shape, w_shape, padding, dilation, groups, dtype, gpu, size
     moved = elem * (activations + math.prod(w_shape))
     if algo == "fft":
         Q, E, K = _fft_geometry(x_shape, w_shape, padding, dilation)
-        L = fft.plan_tiles(Q, E, K, x_shape[0], x_shape[1], w_shape[0], groups)[0]
+        L = fft.plan_tiles(Q, E, K, x_shape[0], x_shape[1], w_shape[0], groups, gpu)[0]
         return cuda_model.fft_ms(L, Q, E, K, x_shape[0], x_shape[1], w_shape[0], groups,
                                  (elem + 8) * activations, gpu)
     if algo == "tiled":

@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from lk3d._spec import extent, zero_pad
+from lk3d.autotune import devices
 
 _FAST_MAX = 1 << 14
 _FAST = sorted({2 ** a * 3 ** b * 5 ** c * 7 ** d for a in range(15) for b in range(9)
@@ -118,15 +119,25 @@ def candidate_lengths(Q, E):
 
 
 @functools.lru_cache(maxsize=4096)
-def plan_tiles(Q, E, K, N, cin, cout, groups):
+def plan_tiles(Q, E, K, N, cin, cout, groups, gpu=None):
     """Per-axis transform lengths L for outputs Q, dilated extents E, taps K; and the modelled
-    seconds. Returns ``(L, seconds)`` with L a 3-tuple."""
+    seconds. Returns ``(L, seconds)`` with L a 3-tuple. ``gpu``: a GPU's figures
+    (``lk3d.autotune.devices.Figures``): L then minimises the time modelled on that device from
+    its FLOP rate and bandwidth (``lk3d._cuda_model.fft_ms``; cuFFT is fast on the same 7-smooth
+    lengths), not this host's fitted seconds."""
+    cost = fft_seconds if gpu is None else functools.partial(_gpu_seconds, gpu=gpu)
     best = None
     for L in itertools.product(*candidate_lengths(Q, E)):
-        s = fft_seconds(L, Q, E, K, N, cin, cout, groups)
+        s = cost(L, Q, E, K, N, cin, cout, groups)
         if best is None or s < best[1]:
             best = (L, s)
     return best
+
+
+def _gpu_seconds(L, Q, E, K, N, cin, cout, groups, gpu):
+    from lk3d import _cuda_model
+
+    return _cuda_model.fft_ms(L, Q, E, K, N, cin, cout, groups, 0, gpu) / 1e3
 
 
 def fft_features(L, Q, E, K, N, cin, cout, groups):
@@ -209,7 +220,8 @@ def xcorr(x, w, dil, Q, groups, L=None):
     K = tuple(w.shape[2:])
     E = extent(K, dil)
     if L is None:
-        L = plan_tiles(tuple(Q), E, K, N, cin, cout, groups)[0]
+        gpu = devices.figures(x.device) if x.is_cuda else None
+        L = plan_tiles(tuple(Q), E, K, N, cin, cout, groups, gpu)[0]
     B = [l - e + 1 for l, e in zip(L, E)]
     T = [-(-q // b) for q, b in zip(Q, B)]
     nt = math.prod(T)

@@ -378,6 +378,29 @@ def test_plan_tiles_searches_candidate_lengths():
                                      for c in itertools.product(*cands)))
 
 
+@pytest.mark.parametrize("name", ["h100", "a100"])
+def test_plan_tiles_on_a_gpu_minimises_its_model(name, monkeypatch):
+    """With a GPU's figures the lengths minimise that device's modelled time (not the host's
+    fitted seconds), whatever the host's thread count."""
+    from lk3d import _cuda_model
+    from lk3d.autotune import devices
+
+    gpu = devices.named(name)
+    Q, E, args = (96, 40, 61), (7, 7, 5), (2, 12, 12, 12)
+    cands = fft.candidate_lengths(Q, E)
+    plans = []
+    for threads in (1, 3):
+        monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
+        fft.plan_tiles.cache_clear()
+        plans.append(fft.plan_tiles(Q, E, E, *args, gpu))
+    L, secs = plans[0]
+    assert plans[1] == plans[0]
+    assert all(length in axis for length, axis in zip(L, cands))
+    ms = [_cuda_model.fft_ms(c, Q, E, E, *args, 0, gpu) for c in itertools.product(*cands)]
+    assert 1e3 * secs == pytest.approx(min(ms))
+    assert fft.plan_tiles(Q, E, E, *args) != (L, secs)  # the host's plan is priced differently
+
+
 def test_fit_fft_model_recovers_known_constants():
     """perf_reports/fit_fft_model.py's fit, on times made from known constants."""
     spec = importlib.util.spec_from_file_location(
