@@ -324,7 +324,10 @@ def conv3d_grad_weight(grad, x, weight_shape, stride, padding, dilation, groups)
         g = g1 - g0
         room = budget - g * acc_group
         n_chunk = max(1, min(N, room // max(1, g * sample_group)))
-        acc = torch.zeros((g, Fr, cg, og), dtype=cdtype, device=x.device)
+        # depthwise: [g, og, Fr], elementwise products summed over the batch in place; else
+        # [g, Fr, cg, og], one [cg, n] @ [n, og] product per group and frequency
+        shape = (g, og, Fr) if cg == 1 else (g, Fr, cg, og)
+        acc = torch.zeros(shape, dtype=cdtype, device=x.device)
         for n0 in range(0, N, n_chunk):
             n1 = min(N, n0 + n_chunk)
             n = n1 - n0
@@ -332,12 +335,16 @@ def conv3d_grad_weight(grad, x, weight_shape, stride, padding, dilation, groups)
             gs = torch.fft.rfftn(grad[n0:n1, g0 * og:g1 * og].to(rdtype), s=L,
                                  dim=(-3, -2, -1))
             gs = gs.reshape(n, g, og, Fr).conj()
-            if cg == 1:  # depthwise: an elementwise product per channel, summed over the batch
-                acc += (xs.reshape(n, g, 1, Fr) * gs).sum(0).transpose(1, 2).unsqueeze(2)
-            else:  # one [cg, n] @ [n, og] product per group and frequency
+            if cg == 1:
+                xs = xs.reshape(n, g, 1, Fr)
+                for i in range(n):
+                    acc.addcmul_(xs[i], gs[i])
+            else:
                 xs = xs.reshape(n, g, cg, Fr).permute(1, 3, 2, 0)           # [g, Fr, cg, n]
-                acc += torch.matmul(xs, gs.permute(1, 3, 0, 2))             # [g, Fr, cg, og]
-        acc = acc.permute(0, 3, 2, 1).reshape(g * og, cg, L[0], L[1], L[2] // 2 + 1)
+                acc += torch.matmul(xs, gs.permute(1, 3, 0, 2))
+        if cg > 1:
+            acc = acc.permute(0, 3, 2, 1)
+        acc = acc.reshape(g * og, cg, L[0], L[1], L[2] // 2 + 1)
         corr[g0 * og:g1 * og] = irfftn_cropped(acc, L, E)
     dw = corr[:, :, ::dilation[0], ::dilation[1], ::dilation[2]]
     return dw.to(x.dtype).contiguous()
