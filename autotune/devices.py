@@ -3,7 +3,9 @@ GPUs (``NAMED``) and the figures of a real CUDA device (``of``), matched to the 
 else derived from its SM count, clock and compute capability.
 
 A ``Figures`` can be built and passed to the cost models without a GPU (``named("h100")``), so
-``lk3d explain --device h100`` plans for an H100 on any machine.
+``lk3d explain --device h100`` plans for an H100 on any machine. Its ``arch`` says whose kernel
+ceilings (``lk3d/autotune/ceilings.json``, by SM version) price lk3d's Triton kernels on it: 90
+for Hopper and newer, 80 for Ampere and Ada.
 
 Sources of the table (dense figures, i.e. without structured sparsity; FP32 is the non-tensor FMA
 rate; boost clock is the maximum SM clock):
@@ -33,6 +35,7 @@ class Figures:
     fma_fp32: float     # FP32 FMA peak (CUDA cores), FLOP/s
     bandwidth: float    # HBM bytes/s
     shared_per_sm: int  # bytes of shared memory per SM
+    arch: int           # the SM version whose kernel ceilings price it: 90 or 80 (ARCHES)
 
     def tensor_peak(self, dtype, tf32=True) -> float:
         """The tensor-core peak a matmul of ``dtype`` runs at (fp32: TF32 where allowed, else
@@ -50,12 +53,14 @@ class Figures:
 _KB = 1024
 NAMED = {
     "h100": Figures("NVIDIA H100 SXM5 80GB", 132, 1.98e9, 989.4e12, 494.7e12, 66.9e12, 3.35e12,
-                    228 * _KB),
+                    228 * _KB, 90),
     "h200": Figures("NVIDIA H200 SXM 141GB", 132, 1.98e9, 989.4e12, 494.7e12, 66.9e12, 4.8e12,
-                    228 * _KB),
+                    228 * _KB, 90),
     "a100": Figures("NVIDIA A100 SXM4 80GB", 108, 1.41e9, 312e12, 156e12, 19.5e12, 2.039e12,
-                    164 * _KB),
+                    164 * _KB, 80),
 }
+# The SM versions lk3d's kernel ceilings are read for (``lk3d estimate --arch``).
+ARCHES = (90, 80)
 
 # Per SM and clock, by compute capability major (the table's GPUs, dense): 16-bit tensor FLOPs,
 # FP32 FMA FLOPs. Used for a CUDA device the table does not name.
@@ -81,13 +86,21 @@ def _match(device_name: str):
     return None
 
 
+def arch_of(major: int) -> int:
+    """The SM version whose kernel ceilings price a GPU of compute capability ``major``: 90 from
+    Hopper on, else 80."""
+    return 90 if major >= 9 else 80
+
+
 def derived(name, sms, clock_hz, major, bandwidth=None, shared_per_sm=None) -> Figures:
     """Figures of a GPU the table lacks, from its SM count, clock and compute capability (Hopper
-    rates per SM and clock for majors above 9, Ampere's below 8)."""
+    rates per SM and clock for majors above 9, Ampere's below 8; the kernel ceilings of
+    ``arch_of(major)``)."""
     tensor, fma = _PER_SM_CLOCK[min(9, max(8, major))]
     rate = sms * clock_hz
     return Figures(name, sms, clock_hz, tensor * rate, tensor * rate / 2, fma * rate,
-                   bandwidth or _DEFAULT_BANDWIDTH, shared_per_sm or _DEFAULT_SHARED)
+                   bandwidth or _DEFAULT_BANDWIDTH, shared_per_sm or _DEFAULT_SHARED,
+                   arch_of(major))
 
 
 _LOCAL = {}

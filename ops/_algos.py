@@ -314,7 +314,7 @@ CPU_BYTES_PER_S = 10e9
 _FFT_CALIBRATION = 1.35   # measured / modelled seconds of conv3d by lk3d.fft (with pad and crop)
 _FFT_OVERHEAD_MS = 0.3    # its ~40 torch calls, whatever the size
 
-# lk3d's kernel kind of each pass on CUDA (lk3d._cuda_model.KERNEL_CEILINGS), dense / depthwise
+# lk3d's kernel kind of each pass on CUDA (lk3d._cuda_model.KERNEL_KINDS), dense / depthwise
 TILED_KINDS = {"conv3d": ("implicit_gemm", "depthwise"),
                "conv3d_grad_input": ("implicit_gemm", "depthwise"),
                "conv3d_grad_weight": ("implicit_gemm_wgrad", "depthwise_wgrad")}

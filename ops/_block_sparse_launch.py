@@ -46,15 +46,27 @@ def launch_configs(pass_, input, nnz, weight_shape, block_shape, stride, padding
 # The kernels' modelled time on CUDA is lk3d.conv3d's model of its own Triton kernels ("tiled",
 # lk3d._algos.model_ms, priced from the device's figures) on the dense weight, times the fraction
 # of it stored (the density), over the step efficiency of the channel-block kernel against the
-# dense implicit GEMM: a step gathers its [BLOCK_M, channels] operand element by element and
-# feeds one tl.dot of channel extents padded to >= 16, so its useful work grows with bo·bi and
-# its cost with the gathered channels (bi forward, bo grad-input, both grad-values). At 16x16
-# blocks the efficiency is the ratio of the two kernels' issue ceilings
-# (lk3d._cuda_model.KERNEL_CEILINGS); wider blocks approach the dense kernel. The depthwise kernels
-# are elementwise like the dense depthwise one, whose rate the model takes as it is. Untuned, as
-# lk3d.conv3d's CUDA rates are, until `lk3d tune` measures the device.
-_STEP_EFFICIENCY_16 = (cuda_model.KERNEL_CEILINGS["block_sparse_16x16"][1]
-                       / cuda_model.KERNEL_CEILINGS["implicit_gemm"][1])
+# dense kernel of the same pass (the implicit GEMM; its grad-weight for grad-values): a step
+# gathers its [BLOCK_M, channels] operand element by element and feeds one tl.dot of channel
+# extents padded to >= 16, so its useful work grows with bo·bi and its cost with the gathered
+# channels (bi forward, bo grad-input, both grad-values). At 16x16 blocks the efficiency is the
+# ratio of the two kernels' issue ceilings on the device's SM version (``_step_efficiency_16``,
+# from lk3d._cuda_model.kernel_ceiling); wider blocks approach the dense kernel. The depthwise
+# kernels are elementwise like the dense depthwise one, whose rate the model takes as it is.
+# Untuned, as lk3d.conv3d's CUDA rates are, until `lk3d tune` measures the device.
+_CEILING_KINDS = {"forward": ("block_sparse_16x16", "implicit_gemm"),
+                  "grad_input": ("block_sparse_16x16", "implicit_gemm"),
+                  "grad_values": ("block_sparse_16x16_wgrad", "implicit_gemm_wgrad")}
+
+
+def _step_efficiency_16(pass_, gpu):
+    """The 16x16 channel-block kernel's ceiling over the dense kernel's for ``pass_`` on
+    ``gpu``."""
+    sparse, dense = _CEILING_KINDS[pass_]
+    return (cuda_model.kernel_ceiling(sparse, gpu)[1]
+            / cuda_model.kernel_ceiling(dense, gpu)[1])
+
+
 _CONV_OPS = {"forward": "conv3d", "grad_input": "conv3d_grad_input",
              "grad_values": "conv3d_grad_weight"}
 
@@ -79,7 +91,7 @@ def kernels_ms(pass_, input, nnz, weight_shape, block_shape, stride, padding, di
     if weight_shape[1] > 1:
         gathered = {"forward": _tile(bi), "grad_input": _tile(bo),
                     "grad_values": (_tile(bi) + _tile(bo)) / 2}[pass_]
-        efficiency = min(1.0, _STEP_EFFICIENCY_16 * bo * bi / (16 * gathered))
+        efficiency = min(1.0, _step_efficiency_16(pass_, gpu) * bo * bi / (16 * gathered))
     return dense_ms * (nnz / blocks) / efficiency
 
 

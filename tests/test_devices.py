@@ -75,7 +75,7 @@ def test_explain_device_does_not_depend_on_host_threads(name, tmp_path, monkeypa
 
 
 def test_g1_depthwise_21_goes_to_the_fft_on_h100(tmp_path, monkeypatch):
-    """Depthwise 21³: lk3d's depthwise kernels run at ~6% of the FMA peak (their issue ceiling;
+    """Depthwise 21³: lk3d's depthwise kernels run at ~8% of the FMA peak (their issue ceiling;
     grad-weight ~2%), cuDNN at a few per cent; the FFT, priced from its passes' bytes and FLOPs,
     is far cheaper than either."""
     passes = _explain_json(tmp_path, "G1", 2, monkeypatch)["passes"]

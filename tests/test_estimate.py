@@ -97,7 +97,7 @@ def test_recorded_launches(op, conv, pass_):
             assert (name in divisible) == (value % 16 == 0), name
 
 
-KEYS = ("case", "op", "pass", "variant", "arch", "dtype", "kernel", "config", "grid",
+KEYS = ("case", "op", "pass", "variant", "arch", "dtype", "kernel", "kind", "config", "grid",
         "registers", "spill_bytes", "shared_bytes", "loop_instructions", "loop_counts",
         "executed_flops", "useful_flops", "bytes", "unit", "peak_tflops",
         "issue_ceiling_tflops", "fraction", "modelled_ms")
@@ -136,7 +136,8 @@ def test_estimate_command_sm90(tmp_path, capsys):
     assert tuple(r) == KEYS
     assert (r["case"], r["op"], r["pass"], r["variant"], r["arch"], r["dtype"], r["unit"]) == (
         "tiny", "dense", "forward", "gather", 90, "bf16", "tensor")
-    assert r["kernel"] == "conv3d_igemm_kernel" and r["grid"] == [1]
+    assert r["kernel"] == "conv3d_igemm_kernel" and r["kind"] == "implicit_gemm"
+    assert r["grid"] == [1]
     assert r["config"] == dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
     assert r["loop_counts"]["HGMMA"] >= 1 and r["loop_counts"]["BRA"] == 1
     assert r["loop_instructions"] == sum(r["loop_counts"].values())
@@ -150,6 +151,28 @@ def test_estimate_command_sm90(tmp_path, capsys):
     assert r["fraction"] == pytest.approx(r["issue_ceiling_tflops"] / r["peak_tflops"])
     assert r["modelled_ms"] == pytest.approx(
         r["executed_flops"] / (r["issue_ceiling_tflops"] * 1e12) * 1e3)
+
+
+def test_recorded_bias_launch():
+    """With a bias, lk3d.conv3d's backward launches the grad-bias reduction: its own pass, one
+    add per output element (the voxels padded to the split's BLOCK_S steps); CP and
+    block-sparse sum their bias gradients in torch, so their passes do not change."""
+    conv = launch_record.Conv((2, 6, 5, 7, 3), (4, 6, 3, 3, 3), padding="same", bias=True)
+    assert conv.passes == launch_record.PASSES + ("grad_bias",) and conv.id.endswith("-bias")
+    variant, config, (launch,) = launch_record.launches(conv, "grad_bias", 90)
+    assert (variant, launch.name, launch_record.kernel_kind(launch)) == (
+        "direct", "bias_grad_kernel", "bias_grad")
+    assert launch.args["BLOCK_S"] == config["BLOCK_S"] and math.prod(launch.grid) == 4
+    assert launch_record.useful_flops(conv, "grad_bias") == 4 * 2 * 105
+    steps = -(-210 // config["BLOCK_S"])  # 2 x 105 voxels per channel
+    assert launch_record.executed_flops(launch) == 4 * config["BLOCK_S"] * steps
+    with pytest.raises(ValueError, match="pass: expected one of \\('forward', 'grad_input', "
+                                         "'grad_weight'\\), got 'grad_bias'"):
+        launch_record.launches(launch_record.Conv((2, 6, 5, 7, 3), (4, 6, 3, 3, 3)),
+                               "grad_bias", 90)
+    for other in (dict(rank=2), dict(block=(2, 2, 1, 1, 1), density=0.5)):
+        assert "grad_bias" not in launch_record.Conv((1, 4, 5, 5, 5), (4, 4, 3, 3, 3),
+                                                     bias=True, **other).passes
 
 
 def test_recorded_cp_launches():
@@ -176,7 +199,8 @@ def test_recorded_cp_launches():
 def test_recorded_block_sparse_launches(capsys):
     """Block-sparse: one launch per pass over a meta block index of the density's share of the
     blocks; the executed FLOPs are the dense count times the density where blocks fill the
-    tiles; depthwise blocks and half-given options are refused."""
+    tiles, depthwise blocks too (elementwise: one product per channel); half-given options are
+    refused."""
     conv = launch_record.Conv((1, 32, 5, 7, 3), (48, 32, 3, 3, 3), padding="same",
                          block=(16, 16, 1, 1, 1), density=0.3)
     assert conv.op == "block_sparse" and conv.nnz == round(0.3 * 3 * 2 * 27)
@@ -189,9 +213,21 @@ def test_recorded_block_sparse_launches(capsys):
         useful = launch_record.useful_flops(conv, pass_)
         assert useful == pytest.approx(2 * 32 * 27 * 48 * 105 * 0.3, rel=0.02)
         assert executed >= useful * 0.98
-    with pytest.raises(ValueError, match="weight: the estimate covers channel-block"):
-        launch_record.launches(launch_record.Conv((1, 16, 5, 5, 5), (16, 1, 3, 3, 3), groups=16,
-                                        block=(16, 1, 1, 1, 1), density=0.5), "forward", 90)
+        assert launch_record.kernel_kind(launch) == "block_sparse_16x16" + (
+            "_wgrad" if pass_ == "grad_values" else "")
+    # Depthwise: 8-channel blocks of 3x3x1 tap bricks, 3 of the 2 x 3 blocks of a 16-channel 3³
+    # weight; one [128 voxels, 8 channels] tile of products per block and tap (105 voxels).
+    dw = launch_record.Conv((1, 16, 5, 7, 3), (16, 1, 3, 3, 3), padding="same", groups=16,
+                            block=(8, 1, 3, 3, 1), density=0.5)
+    assert dw.nnz == 3
+    for pass_ in dw.passes:
+        _, _, (launch,) = launch_record.launches(dw, pass_, 90)
+        assert launch.name == names[pass_] and launch.args["DEPTHWISE"] is True
+        assert launch_record.kernel_kind(launch) == "block_sparse_depthwise" + (
+            "_wgrad" if pass_ == "grad_values" else "")
+        useful = launch_record.useful_flops(dw, pass_)
+        assert useful == 2 * 27 * 16 * 105 * 0.5
+        assert launch_record.executed_flops(launch) == 2 * 128 * 8 * 3 * 9
     from lk3d.tools import cli
 
     with pytest.raises(SystemExit):
@@ -232,7 +268,7 @@ def test_estimate_cases_report(tmp_path, capsys, monkeypatch):
     expected = sum(len(estimate.conv_of(c).passes) for c in TINY_CASES)
     assert f"wrote {expected} launches" in text
     rows = (out / "estimate.csv").read_text().splitlines()
-    assert len(rows) == 1 + expected and rows[1].split(",")[12] == "FFMA:7 LDG:2"
+    assert len(rows) == 1 + expected and rows[1].split(",")[13] == "FFMA:7 LDG:2"
     assert {r["case"] for r in json.loads((out / "estimate.json").read_text())} == {
         c.name for c in TINY_CASES}
     assert json.loads((out / "about.json").read_text())["arch"] == 90
@@ -247,6 +283,12 @@ def test_estimate_cases_errors(capsys):
             (["--input", "1,8,5,5,5", "--weight", "8,8,3,3,3", "--out", "x"],
              "--out: expected with --cases"),
             (["--cases", "/no/such/cases.json"], "--cases:"),
+            (["--input", "1,8,5,5,5", "--weight", "8,8,3,3,3", "--ceilings", "x.json"],
+             "--ceilings: expected with --cases"),
+            (["--input", "1,8,5,5,5", "--weight", "8,8,3,3,3", "--measured", "r.csv"],
+             "--measured: expected with --cases"),
+            (["--cases", "tiny", "--measured", "/no/such/results.csv"],
+             "--measured: /no/such/results.csv: cannot read"),
             ([], "expected --input and --weight")):
         with pytest.raises(SystemExit) as exc:
             cli.main(["estimate"] + argv)

@@ -15,6 +15,12 @@ fraction of the peak says how far the kernel's code, not the memory system, keep
 unit. A necessary condition only: latency and occupancy can keep a kernel below its ceiling.
 
     lk3d estimate --arch 90 --input 1,64,64,64,64 --weight 64,64,7,7,7 --dtype bf16 --padding same
+
+Over a case set (``--cases goals|quick|full|tiny|shipped|FILE``, ``shipped``: every case of the
+shipped sets once) it can also write the set's report (``--out``, ``lk3d.tools.report_static``),
+the arch's kernel ceilings that the CUDA cost models price the kernels at (``--ceilings``,
+``lk3d.tools.ceilings``) and, after the table, the modelled times beside ``lk3d bench``'s
+measured ones (``--measured RESULTS_CSV``, ``lk3d.tools.measured``).
 """
 import argparse
 import json
@@ -101,7 +107,8 @@ def estimate(conv, arch, passes=None, case_id=None):
                           executed, nbytes)
         records.append({
             "case": case_id or conv.id, "op": conv.op, "pass": pass_, "variant": variant,
-            "arch": arch, "dtype": conv.dtype, "kernel": ln.name, "config": ln.config or config,
+            "arch": arch, "dtype": conv.dtype, "kernel": ln.name,
+            "kind": launch_record.kernel_kind(ln), "config": ln.config or config,
             "grid": list(ln.grid), "registers": usage.registers,
             "spill_bytes": usage.spill_bytes, "shared_bytes": usage.shared_bytes,
             "loop_instructions": loop.instructions, "loop_counts": loop.counts(),
@@ -142,13 +149,14 @@ def run(args, parser):
         return _run_cases(args, parser)
     if args.input is None or args.weight is None:
         parser.error("expected --input and --weight (one convolution), or --cases")
-    if args.out:
-        parser.error("--out: expected with --cases (a report of several cases)")
+    for option in ("out", "ceilings", "measured"):
+        if getattr(args, option):
+            parser.error(f"--{option}: expected with --cases (a set of cases)")
     conv = launch_record.Conv(args.input, args.weight, args.dtype,
                               1 if args.stride is None else args.stride,
                               0 if args.padding is None else args.padding,
                               1 if args.dilation is None else args.dilation, args.groups or 1,
-                              args.rank, args.block, args.density)
+                              args.rank, args.block, args.density, args.bias)
     if (args.block is None) != (args.density is None) or (args.block and args.rank):
         parser.error("expected --block and --density together (block-sparse), or --rank (CP), "
                      "or neither")
@@ -177,12 +185,16 @@ def _print(records, arch, what):
 def _run_cases(args, parser):
     if args.input is not None or args.weight is not None or args.case_id:
         parser.error("--cases: expected no --input, --weight or --case-id with it")
-    from lk3d.tools import bench_cases, report_static
+    from lk3d.tools import ceilings, measured, report_static
 
+    times = None
+    if args.measured:  # a bad results file fails before the compiles
+        try:
+            times = measured.measured_ms(args.measured)
+        except ValueError as e:
+            parser.error(f"--measured: {e}")
     try:
-        cases = (bench_cases.CASE_SETS[args.cases] if args.cases in bench_cases.CASE_SETS
-                 else bench_cases.load_cases(args.cases))
-        records = [r for case in cases
+        records = [r for case in cases_of(args.cases)
                    for r in estimate(conv_of(case), args.arch, case_id=case.name)]
     except (TypeError, ValueError, OSError) as e:
         parser.error(f"--cases: {e}")
@@ -193,7 +205,37 @@ def _run_cases(args, parser):
     if args.out:
         for line in report_static.write(records, args.out, args.arch):
             print(line)
+    if args.ceilings:
+        command = (f"lk3d estimate --cases {args.cases} --arch {args.arch} "
+                   f"--ceilings {args.ceilings}")
+        try:
+            new = ceilings.update(args.ceilings, records, args.arch, args.cases, command)
+        except (ValueError, OSError) as e:
+            parser.error(f"--ceilings: {e}")
+        for line in ceilings.describe(new, args.arch, args.ceilings):
+            print(line)
+    if args.measured:
+        print(f"\nmodelled (sm_{args.arch} ceilings) vs measured ({args.measured}), ms; kernels: "
+              "the provider running lk3d's Triton kernels, lk3d: the planner's pick")
+        print(measured.format_rows(measured.compare(records, times)))
     return 0
+
+
+def cases_of(spec):
+    """The benchmark cases of ``spec``: a shipped set's name (``lk3d.tools.bench_cases``:
+    goals, quick, full, tiny), ``shipped`` (every case of the shipped sets, the first of each
+    name) or a cases file."""
+    from lk3d.tools import bench_cases
+
+    if spec == "shipped":
+        cases = {}
+        for set_cases in bench_cases.CASE_SETS.values():
+            for case in set_cases:
+                cases.setdefault(case.name, case)
+        return list(cases.values())
+    if spec in bench_cases.CASE_SETS:
+        return bench_cases.CASE_SETS[spec]
+    return bench_cases.load_cases(spec)
 
 
 _DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -209,7 +251,8 @@ def conv_of(case):
                               (case.Cout, case.Cin // case.groups, *case.kernel),
                               _DTYPE_NAMES[case.dtype], 1, case.padding, 1, case.groups,
                               case.rank or None, tuple(case.block) if sparse else None,
-                              case.density if sparse else None)
+                              case.density if sparse else None,
+                              case.bias and case.op in ("dense", "depthwise"))
 
 
 def _density(text):
@@ -238,8 +281,8 @@ def add_parser(sub):
     p.add_argument("--arch", type=int, choices=sorted(ARCH_DEVICE), default=90,
                    help="the SM version to compile for (default: 90)")
     p.add_argument("--cases", metavar="SET|FILE",
-                   help="estimate every case of a benchmark case set (goals, quick, full, tiny) "
-                   "or of a cases file, instead of --input/--weight")
+                   help="estimate every case of a benchmark case set (goals, quick, full, tiny; "
+                   "shipped: all of them) or of a cases file, instead of --input/--weight")
     add_convolution_arguments(p)
     p.add_argument("--dtype", choices=tuple(launch_record.DTYPES), default="bf16",
                    help="default: bf16")
@@ -249,11 +292,22 @@ def add_parser(sub):
                    help="a block-sparse kernel of these blocks (lk3d.block_sparse_conv3d)")
     p.add_argument("--density", type=_density, metavar="F",
                    help="block-sparse: the fraction of blocks stored, in (0, 1]")
+    p.add_argument("--bias", action="store_true",
+                   help="the convolution has a bias: its backward's grad-bias launch too "
+                   "(lk3d.conv3d; the pass grad_bias)")
     lr = launch_record
-    p.add_argument("--passes", help=f"comma-separated (default: all: {','.join(lr.PASSES)}; CP: "
+    p.add_argument("--passes", help=f"comma-separated (default: all: {','.join(lr.PASSES)}, "
+                   f"with --bias {lr.BIAS_PASS} too; CP: "
                    f"{','.join(lr.CP_PASSES)}; block-sparse: {','.join(lr.BS_PASSES)})")
     p.add_argument("--case-id", help="the records' case (default: one made of the shapes)")
     p.add_argument("--json", metavar="PATH", help="write the records here (a JSON list)")
     p.add_argument("--out", metavar="DIR", help="with --cases: write the report here "
                    "(estimate.csv, estimate.json and a plot of each launch's fraction of peak)")
+    p.add_argument("--ceilings", metavar="FILE", help="with --cases: write the arch's kernel "
+                   "ceilings (each kernel kind's fraction of peak, flop-weighted over the "
+                   "cases) into this JSON file, keeping the other arches' (the shipped one: "
+                   "autotune/ceilings.json, from --cases goals)")
+    p.add_argument("--measured", metavar="RESULTS_CSV", help="with --cases: after the table, "
+                   "the modelled ms of each case (fwd, fwd+bwd) beside the ones this lk3d bench "
+                   "results file measured for lk3d's kernels, lk3d and torch")
     p.set_defaults(func=run, subparser=p)

@@ -9,9 +9,10 @@ counts as a fresh, aligned allocation), and ``compile_launches`` compiles them a
 (``lk3d.tools.aot``).
 
 ``launches(conv, pass_, arch)`` gives the launches of one pass of a convolution (``Conv``: dense,
-grouped, depthwise, rank-R CP, channel-block block-sparse) with the config lk3d picks on the
-arch's GPU; ``executed_flops``, ``useful_flops`` and ``launch_bytes`` what each computes and
-moves. ``lk3d.tools.estimate`` turns them into issue ceilings.
+grouped, depthwise, rank-R CP, block-sparse with channel blocks or depthwise) with the config lk3d
+picks on the arch's GPU; ``executed_flops``, ``useful_flops`` and ``launch_bytes`` what each
+computes and moves, ``kernel_kind`` the kernel kind the CUDA cost models price it as.
+``lk3d.tools.estimate`` turns them into issue ceilings.
 """
 import dataclasses
 import inspect
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 PASSES = ("forward", "grad_input", "grad_weight")
+BIAS_PASS = "grad_bias"  # lk3d.conv3d's backward with a bias: its own op and launch
 CP_PASSES = ("forward", "backward")
 BS_PASSES = ("forward", "grad_input", "grad_values")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -173,6 +175,7 @@ class Conv:
     rank: int = None  # a rank-R CP kernel of the weight's shape (lk3d.cp_conv3d)
     block: tuple = None  # block-sparse: the block shape (bo, bi, bd, bh, bw) ...
     density: float = None  # ... and the fraction of blocks stored (lk3d.block_sparse_conv3d)
+    bias: bool = False  # lk3d.conv3d with a bias: its backward launches the grad-bias kernel
 
     @property
     def op(self):
@@ -190,17 +193,25 @@ class Conv:
         n, c, *size = self.input
         return (f"N{n}-C{c}-D{'x'.join(map(str, size))}-k{'x'.join(map(str, self.weight[2:]))}"
                 f"-o{self.weight[0]}-g{self.groups}" + (f"-R{self.rank}" if self.rank else "")
-                + (f"-b{'x'.join(map(str, self.block))}-d{self.density:g}" if self.block else ""))
+                + (f"-b{'x'.join(map(str, self.block))}-d{self.density:g}" if self.block else "")
+                + ("-bias" if self.bias and not (self.rank or self.block) else ""))
 
     @property
     def passes(self):
-        """The passes of the op: CP's backward is one pass (its grad-input and factor kernels)."""
-        return CP_PASSES if self.rank else BS_PASSES if self.block else PASSES
+        """The passes of the op: CP's backward is one pass (its grad-input and factor kernels);
+        lk3d.conv3d's grad-bias one where it has a bias (CP and block-sparse sum their bias
+        gradients in torch: no kernel)."""
+        if self.rank:
+            return CP_PASSES
+        if self.block:
+            return BS_PASSES
+        return PASSES + (BIAS_PASS,) if self.bias else PASSES
 
     @property
     def nnz(self):
-        """Stored blocks of a block-sparse kernel: the density's share of all blocks (>= 1)."""
-        blocks = self.groups * math.prod(w // b for w, b in zip(self.weight, self.block))
+        """Stored blocks of a block-sparse kernel: the density's share of all blocks (Cout/bo
+        block rows of (Cin/g)/bi block columns and the taps' bricks; >= 1)."""
+        blocks = math.prod(w // b for w, b in zip(self.weight, self.block))
         return max(1, round(self.density * blocks))
 
 
@@ -263,9 +274,14 @@ def tiled_launches(conv, pass_, arch):
                                             conv.groups, config)
         return "gather", config, record(tiled, tiled.conv3d_bwd_input, dy, w, conv.input,
                                         *geometry, conv.groups, config)
-    if pass_ != "grad_weight":
-        raise ValueError(f"pass: expected one of {PASSES}, got {pass_!r}")
     M = conv.input[0] * math.prod(spec.out_size)
+    if pass_ == BIAS_PASS and conv.bias:
+        fields = dict(M=M, programs=cout, partial=1)
+        config, problem, fam, programs = _default_config("bias_grad", fields, arch, size)
+        config["SPLIT"] = fam.split(problem, config, programs)
+        return "direct", config, record(tiled, tiled.bias_grad, dy, config)
+    if pass_ != "grad_weight":
+        raise ValueError(f"pass: expected one of {conv.passes}, got {pass_!r}")
     if depthwise:
         fields = dict(M=M, taps=taps, partial=cout * taps)
         config, problem, fam, programs = _default_config("conv3d_dw_wgrad", fields, arch, size)
@@ -324,15 +340,12 @@ def cp_launches(conv, pass_, arch):
 
 def block_sparse_launches(conv, pass_, arch):
     """(variant, config, launches) of lk3d's block-sparse kernels for ``pass_`` of ``conv``
-    (``conv.block`` and ``conv.density`` set; channel blocks, not depthwise), recorded from the
-    launchers with the arch's default config; the block index is a meta tensor of ``conv.nnz``
-    entries (the launches depend on its size, not its values)."""
+    (``conv.block`` and ``conv.density`` set; channel blocks, or depthwise: Cin/g = 1),
+    recorded from the launchers with the arch's default config; the block index is a meta
+    tensor of ``conv.nnz`` entries (the launches depend on its size, not its values)."""
     from lk3d import _block_sparse_launch
     from lk3d.kernels import block_sparse as bs
 
-    if conv.weight[1] == 1:
-        raise ValueError("weight: the estimate covers channel-block (not depthwise) block-sparse "
-                         f"kernels, got Cin/groups = 1 in {conv.weight}")
     x, _, spec = _checked(conv)
     meta = dict(dtype=x.dtype, device="meta")
     nnz, block = conv.nnz, tuple(conv.block)
@@ -373,6 +386,8 @@ def launches(conv, pass_, arch):
 def executed_flops(launch):
     """FLOPs a launch computes, masked-off work included (by its kernel's loop structure)."""
     a, programs = launch.args, math.prod(launch.grid)
+    if launch.name == "bias_grad_kernel":  # one add per element read
+        return programs * -(-a["M_PER_SPLIT"] // a["BLOCK_S"]) * a["BLOCK_S"]
     taps = a["KD"] * a["KH"] * a["KW"]
     if launch.name == "conv3d_igemm_kernel":
         steps = taps * -(-a["KC"] // a["BLOCK_K"])
@@ -383,11 +398,12 @@ def executed_flops(launch):
         return 2 * programs * a["BLOCK_CO"] * a["BLOCK_CI"] * a["M_PER_SPLIT"]
     if launch.name == "conv3d_dw_wgrad_kernel":
         return 2 * programs * a["BLOCK_T"] * a["M_PER_SPLIT"]
-    if launch.name == "bs_conv3d_kernel" and not a["DEPTHWISE"]:  # every M tile walks all blocks
+    if launch.name == "bs_conv3d_kernel":  # every M tile walks all blocks
         nnz = launch.args["v_ptr"].shape[0]
         steps = nnz * a["BD"] * a["BH"] * a["BW"]
-        return 2 * a["NUM_M"] * a["BLOCK_M"] * a["BLOCK_K"] * a["BLOCK_N"] * steps
-    if launch.name == "bs_conv3d_wgrad_kernel" and not a["DEPTHWISE"]:
+        reduced = 1 if a["DEPTHWISE"] else a["BLOCK_K"]  # depthwise: one product per channel
+        return 2 * a["NUM_M"] * a["BLOCK_M"] * reduced * a["BLOCK_N"] * steps
+    if launch.name == "bs_conv3d_wgrad_kernel":  # depthwise: BLOCK_I = 1
         return 2 * programs * a["BLOCK_I"] * a["BLOCK_O"] * a["M_PER_SPLIT"]
     tiles = programs * a.get("TILES", 1)
     rows = 2 * tiles * a.get("BLOCK_M", 0) * a.get("R_PAD", 0)  # x columns x reduction
@@ -402,16 +418,37 @@ def executed_flops(launch):
 
 def useful_flops(conv, pass_):
     """The op's own FLOPs for one pass: 2 · Cin/g · k³ per output element (every pass alike);
-    CP: 2 · R · (Cin + kd + kh + kw + Cout) per output voxel, the backward twice that;
-    block-sparse: the dense count times the density."""
+    grad-bias: one add per output element; CP: 2 · R · (Cin + kd + kh + kw + Cout) per output
+    voxel, the backward twice that; block-sparse: the dense count times the density."""
     x, _, spec = _checked(conv)
     voxels = conv.input[0] * math.prod(spec.out_size)
+    if pass_ == BIAS_PASS:
+        return conv.weight[0] * voxels
     if conv.rank:
         cout, cin, *kernel = conv.weight
         per = 2 * conv.rank * (cin + sum(kernel) + cout)
         return per * voxels * (2 if pass_ == "backward" else 1)
     dense = 2 * math.prod(conv.weight[1:]) * conv.weight[0] * voxels
     return dense * conv.density if conv.block else dense
+
+
+def kernel_kind(launch):
+    """The kernel kind the CUDA cost models price ``launch`` as (``lk3d._cuda_model``'s
+    ``KERNEL_KINDS``), from its kernel and, for block-sparse, its channel blocks:
+    ``block_sparse_<bo>x<bi>`` or ``block_sparse_depthwise`` (forward and grad-input), with
+    ``_wgrad`` for the grad-values kernel (16x16 are the models'); the grad-bias reduction is
+    ``bias_grad`` (no model prices it)."""
+    kinds = {"conv3d_igemm_kernel": "implicit_gemm", "conv3d_wgrad_kernel": "implicit_gemm_wgrad",
+             "conv3d_dw_kernel": "depthwise", "conv3d_dw_wgrad_kernel": "depthwise_wgrad",
+             "cp_conv_kernel": "cp_fused", "cp_grad_kernel": "cp_fused",
+             "bias_grad_kernel": "bias_grad"}
+    if launch.name in kinds:
+        return kinds[launch.name]
+    if launch.name in ("bs_conv3d_kernel", "bs_conv3d_wgrad_kernel"):
+        a = launch.args
+        blocks = "depthwise" if a["DEPTHWISE"] else f"{a['BO']}x{a['BI']}"
+        return f"block_sparse_{blocks}" + ("_wgrad" if "wgrad" in launch.name else "")
+    raise ValueError(f"kernel: no kind for {launch.name!r}")
 
 
 def launch_bytes(launch):

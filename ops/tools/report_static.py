@@ -7,7 +7,7 @@ import csv
 import json
 from pathlib import Path
 
-COLUMNS = ("case", "op", "pass", "variant", "arch", "dtype", "kernel", "grid", "registers",
+COLUMNS = ("case", "op", "pass", "variant", "arch", "dtype", "kernel", "kind", "grid", "registers",
            "spill_bytes", "shared_bytes", "loop_instructions", "loop_counts", "unit",
            "peak_tflops", "issue_ceiling_tflops", "fraction", "modelled_ms", "useful_flops",
            "executed_flops", "bytes", "config")
