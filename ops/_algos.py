@@ -362,6 +362,10 @@ def _cuda_ms(algo, x_shape, w_shape, padding, dilation, groups, dtype, gpu, size
     moved = elem * (activations + math.prod(w_shape))
     if algo == "fft":
         Q, E, K = _fft_geometry(x_shape, w_shape, padding, dilation)
+        if op == "conv3d_grad_weight":  # whole-volume transforms, no tiling
+            P = [q + e - 1 for q, e in zip(Q, E)]
+            L, f = fft.grad_weight_features(P, E, K, x_shape[0], x_shape[1], w_shape[0], groups)
+            return cuda_model.features_ms(f, L, (elem + 8) * activations, gpu)
         L = fft.plan_tiles(Q, E, K, x_shape[0], x_shape[1], w_shape[0], groups, gpu)[0]
         return cuda_model.fft_ms(L, Q, E, K, x_shape[0], x_shape[1], w_shape[0], groups,
                                  (elem + 8) * activations, gpu)

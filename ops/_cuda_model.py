@@ -133,7 +133,12 @@ def aten_ms(form, flops, moved, gpu, dtype, tf32=True, launches=1):
 def fft_ms(L, Q, E, K, N, cin, cout, groups, moved, gpu):
     """Modelled ms of lk3d.fft's overlap-save correlation with transform lengths ``L`` on
     ``gpu``, plus ``moved`` bytes of its input and output (casts, padding, cropping)."""
-    f = fft.fft_features(L, Q, E, K, N, cin, cout, groups)
+    return features_ms(fft.fft_features(L, Q, E, K, N, cin, cout, groups), L, moved, gpu)
+
+
+def features_ms(f, L, moved, gpu):
+    """Modelled ms on ``gpu`` of FFT work ``f`` (``lk3d.fft.fft_features``' units) at transform
+    lengths ``L``, plus ``moved`` bytes."""
     logv = math.log2(max(2, math.prod(L)))
     flops = FFT_FLOPS_PER_UNIT * f["fft"] + 8 * (f["dft"] + f["bmm"] + f["elem"])
     nbytes = (FFT_BYTES_PER_ELEMENT / 2 * f["fft"] / logv  # the half spectrum: vol/2 complex

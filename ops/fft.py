@@ -157,6 +157,22 @@ def fft_features(L, Q, E, K, N, cin, cout, groups):
             "move": (N * cin * T + N * cout * T) * Fr if cg > 1 else 0, "tile": N * T}
 
 
+def grad_weight_features(P, E, K, N, cin, cout, groups):
+    """The transform lengths of ``conv3d_grad_weight`` over a padded input of size P (one
+    whole-volume transform per axis, no tiling) and its work, in ``fft_features``' units: the
+    input's and the gradient's transforms, the per-frequency channel products summed over the
+    batch, the accumulator's inverse cropped to the dilated extent E."""
+    L = tuple(next_fast(p) for p in P)
+    vol, Fr = math.prod(L), L[0] * L[1] * (L[2] // 2 + 1)
+    logv = math.log2(max(2, vol))
+    cg, og = cin // groups, cout // groups
+    kept = (1 + E[0] / L[0] + E[0] * E[1] / (L[0] * L[1])) / 3
+    prod = N * Fr * cg * og * groups
+    return L, {"fft": (N * (cin + cout) + cout * cg * kept) * vol * logv, "dft": 0,
+               "bmm": prod if cg > 1 else 0, "elem": prod if cg == 1 else 0,
+               "move": N * (cin + cout) * Fr if cg > 1 else 0, "tile": N}
+
+
 def fft_seconds(L, Q, E, K, N, cin, cout, groups):
     """Modelled seconds of one overlap-save correlation with transform lengths L."""
     f = fft_features(L, Q, E, K, N, cin, cout, groups)

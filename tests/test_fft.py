@@ -401,6 +401,30 @@ def test_plan_tiles_on_a_gpu_minimises_its_model(name, monkeypatch):
     assert fft.plan_tiles(Q, E, E, *args) != (L, secs)  # the host's plan is priced differently
 
 
+def test_grad_weight_cuda_model_prices_whole_volume_transforms():
+    """On a GPU the FFT's grad-weight is priced as it runs: one transform of the whole padded
+    volume per operand (lengths ``next_fast`` of it), not as a tiled correlation."""
+    from lk3d import _algos, _cuda_model
+    from lk3d.autotune import devices
+
+    gpu = devices.named("h100")
+    x_shape, padding = [2, 6, 13, 10, 17], (1, 2, 0, 1, 2, 0)
+    for w_shape, groups in (([6, 1, 3, 5, 2], 6), ([4, 3, 3, 5, 2], 2)):
+        E = tuple(w_shape[2:])
+        P = [s + padding[i] + padding[i + 3] for i, s in enumerate(x_shape[2:])]
+        L, f = fft.grad_weight_features(P, E, E, 2, 6, w_shape[0], groups)
+        assert L == tuple(fft.next_fast(p) for p in P) and f["tile"] == 2
+        assert (f["elem"] > 0) == (groups == 6) and (f["bmm"] > 0) == (groups != 6)
+        got = _algos.model_ms("fft", x_shape, w_shape, (1, 1, 1), padding, (1, 1, 1), groups,
+                              torch.bfloat16, gpu, op="conv3d_grad_weight")
+        size = [p - e + 1 for p, e in zip(P, E)]
+        moved = (2 + 8) * 2 * (6 * math.prod(x_shape[2:]) + w_shape[0] * math.prod(size))
+        assert got == pytest.approx(_cuda_model.features_ms(f, L, moved, gpu))
+        forward = _algos.model_ms("fft", x_shape, w_shape, (1, 1, 1), padding, (1, 1, 1),
+                                  groups, torch.bfloat16, gpu)
+        assert got != pytest.approx(forward)
+
+
 def test_fit_fft_model_recovers_known_constants():
     """perf_reports/fit_fft_model.py's fit, on times made from known constants."""
     spec = importlib.util.spec_from_file_location(
