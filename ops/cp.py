@@ -167,6 +167,12 @@ def model_ms(algo, x_shape, cout, rank, kernel, stride, padding, dilation, dtype
     gpu = devices.figures(device)
     elem = torch.empty((), dtype=dtype).element_size()
     moved = elem * (m_in * (cin + 7 * rank) + m_out * (rank + cout))
+    if algo == "separable":
+        if gpu is None:
+            return math.inf  # the interpreter checks kernels; it is not for speed
+        return _separable_ms(separable_launches(x_shape, cout, rank, kernel, stride, padding,
+                                                dilation, backward),
+                             gpu, dtype, _algos.allow_tf32(), elem)
     if algo == "tiled":
         if gpu is None:
             return math.inf  # the interpreter checks kernels; it is not for speed
@@ -185,6 +191,52 @@ def model_ms(algo, x_shape, cout, rank, kernel, stride, padding, dilation, dtype
     secs = moved / _algos.CPU_BYTES_PER_S + flops / (
         _algos.CPU_ATEN_PER_THREAD["depthwise"] * torch.get_num_threads())
     return passes * 1e3 * secs + 0.05
+
+
+# The separable kernels (lk3d.kernels.cp.cp_sep_kernel, algorithm "separable"): one launch per
+# pass of the sequence, each priced as its FLOPs at its unit's rate (the projections' tl.dot on
+# the tensor cores, the 1-D passes' multiply-adds on the FP32 FMA units; a pass with both pays
+# both), floored by the bytes it moves (its source, its destination, the tensors its partial sums
+# read) at the sustained bandwidth, plus a launch. The rates are the passes' issue ceilings read
+# off their sm_90 SASS as the JIT compiles them at the G4 goal shape (``lk3d estimate --rank``:
+# bf16, R = 16, 64 -> 64 channels, 128-voxel tiles, 4 warps), over the H100's peaks: the
+# projections' loop (4 HGMMA in 75 instructions) ~43 TFLOP/s of the 989.4 tensor peak; a 1-D
+# pass's tap (16 FFMA per thread in 88 instructions per warp: a shifted R-channel row per voxel)
+# ~12 TFLOP/s, 18% of the 66.9 FMA peak (the backward's tap sums reach 24%). Bounds taken as
+# rates until a GPU measures the kernels.
+SEPARABLE_TENSOR_FRACTION = 43 / 989.4
+SEPARABLE_FMA_FRACTION = 0.18
+
+
+def separable_launches(x_shape, cout, rank, kernel, stride, padding, dilation, backward=False):
+    """The separable kernels' launches for one pass (forward, or the whole backward), each
+    ``(tensor FLOPs, FMA FLOPs, elements moved)``, every output asked for; ``padding`` six ints
+    or a string."""
+    n, cin = x_shape[:2]
+    size = out_size(x_shape[2:], kernel, stride, padding, dilation)
+    (d, h, w), (yd, yh, yw) = x_shape[2:], size
+    v0, v1, v2, v3 = (n * d * h * w, n * d * h * yw, n * d * yh * yw, n * yd * yh * yw)
+    kd, kh, kw = kernel
+    r = rank
+    recompute = [(2 * v0 * cin * r, 0, v0 * (cin + r)),
+                 (0, 2 * v1 * kw * r, (v0 + v1) * r),
+                 (0, 2 * v2 * kh * r, (v1 + v2) * r)]
+    if not backward:
+        return recompute + [(2 * v3 * r * cout, 2 * v3 * kd * r, v2 * r + v3 * cout)]
+    return recompute + [
+        (2 * v3 * r * cout, 2 * v3 * kd * r, v2 * r + v3 * cout),       # G = dy^T z3
+        (2 * v3 * cout * r, 0, v3 * (cout + r)),                        # g3 = dy @ U_out·w
+        (0, 4 * v2 * kd * r, (v3 + 2 * v2) * r),                        # g2, grad A
+        (0, 4 * v1 * kh * r, (v2 + 2 * v1) * r),                        # g1, grad B
+        (4 * v0 * r * cin, 4 * v0 * kw * r, (v1 + v0) * r + 2 * v0 * cin)]  # dx, grad C, U_in
+
+
+def _separable_ms(launches, gpu, dtype, tf32, elem):
+    tensor = SEPARABLE_TENSOR_FRACTION * cuda_model.unit_peak(gpu, "tensor", dtype, tf32)
+    fma = SEPARABLE_FMA_FRACTION * cuda_model.unit_peak(gpu, "fma", dtype, tf32)
+    bandwidth = cuda_model.BANDWIDTH_FRACTION * gpu.bandwidth
+    return sum(1e3 * max(tf / tensor + ff / fma, elem * moved / bandwidth) + cuda_model.LAUNCH_MS
+               for tf, ff, moved in launches)
 
 
 def _request(op, input, U_out, A, B, C, stride, padding, dilation, serve):
@@ -236,6 +288,37 @@ def _forward_kernels(input, U_out, U_in, A, B, C, weights, bias, stride, padding
         return kernels.cp.cp_conv3d_fwd(input, U_out, U_in, A, B, C, weights, bias, stride,
                                         padding, dilation, config,
                                         allow_tf32=_algos.allow_tf32())
+
+
+def _sep_config(input, U_out, A, B, C, partials=False):
+    cin, (cout, rank) = input.shape[1], U_out.shape
+    problem = configs.Problem("cp_sep", M=input.shape[0] * math.prod(input.shape[2:]), KC=cin,
+                              NC=max(cin, cout), taps=max(A.shape[0], B.shape[0], C.shape[0]),
+                              rank=rank, partials=partials)
+    return configs.default_config(problem, input.device)
+
+
+def _forward_separable(input, U_out, U_in, A, B, C, weights, bias, stride, padding, dilation):
+    with _algos.launch_device(input):
+        return kernels.cp.cp_sep_fwd(input, U_out, U_in, A, B, C, weights, bias, stride,
+                                     padding, dilation, _sep_config(input, U_out, A, B, C),
+                                     allow_tf32=_algos.allow_tf32())
+
+
+def _backward_separable(grad, input, U_out, U_in, A, B, C, weights, stride, padding, dilation,
+                        output_mask):
+    with _algos.launch_device(input):
+        dx, gui, ta, tb, tc, G = kernels.cp.cp_sep_bwd(
+            grad, input, U_out, U_in, A, B, C, weights, stride, padding, dilation,
+            _sep_config(input, U_out, A, B, C, partials=True), list(output_mask),
+            allow_tf32=_algos.allow_tf32())
+    grads = [dx, None, gui, ta, tb, tc, None]
+    if G is not None:
+        grads[1] = G if weights is None else G * weights
+        if weights is not None:
+            grads[6] = (G * U_out).sum(0)
+    like = (input, U_out, U_in, A, B, C, weights if weights is not None else U_out[0])
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
 
 
 def _backward_impl(grad, input, U_out, U_in, A, B, C, weights, stride, padding, dilation,
@@ -301,11 +384,15 @@ def _always(*problem):
 # The two passes' algorithms (lk3d.autotune.registry); their problem is ``(input, U_out, A, B, C,
 # stride, padding, dilation, serve)``, ``serve`` saying whether the kernels take the call's tensors.
 # The kernels' launch configs are not measured: each launch takes configs.default_config.
-for _op, _kernels_run, _torch_run in (
-        ("cp_conv3d", _forward_kernels, cp_conv3d_torch),
-        ("cp_conv3d_backward", _backward_kernels, cp_conv3d_torch_backward)):
+for _op, _kernels_run, _sep_run, _torch_run in (
+        ("cp_conv3d", _forward_kernels, _forward_separable, cp_conv3d_torch),
+        ("cp_conv3d_backward", _backward_kernels, _backward_separable,
+         cp_conv3d_torch_backward)):
     registry.register(registry.Algorithm(
         _op, "tiled", _kernels_run, _serve, _cost("tiled", _op != "cp_conv3d"),
+        why_not=_algos.kernels_why_not, launches=True))
+    registry.register(registry.Algorithm(
+        _op, "separable", _sep_run, _serve, _cost("separable", _op != "cp_conv3d"),
         why_not=_algos.kernels_why_not, launches=True))
     registry.register(registry.Algorithm(_op, "aten", _torch_run, _always,
                                          _cost("aten", _op != "cp_conv3d")))

@@ -284,11 +284,15 @@ def tiled_launches(conv, pass_, arch):
     return "direct" if depthwise else "gather", config, record(tiled, launcher, *args, config)
 
 
-def cp_launches(conv, pass_, arch):
-    """(variant, config, launches) of lk3d's fused CP kernels for ``pass_`` ("forward" or
-    "backward": grad-input with grad U_in, then the factors' sums) of ``conv`` (``conv.rank``
-    set), recorded from the launchers with the arch's default configs (the backward's two
-    launches each carry their own: ``Launch.config``)."""
+def cp_launches(conv, pass_, arch, variant="separable"):
+    """(variant, config, launches) of lk3d's CP kernels for ``pass_`` ("forward" or "backward")
+    of ``conv`` (``conv.rank`` set), recorded from the launchers with the arch's default configs.
+    ``variant`` "separable" (what the planner runs on CUDA): the separable sequence of
+    ``cp_sep_kernel`` launches (forward: the U_in projection, the W and H passes, the D pass with
+    the U_out projection; backward: the forward's intermediates recomputed, the G sums, the
+    grad_output projection and the three transposed passes with their tap sums, the last one
+    projecting back through U_in); "fused": the k³ fused kernels (backward: grad-input with grad
+    U_in, then the factors' sums, each launch carrying its own config: ``Launch.config``)."""
     from lk3d.kernels import cp
 
     x, _, spec = _checked(conv)
@@ -298,6 +302,21 @@ def cp_launches(conv, pass_, arch):
     factors = [torch.empty((n, rank), **meta) for n in (cout, cin, *kernel)]
     geometry = (spec.stride, spec.padding, spec.dilation)
     n = conv.input[0]
+    if pass_ not in CP_PASSES:
+        raise ValueError(f"pass: expected one of {CP_PASSES}, got {pass_!r}")
+    if variant == "separable":
+        fields = dict(M=n * math.prod(conv.input[2:]), KC=cin, NC=max(cin, cout),
+                      taps=max(kernel), rank=rank, partials=pass_ == "backward")
+        config, problem, fam, programs = _default_config("cp_sep", fields, arch, size)
+        if pass_ == "forward":
+            return variant, config, record(cp, cp.cp_sep_fwd, x, *factors, None, None,
+                                           *geometry, config)
+        config["SPLIT"] = fam.split(problem, config, programs)
+        dy = torch.empty((n, cout, *spec.out_size), **meta)
+        return variant, config, record(cp, cp.cp_sep_bwd, dy, x, *factors, None, *geometry,
+                                       config, [True] * 7)
+    if variant != "fused":
+        raise ValueError(f"variant: expected 'separable' or 'fused', got {variant!r}")
     if pass_ == "forward":
         fields = dict(M=n * math.prod(spec.out_size), KC=cin, NC=cout, taps=taps, rank=rank)
         config, *_ = _default_config("cp_conv", fields, arch, size)
@@ -373,6 +392,13 @@ def launches(conv, pass_, arch):
 def executed_flops(launch):
     """FLOPs a launch computes, masked-off work included (by its kernel's loop structure)."""
     a, programs = launch.args, math.prod(launch.grid)
+    if launch.name == "cp_sep_kernel":  # [BLOCK_M, R_PAD] tiles: projection, taps, epilogue
+        rows = 2 * programs * a["TILES"] * a["BLOCK_M"] * a["R_PAD"]
+        if a["PROJECT"]:
+            return rows * -(-a["SC"] // a["BLOCK_K"]) * a["BLOCK_K"]
+        epilogue = -(-a["NC"] // a["BLOCK_N"]) * a["BLOCK_N"]
+        taps = a["K"] * ((a["WRITE"] or a["EMIT_G"]) + a["EMIT_TAPS"])
+        return rows * (taps + epilogue * ((a["OUT_PROJ"] and a["WRITE"]) + a["EMIT_G"]))
     taps = a["KD"] * a["KH"] * a["KW"]
     if launch.name == "conv3d_igemm_kernel":
         steps = taps * -(-a["KC"] // a["BLOCK_K"])
