@@ -35,7 +35,7 @@ FLOPs per produced voxel: ``2·k³·Cin·R + 2·R·Cout`` (forward). That is not
 ``2·R·(Cin + kd + kh + kw + Cout)`` of running U_in, then A, B, C one axis at a time, then U_out:
 the per-axis passes need each intermediate staged on chip and re-read along one axis, and Triton
 has no addressable on-chip staging (shared memory is the compiler's) in which to do that for a
-halo'd 3-D tile. A staged separable variant is future work. Against a dense kernel the fused form
+halo'd 3-D tile. The staged separable variant is ``cp_sep_kernel`` below. Against a dense kernel the fused form
 still saves ``Cout / R`` of the FLOPs and never builds the dense weight.
 
 Grad-input can also emit (``EMIT_GQ``) per-program partials of ``grad Ui = x^T @ gu`` ([Cin, R];

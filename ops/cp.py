@@ -15,8 +15,9 @@ unbatched. Supported: stride, dilation and padding (ints, 3-tuples, ``"same"`` w
 ``"valid"``) exactly as ``F.conv3d(input, factors.to_dense(), bias, ...)``; groups = 1 only.
 
 Where it runs. ``lk3d::cp_conv3d`` and its backward op ``lk3d::cp_conv3d_backward`` each pick,
-per call, one of two algorithms through ``lk3d.autotune.select`` (``explain`` shows the plans):
-``tiled``, the Triton kernels of ``lk3d.kernels.cp``, where they can serve the tensors
+per call, one of three algorithms through ``lk3d.autotune.select`` (``explain`` shows the plans):
+``separable``, the staged separable kernels (``cp_sep_kernel``, see "Separable" below), and
+``tiled``, the k³ fused Triton kernels of ``lk3d.kernels.cp``, where they can serve the tensors
 (``_algos.kernels_can_run``: CUDA fp16/bf16/fp32; CPU fp16/fp32/fp64 under the interpreter,
 ``TRITON_INTERPRET=1``, where they are always taken; all tensors of one dtype and device), and
 ``aten``, the factored torch sequence below. ``LK3D_ALGO=tiled|aten`` forces one; a cached or
@@ -39,11 +40,32 @@ sequence wins at large kernels. The kernels take their launch config from
                  G·weights, grad weights = sum_o G·U_out. Only what ``output_mask`` asks for is
                  computed; bias grad is ``grad.sum((0, 2, 3, 4))``.
 
+Separable (``LK3D_ALGO=separable``; on CUDA the cost model's pick at large kernels, e.g. G4):
+one launch of ``cp_sep_kernel`` per pass of the sequence, R-channel intermediates between them,
+stored channels innermost in the input's dtype. Grids: x's [D, H, W]; after the W pass
+[D, H, W']; after the H pass [D, H', W']; y's [D', H', W'] (primes: output sizes).
+
+    forward      z0 = x @ U_in (x's grid), z1 = C along W, z2 = B along H, then A along D with
+                 ``(·weights) @ U_out^T + bias`` as its epilogue, writing y. Intermediates z0,
+                 z1, z2 (R channels each; at most two alive at once).
+    backward     z0..z2 recomputed as far as the mask needs them; G = dy^T z3 (the D pass of z2
+                 with the sums as epilogue, z3 never stored) for grad U_out and weights;
+                 g3 = dy @ U_out·weights; g2 = A^T along D (summing grad A = sum g3 ⊙ shifted
+                 z2), g1 = B^T along H (grad B), then C^T along W projected through U_in^T into
+                 grad input, summing grad C and grad U_in = x^T g0. Intermediates z0, z1, z2,
+                 g3, g2, g1.
+
+FLOPs per output voxel (stride 1): 2·R·(Cin + kd + kh + kw + Cout) forward, the executed count
+being that with R and the channel counts rounded up to the tiles (R_PAD >= 16); bytes: x read
+once, y written once, each intermediate written once and read once (G4, bf16: 448 B per voxel
+against 352 for x + y + the three intermediates once). The k³ fused kernel remains where the
+model prices it lower (kernels of a few taps).
+
 FLOPs per output voxel of the fused forward: ``2·k³·Cin·R + 2·R·Cout`` (k³ = kd·kh·kw), not the
 separable ``2·R·(Cin + kd + kh + kw + Cout)``: running U_in, then A, B, C one axis at a time,
 needs each intermediate staged on chip and re-read along one axis, and Triton has no addressable
-on-chip staging for a halo'd 3-D tile (shared memory is the compiler's); the staged separable
-kernel is future work. Against the dense kernel (``2·k³·Cin·Cout``) it still saves a factor
+on-chip staging for a halo'd 3-D tile (shared memory is the compiler's): the separable kernels
+above stage through memory instead. Against the dense kernel (``2·k³·Cin·Cout``) it still saves a factor
 ``Cout / R`` and never builds the dense weight; grad-input costs the same with Cin and Cout
 swapped, the factor gradients about twice the forward.
 
