@@ -35,7 +35,7 @@ FLOPs per produced voxel: ``2·k³·Cin·R + 2·R·Cout`` (forward). That is not
 ``2·R·(Cin + kd + kh + kw + Cout)`` of running U_in, then A, B, C one axis at a time, then U_out:
 the per-axis passes need each intermediate staged on chip and re-read along one axis, and Triton
 has no addressable on-chip staging (shared memory is the compiler's) in which to do that for a
-halo'd 3-D tile. A staged separable variant is future work. Against a dense kernel the fused form
+halo'd 3-D tile. The staged separable variant is ``cp_sep_kernel`` below. Against a dense kernel the fused form
 still saves ``Cout / R`` of the FLOPs and never builds the dense weight.
 
 Grad-input can also emit (``EMIT_GQ``) per-program partials of ``grad Ui = x^T @ gu`` ([Cin, R];
@@ -59,6 +59,8 @@ of two >= 16, what ``tl.dot`` takes) with masked loads. Accumulation is fp32, fp
 tensors (which the interpreter runs for gradcheck).
 """
 import math
+
+import torch
 
 import triton
 import triton.language as tl
@@ -495,3 +497,276 @@ def cp_conv3d_bwd_factors(x, dy, U_out, U_in, A, B, C, weights, stride, padding,
     if gt is not None:
         D = gt.sum(0).reshape(taps, cin if spans else 1, rank).sum(1).reshape(*kernel, rank)
     return D, (go.sum(0) if go is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# The separable form: one pass per factor, R-channel intermediates between them
+# ----------------------------------------------------------------------------------------------
+#
+# ``cp_sep_kernel`` runs one pass of the separable sequence per launch, over tiles of BLOCK_M
+# produced voxels (flattened over n, d, h, w), with a [BLOCK_M, R_PAD] fp32 tile z per tile:
+#
+#     PROJECT     z[m, :] = src[m, :] @ P            (tl.dot over the SC source channels)
+#     else        z[m, :] = sum_t F[t, :] src[m @ t, :]   along one spatial AXIS (F: A, B or C;
+#                 the forward tap map, or the transposed one with TRANSPOSED), src R channels
+#     HAS_WEIGHTS z *= weights
+#     OUT_PROJ    dst = z @ Q^T (+ bias): NC channels (tl.dot over R), else dst = z (R channels)
+#
+# and, for the backward, sums over the tile's voxels into per-program partials (summed by the
+# launcher, no atomics):
+#
+#     EMIT_TAPS   T[t, r] += sum_m src[m @ t, r] h[m, r]    (h: an R-channel tensor at the
+#                 produced grid): the gradient of the pass's factor, in either tap map
+#     EMIT_G      G[o, r] += sum_m e[m, o] z[m, r]           (e: NC channels at the produced grid)
+#
+# Per produced voxel a pass costs 2·SC·R (PROJECT) or 2·K·R (an axis) FLOPs, plus 2·R·NC with
+# OUT_PROJ: summed over the sequence, the separable count 2·R·(Cin + kd + kh + kw + Cout).
+
+@triton.jit
+def cp_sep_kernel(
+    # Pointers
+    src_ptr,   # [N, SC, SD, SH, SW] (PROJECT) or [N, R, SD, SH, SW]
+    f_ptr,     # PROJECT: the projection [SC, R]; else the axis factor [K, R]
+    q_ptr,     # OUT_PROJ: [NC, R]
+    w_ptr,     # HAS_WEIGHTS: [R]
+    bias_ptr,  # HAS_BIAS: [NC]
+    dst_ptr,   # WRITE: [N, NC, YD, YH, YW] with OUT_PROJ, else [N, R, YD, YH, YW]
+    h_ptr,     # EMIT_TAPS: [N, R, YD, YH, YW]
+    e_ptr,     # EMIT_G: [N, NC, YD, YH, YW]
+    gt_ptr,    # EMIT_TAPS: partials [programs, K, R], contiguous
+    ge_ptr,    # EMIT_G: partials [programs, NC, R], contiguous
+    # Sizes
+    M,         # N * YD * YH * YW
+    TILES,     # voxel tiles per program
+    SD, SH, SW, YD, YH, YW,
+    # Strides
+    ss_n, ss_c, ss_d, ss_h, ss_w,
+    sf_k, sf_r, sq_n, sq_r, sw_r, sb,
+    sy_n, sy_c, sy_d, sy_h, sy_w,
+    sh_n, sh_c, sh_d, sh_h, sh_w,
+    se_n, se_c, se_d, se_h, se_w,
+    # Meta-parameters
+    SC: tl.constexpr,      # source channels (PROJECT)
+    NC: tl.constexpr,      # produced channels (OUT_PROJ) or e's channels (EMIT_G)
+    R: tl.constexpr,
+    AXIS: tl.constexpr,    # 0: D, 1: H, 2: W (not PROJECT)
+    K: tl.constexpr, STR: tl.constexpr, PAD: tl.constexpr, DIL: tl.constexpr,  # along AXIS
+    TRANSPOSED: tl.constexpr,
+    PROJECT: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    OUT_PROJ: tl.constexpr,
+    WRITE: tl.constexpr,
+    EMIT_TAPS: tl.constexpr,
+    EMIT_G: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    WIDE: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    i_p = tl.program_id(0)
+    o_r = tl.arange(0, R_PAD)
+    m_r = o_r < R
+    dt = src_ptr.dtype.element_ty
+    for t in range(TILES):
+        m_m, n, yd, yh, yw = _voxels(i_p * TILES + t, M, YD, YH, YW, BLOCK_M, WIDE)
+        n64 = n.to(tl.int64)
+        z = tl.zeros((BLOCK_M, R_PAD), dtype=ACC_DTYPE)
+        if PROJECT:
+            o_s = (n64 * ss_n + yd.to(tl.int64) * ss_d + yh.to(tl.int64) * ss_h
+                   + yw.to(tl.int64) * ss_w)
+            for k0 in range(0, SC, BLOCK_K):
+                o_k = k0 + tl.arange(0, BLOCK_K)
+                m_k = o_k < SC
+                b_s = load_vox(src_ptr + o_s[:, None] + o_k.to(tl.int64)[None, :] * ss_c,
+                               m_m[:, None] & m_k[None, :], VOX=0)
+                b_p = _rows(f_ptr, o_k, m_k, o_r, m_r, sf_k, sf_r, ACC_DTYPE).to(dt)
+                z = tl.dot(b_s, b_p, z, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        else:
+            if AXIS == 0:
+                yc = yd
+                size = SD
+                s_ax = ss_d
+                o_s = n64 * ss_n + yh.to(tl.int64) * ss_h + yw.to(tl.int64) * ss_w
+            elif AXIS == 1:
+                yc = yh
+                size = SH
+                s_ax = ss_h
+                o_s = n64 * ss_n + yd.to(tl.int64) * ss_d + yw.to(tl.int64) * ss_w
+            else:
+                yc = yw
+                size = SW
+                s_ax = ss_w
+                o_s = n64 * ss_n + yd.to(tl.int64) * ss_d + yh.to(tl.int64) * ss_h
+            if EMIT_TAPS:
+                o_h = (n64 * sh_n + yd.to(tl.int64) * sh_d + yh.to(tl.int64) * sh_h
+                       + yw.to(tl.int64) * sh_w)
+                b_h = tl.load(h_ptr + o_h[:, None] + o_r[None, :] * sh_c,
+                              mask=m_m[:, None] & m_r[None, :], other=0.0).to(ACC_DTYPE)
+            for k in range(K):
+                c, v = tap_coord(yc, k, size, STR, PAD, DIL, TRANSPOSED)
+                p_s = src_ptr + (o_s + c.to(tl.int64) * s_ax)[:, None] + o_r[None, :] * ss_c
+                b_s = tl.load(p_s, mask=(m_m & v)[:, None] & m_r[None, :],
+                              other=0.0).to(ACC_DTYPE)
+                if WRITE or EMIT_G:
+                    b_f = tl.load(f_ptr + k * sf_k + o_r * sf_r, mask=m_r, other=0.0)
+                    z += b_s * b_f.to(ACC_DTYPE)[None, :]
+                if EMIT_TAPS:
+                    p_t = gt_ptr + i_p.to(tl.int64) * (K * R) + k * R + o_r
+                    _add_partial(p_t, tl.sum(b_s * b_h, axis=0), m_r, t == 0)
+        if HAS_WEIGHTS:
+            z *= tl.load(w_ptr + o_r * sw_r, mask=m_r, other=0.0).to(ACC_DTYPE)[None, :]
+        o_y = (n64 * sy_n + yd.to(tl.int64) * sy_d + yh.to(tl.int64) * sy_h
+               + yw.to(tl.int64) * sy_w)
+        if OUT_PROJ or EMIT_G:
+            b_z = z.to(dt)
+        if WRITE:
+            if OUT_PROJ:
+                for n0 in range(0, NC, BLOCK_N):
+                    o_n = n0 + tl.arange(0, BLOCK_N)
+                    m_n = o_n < NC
+                    b_q = tl.trans(_rows(q_ptr, o_n, m_n, o_r, m_r, sq_n, sq_r, ACC_DTYPE).to(dt))
+                    acc = tl.dot(b_z, b_q, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                    if HAS_BIAS:
+                        acc += tl.load(bias_ptr + o_n * sb, mask=m_n,
+                                       other=0.0).to(ACC_DTYPE)[None, :]
+                    p_y = dst_ptr + o_y[:, None] + o_n.to(tl.int64)[None, :] * sy_c
+                    store_vox(p_y, acc.to(dst_ptr.dtype.element_ty),
+                              m_m[:, None] & m_n[None, :], VOX=0)
+            else:
+                tl.store(dst_ptr + o_y[:, None] + o_r[None, :] * sy_c,
+                         z.to(dst_ptr.dtype.element_ty), mask=m_m[:, None] & m_r[None, :])
+        if EMIT_G:
+            o_e = (n64 * se_n + yd.to(tl.int64) * se_d + yh.to(tl.int64) * se_h
+                   + yw.to(tl.int64) * se_w)
+            for n0 in range(0, NC, BLOCK_N):
+                o_n = n0 + tl.arange(0, BLOCK_N)
+                m_n = o_n < NC
+                b_e = load_vox(e_ptr + o_e[:, None] + o_n.to(tl.int64)[None, :] * se_c,
+                               m_m[:, None] & m_n[None, :], VOX=0)
+                g = tl.dot(tl.trans(b_e), b_z, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                p_g = ge_ptr + i_p.to(tl.int64) * (NC * R) + o_n[:, None] * R + o_r[None, :]
+                _add_partial(p_g, g, m_n[:, None] & m_r[None, :], t == 0)
+
+
+def _sep_pass(src, size, factor, rank, config, allow_tf32, *, axis=None, geo=(1, 0, 1),
+              transposed=False, weights=None, q=None, bias=None, out=None, write=True, h=None,
+              e=None):
+    """One launch of ``cp_sep_kernel`` producing the grid ``size`` from ``src``: a projection
+    through ``factor`` ([channels, R]) when ``axis`` is None, else the 1-D pass along ``axis``
+    with ``factor`` ([K, R]) and that axis's ``geo`` (stride, left padding, dilation). Returns
+    ``(dst or None, tap sums [K, R] or None, G [NC, R] or None)``; ``dst`` is ``out`` or a new
+    tensor (channels innermost when it has R channels)."""
+    N = src.shape[0]
+    project = axis is None
+    nc = q.shape[0] if q is not None else (e.shape[1] if e is not None else 1)
+    dst = None
+    if write:
+        dst = out if out is not None else new(
+            (N, rank, *size), src.dtype, src.device, torch.channels_last_3d)
+    M = N * math.prod(size)
+    emits = h is not None or e is not None
+    per, programs = _tiles(M, config, config["SPLIT"] if emits else None)
+    pdt = partial_dtype(src)
+    k = 1 if project else factor.shape[0]
+    gt = new((programs, k, rank), pdt, src.device) if h is not None else None
+    ge = new((programs, nc, rank), pdt, src.device) if e is not None else None
+    zeros5 = (0,) * 5
+    ts = dict(dst=dst, h=h, e=e)
+    like = {name: (t if t is not None else src) for name, t in ts.items()}
+    strides = {name: (tuple(t.stride()) if t is not None else zeros5) for name, t in ts.items()}
+    stride, pad, dil = geo
+    cp_sep_kernel[(programs,)](
+        src, factor, q if q is not None else factor, weights if weights is not None else factor,
+        bias if bias is not None else factor, like["dst"], like["h"], like["e"],
+        gt if gt is not None else (ge if ge is not None else src),
+        ge if ge is not None else (gt if gt is not None else src),
+        M, per, *src.shape[2:], *size,
+        *src.stride(), *factor.stride(), *(q.stride() if q is not None else (0, 0)),
+        weights.stride(0) if weights is not None else 0,
+        bias.stride(0) if bias is not None else 0,
+        *strides["dst"], *strides["h"], *strides["e"],
+        SC=src.shape[1] if project else rank, NC=nc, R=rank, AXIS=0 if project else axis,
+        K=k, STR=stride, PAD=pad, DIL=dil, TRANSPOSED=transposed, PROJECT=project,
+        HAS_WEIGHTS=weights is not None, HAS_BIAS=bias is not None, OUT_PROJ=q is not None,
+        WRITE=write, EMIT_TAPS=h is not None, EMIT_G=e is not None,
+        ACC_DTYPE=acc_dtype(src), PRECISION=precision(src, allow_tf32),
+        WIDE=wide(per * programs * config["BLOCK_M"], volume=max(math.prod(size),
+                                                                  math.prod(src.shape[2:]))),
+        R_PAD=r_pad(rank), BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+        BLOCK_K=config["BLOCK_K"], **launch_opts(config))
+    return (dst, gt.sum(0) if gt is not None else None, ge.sum(0) if ge is not None else None)
+
+
+def _sep_grids(x_size, kernel, stride, padding, dilation):
+    """The grids of the separable sequence: x's, after the W pass, after the H pass, y's."""
+    y_size = out_size(x_size, kernel, stride, padding, dilation)
+    (d, h, _), (yd, yh, yw) = x_size, y_size
+    return tuple(x_size), (d, h, yw), (d, yh, yw), tuple(y_size)
+
+
+def _geo(axis, stride, padding, dilation):
+    return stride[axis], padding[axis], dilation[axis]
+
+
+def cp_sep_fwd(x, U_out, U_in, A, B, C, weights, bias, stride, padding, dilation, config, *,
+               allow_tf32=False, out=None):
+    """CP forward by the separable sequence (four launches of ``cp_sep_kernel``): ``y [N, Cout,
+    *out_size]`` in the input's memory format. Intermediates: three R-channel tensors, channels
+    innermost, on the grids of ``_sep_grids`` (at most two alive at once)."""
+    check_config(config, _KEYS)
+    N = x.shape[0]
+    cout, rank = U_out.shape
+    g0, g1, g2, g3 = _sep_grids(x.shape[2:], (A.shape[0], B.shape[0], C.shape[0]), stride,
+                                padding, dilation)
+    y = alloc((N, cout, *g3), x, out, memory_format(x))
+    run = dict(rank=rank, config=config, allow_tf32=allow_tf32)
+    z, _, _ = _sep_pass(x, g0, U_in, **run)
+    z, _, _ = _sep_pass(z, g1, C, axis=2, geo=_geo(2, stride, padding, dilation), **run)
+    z, _, _ = _sep_pass(z, g2, B, axis=1, geo=_geo(1, stride, padding, dilation), **run)
+    _sep_pass(z, g3, A, axis=0, geo=_geo(0, stride, padding, dilation), weights=weights,
+              q=U_out, bias=bias, out=y, **run)
+    return y
+
+
+def cp_sep_bwd(dy, x, U_out, U_in, A, B, C, weights, stride, padding, dilation, config,
+               output_mask, *, allow_tf32=False):
+    """CP backward by the separable sequence: ``(grad_input, grad U_in, T_A, T_B, T_C, G)``, each
+    None unless ``output_mask`` (input, U_out, U_in, A, B, C, weights) needs it. ``T_A`` is grad
+    A ([KD, R]; likewise B, C), ``G [Cout, R] = sum dy^T z3`` (grad U_out = G·weights, grad
+    weights = sum_o G·U_out). The forward's intermediates z0..z2 are recomputed as far as needed;
+    the gradient flows back through g3 = dy @ U_out·weights, g2, g1 (R channels each)."""
+    check_config(config, _KEYS + ("SPLIT",))
+    need_x, need_uo, need_ui, need_a, need_b, need_c, need_w = output_mask
+    need_out = need_uo or need_w
+    rank = U_out.shape[1]
+    g0, g1, g2, g3 = _sep_grids(x.shape[2:], (A.shape[0], B.shape[0], C.shape[0]), stride,
+                                padding, dilation)
+    geo = [_geo(a, stride, padding, dilation) for a in range(3)]
+    run = dict(rank=rank, config=config, allow_tf32=allow_tf32)
+    z0 = z1 = z2 = None
+    if need_c or need_b or need_a or need_out:
+        z0, _, _ = _sep_pass(x, g0, U_in, **run)
+    if need_b or need_a or need_out:
+        z1, _, _ = _sep_pass(z0, g1, C, axis=2, geo=geo[2], **run)
+    if need_a or need_out:
+        z2, _, _ = _sep_pass(z1, g2, B, axis=1, geo=geo[1], **run)
+    G = dx = gui = ta = tb = tc = None
+    if need_out:
+        _, _, G = _sep_pass(z2, g3, A, axis=0, geo=geo[0], write=False, e=dy, **run)
+    back_b, back_c = need_b or need_c or need_x or need_ui, need_c or need_x or need_ui
+    if need_a or back_b:
+        g, _, _ = _sep_pass(dy, g3, U_out, weights=weights, **run)
+        g, ta, _ = _sep_pass(g, g2, A, axis=0, geo=geo[0], transposed=True, write=back_b,
+                             h=z2 if need_a else None, **run)
+        if back_b:
+            g, tb, _ = _sep_pass(g, g1, B, axis=1, geo=geo[1], transposed=True, write=back_c,
+                                 h=z1 if need_b else None, **run)
+        if back_c:
+            dx = (new(tuple(x.shape), dy.dtype, dy.device, memory_format(x)) if need_x
+                  else None)
+            _, tc, gui = _sep_pass(g, g0, C, axis=2, geo=geo[2], transposed=True, q=U_in,
+                                   out=dx, write=need_x, h=z0 if need_c else None,
+                                   e=x if need_ui else None, **run)
+    return dx, gui, ta, tb, tc, G

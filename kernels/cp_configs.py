@@ -3,6 +3,8 @@ choice needs to know of them. No Triton is imported here.
 
     cp_conv   ``cp_conv_kernel``: forward and grad-input (with its grad U_in partials)
     cp_grad   ``cp_grad_kernel``: the per-tap sums D and G behind grad A, B, C, U_out, weights
+    cp_sep    ``cp_sep_kernel``: one pass of the separable sequence (a projection, or a 1-D pass
+              along one axis with its projection epilogue and partial sums)
 
 Keys: BLOCK_M (produced voxels per tile), BLOCK_N (produced channels per epilogue step), BLOCK_K
 (reduction elements per step), num_warps, num_stages. SPLIT (how many programs share the voxels
@@ -38,6 +40,12 @@ CP_GRAD_CONFIGS = [
     dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2),
 ]
 
+# One [BLOCK_M, R_PAD] tile per program: a BLOCK_K-channel projection step or one tap of a 1-D
+# pass (a shifted R-channel row per voxel), then BLOCK_N-channel epilogue steps.
+CP_SEP_CONFIGS = [
+    dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1),
+]
+
 CONFIG_SPACES = config_spaces(globals())  # {kind: <KIND>_CONFIGS above}
 # Keys a launch takes beyond its space's (LK3D_CONFIG may force them too).
 RUNTIME_KEYS = ("SPLIT", "SPAN")
@@ -51,6 +59,8 @@ def r_pad(rank):
 def partial_elems(problem, config):
     """Elements of one program's partial sums (an upper bound)."""
     r = problem.rank
+    if problem.kind == "cp_sep":  # taps: the longest axis; NC: the G sums' channels
+        return (problem.taps + problem.NC) * r
     if problem.kind == "cp_conv":
         return problem.NC * r
     cols = problem.taps * (problem.KC if problem.KC < config["BLOCK_K"] else 1)
@@ -67,6 +77,8 @@ def pick(problem, smem_limit, element_size):
     """A shipped config for a real GPU, by the produced channels (the epilogue's block) and, for
     the forward kernel, the number of voxels (a copy)."""
     configs = CONFIG_SPACES[problem.kind]
+    if problem.kind == "cp_sep":
+        return dict(configs[0])
     if problem.kind == "cp_conv":
         if problem.NC <= 32:
             return dict(configs[0])
@@ -78,6 +90,9 @@ def interpreter_config(problem):
     """Few, large programs: the interpreter costs per operation per program, not per element;
     steps spanning (tap, channel) pairs fold the k³ taps into few steps."""
     block_m = pow2(problem.M, 16, 512)
+    if problem.kind == "cp_sep":
+        return dict(BLOCK_M=block_m, BLOCK_N=pow2(problem.NC, 16, 64),
+                    BLOCK_K=pow2(problem.KC, 16, 64))
     block_k = pow2(problem.taps * problem.KC, 16, max(16, (1 << 17) // block_m))
     return dict(BLOCK_M=block_m, BLOCK_N=pow2(problem.NC, 16, 64), BLOCK_K=block_k, SPAN=True)
 

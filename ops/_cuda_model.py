@@ -30,7 +30,9 @@ KERNEL_KINDS = ("implicit_gemm",        # dense/grouped forward and grad-input
                 "implicit_gemm_wgrad",  # dense/grouped grad-weight
                 "depthwise",            # depthwise forward and grad-input
                 "depthwise_wgrad",      # depthwise grad-weight
-                "cp_fused",             # the fused CP kernels, forward and backward
+                "cp_fused",             # the fused k³ CP kernels, forward and backward
+                "cp_separable_tensor",  # separable CP: projections through a factor matrix
+                "cp_separable_fma",     # separable CP: the 1-D passes along one axis
                 "block_sparse_16x16",   # block-sparse 16x16 channel blocks, forward, grad-input
                 "block_sparse_16x16_wgrad")  # ... and grad-values
 CEILINGS_FILE = "ceilings.json"  # in lk3d.autotune

@@ -15,8 +15,9 @@ unbatched. Supported: stride, dilation and padding (ints, 3-tuples, ``"same"`` w
 ``"valid"``) exactly as ``F.conv3d(input, factors.to_dense(), bias, ...)``; groups = 1 only.
 
 Where it runs. ``lk3d::cp_conv3d`` and its backward op ``lk3d::cp_conv3d_backward`` each pick,
-per call, one of two algorithms through ``lk3d.autotune.select`` (``explain`` shows the plans):
-``tiled``, the Triton kernels of ``lk3d.kernels.cp``, where they can serve the tensors
+per call, one of three algorithms through ``lk3d.autotune.select`` (``explain`` shows the plans):
+``separable``, the staged separable kernels (``cp_sep_kernel``, see "Separable" below), and
+``tiled``, the k³ fused Triton kernels of ``lk3d.kernels.cp``, where they can serve the tensors
 (``_algos.kernels_can_run``: CUDA fp16/bf16/fp32; CPU fp16/fp32/fp64 under the interpreter,
 ``TRITON_INTERPRET=1``, where they are always taken; all tensors of one dtype and device), and
 ``aten``, the factored torch sequence below. ``LK3D_ALGO=tiled|aten`` forces one; a cached or
@@ -39,11 +40,32 @@ sequence wins at large kernels. The kernels take their launch config from
                  G·weights, grad weights = sum_o G·U_out. Only what ``output_mask`` asks for is
                  computed; bias grad is ``grad.sum((0, 2, 3, 4))``.
 
+Separable (``LK3D_ALGO=separable``; on CUDA the cost model's pick at large kernels, e.g. G4):
+one launch of ``cp_sep_kernel`` per pass of the sequence, R-channel intermediates between them,
+stored channels innermost in the input's dtype. Grids: x's [D, H, W]; after the W pass
+[D, H, W']; after the H pass [D, H', W']; y's [D', H', W'] (primes: output sizes).
+
+    forward      z0 = x @ U_in (x's grid), z1 = C along W, z2 = B along H, then A along D with
+                 ``(·weights) @ U_out^T + bias`` as its epilogue, writing y. Intermediates z0,
+                 z1, z2 (R channels each; at most two alive at once).
+    backward     z0..z2 recomputed as far as the mask needs them; G = dy^T z3 (the D pass of z2
+                 with the sums as epilogue, z3 never stored) for grad U_out and weights;
+                 g3 = dy @ U_out·weights; g2 = A^T along D (summing grad A = sum g3 ⊙ shifted
+                 z2), g1 = B^T along H (grad B), then C^T along W projected through U_in^T into
+                 grad input, summing grad C and grad U_in = x^T g0. Intermediates z0, z1, z2,
+                 g3, g2, g1.
+
+FLOPs per output voxel (stride 1): 2·R·(Cin + kd + kh + kw + Cout) forward, the executed count
+being that with R and the channel counts rounded up to the tiles (R_PAD >= 16); bytes: x read
+once, y written once, each intermediate written once and read once (G4, bf16: 448 B per voxel
+against 352 for x + y + the three intermediates once). The k³ fused kernel remains where the
+model prices it lower (kernels of a few taps).
+
 FLOPs per output voxel of the fused forward: ``2·k³·Cin·R + 2·R·Cout`` (k³ = kd·kh·kw), not the
 separable ``2·R·(Cin + kd + kh + kw + Cout)``: running U_in, then A, B, C one axis at a time,
 needs each intermediate staged on chip and re-read along one axis, and Triton has no addressable
-on-chip staging for a halo'd 3-D tile (shared memory is the compiler's); the staged separable
-kernel is future work. Against the dense kernel (``2·k³·Cin·Cout``) it still saves a factor
+on-chip staging for a halo'd 3-D tile (shared memory is the compiler's): the separable kernels
+above stage through memory instead. Against the dense kernel (``2·k³·Cin·Cout``) it still saves a factor
 ``Cout / R`` and never builds the dense weight; grad-input costs the same with Cin and Cout
 swapped, the factor gradients about twice the forward.
 
@@ -167,6 +189,12 @@ def model_ms(algo, x_shape, cout, rank, kernel, stride, padding, dilation, dtype
     gpu = devices.figures(device)
     elem = torch.empty((), dtype=dtype).element_size()
     moved = elem * (m_in * (cin + 7 * rank) + m_out * (rank + cout))
+    if algo == "separable":
+        if gpu is None:
+            return math.inf  # the interpreter checks kernels; it is not for speed
+        return _separable_ms(separable_launches(x_shape, cout, rank, kernel, stride, padding,
+                                                dilation, backward),
+                             gpu, dtype, _algos.allow_tf32(), elem)
     if algo == "tiled":
         if gpu is None:
             return math.inf  # the interpreter checks kernels; it is not for speed
@@ -185,6 +213,48 @@ def model_ms(algo, x_shape, cout, rank, kernel, stride, padding, dilation, dtype
     secs = moved / _algos.CPU_BYTES_PER_S + flops / (
         _algos.CPU_ATEN_PER_THREAD["depthwise"] * torch.get_num_threads())
     return passes * 1e3 * secs + 0.05
+
+
+# The separable kernels (lk3d.kernels.cp.cp_sep_kernel, algorithm "separable"): one launch per
+# pass of the sequence, each priced as its FLOPs at its unit's rate (the projections' tl.dot on
+# the tensor cores, the 1-D passes' multiply-adds on the FP32 FMA units; a pass with both pays
+# both), floored by the bytes it moves (its source, its destination, the tensors its partial sums
+# read) at the sustained bandwidth, plus a launch. The rates are the kinds "cp_separable_tensor"
+# and "cp_separable_fma" of the shipped kernel ceilings (lk3d._cuda_model.kernel_ceiling: the
+# passes' issue ceilings read off their SASS for the device's SM version by `lk3d estimate` at
+# the G4 goal shape; on sm_90 the projections' loop issues 4 HGMMA in 75 instructions, a 1-D
+# pass's tap 16 FFMA in 88). Bounds taken as rates until a GPU measures the kernels.
+
+
+def separable_launches(x_shape, cout, rank, kernel, stride, padding, dilation, backward=False):
+    """The separable kernels' launches for one pass (forward, or the whole backward), each
+    ``(tensor FLOPs, FMA FLOPs, elements moved)``, every output asked for; ``padding`` six ints
+    or a string."""
+    n, cin = x_shape[:2]
+    size = out_size(x_shape[2:], kernel, stride, padding, dilation)
+    (d, h, w), (yd, yh, yw) = x_shape[2:], size
+    v0, v1, v2, v3 = (n * d * h * w, n * d * h * yw, n * d * yh * yw, n * yd * yh * yw)
+    kd, kh, kw = kernel
+    r = rank
+    recompute = [(2 * v0 * cin * r, 0, v0 * (cin + r)),
+                 (0, 2 * v1 * kw * r, (v0 + v1) * r),
+                 (0, 2 * v2 * kh * r, (v1 + v2) * r)]
+    if not backward:
+        return recompute + [(2 * v3 * r * cout, 2 * v3 * kd * r, v2 * r + v3 * cout)]
+    return recompute + [
+        (2 * v3 * r * cout, 2 * v3 * kd * r, v2 * r + v3 * cout),       # G = dy^T z3
+        (2 * v3 * cout * r, 0, v3 * (cout + r)),                        # g3 = dy @ U_out·w
+        (0, 4 * v2 * kd * r, (v3 + 2 * v2) * r),                        # g2, grad A
+        (0, 4 * v1 * kh * r, (v2 + 2 * v1) * r),                        # g1, grad B
+        (4 * v0 * r * cin, 4 * v0 * kw * r, (v1 + v0) * r + 2 * v0 * cin)]  # dx, grad C, U_in
+
+
+def _separable_ms(launches, gpu, dtype, tf32, elem):
+    tensor, fma = (cuda_model.kernel_ceiling(f"cp_separable_{unit}", gpu)[1]
+                   * cuda_model.unit_peak(gpu, unit, dtype, tf32) for unit in ("tensor", "fma"))
+    bandwidth = cuda_model.BANDWIDTH_FRACTION * gpu.bandwidth
+    return sum(1e3 * max(tf / tensor + ff / fma, elem * moved / bandwidth) + cuda_model.LAUNCH_MS
+               for tf, ff, moved in launches)
 
 
 def _request(op, input, U_out, A, B, C, stride, padding, dilation, serve):
@@ -236,6 +306,37 @@ def _forward_kernels(input, U_out, U_in, A, B, C, weights, bias, stride, padding
         return kernels.cp.cp_conv3d_fwd(input, U_out, U_in, A, B, C, weights, bias, stride,
                                         padding, dilation, config,
                                         allow_tf32=_algos.allow_tf32())
+
+
+def _sep_config(input, U_out, A, B, C, partials=False):
+    cin, (cout, rank) = input.shape[1], U_out.shape
+    problem = configs.Problem("cp_sep", M=input.shape[0] * math.prod(input.shape[2:]), KC=cin,
+                              NC=max(cin, cout), taps=max(A.shape[0], B.shape[0], C.shape[0]),
+                              rank=rank, partials=partials)
+    return configs.default_config(problem, input.device)
+
+
+def _forward_separable(input, U_out, U_in, A, B, C, weights, bias, stride, padding, dilation):
+    with _algos.launch_device(input):
+        return kernels.cp.cp_sep_fwd(input, U_out, U_in, A, B, C, weights, bias, stride,
+                                     padding, dilation, _sep_config(input, U_out, A, B, C),
+                                     allow_tf32=_algos.allow_tf32())
+
+
+def _backward_separable(grad, input, U_out, U_in, A, B, C, weights, stride, padding, dilation,
+                        output_mask):
+    with _algos.launch_device(input):
+        dx, gui, ta, tb, tc, G = kernels.cp.cp_sep_bwd(
+            grad, input, U_out, U_in, A, B, C, weights, stride, padding, dilation,
+            _sep_config(input, U_out, A, B, C, partials=True), list(output_mask),
+            allow_tf32=_algos.allow_tf32())
+    grads = [dx, None, gui, ta, tb, tc, None]
+    if G is not None:
+        grads[1] = G if weights is None else G * weights
+        if weights is not None:
+            grads[6] = (G * U_out).sum(0)
+    like = (input, U_out, U_in, A, B, C, weights if weights is not None else U_out[0])
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
 
 
 def _backward_impl(grad, input, U_out, U_in, A, B, C, weights, stride, padding, dilation,
@@ -301,11 +402,15 @@ def _always(*problem):
 # The two passes' algorithms (lk3d.autotune.registry); their problem is ``(input, U_out, A, B, C,
 # stride, padding, dilation, serve)``, ``serve`` saying whether the kernels take the call's tensors.
 # The kernels' launch configs are not measured: each launch takes configs.default_config.
-for _op, _kernels_run, _torch_run in (
-        ("cp_conv3d", _forward_kernels, cp_conv3d_torch),
-        ("cp_conv3d_backward", _backward_kernels, cp_conv3d_torch_backward)):
+for _op, _kernels_run, _sep_run, _torch_run in (
+        ("cp_conv3d", _forward_kernels, _forward_separable, cp_conv3d_torch),
+        ("cp_conv3d_backward", _backward_kernels, _backward_separable,
+         cp_conv3d_torch_backward)):
     registry.register(registry.Algorithm(
         _op, "tiled", _kernels_run, _serve, _cost("tiled", _op != "cp_conv3d"),
+        why_not=_algos.kernels_why_not, launches=True))
+    registry.register(registry.Algorithm(
+        _op, "separable", _sep_run, _serve, _cost("separable", _op != "cp_conv3d"),
         why_not=_algos.kernels_why_not, launches=True))
     registry.register(registry.Algorithm(_op, "aten", _torch_run, _always,
                                          _cost("aten", _op != "cp_conv3d")))

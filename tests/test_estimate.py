@@ -176,15 +176,32 @@ def test_recorded_bias_launch():
 
 
 def test_recorded_cp_launches():
-    """CP: the forward's one fused launch; the backward's grad-input (with grad U_in partials)
-    and factor-sum launches, each with its own config and SPLIT programs."""
+    """CP, separable (the default): four forward launches (U_in projection, W, H, D with the
+    U_out projection) and eight backward ones, executing the separable FLOP count to within the
+    tiles' padding and moving x, y and the R-channel intermediates. Fused: the forward's one
+    launch; the backward's grad-input (with grad U_in partials) and factor-sum launches, each
+    with its own config and SPLIT programs."""
     conv = launch_record.Conv((2, 24, 7, 9, 5), (40, 24, 5, 3, 3), padding="same", rank=5)
     assert conv.op == "cp" and conv.passes == ("forward", "backward") and conv.id.endswith("-R5")
-    variant, config, (launch,) = launch_record.launches(conv, "forward", 90)
+    variant, config, fwd = launch_record.launches(conv, "forward", 90)
+    assert variant == "separable" and [ln.name for ln in fwd] == ["cp_sep_kernel"] * 4
+    assert [(ln.args["PROJECT"], ln.args["AXIS"], ln.args["K"], ln.args["OUT_PROJ"])
+            for ln in fwd] == [(True, 0, 1, False), (False, 2, 3, False), (False, 1, 3, False),
+                               (False, 0, 5, True)]
+    useful = launch_record.useful_flops(conv, "forward")
+    # R = 5 runs as R_PAD = 16 lanes over whole 128-voxel tiles (630 voxels: 5 tiles), and
+    # channels round up to their blocks (24 -> 32, 40 -> 64).
+    executed = sum(launch_record.executed_flops(ln) for ln in fwd)
+    assert executed == 2 * 16 * 640 * (32 + 3 + 3 + 5 + 64) >= useful
+    _, _, bwd = launch_record.launches(conv, "backward", 90)
+    assert len(bwd) == 8 and all(ln.name == "cp_sep_kernel" for ln in bwd)
+    assert (sum(launch_record.executed_flops(ln) for ln in bwd)
+            >= launch_record.useful_flops(conv, "backward"))
+    variant, config, (launch,) = launch_record.cp_launches(conv, "forward", 90, "fused")
     assert (variant, launch.name, launch.args["R"]) == ("fused", "cp_conv_kernel", 5)
     assert launch.args["EMIT_GQ"] is False and "SPLIT" not in config
     assert launch_record.executed_flops(launch) >= launch_record.useful_flops(conv, "forward") > 0
-    _, _, (grad_input, factors) = launch_record.launches(conv, "backward", 90)
+    _, _, (grad_input, factors) = launch_record.cp_launches(conv, "backward", 90, "fused")
     assert (grad_input.name, factors.name) == ("cp_conv_kernel", "cp_grad_kernel")
     assert grad_input.args["EMIT_GQ"] is True and grad_input.args["TRANSPOSED"] is True
     for ln in (grad_input, factors):

@@ -248,7 +248,7 @@ def shipped_cases():
             CO=64, MULT=1, **_GEOMETRY, **_strides(1))))
     for config in CONFIG_SPACES["bias_grad"]:
         cases.append(_case(tiled.bias_grad_kernel, "bias_grad", "bf16", config, dict(C=64)))
-    cases += cp_cases() + block_sparse_cases()
+    cases += cp_cases() + cp_sep_cases() + block_sparse_cases()
     return cases + wide_cases(cases)
 
 
@@ -294,6 +294,42 @@ def cp_cases():
                                           HAS_WEIGHTS=True, NEED_TAPS=True, NEED_OUT=True),
                              expect_tensor_cores=True)
                 cases.append(fp32_partials(case, ("gt_ptr", "go_ptr")))
+    return cases
+
+
+def cp_sep_cases():
+    """Every config of the separable CP kernel (``cp_sep_kernel``) at Cin = Cout = 64, R = 16,
+    a 1-D kernel of 21 taps, in each pass shape the launchers make: the U_in projection, a
+    forward axis pass, the last forward pass with its U_out projection and bias, the backward's
+    G sums (EMIT_G), a transposed pass at stride 2 with its tap sums, and the last grad-input
+    pass with every epilogue; bf16, fp16 and fp32 (tf32). Partial sums are fp32."""
+    from lk3d.kernels import cp
+    from lk3d.kernels.cp_configs import CP_SEP_CONFIGS
+
+    off = dict(PROJECT=False, HAS_WEIGHTS=False, HAS_BIAS=False, OUT_PROJ=False, WRITE=True,
+               EMIT_TAPS=False, EMIT_G=False, TRANSPOSED=False, AXIS=2, K=21, STR=1, PAD=10,
+               DIL=1)
+    # R-channel intermediates are channels-innermost: their channel stride is 1, a constexpr
+    # as the JIT specialises it (ss_c of a 1-D pass's source, sh_c, sy_c of an R-channel write).
+    inner = dict(ss_c=1, sh_c=1)
+    shapes = [("project", dict(PROJECT=True, K=1, PAD=0, sy_c=1), True),
+              ("axis", dict(inner, sy_c=1), False),
+              ("last", dict(inner, AXIS=0, HAS_WEIGHTS=True, HAS_BIAS=True, OUT_PROJ=True), True),
+              ("gsum", dict(inner, AXIS=0, WRITE=False, EMIT_G=True), True),
+              ("taps-t", dict(inner, sy_c=1, AXIS=1, TRANSPOSED=True, STR=2, EMIT_TAPS=True),
+               False),
+              ("first-t", dict(inner, TRANSPOSED=True, OUT_PROJ=True, EMIT_TAPS=True,
+                               EMIT_G=True), True)]
+    cases = []
+    for config in CP_SEP_CONFIGS:
+        for dtype in ("bf16", "fp16", "fp32"):
+            for name, flags, tensor in shapes:
+                case = _case(cp.cp_sep_kernel, f"cp-sep-{name}", dtype, config,
+                             dict(SC=64, NC=64, R=16, R_PAD=16, **dict(off, **flags)),
+                             expect_tensor_cores=tensor)
+                sig = {k: ("*fp32" if k in ("gt_ptr", "ge_ptr") else v)
+                       for k, v in case.signature.items()}
+                cases.append(dataclasses.replace(case, signature=sig))
     return cases
 
 

@@ -91,8 +91,8 @@ def estimate(conv, arch, passes=None, case_id=None):
     device = device_figures(arch)
     planned = []
     for pass_ in passes or conv.passes:
-        variant, config, recorded = launch_record.launches(conv, pass_, arch)
-        planned += [(pass_, variant, config, ln) for ln in recorded]
+        for variant, config, recorded in launch_record.variants(conv, pass_, arch):
+            planned += [(pass_, variant, config, ln) for ln in recorded]
     compiled = launch_record.compile_launches([ln for *_, ln in planned], arch)
     records = []
     for (pass_, variant, config, ln), kernel in zip(planned, compiled):

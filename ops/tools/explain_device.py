@@ -48,9 +48,10 @@ def conv3d_passes(gpu, x_shape, w_shape, dtype, stride=1, padding=0, dilation=1,
 
 
 def cp_passes(gpu, x_shape, cout, rank, kernel, dtype, stride=1, padding=0, dilation=1):
-    """{pass: plan} of ``lk3d.cp_conv3d`` ("tiled": the fused kernels, "aten": the chain)."""
+    """{pass: plan} of ``lk3d.cp_conv3d`` ("separable": the separable kernels, "tiled": the k³
+    fused kernels, "aten": the chain)."""
     spec = _spec(x_shape, kernel, stride, padding, dilation, 1)
-    names = ("tiled", "aten") if _kernels_take(dtype, 0) else ("aten",)
+    names = ("separable", "tiled", "aten") if _kernels_take(dtype, 0) else ("aten",)
     return {pass_: _plan({a: cp.model_ms(a, list(x_shape), cout, rank, list(kernel), spec.stride,
                                          spec.padding, spec.dilation, dtype, gpu, backward)
                           for a in names})

@@ -300,11 +300,15 @@ def tiled_launches(conv, pass_, arch):
     return "direct" if depthwise else "gather", config, record(tiled, launcher, *args, config)
 
 
-def cp_launches(conv, pass_, arch):
-    """(variant, config, launches) of lk3d's fused CP kernels for ``pass_`` ("forward" or
-    "backward": grad-input with grad U_in, then the factors' sums) of ``conv`` (``conv.rank``
-    set), recorded from the launchers with the arch's default configs (the backward's two
-    launches each carry their own: ``Launch.config``)."""
+def cp_launches(conv, pass_, arch, variant="separable"):
+    """(variant, config, launches) of lk3d's CP kernels for ``pass_`` ("forward" or "backward")
+    of ``conv`` (``conv.rank`` set), recorded from the launchers with the arch's default configs.
+    ``variant`` "separable" (what the planner runs on CUDA): the separable sequence of
+    ``cp_sep_kernel`` launches (forward: the U_in projection, the W and H passes, the D pass with
+    the U_out projection; backward: the forward's intermediates recomputed, the G sums, the
+    grad_output projection and the three transposed passes with their tap sums, the last one
+    projecting back through U_in); "fused": the k³ fused kernels (backward: grad-input with grad
+    U_in, then the factors' sums, each launch carrying its own config: ``Launch.config``)."""
     from lk3d.kernels import cp
 
     x, _, spec = _checked(conv)
@@ -314,6 +318,21 @@ def cp_launches(conv, pass_, arch):
     factors = [torch.empty((n, rank), **meta) for n in (cout, cin, *kernel)]
     geometry = (spec.stride, spec.padding, spec.dilation)
     n = conv.input[0]
+    if pass_ not in CP_PASSES:
+        raise ValueError(f"pass: expected one of {CP_PASSES}, got {pass_!r}")
+    if variant == "separable":
+        fields = dict(M=n * math.prod(conv.input[2:]), KC=cin, NC=max(cin, cout),
+                      taps=max(kernel), rank=rank, partials=pass_ == "backward")
+        config, problem, fam, programs = _default_config("cp_sep", fields, arch, size)
+        if pass_ == "forward":
+            return variant, config, record(cp, cp.cp_sep_fwd, x, *factors, None, None,
+                                           *geometry, config)
+        config["SPLIT"] = fam.split(problem, config, programs)
+        dy = torch.empty((n, cout, *spec.out_size), **meta)
+        return variant, config, record(cp, cp.cp_sep_bwd, dy, x, *factors, None, *geometry,
+                                       config, [True] * 7)
+    if variant != "fused":
+        raise ValueError(f"variant: expected 'separable' or 'fused', got {variant!r}")
     if pass_ == "forward":
         fields = dict(M=n * math.prod(spec.out_size), KC=cin, NC=cout, taps=taps, rank=rank)
         config, *_ = _default_config("cp_conv", fields, arch, size)
@@ -374,6 +393,15 @@ def block_sparse_launches(conv, pass_, arch):
                                     conv.groups, config)
 
 
+def variants(conv, pass_, arch):
+    """Every variant's (variant, config, launches) of ``pass_`` of ``conv`` on ``sm_<arch>``:
+    the alternatives the CUDA planner prices (CP: "separable" and "fused"), the first being
+    what ``launches`` gives."""
+    if conv.rank:
+        return [cp_launches(conv, pass_, arch, v) for v in ("separable", "fused")]
+    return [launches(conv, pass_, arch)]
+
+
 def launches(conv, pass_, arch):
     """(variant, config, launches) of ``pass_`` of ``conv`` on ``sm_<arch>``."""
     if conv.rank:
@@ -388,6 +416,13 @@ def executed_flops(launch):
     a, programs = launch.args, math.prod(launch.grid)
     if launch.name == "bias_grad_kernel":  # one add per element read
         return programs * -(-a["M_PER_SPLIT"] // a["BLOCK_S"]) * a["BLOCK_S"]
+    if launch.name == "cp_sep_kernel":  # [BLOCK_M, R_PAD] tiles: projection, taps, epilogue
+        rows = 2 * programs * a["TILES"] * a["BLOCK_M"] * a["R_PAD"]
+        if a["PROJECT"]:
+            return rows * -(-a["SC"] // a["BLOCK_K"]) * a["BLOCK_K"]
+        epilogue = -(-a["NC"] // a["BLOCK_N"]) * a["BLOCK_N"]
+        taps = a["K"] * ((a["WRITE"] or a["EMIT_G"]) + a["EMIT_TAPS"])
+        return rows * (taps + epilogue * ((a["OUT_PROJ"] and a["WRITE"]) + a["EMIT_G"]))
     taps = a["KD"] * a["KH"] * a["KW"]
     if launch.name == "conv3d_igemm_kernel":
         steps = taps * -(-a["KC"] // a["BLOCK_K"])
@@ -436,14 +471,20 @@ def kernel_kind(launch):
     """The kernel kind the CUDA cost models price ``launch`` as (``lk3d._cuda_model``'s
     ``KERNEL_KINDS``), from its kernel and, for block-sparse, its channel blocks:
     ``block_sparse_<bo>x<bi>`` or ``block_sparse_depthwise`` (forward and grad-input), with
-    ``_wgrad`` for the grad-values kernel (16x16 are the models'); the grad-bias reduction is
-    ``bias_grad`` (no model prices it)."""
+    ``_wgrad`` for the grad-values kernel (16x16 are the models'); the separable CP kernel's
+    launches are ``cp_separable_tensor`` (a projection through a factor matrix, or the G sums,
+    on the tensor cores) or ``cp_separable_fma`` (a 1-D pass and its tap sums); the grad-bias
+    reduction is ``bias_grad`` (no model prices it)."""
     kinds = {"conv3d_igemm_kernel": "implicit_gemm", "conv3d_wgrad_kernel": "implicit_gemm_wgrad",
              "conv3d_dw_kernel": "depthwise", "conv3d_dw_wgrad_kernel": "depthwise_wgrad",
              "cp_conv_kernel": "cp_fused", "cp_grad_kernel": "cp_fused",
              "bias_grad_kernel": "bias_grad"}
     if launch.name in kinds:
         return kinds[launch.name]
+    if launch.name == "cp_sep_kernel":  # projections (tl.dot) or 1-D passes (FMA)
+        a = launch.args
+        return "cp_separable_" + ("tensor" if a["PROJECT"] or a["OUT_PROJ"] or a["EMIT_G"]
+                                  else "fma")
     if launch.name in ("bs_conv3d_kernel", "bs_conv3d_wgrad_kernel"):
         a = launch.args
         blocks = "depthwise" if a["DEPTHWISE"] else f"{a['BO']}x{a['BI']}"
