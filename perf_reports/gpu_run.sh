@@ -11,10 +11,10 @@
 # tree of links with the installed layout stands in where pip cannot build (no setuptools).
 #
 # --dry-run runs every step that needs no GPU: install, import, lk3d info, the goal cases' list
-# (`lk3d bench --cases goals --list`), their static estimate (`lk3d estimate --cases goals`, ~40-60 s
-# on 2 cores; GPU_RUN_ESTIMATE_CASES=G2,G4 takes only those goal cases) and the collection of the
-# CUDA test subset with LK3D_TEST_DEVICE=cuda. The real run, in this order (each step under
-# `timeout`, which gets 5 s of grace to kill it):
+# (`lk3d bench --cases goals --list`), their static estimate (`lk3d estimate --cases goals`,
+# 40-65 s on 2 cores; GPU_RUN_ESTIMATE_CASES=G2,G4 takes only those goal cases) and the collection
+# of the CUDA test subset with LK3D_TEST_DEVICE=cuda. The real run, in this order (each step
+# under `timeout`, which gets 5 s of grace to kill it):
 #
 #   step          limit  what
 #   install         30   pip install --target (seconds; the links otherwise)
@@ -139,9 +139,9 @@ else
 fi
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 # lk3d must come from there, not from an install the Python running this already has.
-step import 20 required "$OUT/info.txt" "$PY" -c \
-    "import sys, lk3d, lk3d.tools.cli; print(lk3d.__file__); sys.exit(not lk3d.__file__.startswith(sys.argv[1]))" \
-    "$SITE/"
+step import 20 required "$OUT/info.txt" "$PY" -c "import sys, lk3d, lk3d.tools.cli
+print(lk3d.__file__)
+sys.exit(not lk3d.__file__.startswith(sys.argv[1]))" "$SITE/"
 
 CLI=("$PY" -m lk3d.tools.cli)
 TESTS=(env LK3D_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider -m gpu_run

@@ -84,8 +84,9 @@ def test_block_sparse_conv3d(device):
     assert block_sparse.explain(x, ws, b, **case.args()) == {"path": "kernels"}
 
     def weight(values):
-        return lk3d.BlockSparseWeight(ws.shape, ws.block_shape, values, ws.row_ptr.to(values.device),
-                                      ws.col.to(values.device))
+        on = values.device
+        return lk3d.BlockSparseWeight(ws.shape, ws.block_shape, values, ws.row_ptr.to(on),
+                                      ws.col.to(on))
 
     _check(lambda x, v, b: lk3d.block_sparse_conv3d(x, weight(v), b, **case.args()),
            [leaf_like(t) for t in (x, ws.values, b)],
