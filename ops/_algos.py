@@ -39,16 +39,21 @@ KERNEL_DTYPES = {
 }
 
 
+def kernels_take(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether the Triton kernels serve tensors of ``dtype`` on devices of ``device_type``
+    ("cuda", "cpu"): Triton there (on the CPU: its interpreter) and the dtype one they take.
+    Nothing is allocated, so this also answers for a device this machine lacks."""
+    if not HAS_TRITON or (device_type == "cpu" and not INTERPRETED):
+        return False
+    return dtype in KERNEL_DTYPES.get(device_type, ())
+
+
 def kernels_can_run(t: torch.Tensor) -> bool:
     """Whether the Triton kernels can serve a tensor like ``t`` (device, dtype, interpreter, and
     one sample's volume within what they index: ``lk3d.kernels.MAX_VOLUME`` voxels)."""
-    if not HAS_TRITON:
-        return False
     if t.dim() == 5 and math.prod(t.shape[2:]) > MAX_VOLUME:
         return False
-    if t.device.type == "cuda":
-        return t.dtype in KERNEL_DTYPES["cuda"]
-    return t.device.type == "cpu" and INTERPRETED and t.dtype in KERNEL_DTYPES["cpu"]
+    return kernels_take(t.device.type, t.dtype)
 
 
 def kernels_why_not(device: torch.device) -> str:

@@ -219,6 +219,23 @@ def test_case_files(tmp_path, capsys):
     assert "--cases" in capsys.readouterr().err
 
 
+def test_cases_takes_a_shipped_set(capsys):
+    """--cases SET lists (and runs) a set of bench_cases.json by its name; --quick is --cases
+    quick."""
+    assert main(["bench", "--cases", "goals", "--list"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == [c.name for c in bench.CASE_SETS["goals"]]
+    assert names[0] == "G1" and names[-1] == "G5-dense"
+    listed = {}
+    for argv in (["--quick"], ["--cases", "quick"]):
+        assert main(["bench", *argv, "--list", "--filter", "dw"]) == 0
+        listed[argv[-1]] = capsys.readouterr().out
+    assert listed["--quick"] == listed["quick"] and "dw-N1-C16-D32-k21" in listed["quick"]
+    with pytest.raises(SystemExit):
+        main(["bench", "--cases", "goals", "--filter", "no-such-case"])
+    assert "matches no goals case" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["bench", "--modes", "sideways"], "--modes"),
     (["bench", "--providers", "lk3d,cudnn"], "--providers"),

@@ -20,6 +20,7 @@ def poison(monkeypatch):
     monkeypatch.setattr(common, "POISON", True)
 
 
+@pytest.mark.gpu_run
 def test_kernels_serve_the_test_device(device):
     x = torch.randn(1, 2, 5, 5, 5, device=device)
     w = torch.randn(2, 1, 3, 3, 3, device=device)

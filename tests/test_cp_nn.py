@@ -107,6 +107,7 @@ def _exact_rank_conv(cin, cout, kernel, rank, seed, **kwargs):
     return conv
 
 
+@pytest.mark.usefixtures("needs_tensorly")
 def test_from_conv():
     conv = _exact_rank_conv(3, 4, (5, 3, 4), 3, seed=1, padding=(2, 1, 1), stride=(1, 2, 1),
                             padding_mode="replicate")
@@ -140,6 +141,7 @@ class Net(nn.Module):
         return self.head(self.dw(self.body(self.stem(x))))
 
 
+@pytest.mark.usefixtures("needs_tensorly")
 def test_convert_to_cp():
     torch.manual_seed(0)
     net = Net()

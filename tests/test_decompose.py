@@ -3,7 +3,8 @@
 Exact-rank weights are recovered, the error falls as the rank grows, results are deterministic,
 dtypes come back as given, bad arguments are named, and a 64×64×21³ weight's CP runs within a
 small multiple of the weight's memory. ``TuckerConv3d`` runs ``lk3d.conv3d`` (the Triton kernels
-under the interpreter): its shapes stay tiny.
+under the interpreter): its shapes stay tiny. The tests of the solvers skip where TensorLy does not
+import (the ``needs_tensorly`` fixture, tests/conftest.py); the others run without it.
 """
 import json
 import subprocess
@@ -37,6 +38,7 @@ def exact_tucker_weight(shape, ranks, seed=0):
 # CP
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.usefixtures("needs_tensorly")
 @pytest.mark.parametrize("shape, rank, options", [
     ((8, 6, 5, 3, 4), 1, {}),
     ((8, 6, 5, 3, 4), 3, {}),
@@ -57,6 +59,7 @@ def test_cp_recovers_exact_rank(shape, rank, options):
     assert rel_err(factors.to_dense(), weight) == pytest.approx(err, rel=1e-6, abs=1e-12)
 
 
+@pytest.mark.usefixtures("needs_tensorly")
 def test_cp_error_falls_with_rank():
     weight = torch.randn(8, 6, 5, 3, 4, generator=torch.Generator().manual_seed(0),
                          dtype=torch.float64)
@@ -65,6 +68,7 @@ def test_cp_error_falls_with_rank():
     assert errors[0] < 1 and errors[-1] < 0.9 * errors[0]
 
 
+@pytest.mark.usefixtures("needs_tensorly")
 def test_cp_deterministic_and_dtypes():
     weight = exact_cp_weight((6, 4, 3, 5, 3), 4, seed=2).float()
     a, err_a = lk3d.decompose.cp(weight, 6, n_iter_max=20, seed=3)
@@ -76,6 +80,7 @@ def test_cp_deterministic_and_dtypes():
     assert half.dtype == torch.float16 and not half.U_out.requires_grad and err < 1e-2
 
 
+@pytest.mark.usefixtures("needs_tensorly")
 def test_cp_conv_with_decomposed_factors():
     """The decomposition's factors run through cp_conv3d as their dense kernel through F.conv3d."""
     weight = torch.randn(4, 3, 5, 3, 4, dtype=torch.float64)
@@ -104,6 +109,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.usefixtures("needs_tensorly")
 def test_cp_memory_is_a_small_multiple_of_the_weight():
     """A 64×64×21³ float32 weight (145 MiB): the decomposition's peak RSS growth stays under
     2.5× the weight (measured 1.8-2.0×: an unfolded copy, Khatri-Rao products, temporaries).
@@ -120,6 +126,7 @@ def test_cp_memory_is_a_small_multiple_of_the_weight():
 # Tucker-2
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.usefixtures("needs_tensorly")
 @pytest.mark.parametrize("shape, ranks", [((8, 6, 3, 4, 5), (3, 2)), ((5, 7, 3, 3, 1), (5, 4)),
                                           ((4, 4, 3, 3, 3), (2, 2))],
                          ids=["8x6-r3x2", "5x7-r5x4", "4x4-r2x2"])
@@ -133,6 +140,7 @@ def test_tucker_recovers_exact_ranks(shape, ranks):
     torch.testing.assert_close(factors.U_out.T @ factors.U_out, eye)
 
 
+@pytest.mark.usefixtures("needs_tensorly")
 def test_tucker_error_falls_with_rank():
     weight = torch.randn(8, 6, 5, 3, 4, generator=torch.Generator().manual_seed(0),
                          dtype=torch.float64)
@@ -217,6 +225,7 @@ def test_tucker_module_init_variance_matches_conv3d():
     assert w2 == pytest.approx(1 / (3 * cin * 30), rel=0.1)
 
 
+@pytest.mark.usefixtures("needs_tensorly")
 def test_tucker_module_from_conv():
     torch.manual_seed(0)
     conv = nn.Conv3d(3, 4, (3, 2, 3), padding=(1, 0, 1), dtype=torch.float64)

@@ -24,12 +24,12 @@ from _cases import TOL, Case, rel_err
 from conftest import DEVICE
 from lk3d import block_sparse
 from lk3d import cp as cp_ops
-from lk3d._algos import kernels_can_run
+from lk3d._algos import kernels_take
 from lk3d.autotune import registry
 
 F64 = torch.float64
 PAD = [1, 0, 1, 1, 2, 0]  # (d_l, h_l, w_l, d_r, h_r, w_r): asymmetric both ways on purpose
-KERNELS_TAKE_F64 = kernels_can_run(torch.empty(0, dtype=F64, device=DEVICE))
+KERNELS_TAKE_F64 = kernels_take(DEVICE, F64)
 needs_f64_kernels = pytest.mark.skipif(not KERNELS_TAKE_F64,
                                        reason=f"the Triton kernels do not take float64 on {DEVICE}")
 

@@ -29,9 +29,8 @@ from lk3d.kernels import block_sparse as bs  # noqa: E402
 from lk3d.kernels import cp as cpk  # noqa: E402
 from test_block_sparse_kernel import stored_blocks  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not _algos.kernels_can_run(
-    torch.empty(0, dtype=torch.float64, device=DEVICE)),
-    reason=f"the Triton kernels do not take float64 on {DEVICE}")
+pytestmark = pytest.mark.skipif(not _algos.kernels_take(DEVICE, torch.float64),
+                                reason=f"the Triton kernels do not take float64 on {DEVICE}")
 
 GRID_YZ = 65535  # CUDA's limit on grid dimensions y and z
 KERNELS = [(tiled, "conv3d_igemm_kernel"), (tiled, "conv3d_dw_kernel"),

@@ -303,6 +303,7 @@ def _user_warnings(fn):
     return result, [str(w.message) for w in record if issubclass(w.category, UserWarning)]
 
 
+@pytest.mark.usefixtures("needs_tensorly")
 def test_cp_from_conv_warns_when_far_from_the_weight(monkeypatch):
     torch.manual_seed(0)
     rough = nn.Conv3d(3, 5, 7, padding=3)  # random 7³: rank 1 is nowhere near it
@@ -332,6 +333,7 @@ def test_cp_from_conv_warns_when_far_from_the_weight(monkeypatch):
         assert repr(bad) in str(info.value)
 
 
+@pytest.mark.usefixtures("needs_tensorly")
 def test_convert_to_cp_warns_naming_the_layer():
     torch.manual_seed(0)
     net = nn.Sequential(_rank_r_conv(2, 3, 5, 2, seed=2),

@@ -9,7 +9,8 @@
     lk3d bench --device cuda [--out DIR | --no-report] [--csv PATH]
                                     --out: a release report where you say, e.g.
                                     --out perf_reports/{version}/{device}
-    lk3d bench --cases FILE.json    your own layers
+    lk3d bench --cases SET|FILE     a shipped case set (goals, quick, full, tiny) or your own
+                                    layers (a JSON or YAML file)
     lk3d bench --dispatch           does auto-dispatch find the fastest path? (12 layers)
     lk3d report [--dir DIR]         redraw the plots under DIR, summarise them in DIR/README.md
                                     (default DIR: where lk3d bench writes; nothing else is touched)
@@ -231,8 +232,10 @@ def _huge_pages_note(args, device, isolated):
 def _cmd_bench(args, parser):
     if args.dispatch:
         return _cmd_dispatch(args, parser)
-    which = "tiny" if args.tiny else "quick" if args.quick else "file" if args.cases else "full"
-    if args.cases:
+    shipped = args.cases in bench.CASE_SETS
+    which = ("tiny" if args.tiny else "quick" if args.quick else args.cases if shipped
+             else "file" if args.cases else "full")
+    if args.cases and not shipped:
         try:
             cases = bench.load_cases(args.cases)
         except ValueError as e:
@@ -263,7 +266,7 @@ def _cmd_bench(args, parser):
         if out_dir.is_file():
             parser.error(f"--out: expected a folder, got the file {str(out_dir)!r}")
     else:  # the user's data folder, one report per case set: never a folder of the checkout
-        which_set = f"cases-{Path(args.cases).stem}" if args.cases else which
+        which_set = f"cases-{Path(args.cases).stem}" if which == "file" else which
         out_dir = bench.default_report_dir(device, which_set)
 
     _huge_pages_note(args, device, not args.no_isolate)
@@ -432,12 +435,14 @@ def build_parser():
                        "instead (a release report: --out perf_reports/{version}/{device}).")
     cases = p.add_mutually_exclusive_group()
     cases.add_argument("--quick", action="store_true",
-                       help="a few small large-kernel layers (CPU: under 2 minutes)")
+                       help="a few small large-kernel layers (CPU: under 2 minutes); the same as "
+                       "--cases quick")
     cases.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests
-    cases.add_argument("--cases", metavar="FILE",
-                       help="the cases of a JSON (or YAML) list of case objects with the fields "
-                       "of lk3d.tools.bench.Case, as in lk3d's own bench_cases.json (default: its "
-                       "full set)")
+    cases.add_argument("--cases", metavar="SET|FILE",
+                       help="a case set shipped in lk3d's bench_cases.json "
+                       f"({', '.join(bench.CASE_SETS)}; goals: the goal cases G1-G5 on the GPU), "
+                       "or a JSON (or YAML) file holding a list of case objects with the fields "
+                       "of lk3d.tools.bench.Case, as in that file (default: the full set)")
     p.add_argument("--device", choices=("cpu", "cuda"),
                    help="default: cuda if available, else cpu")
     where = p.add_mutually_exclusive_group()

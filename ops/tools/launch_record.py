@@ -6,7 +6,9 @@
 of running. ``specialize`` types a launch's arguments as the JIT does (ints equal to 1 and None
 become constexprs, ints divisible by 16 and 16-byte-aligned pointers are marked so; a meta tensor
 counts as a fresh, aligned allocation), and ``compile_launches`` compiles them ahead of time
-(``lk3d.tools.aot``).
+(``lk3d.tools.aot``). ``interpreted_compile_keys`` records the ``compile_key`` of each launch
+the Triton interpreter runs: what a GPU's JIT would compile for the same calls (the tests count
+those of the CUDA test subset with it, tests/conftest.py).
 
 ``launches(conv, pass_, arch)`` gives the launches of one pass of a convolution (``Conv``: dense,
 grouped, depthwise, rank-R CP, block-sparse with channel blocks or depthwise) with the config lk3d
@@ -14,6 +16,7 @@ picks on the arch's GPU; ``executed_flops``, ``useful_flops`` and ``launch_bytes
 computes and moves, ``kernel_kind`` the kernel kind the CUDA cost models price it as.
 ``lk3d.tools.estimate`` turns them into issue ceilings.
 """
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -55,6 +58,18 @@ def _is_constexpr(kernel, name):
     return annotation is tl.constexpr or "constexpr" in str(annotation)
 
 
+def _bind(kernel, args, kwargs):
+    """(every argument name -> value, the launch options given) of ``kernel[grid](*args,
+    **kwargs)``; ``kwargs`` is left as it is."""
+    options = {k: v for k, v in kwargs.items() if k in _LAUNCH_OPTIONS}
+    bound = dict(zip(kernel.arg_names, args),
+                 **{k: v for k, v in kwargs.items() if k not in _LAUNCH_OPTIONS})
+    for name, p in inspect.signature(_raw(kernel)).parameters.items():
+        if name not in bound and p.default is not inspect.Parameter.empty:
+            bound[name] = p.default
+    return bound, options
+
+
 class _Recorder:
     """Stands in for a kernel in its module: ``kernel[grid](*args, **kwargs)`` appends a Launch."""
 
@@ -63,12 +78,7 @@ class _Recorder:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            options = {k: kwargs.pop(k) for k in _LAUNCH_OPTIONS if k in kwargs}
-            params = inspect.signature(_raw(self.kernel)).parameters
-            bound = dict(zip(self.kernel.arg_names, args), **kwargs)
-            for name, p in params.items():
-                if name not in bound and p.default is not inspect.Parameter.empty:
-                    bound[name] = p.default
+            bound, options = _bind(self.kernel, args, kwargs)
             grid_ = tuple(grid(bound) if callable(grid) else grid)
             self.launches.append(Launch(self.kernel, self.name, bound, grid_,
                                         options.get("num_warps", 4),
@@ -146,6 +156,45 @@ def specialize(launch):
         elif attr and "D" in attr:
             divisible.append(name)
     return signature, constexprs, divisible
+
+
+def compile_key(launch, fp_fusion=True):
+    """What the JIT compiles ``launch`` as, one binary per distinct key and device: the kernel's
+    name, its signature (every argument's type, or constexpr), the constexprs' values, the
+    arguments marked divisible by 16 (``specialize``), warps, stages and fp fusion. As a
+    JSON-ready dict; ``json.dumps(key, sort_keys=True)`` tells keys apart."""
+    signature, constexprs, divisible = specialize(launch)
+    return {"kernel": launch.name, "signature": signature,
+            "constexprs": {k: repr(v) for k, v in constexprs.items()}, "divisible": divisible,
+            "num_warps": launch.num_warps, "num_stages": launch.num_stages,
+            "enable_fp_fusion": fp_fusion}
+
+
+@contextlib.contextmanager
+def interpreted_compile_keys():
+    """A list that receives the ``compile_key`` of each kernel launch Triton's interpreter runs
+    (``TRITON_INTERPRET=1``) while the block runs, in order, repeats included: the kernel binaries
+    a GPU's JIT would compile for the same calls, as far as the calls take the same configs and
+    specialise alike there (a GPU's default configs and reduction splits can differ from the
+    interpreter's, and a dtype the kernels take only there adds its own)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    keys = []
+    run = InterpretedFunction.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        if not warmup:
+            bound, options = _bind(self, args, kwargs)
+            launch = Launch(self, self.__name__, bound, (), options.get("num_warps", 4),
+                            options.get("num_stages", 3))
+            keys.append(compile_key(launch, options.get("enable_fp_fusion", True)))
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = recording_run
+    try:
+        yield keys
+    finally:
+        InterpretedFunction.run = run
 
 
 def compile_launches(launches, arch):
