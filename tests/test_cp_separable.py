@@ -16,11 +16,10 @@ import lk3d
 from _cases import TOL, Case, rel_err
 from conftest import DEVICE
 from lk3d import cp as cp_ops
-from lk3d._algos import kernels_can_run
+from lk3d._algos import kernels_take
 from lk3d.autotune import registry
 
-pytestmark = pytest.mark.skipif(not kernels_can_run(torch.empty(0, dtype=torch.float64,
-                                                                 device=DEVICE)),
+pytestmark = pytest.mark.skipif(not kernels_take(DEVICE, torch.float64),
                                 reason=f"the Triton kernels do not take float64 on {DEVICE}")
 
 if lk3d.kernels.HAS_TRITON:
