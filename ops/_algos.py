@@ -28,9 +28,11 @@ from lk3d.autotune import configs, devices, registry
 from lk3d.autotune.configs import Problem, candidate_configs, default_config
 from lk3d import kernels
 from lk3d.kernels import HAS_TRITON, INTERPRETED, MAX_VOLUME, memory_format
+from lk3d.kernels import depthwise_configs as depthwise_family
 from lk3d.kernels import tiled_configs as tiled_family
 
 configs.register(tiled_family)
+configs.register(depthwise_family)
 
 KERNEL_DTYPES = {
     "cuda": (torch.float16, torch.bfloat16, torch.float32),
@@ -223,6 +225,8 @@ def tiled_problem(op, x_shape, w_shape, stride, padding, dilation, groups, devic
     size = size or out_size(x_shape[2:], w_shape[2:], stride, padding, dilation)
     if op in ("conv3d", "conv3d_grad_input"):
         produced = size if op == "conv3d" else x_shape[2:]
+        if depthwise_family.takes(op, x_shape, w_shape, stride):
+            return Problem("conv3d_dw_cl", M=produced[2], NC=cout, taps=taps)
         if cig == 1:
             return Problem("conv3d_dw", M=math.prod(produced), taps=taps)
         kc, nc = (cig, cout // groups) if op == "conv3d" else (cout // groups, cig)
@@ -255,10 +259,16 @@ def _tiled():
     return kernels.tiled  # imported (with Triton) at the first launch
 
 
+def _depthwise():
+    return kernels.depthwise
+
+
 def tiled_forward(x, w, bias, stride, padding, dilation, groups, config=None):
     geometry = (stride, padding, dilation, groups)
     cfg = _config(config, "conv3d", x.shape, w.shape, geometry, x.device)
     with launch_device(x):
+        if depthwise_family.takes("conv3d", x.shape, w.shape, stride):
+            return _depthwise().conv3d_dw_cl_fwd(x, w, bias, stride, padding, dilation, cfg)
         if w.shape[1] == 1:  # depthwise, with channel multiplier cout / cin
             return _tiled().conv3d_dw_fwd(x, w, bias, stride, padding, dilation, cfg)
         return _tiled().conv3d_fwd(x, w, bias, stride, padding, dilation, groups, cfg,
@@ -274,6 +284,9 @@ def tiled_grad_input(grad, w, input_shape, stride, padding, dilation, groups, co
     geometry = (stride, padding, dilation, groups)
     cfg = _config(config, "conv3d_grad_input", input_shape, w.shape, geometry, grad.device)
     with launch_device(grad):
+        if depthwise_family.takes("conv3d_grad_input", input_shape, w.shape, stride):
+            return _depthwise().conv3d_dw_cl_bwd_input(grad, w, input_shape, stride, padding,
+                                                       dilation, cfg)
         if w.shape[1] == 1:
             return _tiled().conv3d_dw_bwd_input(grad, w, input_shape, stride, padding, dilation,
                                                 cfg)
@@ -397,9 +410,10 @@ def _config_problem(op):
 
 
 for _op, _runners, _kinds in (
-        ("conv3d", (tiled_forward, fft_forward, aten_forward), ("conv3d_fwd", "conv3d_dw")),
+        ("conv3d", (tiled_forward, fft_forward, aten_forward),
+         ("conv3d_fwd", "conv3d_dw", "conv3d_dw_cl")),
         ("conv3d_grad_input", (tiled_grad_input, fft_grad_input, aten_grad_input),
-         ("conv3d_fwd", "conv3d_dw")),
+         ("conv3d_fwd", "conv3d_dw", "conv3d_dw_cl")),
         ("conv3d_grad_weight", (tiled_grad_weight, fft_grad_weight, aten_grad_weight),
          ("conv3d_wgrad", "conv3d_dw_wgrad"))):
     registry.register(registry.Algorithm(
