@@ -5,7 +5,7 @@ Layout: the gathered operand (input, or grad_output for grad-input) is read as a
 tensor (``channels_last_3d`` contiguous; the launchers convert other layouts once per call), so a
 voxel's channels are contiguous and a thread loads VEC = 16 bytes of them (8 bf16/fp16, 4 fp32,
 2 fp64 channels) per voxel whatever the tap's shift; this needs C·element size to be a multiple of
-16 bytes, which ``lk3d.kernels.depthwise_configs.takes`` checks (C % 8 == 0 for every dtype).
+16 bytes: C % 8 == 0 for every dtype (``depthwise_configs.CHANNEL_MULTIPLE``).
 The produced tensor is written through its strides, in the caller's layout.
 
 Forward (``conv3d_dw_cl_kernel``, channel multiplier 1): a program owns one output row
@@ -39,7 +39,7 @@ import triton.language as tl
 from lk3d.kernels import out_size
 from lk3d.kernels.common import (acc_dtype, alloc, check_config, flat_grid, geometry,
                                  launch_opts, program_ids)
-from lk3d.kernels.depthwise_configs import takes
+from lk3d.kernels.depthwise_configs import CHANNEL_MULTIPLE
 
 
 @triton.jit
@@ -204,6 +204,16 @@ def strip(yw, block_v, r_max):
     return num_w, triton.cdiv(yw, block_v * num_w)
 
 
+def _check(x_shape, w_shape, stride):
+    """A ValueError unless the kernel serves this depthwise problem: multiplier 1, C a multiple
+    of ``CHANNEL_MULTIPLE``, stride 1 where given (grad-input)."""
+    cin, cout, cig = x_shape[1], w_shape[0], w_shape[1]
+    if cig != 1 or cout != cin or cin % CHANNEL_MULTIPLE or stride not in (None, (1, 1, 1)):
+        raise ValueError(f"weight: expected a depthwise weight of multiplier 1 over a multiple of "
+                         f"{CHANNEL_MULTIPLE} channels (stride 1 for grad-input), got "
+                         f"{tuple(w_shape)} for input {tuple(x_shape)}, stride {stride}")
+
+
 def _launch_fwd(a, taps, bias, y, geo, config):
     C = y.shape[1]
     num_w, r = strip(y.shape[4], config["BLOCK_V"], config["R"])
@@ -218,15 +228,13 @@ def _launch_fwd(a, taps, bias, y, geo, config):
 
 
 def conv3d_dw_cl_fwd(x, w, bias, stride, padding, dilation, config, *, out=None):
-    """Depthwise forward, channel multiplier 1 (``takes``). Config keys: BLOCK_V, BLOCK_C, R (the
+    """Depthwise forward, channel multiplier 1 over a multiple of 8 channels. Config keys: BLOCK_V, BLOCK_C, R (the
     most outputs per strip; ``strip`` fits it to the row). The result has ``x``'s layout
     (``lk3d.kernels.memory_format``)."""
     from lk3d.kernels import memory_format
 
     check_config(config, ("BLOCK_V", "BLOCK_C", "R"))
-    if not takes("conv3d", x.shape, w.shape, stride):
-        raise ValueError(f"weight: expected a depthwise weight of multiplier 1 over C % 8 == 0 "
-                         f"channels, got {tuple(w.shape)} for input {tuple(x.shape)}")
+    _check(x.shape, w.shape, None)
     size = out_size(x.shape[2:], w.shape[2:], stride, padding, dilation)
     y = alloc((x.shape[0], w.shape[0], *size), x, out, memory_format(x))
     if y.numel() == 0:
@@ -236,14 +244,12 @@ def conv3d_dw_cl_fwd(x, w, bias, stride, padding, dilation, config, *, out=None)
 
 
 def conv3d_dw_cl_bwd_input(dy, w, input_shape, stride, padding, dilation, config, *, out=None):
-    """Depthwise grad-input, stride 1, multiplier 1 (``takes``): the forward kernel over
+    """Depthwise grad-input, stride 1, multiplier 1, a multiple of 8 channels: the forward over
     ``dy`` with the flipped taps. Config keys: BLOCK_V, BLOCK_C, R."""
     from lk3d.kernels import memory_format
 
     check_config(config, ("BLOCK_V", "BLOCK_C", "R"))
-    if not takes("conv3d_grad_input", input_shape, w.shape, stride):
-        raise ValueError(f"stride: expected 1 (and a depthwise weight of multiplier 1 over "
-                         f"C % 8 == 0 channels), got {tuple(stride)}, {tuple(w.shape)}")
+    _check(input_shape, w.shape, tuple(stride))
     dx = alloc(tuple(input_shape), dy, out, memory_format(dy))
     if dx.numel() == 0:
         return dx

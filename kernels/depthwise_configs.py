@@ -1,6 +1,6 @@
 """Launch-config spaces of the channels-innermost depthwise kernels (``lk3d.kernels.depthwise``),
-as data, what the config choice needs to know of them, and which problems they take
-(``takes``). No Triton is imported here.
+as data, and what the config choice needs to know of them. No Triton is imported here. Which
+problems they take: ``lk3d._algos.direct_depthwise``.
 
 Each list is what lk3d ships: every entry is run once under the Triton interpreter and compiled
 ahead of time for sm_80 and sm_90 by the tests (no spills). The only shared memory is the
@@ -23,16 +23,6 @@ RUNTIME_KEYS = ()
 
 # Channels a thread's 16-byte load must divide evenly for every dtype (8 bf16/fp16, 4 fp32, 2 fp64).
 CHANNEL_MULTIPLE = 8
-
-
-def takes(op, x_shape, w_shape, stride):
-    """Whether the channels-innermost kernels serve pass ``op`` ("conv3d", "conv3d_grad_input",
-    "conv3d_grad_weight") of a depthwise convolution of input ``x_shape`` and weight ``w_shape``:
-    channel multiplier 1, channels a multiple of ``CHANNEL_MULTIPLE``, and (grad-input) stride 1."""
-    cin, cout, cig = x_shape[1], w_shape[0], w_shape[1]
-    if cig != 1 or cout != cin or cin % CHANNEL_MULTIPLE:
-        return False
-    return op != "conv3d_grad_input" or tuple(stride) == (1, 1, 1)
 
 
 def shared_bytes(config, problem, element_size):

@@ -218,6 +218,17 @@ def _taps(shape):
     return shape[2] * shape[3] * shape[4]
 
 
+def direct_depthwise(op, x_shape, w_shape, stride):
+    """Whether the channels-innermost depthwise kernels (``lk3d.kernels.depthwise``) serve pass
+    ``op`` ("conv3d", "conv3d_grad_input") of a convolution of input ``x_shape`` and weight
+    ``w_shape``: depthwise of channel multiplier 1 over a multiple of 8 channels (a thread's
+    16-byte load of channels, every dtype), and for grad-input stride 1."""
+    cin, cout, cig = x_shape[1], w_shape[0], w_shape[1]
+    if cig != 1 or cout != cin or cin % depthwise_family.CHANNEL_MULTIPLE:
+        return False
+    return op == "conv3d" or tuple(stride) == (1, 1, 1)
+
+
 def tiled_problem(op, x_shape, w_shape, stride, padding, dilation, groups, device, size=None):
     """What the config choice of the Triton kernel serving pass ``op`` looks at (``size``: the
     output's spatial size where the caller has it)."""
@@ -225,7 +236,7 @@ def tiled_problem(op, x_shape, w_shape, stride, padding, dilation, groups, devic
     size = size or out_size(x_shape[2:], w_shape[2:], stride, padding, dilation)
     if op in ("conv3d", "conv3d_grad_input"):
         produced = size if op == "conv3d" else x_shape[2:]
-        if depthwise_family.takes(op, x_shape, w_shape, stride):
+        if direct_depthwise(op, x_shape, w_shape, stride):
             return Problem("conv3d_dw_cl", M=produced[2], NC=cout, taps=taps)
         if cig == 1:
             return Problem("conv3d_dw", M=math.prod(produced), taps=taps)
@@ -267,7 +278,7 @@ def tiled_forward(x, w, bias, stride, padding, dilation, groups, config=None):
     geometry = (stride, padding, dilation, groups)
     cfg = _config(config, "conv3d", x.shape, w.shape, geometry, x.device)
     with launch_device(x):
-        if depthwise_family.takes("conv3d", x.shape, w.shape, stride):
+        if direct_depthwise("conv3d", x.shape, w.shape, stride):
             return _depthwise().conv3d_dw_cl_fwd(x, w, bias, stride, padding, dilation, cfg)
         if w.shape[1] == 1:  # depthwise, with channel multiplier cout / cin
             return _tiled().conv3d_dw_fwd(x, w, bias, stride, padding, dilation, cfg)
@@ -284,7 +295,7 @@ def tiled_grad_input(grad, w, input_shape, stride, padding, dilation, groups, co
     geometry = (stride, padding, dilation, groups)
     cfg = _config(config, "conv3d_grad_input", input_shape, w.shape, geometry, grad.device)
     with launch_device(grad):
-        if depthwise_family.takes("conv3d_grad_input", input_shape, w.shape, stride):
+        if direct_depthwise("conv3d_grad_input", input_shape, w.shape, stride):
             return _depthwise().conv3d_dw_cl_bwd_input(grad, w, input_shape, stride, padding,
                                                        dilation, cfg)
         if w.shape[1] == 1:

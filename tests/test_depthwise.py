@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import lk3d
 from _cases import TOL, Case, conv3d_ref, rel_err, strided_copy
+from lk3d._algos import direct_depthwise
 from lk3d.kernels import common, depthwise_configs
 from lk3d.tools import launch_record
 
@@ -68,7 +69,7 @@ def test_routes(device):
     for conv in (launch_record.Conv((1, 12, 9, 9, 9), (12, 1, 3, 3, 3), groups=12),
                  launch_record.Conv((1, 8, 9, 9, 9), (16, 1, 3, 3, 3), groups=8)):
         assert kernel(conv, "forward") == old
-    assert not depthwise_configs.takes("conv3d", (1, 8, 3, 3, 3), (16, 1, 3, 3, 3), (1, 1, 1))
+    assert not direct_depthwise("conv3d", (1, 8, 3, 3, 3), (16, 1, 3, 3, 3), (1, 1, 1))
 
 
 @pytest.mark.parametrize("layout", ["channels_last_3d", "strided"])

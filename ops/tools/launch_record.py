@@ -235,7 +235,8 @@ def _default_config(kind, problem_fields, arch, element_size):
 def tiled_launches(conv, pass_, arch):
     """(variant, config, launches) of lk3d's tiled kernels for ``pass_`` of ``conv`` on
     ``sm_<arch>``, recorded from the launchers with the arch's default config."""
-    from lk3d.kernels import depthwise as dw_cl, depthwise_configs, tiled
+    from lk3d._algos import direct_depthwise
+    from lk3d.kernels import depthwise as dw_cl, tiled
 
     x, w, spec = _checked(conv)
     meta = dict(dtype=x.dtype, device="meta")
@@ -249,7 +250,7 @@ def tiled_launches(conv, pass_, arch):
         produced = spec.out_size if pass_ == "forward" else conv.input[2:]
         M = math.prod(produced)
         op = "conv3d" if pass_ == "forward" else "conv3d_grad_input"
-        if depthwise_configs.takes(op, conv.input, conv.weight, spec.stride):
+        if direct_depthwise(op, conv.input, conv.weight, spec.stride):
             config, *_ = _default_config("conv3d_dw_cl", dict(M=produced[2], NC=cout, taps=taps),
                                          arch, size)
             if pass_ == "forward":
