@@ -1,6 +1,7 @@
 """lk3d.kernels: the @triton.jit kernels, one family per module, each with thin launchers.
 
     tiled.py, tiled_configs.py                dense, grouped and depthwise conv3d
+    depthwise.py, depthwise_configs.py        depthwise conv3d on channels-innermost tensors
     cp.py, cp_configs.py                      rank-R CP conv3d, fused
     block_sparse.py, block_sparse_configs.py  block-sparse conv3d
     common.py                                 what every family shares: the index and load
@@ -102,7 +103,7 @@ if HAS_TRITON and _interpret_requested():
         HAS_TRITON = False
 
 
-_FAMILIES = ("common", "tiled", "cp", "block_sparse")
+_FAMILIES = ("common", "tiled", "depthwise", "cp", "block_sparse")
 
 
 def __getattr__(name):

@@ -28,9 +28,11 @@ from lk3d.autotune import configs, devices, registry
 from lk3d.autotune.configs import Problem, candidate_configs, default_config
 from lk3d import kernels
 from lk3d.kernels import HAS_TRITON, INTERPRETED, MAX_VOLUME, memory_format
+from lk3d.kernels import depthwise_configs as depthwise_family
 from lk3d.kernels import tiled_configs as tiled_family
 
 configs.register(tiled_family)
+configs.register(depthwise_family)
 
 KERNEL_DTYPES = {
     "cuda": (torch.float16, torch.bfloat16, torch.float32),
@@ -221,6 +223,17 @@ def _taps(shape):
     return shape[2] * shape[3] * shape[4]
 
 
+def direct_depthwise(op, x_shape, w_shape, stride):
+    """Whether the channels-innermost depthwise kernels (``lk3d.kernels.depthwise``) serve pass
+    ``op`` ("conv3d", "conv3d_grad_input") of a convolution of input ``x_shape`` and weight
+    ``w_shape``: depthwise of channel multiplier 1 over a multiple of 8 channels (a thread's
+    16-byte load of channels, every dtype), and for grad-input stride 1."""
+    cin, cout, cig = x_shape[1], w_shape[0], w_shape[1]
+    if cig != 1 or cout != cin or cin % depthwise_family.CHANNEL_MULTIPLE:
+        return False
+    return op == "conv3d" or tuple(stride) == (1, 1, 1)
+
+
 def tiled_problem(op, x_shape, w_shape, stride, padding, dilation, groups, device, size=None):
     """What the config choice of the Triton kernel serving pass ``op`` looks at (``size``: the
     output's spatial size where the caller has it)."""
@@ -228,6 +241,8 @@ def tiled_problem(op, x_shape, w_shape, stride, padding, dilation, groups, devic
     size = size or out_size(x_shape[2:], w_shape[2:], stride, padding, dilation)
     if op in ("conv3d", "conv3d_grad_input"):
         produced = size if op == "conv3d" else x_shape[2:]
+        if direct_depthwise(op, x_shape, w_shape, stride):
+            return Problem("conv3d_dw_cl", M=produced[2], NC=cout, taps=taps)
         if cig == 1:
             return Problem("conv3d_dw", M=math.prod(produced), taps=taps)
         kc, nc = (cig, cout // groups) if op == "conv3d" else (cout // groups, cig)
@@ -260,10 +275,16 @@ def _tiled():
     return kernels.tiled  # imported (with Triton) at the first launch
 
 
+def _depthwise():
+    return kernels.depthwise
+
+
 def tiled_forward(x, w, bias, stride, padding, dilation, groups, config=None):
     geometry = (stride, padding, dilation, groups)
     cfg = _config(config, "conv3d", x.shape, w.shape, geometry, x.device)
     with launch_device(x):
+        if direct_depthwise("conv3d", x.shape, w.shape, stride):
+            return _depthwise().conv3d_dw_cl_fwd(x, w, bias, stride, padding, dilation, cfg)
         if w.shape[1] == 1:  # depthwise, with channel multiplier cout / cin
             return _tiled().conv3d_dw_fwd(x, w, bias, stride, padding, dilation, cfg)
         return _tiled().conv3d_fwd(x, w, bias, stride, padding, dilation, groups, cfg,
@@ -279,6 +300,9 @@ def tiled_grad_input(grad, w, input_shape, stride, padding, dilation, groups, co
     geometry = (stride, padding, dilation, groups)
     cfg = _config(config, "conv3d_grad_input", input_shape, w.shape, geometry, grad.device)
     with launch_device(grad):
+        if direct_depthwise("conv3d_grad_input", input_shape, w.shape, stride):
+            return _depthwise().conv3d_dw_cl_bwd_input(grad, w, input_shape, stride, padding,
+                                                       dilation, cfg)
         if w.shape[1] == 1:
             return _tiled().conv3d_dw_bwd_input(grad, w, input_shape, stride, padding, dilation,
                                                 cfg)
@@ -406,9 +430,10 @@ def _config_problem(op):
 
 
 for _op, _runners, _kinds in (
-        ("conv3d", (tiled_forward, fft_forward, aten_forward), ("conv3d_fwd", "conv3d_dw")),
+        ("conv3d", (tiled_forward, fft_forward, aten_forward),
+         ("conv3d_fwd", "conv3d_dw", "conv3d_dw_cl")),
         ("conv3d_grad_input", (tiled_grad_input, fft_grad_input, aten_grad_input),
-         ("conv3d_fwd", "conv3d_dw")),
+         ("conv3d_fwd", "conv3d_dw", "conv3d_dw_cl")),
         ("conv3d_grad_weight", (tiled_grad_weight, fft_grad_weight, aten_grad_weight),
          ("conv3d_wgrad", "conv3d_dw_wgrad"))):
     registry.register(registry.Algorithm(

@@ -248,8 +248,27 @@ def shipped_cases():
             CO=64, MULT=1, **_GEOMETRY, **_strides(1))))
     for config in CONFIG_SPACES["bias_grad"]:
         cases.append(_case(tiled.bias_grad_kernel, "bias_grad", "bf16", config, dict(C=64)))
-    cases += cp_cases() + cp_sep_cases() + block_sparse_cases()
+    cases += depthwise_cases() + cp_cases() + cp_sep_cases() + block_sparse_cases()
     return cases + wide_cases(cases)
+
+
+def depthwise_cases():
+    """Every config of ``lk3d.kernels.depthwise_configs`` at C = 96 (bf16, read as int32 pairs
+    with fp32 taps; fp16; fp32), forward at stride 1 with a bias and, in bf16, stride 2."""
+    from lk3d.kernels import depthwise
+    from lk3d.kernels.depthwise_configs import CONFIG_SPACES as DW_SPACES
+
+    cases = []
+    for config in DW_SPACES["conv3d_dw_cl"]:
+        for dtype, stride in (("bf16", 1), ("bf16", 2), ("fp16", 1), ("fp32", 1)):
+            case = _case(depthwise.conv3d_dw_cl_kernel, f"dw_cl-s{stride}", dtype, config, dict(
+                C=96, **_GEOMETRY, **_strides(stride), HAS_BIAS=stride == 1,
+                PAIRS=dtype == "bf16"))
+            if dtype == "bf16":
+                sig = dict(case.signature, x_ptr="*i32", w_ptr="*fp32")
+                case = dataclasses.replace(case, signature=sig)
+            cases.append(case)
+    return cases
 
 
 def cp_cases():

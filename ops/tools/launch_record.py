@@ -1,6 +1,6 @@
 """The launches lk3d's launchers make, recorded without a GPU, and what they compute.
 
-``record`` calls a launcher (``lk3d.kernels.tiled``, ``cp``, ``block_sparse``) on
+``record`` calls a launcher (``lk3d.kernels.tiled``, ``depthwise``, ``cp``, ``block_sparse``) on
 ``device="meta"`` tensors with its module's ``@triton.jit`` kernels swapped for recorders: each
 ``kernel[grid](...)`` appends a ``Launch`` (kernel, every argument, grid, warps, stages) instead
 of running. ``specialize`` types a launch's arguments as the JIT does (ints equal to 1 and None
@@ -295,7 +295,8 @@ def _default_config(kind, problem_fields, arch, element_size):
 def tiled_launches(conv, pass_, arch):
     """(variant, config, launches) of lk3d's tiled kernels for ``pass_`` of ``conv`` on
     ``sm_<arch>``, recorded from the launchers with the arch's default config."""
-    from lk3d.kernels import tiled
+    from lk3d._algos import direct_depthwise
+    from lk3d.kernels import depthwise as dw_cl, tiled
 
     x, w, spec = _checked(conv)
     meta = dict(dtype=x.dtype, device="meta")
@@ -308,6 +309,15 @@ def tiled_launches(conv, pass_, arch):
     if pass_ in ("forward", "grad_input"):
         produced = spec.out_size if pass_ == "forward" else conv.input[2:]
         M = math.prod(produced)
+        op = "conv3d" if pass_ == "forward" else "conv3d_grad_input"
+        if direct_depthwise(op, conv.input, conv.weight, spec.stride):
+            config, *_ = _default_config("conv3d_dw_cl", dict(M=produced[2], NC=cout, taps=taps),
+                                         arch, size)
+            if pass_ == "forward":
+                return "direct", config, record(dw_cl, dw_cl.conv3d_dw_cl_fwd, x, w, None,
+                                                *geometry, config)
+            return "direct", config, record(dw_cl, dw_cl.conv3d_dw_cl_bwd_input, dy, w,
+                                            conv.input, *geometry, config)
         if depthwise:
             config, *_ = _default_config("conv3d_dw", dict(M=M, taps=taps), arch, size)
             if pass_ == "forward":
@@ -476,6 +486,8 @@ def executed_flops(launch):
     if launch.name == "conv3d_igemm_kernel":
         steps = taps * -(-a["KC"] // a["BLOCK_K"])
         return 2 * programs * a["BLOCK_M"] * a["BLOCK_N"] * a["BLOCK_K"] * steps
+    if launch.name == "conv3d_dw_cl_kernel":
+        return 2 * programs * a["BLOCK_V"] * a["R"] * a["BLOCK_C"] * taps
     if launch.name == "conv3d_dw_kernel":
         return 2 * programs * a["BLOCK"] * taps * (a["MULT"] if a["TRANSPOSED"] else 1)
     if launch.name == "conv3d_wgrad_kernel":

@@ -1,0 +1,48 @@
+"""Launch-config spaces of the channels-innermost depthwise kernels (``lk3d.kernels.depthwise``),
+as data, and what the config choice needs to know of them. No Triton is imported here. Which
+problems they take: ``lk3d._algos.direct_depthwise``.
+
+Each list is what lk3d ships: every entry is run once under the Triton interpreter and compiled
+ahead of time for sm_80 and sm_90 by the tests (no spills). The only shared memory is the
+epilogue's (bf16: interleaving the even and odd channels back), a few KB.
+"""
+from lk3d.kernels import config_spaces, pow2
+
+# Forward and stride-1 grad-input: BLOCK_V strips of up to R outputs along W (the launcher fits R
+# to the row), BLOCK_C channels. A thread holds R accumulators of one 16-byte channel vector, and
+# an input row costs it R + KW - 1 loads for R·KW FMAs per channel. R = 5 spilled outside the loop
+# on Triton 3.6 (sm_90, fp32, or bf16 at stride 2), R = 6 on 3.9; 4 warps capped ptxas at 128
+# registers on 3.6: one warp each.
+CONV3D_DW_CL_CONFIGS = [
+    dict(BLOCK_V=16, BLOCK_C=16, R=4, num_warps=1, num_stages=1),
+    dict(BLOCK_V=8, BLOCK_C=32, R=4, num_warps=1, num_stages=1),
+]
+
+CONFIG_SPACES = config_spaces(globals())  # {kind: <KIND>_CONFIGS above}
+RUNTIME_KEYS = ()
+
+# Channels a thread's 16-byte load must divide evenly for every dtype (8 bf16/fp16, 4 fp32, 2 fp64).
+CHANNEL_MULTIPLE = 8
+
+
+def shared_bytes(config, problem, element_size):
+    """No pipelined operand tiles (the epilogue's few KB aside)."""
+    return 0
+
+
+def pick(problem, smem_limit, element_size):
+    """A shipped config for a real GPU (``problem.NC``: the channels): the wider channel block
+    where it divides the channels (no masked lanes)."""
+    configs = CONFIG_SPACES[problem.kind]
+    return dict(configs[1] if problem.NC % 32 == 0 else configs[0])
+
+
+def interpreter_config(problem):
+    """Few, large programs: the interpreter costs per operation per program, not per element
+    (``problem.M``: the produced row's length along W)."""
+    return dict(BLOCK_V=pow2(-(-problem.M // 4), 1, 64), BLOCK_C=pow2(problem.NC, 8, 64), R=4)
+
+
+def split(problem, config, device_programs):
+    """No kind here splits a reduction."""
+    return None

@@ -1,0 +1,167 @@
+"""The channels-innermost depthwise kernels (``lk3d.kernels.depthwise``) against a float64
+F.conv3d reference: through ``lk3d.conv3d`` (which routes channel multiplier 1 over C % 8 == 0
+channels to them) and through their launchers (bf16, explicit configs with ragged tiles).
+Every buffer a launcher allocates starts as NaN."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lk3d
+from _cases import TOL, Case, conv3d_ref, rel_err, strided_copy
+from lk3d._algos import direct_depthwise
+from lk3d.kernels import common, depthwise_configs
+from lk3d.tools import launch_record
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(common, "POISON", True)
+
+
+CASES = [
+    Case(2, 8, 8, (3, 2, 7), (3, 3, 3), padding="same", groups=8),
+    # even kernel sides: "same" pads asymmetrically; dilation along W
+    Case(1, 8, 8, (2, 3, 9), (2, 1, 4), padding="same", dilation=(1, 1, 2), groups=8),
+    # stride: the forward on the new kernel, grad-input on the strided one
+    Case(1, 16, 16, (3, 3, 11), (3, 2, 3), stride=(2, 1, 2), padding=(1, 0, 2),
+         dilation=(1, 1, 2), groups=16, bias=False),
+    # 24 channels: a masked channel tail in a 32-wide block
+    Case(1, 24, 24, (2, 3, 6), (1, 3, 5), padding=(0, 1, 1), groups=24),
+]
+
+
+def _grads(case, dtype, device, x=None, w=None, b=None):
+    """(lk3d's output and gradients, float64 reference output and gradients) of ``case``."""
+    if x is None:
+        x, w, b = case.tensors(dtype=dtype, device=device)
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    b = None if b is None else b.detach().requires_grad_()
+    y = lk3d.conv3d(x, w, b, **case.args())
+    refs = [t.detach().double().cpu().requires_grad_() for t in (x, w, b) if t is not None]
+    ref = F.conv3d(*refs, *(() if b is not None else (None,)), **case.args())
+    gy = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], gy.to(y))
+    want = torch.autograd.grad(ref, refs, gy)
+    return (y, *got), (ref, *want)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_forward_backward_float64(case, device):
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    (y, *grads), (ref, *refs) = _grads(case, dtype, device)
+    assert y.dtype == dtype and y.is_contiguous()
+    assert rel_err(y, ref) < TOL[dtype]
+    for name, got, want in zip(("input", "weight", "bias"), grads, refs):
+        assert rel_err(got, want) < TOL[dtype] * 10, name
+
+
+def test_routes(device):
+    """Multiplier 1 over C % 8 == 0 takes the new kernel (grad-input at stride 1 only); the rest
+    the one-voxel-per-lane kernel."""
+    def kernel(conv, pass_):
+        return {ln.name for ln in launch_record.launches(conv, pass_, 90)[2]}
+
+    new, old = {"conv3d_dw_cl_kernel"}, {"conv3d_dw_kernel"}
+    conv = launch_record.Conv((1, 16, 9, 9, 9), (16, 1, 3, 3, 3), groups=16, padding="same")
+    assert kernel(conv, "forward") == kernel(conv, "grad_input") == new
+    strided = launch_record.Conv((1, 16, 9, 9, 9), (16, 1, 3, 3, 3), groups=16, stride=2)
+    assert kernel(strided, "forward") == new and kernel(strided, "grad_input") == old
+    for conv in (launch_record.Conv((1, 12, 9, 9, 9), (12, 1, 3, 3, 3), groups=12),
+                 launch_record.Conv((1, 8, 9, 9, 9), (16, 1, 3, 3, 3), groups=8)):
+        assert kernel(conv, "forward") == old
+    assert not direct_depthwise("conv3d", (1, 8, 3, 3, 3), (16, 1, 3, 3, 3), (1, 1, 1))
+
+
+@pytest.mark.parametrize("layout", ["channels_last_3d", "strided"])
+def test_layouts(layout, device):
+    """An NDHWC input is read in place and gives an NDHWC output; a strided input (with a
+    strided weight and bias) is copied once and gives an NCDHW-contiguous output, as F.conv3d's;
+    nothing the caller passed changes."""
+    case = CASES[0]
+    x, w, b = case.tensors(dtype=torch.float32, device=device)
+    if layout == "channels_last_3d":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    else:
+        x, w, b = strided_copy(x), strided_copy(w), strided_copy(b)
+    before = [t.clone() for t in (x, w, b)]
+    y = lk3d.conv3d(x, w, b, **case.args())
+    assert rel_err(y, conv3d_ref(x, w, b, **case.args())) < TOL[torch.float32]
+    want = F.conv3d(x.cpu(), w.cpu(), b.cpu(), **case.args())
+    assert y.stride() == want.stride()
+    for t, t0 in zip((x, w, b), before):
+        assert torch.equal(t, t0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
+                         ids=lambda d: str(d).split(".")[1])
+def test_launchers_dtypes_ragged_tiles(dtype, device):
+    """Forward (stride 2 along W, with bias) and grad-input (stride 1) through the launchers with
+    tiles that do not divide the row or the channels: 3 programs along W, a partial channel block;
+    bf16 reads channel pairs as int32."""
+    from lk3d.kernels import depthwise
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 24, 2, 2, 13, dtype=torch.float64, generator=g)
+    w = torch.randn(24, 1, 2, 1, 3, dtype=torch.float64, generator=g)
+    b = torch.randn(24, dtype=torch.float64, generator=g)
+    x, w, b = (t.to(dtype=dtype, device=device) for t in (x, w, b))
+    config = dict(BLOCK_V=2, BLOCK_C=16, R=3, num_warps=1)
+    pad, dil = (1, 0, 2, 0, 0, 1), (1, 1, 2)
+    y = depthwise.conv3d_dw_cl_fwd(x, w, b, (1, 1, 2), pad, dil, config)
+    xp = F.pad(x.double().cpu(), (2, 1, 0, 0, 1, 0))
+    ref = F.conv3d(xp, w.double().cpu(), b.double().cpu(), stride=(1, 1, 2), dilation=dil,
+                   groups=24)
+    assert y.shape == ref.shape and rel_err(y, ref) < TOL[dtype]
+
+    xr = xp.requires_grad_()
+    out = F.conv3d(xr, w.double().cpu(), None, dilation=dil, groups=24)
+    gy = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    gref = torch.autograd.grad(out, xr, gy)[0][:, :, 1:, :, 2:-1]
+    gx = depthwise.conv3d_dw_cl_bwd_input(gy.to(dtype=dtype, device=device), w, x.shape,
+                                          (1, 1, 1), pad, dil, config)
+    assert gx.shape == x.shape and rel_err(gx, gref) < TOL[dtype]
+
+
+def test_nonfinite_placement(device):
+    """NaN/Inf where F.conv3d puts them: a NaN input voxel spreads over the outputs it reaches;
+    an Inf weight tap makes NaN where it meets the zero padding (0·Inf) and Inf elsewhere;
+    grad-input with that weight too."""
+    case = CASES[0]
+    x, w, b = case.tensors(dtype=torch.float32, device=device)
+    x[0, 1, 1, 0, 3] = float("nan")
+    w[2, 0, 0, 1, 2] = float("inf")
+    x, w = x.requires_grad_(), w.requires_grad_()
+    y = lk3d.conv3d(x, w, b, **case.args())
+    xr, wr = x.detach().double().cpu().requires_grad_(), w.detach().double().cpu().requires_grad_()
+    ref = F.conv3d(xr, wr, b.double().cpu(), **case.args())
+    for got, want in ((y, ref),
+                      (torch.autograd.grad(y, x, torch.ones_like(y))[0],
+                       torch.autograd.grad(ref, xr, torch.ones_like(ref))[0])):
+        got = got.detach().double().cpu()
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.isinf(), want.isinf())
+        fin = want.isfinite()
+        assert rel_err(got[fin], want[fin]) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("config", depthwise_configs.CONV3D_DW_CL_CONFIGS,
+                         ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_shipped_configs(config, device):
+    """Every shipped config, forward and grad-input, in float64 (fp32 on a GPU)."""
+    from lk3d.kernels import depthwise
+
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 16, 2, 2, 9, dtype=torch.float64, generator=g)
+    w = torch.randn(16, 1, 3, 3, 3, dtype=torch.float64, generator=g)
+    b = torch.randn(16, dtype=torch.float64, generator=g)
+    ref = F.conv3d(x, w, b, padding=1, groups=16)
+    geo = ((1, 1, 1), (1,) * 6, (1, 1, 1))
+    y = depthwise.conv3d_dw_cl_fwd(*(t.to(dtype=dtype, device=device) for t in (x, w, b)), *geo,
+                                   config)
+    assert rel_err(y, ref) < TOL[dtype]
+    gy = torch.randn(ref.shape, dtype=torch.float64, generator=g)
+    want = torch.nn.grad.conv3d_input(x.shape, w, gy, padding=1, groups=16)
+    got = depthwise.conv3d_dw_cl_bwd_input(gy.to(dtype=dtype, device=device),
+                                           w.to(dtype=dtype, device=device), x.shape, *geo, config)
+    assert rel_err(got, want) < TOL[dtype]
