@@ -367,8 +367,8 @@ def model_ms(algo, x_shape, w_shape, stride, padding, dilation, groups, dtype, d
     form = "depthwise" if w_shape[1] == 1 else "dense"
     gpu = devices.figures(device)
     if gpu is not None:
-        return _cuda_ms(algo, x_shape, w_shape, padding, dilation, groups, dtype, gpu, size,
-                        op, flops, form)
+        return _cuda_ms(algo, x_shape, w_shape, stride, padding, dilation, groups, dtype, gpu,
+                        size, op, flops, form)
     if algo == "fft":
         Q, E, K = _fft_geometry(x_shape, w_shape, padding, dilation)
         secs = fft.plan_tiles(Q, E, K, x_shape[0], x_shape[1], w_shape[0], groups)[1]
@@ -382,8 +382,8 @@ def model_ms(algo, x_shape, w_shape, stride, padding, dilation, groups, dtype, d
     return math.inf  # the interpreter is for checking kernels, not for speed
 
 
-def _cuda_ms(algo, x_shape, w_shape, padding, dilation, groups, dtype, gpu, size, op, flops,
-             form):
+def _cuda_ms(algo, x_shape, w_shape, stride, padding, dilation, groups, dtype, gpu, size, op,
+             flops, form):
     """``model_ms`` on a GPU of figures ``gpu``: from its rates alone."""
     elem = torch.empty((), dtype=dtype).element_size()
     activations = x_shape[0] * (x_shape[1] * math.prod(x_shape[2:])
@@ -399,6 +399,14 @@ def _cuda_ms(algo, x_shape, w_shape, padding, dilation, groups, dtype, gpu, size
         return cuda_model.fft_ms(L, Q, E, K, x_shape[0], x_shape[1], w_shape[0], groups,
                                  (elem + 8) * activations, gpu)
     if algo == "tiled":
+        if (form == "depthwise" and op != "conv3d_grad_weight"
+                and direct_depthwise(op, x_shape, w_shape, stride)):
+            # channels innermost: plus an NCDHW caller's copy of the gathered operand (the
+            # input forward, grad_output grad-input), read and written once
+            gathered = x_shape[0] * (x_shape[1] * math.prod(x_shape[2:]) if op == "conv3d"
+                                     else w_shape[0] * math.prod(size))
+            return (cuda_model.kernel_ms("depthwise_cl", flops, moved, gpu, dtype, allow_tf32())
+                    + cuda_model.copy_ms(2 * elem * gathered, gpu))
         kind = TILED_KINDS[op][form == "depthwise"]
         return cuda_model.kernel_ms(kind, flops, moved, gpu, dtype, allow_tf32())
     return cuda_model.aten_ms(form, flops, moved, gpu, dtype, allow_tf32())

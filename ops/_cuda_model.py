@@ -29,6 +29,7 @@ from lk3d import fft
 KERNEL_KINDS = ("implicit_gemm",        # dense/grouped forward and grad-input
                 "implicit_gemm_wgrad",  # dense/grouped grad-weight
                 "depthwise",            # depthwise forward and grad-input
+                "depthwise_cl",         # ... channels innermost (lk3d.kernels.depthwise)
                 "depthwise_wgrad",      # depthwise grad-weight
                 "cp_fused",             # the fused k³ CP kernels, forward and backward
                 "cp_separable_tensor",  # separable CP: projections through a factor matrix
@@ -116,6 +117,11 @@ def kernel_ms(kind, flops, moved, gpu, dtype, tf32=True, path=None):
     bytes on ``gpu``, at its ceiling (``kernel_ceiling``; ``path``: another ceilings file)."""
     unit, fraction = kernel_ceiling(kind, gpu, path)
     return _ms(flops, fraction * unit_peak(gpu, unit, dtype, tf32), moved, gpu)
+
+
+def copy_ms(nbytes, gpu):
+    """Modelled ms of one copy kernel moving ``nbytes`` (read and written counted)."""
+    return 1e3 * nbytes / (BANDWIDTH_FRACTION * gpu.bandwidth) + LAUNCH_MS
 
 
 def aten_unit(form, dtype, tf32=True):

@@ -61,6 +61,21 @@ def test_fallback_specialize_agrees_with_the_jit():
         launch_record._fallback_specialize("x")
 
 
+@pytest.mark.parametrize("pass_", ["forward", "grad_input"])
+def test_depthwise_variants(pass_):
+    """A depthwise pass the channels-innermost kernel serves records it first ("channels_last",
+    what the planner runs) and the kernel other depthwise problems take as the alternative
+    ("direct"), so the shipped ceilings price both; other problems have one variant."""
+    conv = launch_record.Conv((2, 16, 9, 11, 7), (16, 1, 5, 3, 3), padding="same", groups=16)
+    found = launch_record.variants(conv, pass_, 90)
+    assert [(v, [ln.name for ln in lns]) for v, _, lns in found] == [
+        ("channels_last", ["conv3d_dw_cl_kernel"]), ("direct", ["conv3d_dw_kernel"])]
+    assert [launch_record.kernel_kind(lns[0]) for _, _, lns in found] == ["depthwise_cl",
+                                                                          "depthwise"]
+    other = launch_record.Conv((2, 13, 9, 11, 7), (26, 1, 5, 3, 3), padding="same", groups=13)
+    assert [v for v, *_ in launch_record.variants(other, pass_, 90)] == ["direct"]
+
+
 @pytest.mark.parametrize("pass_", launch_record.PASSES)
 @pytest.mark.parametrize("op,conv", [
     ("dense", launch_record.Conv((2, 48, 11, 7, 9), (32, 48, 3, 5, 3), padding="same")),

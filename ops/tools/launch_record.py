@@ -292,9 +292,11 @@ def _default_config(kind, problem_fields, arch, element_size):
     return config, problem, fam, 4 * device["sms"]
 
 
-def tiled_launches(conv, pass_, arch):
+def tiled_launches(conv, pass_, arch, fallback=False):
     """(variant, config, launches) of lk3d's tiled kernels for ``pass_`` of ``conv`` on
-    ``sm_<arch>``, recorded from the launchers with the arch's default config."""
+    ``sm_<arch>``, recorded from the launchers with the arch's default config. Depthwise
+    problems the channels-innermost kernels serve (``lk3d._algos.direct_depthwise``) are the
+    variant "channels_last"; with ``fallback``, the kernel the others take instead ("direct")."""
     from lk3d._algos import direct_depthwise
     from lk3d.kernels import depthwise as dw_cl, tiled
 
@@ -310,14 +312,14 @@ def tiled_launches(conv, pass_, arch):
         produced = spec.out_size if pass_ == "forward" else conv.input[2:]
         M = math.prod(produced)
         op = "conv3d" if pass_ == "forward" else "conv3d_grad_input"
-        if direct_depthwise(op, conv.input, conv.weight, spec.stride):
+        if not fallback and direct_depthwise(op, conv.input, conv.weight, spec.stride):
             config, *_ = _default_config("conv3d_dw_cl", dict(M=produced[2], NC=cout, taps=taps),
                                          arch, size)
             if pass_ == "forward":
-                return "direct", config, record(dw_cl, dw_cl.conv3d_dw_cl_fwd, x, w, None,
-                                                *geometry, config)
-            return "direct", config, record(dw_cl, dw_cl.conv3d_dw_cl_bwd_input, dy, w,
-                                            conv.input, *geometry, config)
+                return "channels_last", config, record(dw_cl, dw_cl.conv3d_dw_cl_fwd, x, w,
+                                                       None, *geometry, config)
+            return "channels_last", config, record(dw_cl, dw_cl.conv3d_dw_cl_bwd_input, dy, w,
+                                                   conv.input, *geometry, config)
         if depthwise:
             config, *_ = _default_config("conv3d_dw", dict(M=M, taps=taps), arch, size)
             if pass_ == "forward":
@@ -454,11 +456,15 @@ def block_sparse_launches(conv, pass_, arch):
 
 def variants(conv, pass_, arch):
     """Every variant's (variant, config, launches) of ``pass_`` of ``conv`` on ``sm_<arch>``:
-    the alternatives the CUDA planner prices (CP: "separable" and "fused"), the first being
-    what ``launches`` gives."""
+    the alternatives the CUDA planner prices (CP: "separable" and "fused"; depthwise that the
+    channels-innermost kernels serve: those and the kernel the other depthwise problems take),
+    the first being what ``launches`` gives."""
     if conv.rank:
         return [cp_launches(conv, pass_, arch, v) for v in ("separable", "fused")]
-    return [launches(conv, pass_, arch)]
+    first = launches(conv, pass_, arch)
+    if not conv.block and first[0] == "channels_last":
+        return [first, tiled_launches(conv, pass_, arch, fallback=True)]
+    return [first]
 
 
 def launches(conv, pass_, arch):
@@ -538,6 +544,7 @@ def kernel_kind(launch):
     reduction is ``bias_grad`` (no model prices it)."""
     kinds = {"conv3d_igemm_kernel": "implicit_gemm", "conv3d_wgrad_kernel": "implicit_gemm_wgrad",
              "conv3d_dw_kernel": "depthwise", "conv3d_dw_wgrad_kernel": "depthwise_wgrad",
+             "conv3d_dw_cl_kernel": "depthwise_cl",
              "cp_conv_kernel": "cp_fused", "cp_grad_kernel": "cp_fused",
              "bias_grad_kernel": "bias_grad"}
     if launch.name in kinds:
