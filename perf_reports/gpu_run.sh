@@ -25,7 +25,7 @@
 #                        measurement starts only in the first 150 s (--max-time) and is killed
 #                        past 1.5 x 15 s (--budget) + 30 s = 52.5 s; the table and the report
 #                        in the last ~17 s (required)
-#   estimate        60   lk3d estimate --cases goals --arch 90 --measured results.csv: modelled
+#   estimate        60   lk3d estimate --cases goals --device cuda --measured results.csv: modelled
 #                        vs measured per goal case (optional)
 #   tests           90   the CUDA test subset (pytest -m gpu_run; tests/test_gpu_run.py keeps
 #                        its kernel specialisations within what compiles in this limit) (required)
@@ -171,8 +171,8 @@ else
     cp "$WORK/goals/results.csv" "$OUT/results.csv" 2>/dev/null \
         || echo "no results.csv from the goal cases" | tee -a "$OUT/bench.txt"
     if [ -f "$OUT/results.csv" ]; then
-        step estimate 60 optional "$OUT/bench.txt" "${CLI[@]}" estimate --cases goals --arch 90 \
-            --measured "$OUT/results.csv"
+        step estimate 60 optional "$OUT/bench.txt" "${CLI[@]}" estimate --cases goals \
+            --device cuda --measured "$OUT/results.csv"
     else
         skip estimate optional "no results.csv to compare with"
     fi

@@ -6,6 +6,7 @@ import math
 import os
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -126,11 +127,30 @@ def test_estimate_command_errors(capsys):
             (["--passes", "forward,bwd"], "--passes: expected a comma-separated subset of "
                                           "forward,grad_input,grad_weight, got 'forward,bwd'"),
             (["--groups", "3"], "groups"),
-            (["--arch", "75"], "--arch: invalid choice: 75")):
+            (["--arch", "75"], "--arch: invalid choice: 75"),
+            (["--device", "a100", "--arch", "90"], "device: expected a GPU of sm_90 for --arch "
+                                                   "90, got NVIDIA A100 SXM4 80GB (sm_80)"),
+            (["--device", "h200", "--json", "x", "--cases", "goals", "--ceilings", "c.json"],
+             "--device: expected without --out and --ceilings")):
         with pytest.raises(SystemExit) as exc:
             cli.main(base + extra)
         assert exc.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_device_figures():
+    """The ceilings take the named GPU's figures (an H200's bandwidth on sm_90, the arch of
+    --device by default), the arch's GPU without --device; this machine's only with a GPU."""
+    h100, h200, a100 = (estimate.device_figures(a, d) for a, d in ((90, None), (90, "h200"),
+                                                                   (80, "a100")))
+    assert (h100["name"], h200["name"], a100["name"]) == (
+        "NVIDIA H100 SXM5 80GB", "NVIDIA H200 SXM 141GB", "NVIDIA A100 SXM4 80GB")
+    assert (h100["bandwidth_tbs"], h200["bandwidth_tbs"]) == (3.35, 4.8)
+    assert h100["sms"] == h200["sms"] == 132 and a100["arch"] == 80
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device: expected a CUDA device for 'cuda', got "
+                                             "none on this machine"):
+            estimate.device_figures(90, "cuda")
 
 
 @pytest.mark.xdist_group("aot")

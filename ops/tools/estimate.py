@@ -35,20 +35,36 @@ ARCH_DEVICE = {90: "h100", 80: "a100"}
 ISSUE_PER_CLOCK = 4  # warp-instructions an SM issues per clock (4 schedulers, 1 each)
 
 
-def device_figures(arch):
+def device_figures(arch, device=None):
     """SMs, clock (GHz), peaks (TFLOP/s), bandwidth (TB/s) and shared-memory limit (bytes) of the
-    GPU the estimate for ``sm_<arch>`` assumes (``ARCH_DEVICE``, figures from
-    ``lk3d.autotune.devices``)."""
+    GPU the estimate for ``sm_<arch>`` assumes: ``device`` (a name of
+    ``lk3d.autotune.devices.NAMED``, or "cuda": this machine's GPU, ``devices.of``), by default
+    the arch's (``ARCH_DEVICE``)."""
     if arch not in ARCH_DEVICE:
         raise ValueError(f"arch: expected one of {sorted(ARCH_DEVICE)}, got {arch!r}")
+    f = gpu_of(device or ARCH_DEVICE[arch])
+    if f.arch != arch:
+        raise ValueError(f"device: expected a GPU of sm_{arch} for --arch {arch}, got {f.name} "
+                         f"(sm_{f.arch})")
     from lk3d.tools import aot
 
-    f = devices.named(ARCH_DEVICE[arch])
     return dict(name=f.name, sms=f.sms, clock_ghz=f.clock_hz / 1e9, fma_tflops=f.fma_fp32 / 1e12,
                 bandwidth_tbs=f.bandwidth / 1e12,
                 tensor_tflops={"bf16": f.tensor_16 / 1e12, "fp16": f.tensor_16 / 1e12,
                                "fp32": f.tensor_tf32 / 1e12},
                 arch=arch, smem_limit=aot.SHARED_LIMIT[arch])
+
+
+def gpu_of(name):
+    """The figures (``lk3d.autotune.devices.Figures``) of a named GPU, or of this machine's
+    ("cuda")."""
+    if name == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("device: expected a CUDA device for 'cuda', got none on this machine")
+        return devices.of("cuda")
+    return devices.named(name)
 
 
 def peak_tflops(device, unit, dtype):
@@ -81,14 +97,15 @@ def _whole(text):
     return sass.Loop(body[0].address, body[-1].address, body)
 
 
-def estimate(conv, arch, passes=None, case_id=None):
+def estimate(conv, arch, passes=None, case_id=None, device=None):
     """One record per launch of lk3d's Triton kernels for each of ``passes`` (default: all of
     the op's) of ``conv`` (a ``launch_record.Conv``) on ``sm_<arch>``, with the keys ``lk3d
     estimate --json`` writes. ``modelled_ms`` is the launch's executed FLOPs at its ceiling (no
-    launch overhead, no tail of a partial last wave)."""
+    launch overhead, no tail of a partial last wave). ``device``: the GPU whose figures the
+    ceilings take (``device_figures``)."""
     from lk3d.tools import aot
 
-    device = device_figures(arch)
+    device = device_figures(arch, device)
     planned = []
     for pass_ in passes or conv.passes:
         for variant, config, recorded in launch_record.variants(conv, pass_, arch):
@@ -145,6 +162,14 @@ def table(records):
 
 
 def run(args, parser):
+    if args.device and (args.out or args.ceilings):
+        parser.error("--device: expected without --out and --ceilings (the reports and the "
+                     "shipped ceilings are for the arch's named GPU)")
+    if args.arch is None:
+        try:
+            args.arch = gpu_of(args.device).arch if args.device else 90
+        except ValueError as e:
+            parser.error(str(e))
     if args.cases:
         return _run_cases(args, parser)
     if args.input is None or args.weight is None:
@@ -165,18 +190,18 @@ def run(args, parser):
         parser.error(f"--passes: expected a comma-separated subset of {','.join(conv.passes)}, "
                      f"got {args.passes!r}")
     try:
-        records = estimate(conv, args.arch, passes, args.case_id)
+        records = estimate(conv, args.arch, passes, args.case_id, args.device)
     except (TypeError, ValueError) as e:  # lk3d's argument checks name the argument
         parser.error(str(e))
-    _print(records, args.arch, f"{records[0]['case']} ({conv.op}, {conv.dtype})")
+    _print(records, args.arch, f"{records[0]['case']} ({conv.op}, {conv.dtype})", args.device)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)
     return 0
 
 
-def _print(records, arch, what):
-    device = device_figures(arch)
+def _print(records, arch, what, device=None):
+    device = device_figures(arch, device)
     print(f"{what} on sm_{arch}: issue ceilings for {device['name']} ({device['sms']} SMs, "
           f"{device['clock_ghz']} GHz, {device['bandwidth_tbs']} TB/s), TFLOP/s")
     print(table(records))
@@ -195,10 +220,11 @@ def _run_cases(args, parser):
             parser.error(f"--measured: {e}")
     try:
         records = [r for case in cases_of(args.cases)
-                   for r in estimate(conv_of(case), args.arch, case_id=case.name)]
+                   for r in estimate(conv_of(case), args.arch, case_id=case.name,
+                                     device=args.device)]
     except (TypeError, ValueError, OSError) as e:
         parser.error(f"--cases: {e}")
-    _print(records, args.arch, f"cases {args.cases!r}")
+    _print(records, args.arch, f"cases {args.cases!r}", args.device)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)
@@ -278,8 +304,12 @@ def add_parser(sub):
                        "warp-instructions per clock per SM, capped by the unit's peak and the "
                        "bandwidth. E.g. --arch 90 --input 1,64,64,64,64 --weight 64,64,7,7,7 "
                        "--dtype bf16 --padding same.")
-    p.add_argument("--arch", type=int, choices=sorted(ARCH_DEVICE), default=90,
-                   help="the SM version to compile for (default: 90)")
+    p.add_argument("--arch", type=int, choices=sorted(ARCH_DEVICE),
+                   help="the SM version to compile for (default: --device's, else 90)")
+    p.add_argument("--device", choices=(*devices.NAMED, "cuda"),
+                   help="the GPU whose figures (SMs, clock, peaks, bandwidth) the ceilings take: "
+                   "a named one, or cuda (this machine's); default: the arch's "
+                   f"({', '.join(f'sm_{a}: {n}' for a, n in ARCH_DEVICE.items())})")
     p.add_argument("--cases", metavar="SET|FILE",
                    help="estimate every case of a benchmark case set (goals, quick, full, tiny; "
                    "shipped: all of them) or of a cases file, instead of --input/--weight")
