@@ -131,7 +131,7 @@ _KIND_OF_PASS = {"forward": ("implicit_gemm", 0.3), "grad_input": ("implicit_gem
                  "grad_weight": ("implicit_gemm_wgrad", 0.2), "grad_bias": ("bias_grad", 0.02)}
 
 
-def _fake_estimate(conv, arch, passes=None, case_id=None):
+def _fake_estimate(conv, arch, passes=None, case_id=None, device=None):
     """Records without compiling (``test_estimate_command_sm90`` compiles): 1 ms per launch,
     2 launches in the forward; CP's and block-sparse's passes as lk3d.conv3d's grad-weight."""
     records = []

@@ -75,15 +75,15 @@ def test_explain_device_does_not_depend_on_host_threads(name, tmp_path, monkeypa
 
 
 def test_g1_depthwise_21_goes_to_the_fft_on_h100(tmp_path, monkeypatch):
-    """Depthwise 21³: lk3d's depthwise kernels run at ~8% of the FMA peak (their issue ceiling;
-    grad-weight ~2%), cuDNN at a few per cent; the FFT, priced from its passes' bytes and FLOPs,
-    is far cheaper than either."""
+    """Depthwise 21³: lk3d's channels-innermost depthwise kernels run at ~58% of the FMA peak
+    (their issue ceiling), cuDNN at a few per cent; the FFT, priced from its passes' bytes and
+    FLOPs, whose cost does not grow with k, is still several times cheaper than either."""
     passes = _explain_json(tmp_path, "G1", 2, monkeypatch)["passes"]
     assert set(passes) == {"forward", "grad_input", "grad_weight"}
     for plan in passes.values():
         times = plan["candidates_ms"]
-        assert plan["algorithm"] == "fft" and 20 * times["fft"] < min(times["tiled"],
-                                                                      times["aten"])
+        assert plan["algorithm"] == "fft" and 5 * times["fft"] < min(times["tiled"],
+                                                                     times["aten"])
 
 
 @pytest.mark.parametrize("device", sorted(devices.NAMED))
