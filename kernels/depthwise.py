@@ -255,7 +255,13 @@ def conv3d_dw_cl_wgrad_kernel(
                     nxt = nxt + (a,)
             acc = nxt
 
-    p_dw = dw_ptr + (i_s * (KD * KH) + kd * KH + kh).to(tl.int64) * (KW * C)
+    # The partials' offsets, from the program id again (rather than kept through the loop):
+    # row i_s·KD·KH + kd·KH + kh of [SPLIT·KD·KH, KW·C] is the id's quotient by NUM_C·NUM_KT
+    pid = tl.program_id(0)
+    o_k = (pid % NUM_C) * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_k = o_k < CK
+    kw0 = (pid // NUM_C % NUM_KT) * KT
+    p_dw = dw_ptr + (pid // (NUM_C * NUM_KT)).to(tl.int64) * (KW * C)
     for k in tl.static_range(KT):
         for j in tl.static_range(NH):
             # channel NH·o_k + j of tile j
