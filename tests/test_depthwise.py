@@ -220,3 +220,25 @@ def test_shipped_wgrad_configs(config, device):
                                             gy.to(dtype=dtype, device=device), (16, 1, 3, 3, 3),
                                             *geo, dict(config, SPLIT=3))
     assert rel_err(got, want) < TOL[dtype]
+
+
+def test_wgrad_executed_flops():
+    """The grad-weight's executed FLOPs count only the grad-output rows whose input row is
+    inside: with no padding every row is, and the count is the useful one scaled by the padded
+    extents (W strips, channel blocks, strips of W taps); with padding the border rows drop."""
+    valid = launch_record.Conv((1, 40, 6, 5, 11), (40, 1, 3, 2, 5), groups=40)
+    _, config, (launch,) = launch_record.launches(valid, "grad_weight", 90)
+    a = launch.args
+    covered = a["NUM_W"] * a["BLOCK_V"] * a["R"]
+    channels = -(-40 // config["BLOCK_C"]) * config["BLOCK_C"]
+    taps = -(-5 // a["KT"]) * a["KT"]
+    useful = launch_record.useful_flops(valid, "grad_weight")
+    assert launch_record.executed_flops(launch) * 7 * 40 * 5 == useful * covered * channels * taps
+    padded = launch_record.Conv((1, 40, 6, 5, 11), (40, 1, 3, 2, 5), groups=40, padding=(1, 1, 2))
+    _, _, (launch,) = launch_record.launches(padded, "grad_weight", 90)
+    a = launch.args
+    covered = a["NUM_W"] * a["BLOCK_V"] * a["R"]
+    # D: 6 outputs, taps 0 and 2 miss one border row each (16 of 18 rows); H: 6 outputs, each
+    # tap misses one (10 of 12); W: 11 outputs
+    assert launch_record.executed_flops(launch) * 18 * 12 * 11 * 40 * 5 == (
+        launch_record.useful_flops(padded, "grad_weight") * 16 * 10 * covered * channels * taps)
