@@ -560,11 +560,13 @@ def kernel_kind(launch):
     reduction is ``bias_grad`` (no model prices it)."""
     kinds = {"conv3d_igemm_kernel": "implicit_gemm", "conv3d_wgrad_kernel": "implicit_gemm_wgrad",
              "conv3d_dw_kernel": "depthwise", "conv3d_dw_wgrad_kernel": "depthwise_wgrad",
-             "conv3d_dw_cl_kernel": "depthwise", "conv3d_dw_cl_wgrad_kernel": "depthwise_wgrad",
+             "conv3d_dw_cl_kernel": "depthwise_cl",
              "cp_conv_kernel": "cp_fused", "cp_grad_kernel": "cp_fused",
              "bias_grad_kernel": "bias_grad"}
     if launch.name in kinds:
         return kinds[launch.name]
+    if launch.name == "conv3d_dw_cl_wgrad_kernel":  # the models' kind of the depthwise grad-weight
+        return "depthwise_wgrad"
     if launch.name == "cp_sep_kernel":  # projections (tl.dot) or 1-D passes (FMA)
         a = launch.args
         return "cp_separable_" + ("tensor" if a["PROJECT"] or a["OUT_PROJ"] or a["EMIT_G"]
