@@ -26,7 +26,18 @@ Grad-input for stride 1 is the forward with the taps flipped and the left paddin
 ``(K - 1)·DIL - PAD`` (the launcher flips the weight); strided grad-input stays on
 ``lk3d.kernels.tiled.conv3d_dw_kernel``.
 
-Grad-weight stays on ``lk3d.kernels.tiled.conv3d_dw_wgrad_kernel``.
+Grad-weight (``conv3d_dw_cl_wgrad_kernel``, any stride and dilation) is a reduction over the
+grad-output voxels: dw[kd, kh, kw, c] = sum of x[n, od·S - P + kd·D, .., ow·S - P + kw·D, c] ·
+dy[n, od, oh, ow, c]. A program owns BLOCK_C channels, one (kd, kh) tap row and a strip of KT of
+its W taps, and a share (1 / SPLIT) of the grad-output rows (n, od, oh) whose input row (xd, xh)
+is inside the input (the others add nothing and are not visited). Each step takes BLOCK_V strips
+of R consecutive grad-output voxels along a row: it loads the R grad-output vectors once, then
+walks the (R - 1)·STR_W + (KT - 1)·DIL_W + 1 input positions the strip's taps reach once, each
+multiplied into the accumulator of every tap that meets it (for a given position and tap, at
+most one output of the strip). So a step costs R + NP loads for R·KT FMAs per channel, and the
+KT accumulator tiles stay in registers over the whole share; they are summed over the BLOCK_V
+strips once at the end and written as fp32 partials [SPLIT, KD, KH, KW, C], which the launcher
+sums. Positions past the row (padding) and voxels past the row's end are masked loads of zeros.
 
 Stride, padding (left side), dilation, kernel extent and C are compile-time constants; batch and
 spatial sizes are runtime ints. Row offsets are int64 (a tensor can pass 2**31 elements), offsets
@@ -38,8 +49,8 @@ import triton.language as tl
 
 from lk3d.kernels import out_size
 from lk3d.kernels.common import (acc_dtype, alloc, check_config, flat_grid, geometry,
-                                 launch_opts, program_ids)
-from lk3d.kernels.depthwise_configs import CHANNEL_MULTIPLE
+                                 launch_opts, new, partial_dtype, program_ids)
+from lk3d.kernels.depthwise_configs import CHANNEL_MULTIPLE, tap_strip
 
 
 @triton.jit
@@ -153,6 +164,111 @@ def conv3d_dw_cl_kernel(
                  mask=(ow < YW)[:, None] & m_c[None, :])
 
 
+@triton.jit
+def _rows(k, YN, XN, STR: tl.constexpr, PAD: tl.constexpr, DIL: tl.constexpr):
+    """(first, count) of the outputs o along one axis whose input o·STR - PAD + k·DIL, for tap
+    ``k``, is inside ``[0, XN)``."""
+    a = PAD - k * DIL  # o·STR >= a
+    lo = tl.maximum(a + STR - 1, 0) // STR
+    b = XN - 1 + PAD - k * DIL  # o·STR <= b
+    hi = tl.where(b >= 0, tl.minimum(tl.maximum(b, 0) // STR + 1, YN), 0)
+    return lo, tl.maximum(hi - lo, 0)
+
+
+@triton.jit
+def conv3d_dw_cl_wgrad_kernel(
+    # Pointers
+    x_ptr,     # input, dense NDHWC [N, XD, XH, XW, C]; PAIRS: int32 [.., C / 2]
+    dy_ptr,    # grad_output, dense NDHWC [N, YD, YH, YW, C]; PAIRS: int32 [.., C / 2]
+    dw_ptr,    # fp32 (fp64) partials [SPLIT, KD, KH, KW, C], contiguous
+    # Sizes
+    NUM_W,     # steps along a grad-output row: cdiv(YW, BLOCK_V * R)
+    SPLIT,     # programs sharing one tap strip's reduction
+    N, XD, XH, XW, YD, YH, YW,
+    # Meta-parameters
+    C: tl.constexpr,
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    STR_D: tl.constexpr, STR_H: tl.constexpr, STR_W: tl.constexpr,
+    PAD_D: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,  # left; negative allowed
+    DIL_D: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    PAIRS: tl.constexpr,    # bf16 read as int32 pairs of channels
+    BLOCK_V: tl.constexpr,  # strips per step (along W)
+    BLOCK_C: tl.constexpr,  # channels per program
+    R: tl.constexpr,        # grad-output voxels per strip
+    KT: tl.constexpr,       # W taps per program (a strip of the KW taps of one (kd, kh))
+):
+    NH: tl.constexpr = 2 if PAIRS else 1
+    BLOCK_K: tl.constexpr = BLOCK_C // NH
+    CK: tl.constexpr = C // NH
+    NUM_C: tl.constexpr = (C + BLOCK_C - 1) // BLOCK_C
+    NUM_KT: tl.constexpr = (KW + KT - 1) // KT
+    i_c, i_t, i_s = program_ids(NUM_C, KD * KH * NUM_KT)
+    kw0 = (i_t % NUM_KT) * KT
+    kh = (i_t // NUM_KT) % KH
+    kd = i_t // (NUM_KT * KH)
+    o_k = i_c * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_k = o_k < CK
+    od0, nd = _rows(kd, YD, XD, STR_D, PAD_D, DIL_D)
+    oh0, nh = _rows(kh, YH, XH, STR_H, PAD_H, DIL_H)
+    steps = N * nd * nh * NUM_W
+    per = tl.cdiv(steps, SPLIT)
+    lo = i_s * per
+    hi = tl.minimum(lo + per, steps)
+    lanes = tl.arange(0, BLOCK_V) * R
+    lim = tl.cast(XW, tl.uint32)
+
+    acc = ()
+    for k in tl.static_range(KT * NH):
+        acc = acc + (tl.zeros((BLOCK_V, BLOCK_K), dtype=ACC_DTYPE),)
+    NP: tl.constexpr = (R - 1) * STR_W + (KT - 1) * DIL_W + 1  # input positions of a strip
+    for it in range(lo, hi):
+        row = it // NUM_W
+        oh = oh0 + row % nh
+        t = row // nh
+        od = od0 + t % nd
+        n = t // nd
+        xd = od * STR_D - PAD_D + kd * DIL_D
+        xh = oh * STR_H - PAD_H + kh * DIL_H
+        ow0 = (it % NUM_W) * (BLOCK_V * R) + lanes  # first grad-output voxel of each strip
+        iw0 = ow0 * STR_W - PAD_W + kw0 * DIL_W     # its input position at the strip's tap 0
+        p_y = (dy_ptr + ((n * YD + od).to(tl.int64) * YH + oh) * (YW * CK)
+               + (ow0[:, None] * CK + o_k[None, :]))
+        p_x = (x_ptr + ((n * XD + xd).to(tl.int64) * XH + xh) * (XW * CK)
+               + (iw0[:, None] * CK + o_k[None, :]))
+        b_dy = ()
+        for r in tl.static_range(R):
+            m_r = ((ow0 + r) < YW)[:, None] & m_k[None, :]
+            b_dy = b_dy + _widen_pair(tl.load(p_y + r * CK, mask=m_r, other=0), PAIRS, ACC_DTYPE)
+        for p in tl.static_range(NP):
+            m_p = ((iw0 + p).to(tl.uint32) < lim)[:, None] & m_k[None, :]
+            b_x = _widen_pair(tl.load(p_x + p * CK, mask=m_p, other=0), PAIRS, ACC_DTYPE)
+            nxt = ()
+            for k in tl.static_range(KT):
+                # p - k·DIL_W: this position's offset for tap k, met by output
+                # (p - k·DIL_W) / STR_W of the strip where that is a whole number below R
+                for j in tl.static_range(NH):
+                    a = acc[k * NH + j]
+                    if (p - k * DIL_W >= 0 and (p - k * DIL_W) % STR_W == 0
+                            and (p - k * DIL_W) // STR_W < R):
+                        a = a + b_x[j] * b_dy[(p - k * DIL_W) // STR_W * NH + j]
+                    nxt = nxt + (a,)
+            acc = nxt
+
+    # The partials' offsets, from the program id again (rather than kept through the loop):
+    # row i_s·KD·KH + kd·KH + kh of [SPLIT·KD·KH, KW·C] is the id's quotient by NUM_C·NUM_KT
+    pid = tl.program_id(0)
+    o_k = (pid % NUM_C) * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_k = o_k < CK
+    kw0 = (pid // NUM_C % NUM_KT) * KT
+    p_dw = dw_ptr + (pid // (NUM_C * NUM_KT)).to(tl.int64) * (KW * C)
+    for k in tl.static_range(KT):
+        for j in tl.static_range(NH):
+            # channel NH·o_k + j of tile j
+            tl.store(p_dw + (kw0 + k) * C + o_k * NH + j, tl.sum(acc[k * NH + j], axis=0),
+                     mask=m_k & (kw0 + k + tl.zeros_like(o_k) < KW))
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers: check what the kernel needs, allocate, launch. Each takes one explicit config (the
 # space is lk3d.kernels.depthwise_configs) and padding as six ints.
@@ -257,3 +373,29 @@ def conv3d_dw_cl_bwd_input(dy, w, input_shape, stride, padding, dilation, config
     flipped = tuple((k - 1) * d - p for k, d, p in zip(kernel, dilation, padding[:3]))
     geo = geometry((1, 1, 1), flipped + flipped, dilation, kernel)
     return _launch_fwd(_operand(dy), _taps(w, True), None, dx, geo, config)
+
+
+def conv3d_dw_cl_bwd_weight(x, dy, weight_shape, stride, padding, dilation, config):
+    """Depthwise grad-weight, multiplier 1, a multiple of 8 channels, any stride and dilation.
+    Config keys: BLOCK_V, BLOCK_C, R (the most voxels per strip; ``strip`` fits it to the row),
+    KT (the most W taps per program; ``tap_strip`` fits it), SPLIT (programs sharing a tap
+    strip's reduction; their fp32 partials are summed here)."""
+    check_config(config, ("BLOCK_V", "BLOCK_C", "R", "KT", "SPLIT"))
+    _check(x.shape, weight_shape, None)
+    C, kernel = x.shape[1], tuple(weight_shape[2:])
+    if dy.numel() == 0 or C == 0:
+        return torch.zeros(tuple(weight_shape), dtype=x.dtype, device=x.device)
+    num_w, r = strip(dy.shape[4], config["BLOCK_V"], config["R"])
+    num_kt, kt = tap_strip(kernel[2], config["KT"])
+    split = max(1, int(config["SPLIT"]))
+    part = new((split, *kernel, C), partial_dtype(x), x.device)
+    a, b = _operand(x), _operand(dy)
+    sizes = a.shape[1:4] if _pairs(x) else a.shape[2:]
+    dsizes = b.shape[1:4] if _pairs(x) else b.shape[2:]
+    num_c = triton.cdiv(C, config["BLOCK_C"])
+    conv3d_dw_cl_wgrad_kernel[flat_grid(num_c, kernel[0] * kernel[1] * num_kt, split)](
+        a, b, part, num_w, split, x.shape[0], *sizes, *dsizes,
+        C=C, **geometry(stride, padding, dilation, kernel), ACC_DTYPE=acc_dtype(x),
+        PAIRS=_pairs(x), BLOCK_V=config["BLOCK_V"], BLOCK_C=config["BLOCK_C"], R=r, KT=kt,
+        **launch_opts(config))
+    return part.sum(0).permute(3, 0, 1, 2).unsqueeze(1).to(x.dtype)

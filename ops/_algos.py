@@ -225,13 +225,26 @@ def _taps(shape):
 
 def direct_depthwise(op, x_shape, w_shape, stride):
     """Whether the channels-innermost depthwise kernels (``lk3d.kernels.depthwise``) serve pass
-    ``op`` ("conv3d", "conv3d_grad_input") of a convolution of input ``x_shape`` and weight
-    ``w_shape``: depthwise of channel multiplier 1 over a multiple of 8 channels (a thread's
-    16-byte load of channels, every dtype), and for grad-input stride 1."""
+    ``op`` ("conv3d", "conv3d_grad_input", "conv3d_grad_weight") of a convolution of input
+    ``x_shape`` and weight ``w_shape``: depthwise of channel multiplier 1 over a multiple of 8
+    channels (a thread's 16-byte load of channels, every dtype), and for grad-input stride 1."""
     cin, cout, cig = x_shape[1], w_shape[0], w_shape[1]
     if cig != 1 or cout != cin or cin % depthwise_family.CHANNEL_MULTIPLE:
         return False
-    return op == "conv3d" or tuple(stride) == (1, 1, 1)
+    return op != "conv3d_grad_input" or tuple(stride) == (1, 1, 1)
+
+
+def dw_cl_wgrad_problem(x_shape, w_shape, size, device):
+    """The config-choice problem of the channels-innermost depthwise grad-weight: ``M`` grad-output
+    voxels reduced, ``NC`` channels, ``programs`` before the split (channel blocks x (kd, kh) x
+    strips of W taps, by the config the device would take)."""
+    cout, (kd, kh, kw) = w_shape[0], w_shape[2:]
+    base = dict(kind="conv3d_dw_cl_wgrad", M=x_shape[0] * math.prod(size), NC=cout,
+                taps=kd * kh * kw, partial=cout * kd * kh * kw)
+    probe = default_config(Problem(**base), device)
+    strips, _ = depthwise_family.tap_strip(kw, probe["KT"])
+    programs = -(-cout // probe["BLOCK_C"]) * kd * kh * strips
+    return Problem(**base, programs=programs)
 
 
 def tiled_problem(op, x_shape, w_shape, stride, padding, dilation, groups, device, size=None):
@@ -248,6 +261,8 @@ def tiled_problem(op, x_shape, w_shape, stride, padding, dilation, groups, devic
         kc, nc = (cig, cout // groups) if op == "conv3d" else (cout // groups, cig)
         return Problem("conv3d_fwd", M=x_shape[0] * math.prod(produced), KC=kc, NC=nc,
                        taps=taps)
+    if direct_depthwise(op, x_shape, w_shape, stride):
+        return dw_cl_wgrad_problem(x_shape, w_shape, size, device)
     M = x_shape[0] * math.prod(size)
     if cig == 1:
         base = dict(kind="conv3d_dw_wgrad", M=M, taps=taps, partial=cout * taps)
@@ -314,6 +329,13 @@ def tiled_grad_weight(grad, x, weight_shape, stride, padding, dilation, groups, 
     geometry = (stride, padding, dilation, groups)
     cfg = _config(config, "conv3d_grad_weight", x.shape, weight_shape, geometry, x.device)
     with launch_device(x):
+        if direct_depthwise("conv3d_grad_weight", x.shape, weight_shape, stride):
+            if not finite(grad, x):
+                # A padded tap or a strip's tail adds x·0 or 0·dy: NaN for an Inf operand
+                # where aten adds nothing. The check is one sum of each operand.
+                return aten_grad_weight(grad, x, weight_shape, stride, padding, dilation, groups)
+            return _depthwise().conv3d_dw_cl_bwd_weight(x, grad, weight_shape, stride, padding,
+                                                        dilation, cfg)
         if weight_shape[1] == 1:
             return _tiled().conv3d_dw_bwd_weight(x, grad, weight_shape, stride, padding, dilation,
                                               cfg)
@@ -444,7 +466,7 @@ for _op, _runners, _kinds in (
         ("conv3d_grad_input", (tiled_grad_input, fft_grad_input, aten_grad_input),
          ("conv3d_fwd", "conv3d_dw", "conv3d_dw_cl")),
         ("conv3d_grad_weight", (tiled_grad_weight, fft_grad_weight, aten_grad_weight),
-         ("conv3d_wgrad", "conv3d_dw_wgrad"))):
+         ("conv3d_wgrad", "conv3d_dw_wgrad", "conv3d_dw_cl_wgrad"))):
     registry.register(registry.Algorithm(
         _op, "tiled", _runners[0], _tiled_can_run, _cost("tiled", _op), spaces=_kinds,
         configs=_launch_configs(_op), why_not=kernels_why_not, launches=True,

@@ -62,14 +62,18 @@ def test_routes(device):
         return {ln.name for ln in launch_record.launches(conv, pass_, 90)[2]}
 
     new, old = {"conv3d_dw_cl_kernel"}, {"conv3d_dw_kernel"}
+    new_wgrad, old_wgrad = {"conv3d_dw_cl_wgrad_kernel"}, {"conv3d_dw_wgrad_kernel"}
     conv = launch_record.Conv((1, 16, 9, 9, 9), (16, 1, 3, 3, 3), groups=16, padding="same")
     assert kernel(conv, "forward") == kernel(conv, "grad_input") == new
+    assert kernel(conv, "grad_weight") == new_wgrad
     strided = launch_record.Conv((1, 16, 9, 9, 9), (16, 1, 3, 3, 3), groups=16, stride=2)
     assert kernel(strided, "forward") == new and kernel(strided, "grad_input") == old
+    assert kernel(strided, "grad_weight") == new_wgrad
     for conv in (launch_record.Conv((1, 12, 9, 9, 9), (12, 1, 3, 3, 3), groups=12),
                  launch_record.Conv((1, 8, 9, 9, 9), (16, 1, 3, 3, 3), groups=8)):
-        assert kernel(conv, "forward") == old
+        assert kernel(conv, "forward") == old and kernel(conv, "grad_weight") == old_wgrad
     assert not direct_depthwise("conv3d", (1, 8, 3, 3, 3), (16, 1, 3, 3, 3), (1, 1, 1))
+    assert direct_depthwise("conv3d_grad_weight", (1, 8, 3, 3, 3), (8, 1, 3, 3, 3), (2, 1, 3))
 
 
 @pytest.mark.parametrize("layout", ["channels_last_3d", "strided"])
@@ -125,7 +129,7 @@ def test_launchers_dtypes_ragged_tiles(dtype, device):
 def test_nonfinite_placement(device):
     """NaN/Inf where F.conv3d puts them: a NaN input voxel spreads over the outputs it reaches;
     an Inf weight tap makes NaN where it meets the zero padding (0·Inf) and Inf elsewhere;
-    grad-input with that weight too."""
+    grad-input with that weight too, and grad-weight with that input."""
     case = CASES[0]
     x, w, b = case.tensors(dtype=torch.float32, device=device)
     x[0, 1, 1, 0, 3] = float("nan")
@@ -135,8 +139,10 @@ def test_nonfinite_placement(device):
     xr, wr = x.detach().double().cpu().requires_grad_(), w.detach().double().cpu().requires_grad_()
     ref = F.conv3d(xr, wr, b.double().cpu(), **case.args())
     for got, want in ((y, ref),
-                      (torch.autograd.grad(y, x, torch.ones_like(y))[0],
-                       torch.autograd.grad(ref, xr, torch.ones_like(ref))[0])):
+                      (torch.autograd.grad(y, x, torch.ones_like(y), retain_graph=True)[0],
+                       torch.autograd.grad(ref, xr, torch.ones_like(ref), retain_graph=True)[0]),
+                      (torch.autograd.grad(y, w, torch.ones_like(y))[0],
+                       torch.autograd.grad(ref, wr, torch.ones_like(ref))[0])):
         got = got.detach().double().cpu()
         assert torch.equal(got.isnan(), want.isnan())
         assert torch.equal(got.isinf(), want.isinf())
@@ -165,3 +171,74 @@ def test_shipped_configs(config, device):
     got = depthwise.conv3d_dw_cl_bwd_input(gy.to(dtype=dtype, device=device),
                                            w.to(dtype=dtype, device=device), x.shape, *geo, config)
     assert rel_err(got, want) < TOL[dtype]
+
+
+def _wgrad_ref(x, gy, kernel, stride, pad, dil):
+    """Float64 grad-weight of F.conv3d with padding given as six ints (left, then right)."""
+    xp = F.pad(x.detach().double().cpu(), (pad[2], pad[5], pad[1], pad[4], pad[0], pad[3]))
+    w = torch.zeros(x.shape[1], 1, *kernel, dtype=torch.float64, requires_grad=True)
+    y = F.conv3d(xp, w, stride=stride, dilation=dil, groups=x.shape[1])
+    return torch.autograd.grad(y, w, gy.detach().double().cpu())[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
+                         ids=lambda d: str(d).split(".")[1])
+def test_wgrad_launcher_dtypes_ragged_tiles(dtype, device):
+    """Grad-weight through the launcher, batch 2, stride 2 along W with dilation, asymmetric
+    padding: 5 W taps in strips of 3 (a masked tap), a partial channel block, strips past the
+    row's end, and a SPLIT that leaves some programs no rows (their poisoned partials must still
+    be written); non-contiguous operands, left unchanged."""
+    from lk3d.kernels import depthwise
+
+    g = torch.Generator().manual_seed(4)
+    x = strided_copy(torch.randn(2, 24, 3, 2, 17, dtype=torch.float64, generator=g).to(dtype))
+    kernel, stride, pad, dil = (2, 1, 5), (1, 1, 2), (1, 0, 2, 0, 0, 1), (2, 1, 2)
+    gy = torch.randn(2, 24, 2, 2, 6, dtype=torch.float64, generator=g)
+    want = _wgrad_ref(x, gy, kernel, stride, pad, dil)
+    gy = strided_copy(gy.to(dtype))
+    x, gy = x.to(device), gy.to(device)
+    before = [t.clone() for t in (x, gy)]
+    config = dict(BLOCK_V=2, BLOCK_C=16, R=2, KT=3, SPLIT=7, num_warps=1)
+    got = depthwise.conv3d_dw_cl_bwd_weight(x, gy, (24, 1, *kernel), stride, pad, dil, config)
+    assert got.dtype == dtype and rel_err(got, want) < TOL[dtype]
+    assert all(torch.equal(t, t0) for t, t0 in zip((x, gy), before))
+
+
+@pytest.mark.parametrize("config", depthwise_configs.CONV3D_DW_CL_WGRAD_CONFIGS,
+                         ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_shipped_wgrad_configs(config, device):
+    """Every shipped grad-weight config, in float64 (fp32 on a GPU), split in 3."""
+    from lk3d.kernels import depthwise
+
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 16, 3, 2, 9, dtype=torch.float64, generator=g)
+    gy = torch.randn(1, 16, 3, 2, 9, dtype=torch.float64, generator=g)
+    geo = ((1, 1, 1), (1,) * 6, (1, 1, 1))
+    want = _wgrad_ref(x, gy, (3, 3, 3), *geo)
+    got = depthwise.conv3d_dw_cl_bwd_weight(x.to(dtype=dtype, device=device),
+                                            gy.to(dtype=dtype, device=device), (16, 1, 3, 3, 3),
+                                            *geo, dict(config, SPLIT=3))
+    assert rel_err(got, want) < TOL[dtype]
+
+
+def test_wgrad_executed_flops():
+    """The grad-weight's executed FLOPs count only the grad-output rows whose input row is
+    inside: with no padding every row is, and the count is the useful one scaled by the padded
+    extents (W strips, channel blocks, strips of W taps); with padding the border rows drop."""
+    valid = launch_record.Conv((1, 40, 6, 5, 11), (40, 1, 3, 2, 5), groups=40)
+    _, config, (launch,) = launch_record.launches(valid, "grad_weight", 90)
+    a = launch.args
+    covered = a["NUM_W"] * a["BLOCK_V"] * a["R"]
+    channels = -(-40 // config["BLOCK_C"]) * config["BLOCK_C"]
+    taps = -(-5 // a["KT"]) * a["KT"]
+    useful = launch_record.useful_flops(valid, "grad_weight")
+    assert launch_record.executed_flops(launch) * 7 * 40 * 5 == useful * covered * channels * taps
+    padded = launch_record.Conv((1, 40, 6, 5, 11), (40, 1, 3, 2, 5), groups=40, padding=(1, 1, 2))
+    _, _, (launch,) = launch_record.launches(padded, "grad_weight", 90)
+    a = launch.args
+    covered = a["NUM_W"] * a["BLOCK_V"] * a["R"]
+    # D: 6 outputs, taps 0 and 2 miss one border row each (16 of 18 rows); H: 6 outputs, each
+    # tap misses one (10 of 12); W: 11 outputs
+    assert launch_record.executed_flops(launch) * 18 * 12 * 11 * 40 * 5 == (
+        launch_record.useful_flops(padded, "grad_weight") * 16 * 10 * covered * channels * taps)

@@ -93,7 +93,7 @@ def test_dry_run_without_platformdirs_and_tensorly(tmp_path, blocked):
     bench = (out / "bench.txt").read_text()
     assert all(f"\n{name} " in bench for name in ("G1", "G2", "G3-k15", "G4", "G5-dense")), bench
     # one case: the estimate's table has no case column
-    assert re.search(r"^(G2 +)?forward +conv3d_dw_kernel ", bench, re.M), bench
+    assert re.search(r"^(G2 +)?forward +conv3d_dw_cl_kernel ", bench, re.M), bench
     collected = (out / "tests.log").read_text()
     for name in ("test_conv3d[dense]", "test_conv3d[depthwise]", "test_cp_conv3d",
                  "test_block_sparse_conv3d", "test_compile_fullgraph"):

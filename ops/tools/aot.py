@@ -254,9 +254,10 @@ def shipped_cases():
 
 def depthwise_cases():
     """Every config of ``lk3d.kernels.depthwise_configs`` at C = 96 (bf16, read as int32 pairs
-    with fp32 taps; fp16; fp32), forward at stride 1 with a bias and, in bf16, stride 2."""
+    with fp32 taps; fp16; fp32), forward at stride 1 with a bias and, in bf16, stride 2; the
+    grad-weight likewise (fp32 partials)."""
     from lk3d.kernels import depthwise
-    from lk3d.kernels.depthwise_configs import CONFIG_SPACES as DW_SPACES
+    from lk3d.kernels.depthwise_configs import CONFIG_SPACES as DW_SPACES, tap_strip
 
     cases = []
     for config in DW_SPACES["conv3d_dw_cl"]:
@@ -266,6 +267,17 @@ def depthwise_cases():
                 PAIRS=dtype == "bf16"))
             if dtype == "bf16":
                 sig = dict(case.signature, x_ptr="*i32", w_ptr="*fp32")
+                case = dataclasses.replace(case, signature=sig)
+            cases.append(case)
+    for config in DW_SPACES["conv3d_dw_cl_wgrad"]:
+        # KT as the launcher fits it to the 7 W taps
+        config = dict(config, KT=tap_strip(_GEOMETRY["KW"], config["KT"])[1])
+        for dtype, stride in (("bf16", 1), ("bf16", 2), ("fp16", 1), ("fp32", 1)):
+            case = _case(depthwise.conv3d_dw_cl_wgrad_kernel, f"dw_cl_wgrad-s{stride}", dtype,
+                         config, dict(C=96, **_GEOMETRY, **_strides(stride),
+                                      PAIRS=dtype == "bf16"))
+            if dtype == "bf16":
+                sig = dict(case.signature, x_ptr="*i32", dy_ptr="*i32")
                 case = dataclasses.replace(case, signature=sig)
             cases.append(case)
     return cases

@@ -343,6 +343,15 @@ def tiled_launches(conv, pass_, arch, fallback=False):
         return "direct", config, record(tiled, tiled.bias_grad, dy, config)
     if pass_ != "grad_weight":
         raise ValueError(f"pass: expected one of {conv.passes}, got {pass_!r}")
+    if direct_depthwise("conv3d_grad_weight", conv.input, conv.weight, spec.stride):
+        fields = dict(M=M, NC=cout, taps=taps, partial=cout * taps)
+        config, problem, fam, programs = _default_config("conv3d_dw_cl_wgrad", fields, arch, size)
+        strips, _ = fam.tap_strip(conv.weight[4], config["KT"])
+        fields["programs"] = -(-cout // config["BLOCK_C"]) * math.prod(conv.weight[2:4]) * strips
+        config["SPLIT"] = fam.split(dataclasses.replace(problem, programs=fields["programs"]),
+                                    config, programs)
+        return "direct", config, record(dw_cl, dw_cl.conv3d_dw_cl_bwd_weight, x, dy, conv.weight,
+                                        *geometry, config)
     if depthwise:
         fields = dict(M=M, taps=taps, partial=cout * taps)
         config, problem, fam, programs = _default_config("conv3d_dw_wgrad", fields, arch, size)
@@ -476,6 +485,11 @@ def launches(conv, pass_, arch):
     return tiled_launches(conv, pass_, arch)
 
 
+def _inside(o, k, size, stride, pad, dil):
+    """Whether output ``o``'s tap ``k`` reads inside an input axis of ``size``."""
+    return 0 <= o * stride - pad + k * dil < size
+
+
 def executed_flops(launch):
     """FLOPs a launch computes, masked-off work included (by its kernel's loop structure)."""
     a, programs = launch.args, math.prod(launch.grid)
@@ -494,6 +508,14 @@ def executed_flops(launch):
         return 2 * programs * a["BLOCK_M"] * a["BLOCK_N"] * a["BLOCK_K"] * steps
     if launch.name == "conv3d_dw_cl_kernel":
         return 2 * programs * a["BLOCK_V"] * a["R"] * a["BLOCK_C"] * taps
+    if launch.name == "conv3d_dw_cl_wgrad_kernel":  # only the rows whose input row is inside
+        rows = [sum(_inside(o, k, a["X" + ax], a["STR_" + ax],
+                            a["PAD_" + ax], a["DIL_" + ax]) for o in range(a["Y" + ax])
+                    for k in range(a["K" + ax])) for ax in ("D", "H")]
+        steps = a["N"] * rows[0] * rows[1] * a["NUM_W"]
+        channels = -(-a["C"] // a["BLOCK_C"]) * a["BLOCK_C"]
+        taps = -(-a["KW"] // a["KT"]) * a["KT"]
+        return 2 * steps * a["BLOCK_V"] * a["R"] * channels * taps
     if launch.name == "conv3d_dw_kernel":
         return 2 * programs * a["BLOCK"] * taps * (a["MULT"] if a["TRANSPOSED"] else 1)
     if launch.name == "conv3d_wgrad_kernel":
@@ -549,6 +571,8 @@ def kernel_kind(launch):
              "bias_grad_kernel": "bias_grad"}
     if launch.name in kinds:
         return kinds[launch.name]
+    if launch.name == "conv3d_dw_cl_wgrad_kernel":  # the models' kind of the depthwise grad-weight
+        return "depthwise_wgrad"
     if launch.name == "cp_sep_kernel":  # projections (tl.dot) or 1-D passes (FMA)
         a = launch.args
         return "cp_separable_" + ("tensor" if a["PROJECT"] or a["OUT_PROJ"] or a["EMIT_G"]
