@@ -422,14 +422,16 @@ def _cuda_ms(algo, x_shape, w_shape, stride, padding, dilation, groups, dtype, g
         return cuda_model.fft_ms(L, Q, E, K, x_shape[0], x_shape[1], w_shape[0], groups,
                                  (elem + 8) * activations, gpu)
     if algo == "tiled":
-        if (form == "depthwise" and not by_voxel and op != "conv3d_grad_weight"
-                and direct_depthwise(op, x_shape, w_shape, stride)):
-            # channels innermost: plus an NCDHW caller's copy of the gathered operand (the
-            # input forward, grad_output grad-input), read and written once
-            gathered = x_shape[0] * (x_shape[1] * math.prod(x_shape[2:]) if op == "conv3d"
-                                     else w_shape[0] * math.prod(size))
-            return (cuda_model.kernel_ms("depthwise_cl", flops, moved, gpu, dtype, allow_tf32())
-                    + cuda_model.copy_ms(2 * elem * gathered, gpu))
+        if form == "depthwise" and not by_voxel and direct_depthwise(op, x_shape, w_shape,
+                                                                    stride):
+            # channels innermost: plus an NCDHW caller's copies of the operands it reads (the
+            # input forward, grad_output grad-input, both grad-weight), read and written once
+            inputs, outputs = (x_shape[0] * x_shape[1] * math.prod(x_shape[2:]),
+                               x_shape[0] * w_shape[0] * math.prod(size))
+            read = {"conv3d": inputs, "conv3d_grad_input": outputs}.get(op, inputs + outputs)
+            kind = "depthwise_cl_wgrad" if op == "conv3d_grad_weight" else "depthwise_cl"
+            return (cuda_model.kernel_ms(kind, flops, moved, gpu, dtype, allow_tf32())
+                    + cuda_model.copy_ms(2 * elem * read, gpu))
         kind = TILED_KINDS[op][form == "depthwise"]
         return cuda_model.kernel_ms(kind, flops, moved, gpu, dtype, allow_tf32())
     return cuda_model.aten_ms(form, flops, moved, gpu, dtype, allow_tf32())

@@ -31,6 +31,7 @@ KERNEL_KINDS = ("implicit_gemm",        # dense/grouped forward and grad-input
                 "depthwise",            # depthwise forward and grad-input
                 "depthwise_cl",         # ... channels innermost (lk3d.kernels.depthwise)
                 "depthwise_wgrad",      # depthwise grad-weight
+                "depthwise_cl_wgrad",   # ... channels innermost (lk3d.kernels.depthwise)
                 "cp_fused",             # the fused k³ CP kernels, forward and backward
                 "cp_separable_tensor",  # separable CP: projections through a factor matrix
                 "cp_separable_fma",     # separable CP: the 1-D passes along one axis

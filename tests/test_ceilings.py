@@ -104,10 +104,9 @@ def test_each_gpu_is_priced_at_its_arch_fractions():
 
 
 def test_depthwise_kernels_priced_by_the_kernel_that_serves_them():
-    """Depthwise forward and grad-input that the channels-innermost kernel serves are priced at
-    its ceiling ("depthwise_cl") plus the copy of an NCDHW caller's gathered operand; a channel
-    multiplier of 2, and grad-weight, at the kernels that serve those ("depthwise",
-    "depthwise_wgrad")."""
+    """Depthwise passes that the channels-innermost kernels serve are priced at their ceilings
+    ("depthwise_cl", "depthwise_cl_wgrad") plus the copies of an NCDHW caller's operands they
+    read; a channel multiplier of 2 at the kernel that serves it ("depthwise")."""
     gpu = devices.named("h100")
     x, geo = [2, 16, 24, 24, 24], ([1] * 3, [3] * 6, [1] * 3)
     flops = 2 * 2 * 16 * 24 ** 3 * 7 ** 3
@@ -119,8 +118,8 @@ def test_depthwise_kernels_priced_by_the_kernel_that_serves_them():
                                                          torch.bfloat16) + copy)
     got = _algos.model_ms("tiled", x, [16, 1, 7, 7, 7], *geo, 16, torch.bfloat16, gpu,
                           op="conv3d_grad_weight")
-    assert got == pytest.approx(cuda_model.kernel_ms("depthwise_wgrad", flops, moved, gpu,
-                                                     torch.bfloat16))
+    assert got == pytest.approx(cuda_model.kernel_ms("depthwise_cl_wgrad", flops, moved, gpu,
+                                                     torch.bfloat16) + 2 * copy - cuda_model.LAUNCH_MS)
     got = _algos.model_ms("tiled", x, [32, 1, 7, 7, 7], *geo, 16, torch.bfloat16, gpu)
     assert got == pytest.approx(cuda_model.kernel_ms(
         "depthwise", 2 * flops, 2 * (2 * 2 * 16 * 24 ** 3 + 2 * 2 * 16 * 24 ** 3 + 32 * 7 ** 3),
@@ -162,7 +161,7 @@ def test_ceilings_option_writes_an_entry_the_model_loads(tmp_path, monkeypatch, 
                      str(path)]) == 0
     out = capsys.readouterr().out
     assert f"wrote the sm_90 kernel ceilings to {path}" in out
-    assert "no bf16/fp16 launches of depthwise, depthwise_cl, depthwise_wgrad, cp_fused" in out
+    assert "no bf16/fp16 launches of depthwise, depthwise_cl, depthwise_wgrad, depthwise_cl_wgrad, cp_fused" in out
     data = json.loads(path.read_text())
     assert list(data) == ["about", "90", "80"] and data["80"] == shipped["80"]
     assert data["90"]["command"] == f"lk3d estimate --cases {cases} --arch 90 --ceilings {path}"

@@ -62,17 +62,19 @@ def test_fallback_specialize_agrees_with_the_jit():
         launch_record._fallback_specialize("x")
 
 
-@pytest.mark.parametrize("pass_", ["forward", "grad_input"])
+@pytest.mark.parametrize("pass_", ["forward", "grad_input", "grad_weight"])
 def test_depthwise_variants(pass_):
     """A depthwise pass the channels-innermost kernel serves records it first ("channels_last",
     what the planner runs) and the kernel other depthwise problems take as the alternative
     ("direct"), so the shipped ceilings price both; other problems have one variant."""
     conv = launch_record.Conv((2, 16, 9, 11, 7), (16, 1, 5, 3, 3), padding="same", groups=16)
     found = launch_record.variants(conv, pass_, 90)
+    wgrad = "_wgrad" if pass_ == "grad_weight" else ""
     assert [(v, [ln.name for ln in lns]) for v, _, lns in found] == [
-        ("channels_last", ["conv3d_dw_cl_kernel"]), ("direct", ["conv3d_dw_kernel"])]
-    assert [launch_record.kernel_kind(lns[0]) for _, _, lns in found] == ["depthwise_cl",
-                                                                          "depthwise"]
+        ("channels_last", [f"conv3d_dw_cl{wgrad}_kernel"]),
+        ("direct", [f"conv3d_dw{wgrad}_kernel"])]
+    assert [launch_record.kernel_kind(lns[0]) for _, _, lns in found] == [
+        f"depthwise_cl{wgrad}", f"depthwise{wgrad}"]
     other = launch_record.Conv((2, 13, 9, 11, 7), (26, 1, 5, 3, 3), padding="same", groups=13)
     assert [v for v, *_ in launch_record.variants(other, pass_, 90)] == ["direct"]
 
@@ -307,7 +309,7 @@ def test_estimate_cases_report(tmp_path, capsys, monkeypatch):
     from lk3d.tools import cli
     from lk3d.tools.bench_cases import TINY_CASES
 
-    def fake(conv, arch, passes=None, case_id=None):
+    def fake(conv, arch, passes=None, case_id=None, device=None):
         return [dict({k: 0 for k in KEYS}, case=case_id, op=conv.op, arch=arch, kernel="k_kernel",
                      grid=[3], config={"BLOCK_M": 64}, loop_counts={"FFMA": 7, "LDG": 2},
                      unit="fma", peak_tflops=66.9, issue_ceiling_tflops=6.69, fraction=0.1,

@@ -27,6 +27,7 @@ GRAD_TOL = 10 * TOL[torch.float32]
 CONV_CASES = [
     Case(2, 3, 5, (7, 6, 5), (3, 2, 3), stride=(1, 2, 1), padding=(1, 0, 1)),
     Case(1, 4, 4, (9, 7, 5), (7, 3, 5), padding="same", groups=4),
+    Case(2, 8, 8, (5, 4, 7), (3, 2, 5), padding="same", groups=8),  # channels innermost
 ]
 
 
@@ -52,7 +53,7 @@ def _check(fn, leaves, reference, names):
         assert (err := rel_err(g, w)) < GRAD_TOL, f"grad {name}: {err:.3g}"
 
 
-@pytest.mark.parametrize("case", CONV_CASES, ids=["dense", "depthwise"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=["dense", "depthwise", "depthwise-cl"])
 def test_conv3d(case, device):
     x, w, b = case.tensors(torch.float32, device)
     leaves = [leaf_like(t) for t in (x, w, b)]
@@ -61,12 +62,15 @@ def test_conv3d(case, device):
            lambda *t: F.conv3d(*t, **case.args()), ("input", "weight", "bias"))
 
 
-def test_cp_conv3d(device):
+@pytest.mark.parametrize("algo", ["separable", "tiled"])
+def test_cp_conv3d(algo, device, monkeypatch):
+    """The separable kernels and the fused k³ ones."""
+    monkeypatch.setenv("LK3D_ALGO", algo)
     case = Case.cp(2, 3, 4, (7, 6, 5), (3, 2, 3), 5, padding=(1, 0, 1))
     x, factors, b = case.tensors(torch.float32, device)
     leaves = [leaf_like(t) for t in (x, *factors.tensors(), b)]
     assert {p["algo"] for p in lk3d.cp.explain(x, factors, b, **case.args()).values()} == \
-        {"tiled"}
+        {algo}
 
     def cp(x, *rest, conv):
         *f, b = rest

@@ -343,15 +343,16 @@ def tiled_launches(conv, pass_, arch, fallback=False):
         return "direct", config, record(tiled, tiled.bias_grad, dy, config)
     if pass_ != "grad_weight":
         raise ValueError(f"pass: expected one of {conv.passes}, got {pass_!r}")
-    if direct_depthwise("conv3d_grad_weight", conv.input, conv.weight, spec.stride):
+    if not fallback and direct_depthwise("conv3d_grad_weight", conv.input, conv.weight,
+                                         spec.stride):
         fields = dict(M=M, NC=cout, taps=taps, partial=cout * taps)
         config, problem, fam, programs = _default_config("conv3d_dw_cl_wgrad", fields, arch, size)
         strips, _ = fam.tap_strip(conv.weight[4], config["KT"])
         fields["programs"] = -(-cout // config["BLOCK_C"]) * math.prod(conv.weight[2:4]) * strips
         config["SPLIT"] = fam.split(dataclasses.replace(problem, programs=fields["programs"]),
                                     config, programs)
-        return "direct", config, record(dw_cl, dw_cl.conv3d_dw_cl_bwd_weight, x, dy, conv.weight,
-                                        *geometry, config)
+        return "channels_last", config, record(dw_cl, dw_cl.conv3d_dw_cl_bwd_weight, x, dy,
+                                               conv.weight, *geometry, config)
     if depthwise:
         fields = dict(M=M, taps=taps, partial=cout * taps)
         config, problem, fam, programs = _default_config("conv3d_dw_wgrad", fields, arch, size)
@@ -567,12 +568,11 @@ def kernel_kind(launch):
     kinds = {"conv3d_igemm_kernel": "implicit_gemm", "conv3d_wgrad_kernel": "implicit_gemm_wgrad",
              "conv3d_dw_kernel": "depthwise", "conv3d_dw_wgrad_kernel": "depthwise_wgrad",
              "conv3d_dw_cl_kernel": "depthwise_cl",
+             "conv3d_dw_cl_wgrad_kernel": "depthwise_cl_wgrad",
              "cp_conv_kernel": "cp_fused", "cp_grad_kernel": "cp_fused",
              "bias_grad_kernel": "bias_grad"}
     if launch.name in kinds:
         return kinds[launch.name]
-    if launch.name == "conv3d_dw_cl_wgrad_kernel":  # the models' kind of the depthwise grad-weight
-        return "depthwise_wgrad"
     if launch.name == "cp_sep_kernel":  # projections (tl.dot) or 1-D passes (FMA)
         a = launch.args
         return "cp_separable_" + ("tensor" if a["PROJECT"] or a["OUT_PROJ"] or a["EMIT_G"]
