@@ -45,6 +45,7 @@ class Launch:
     num_warps: int
     num_stages: int
     config: dict = None  # the launcher's config, where a pass's launches take different ones
+    copied: int = 0      # bytes the launcher's own copies move before it (layout, weight packing)
 
 
 def _raw(kernel):
@@ -115,14 +116,16 @@ def _fallback_specialize(value):
         return kind, "D" if value % 16 == 0 else ""
     if isinstance(value, float):
         return "fp32", None
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+             torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64",
+             torch.int8: "i8", torch.uint8: "u8", torch.int16: "i16", torch.bool: "u1"}
     if isinstance(value, torch.Tensor):
-        names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-                 torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64",
-                 torch.int8: "i8", torch.uint8: "u8", torch.int16: "i16", torch.bool: "u1"}
         aligned = value.device.type == "meta" or value.data_ptr() % 16 == 0
         return f"*{names[value.dtype]}", "D" if aligned else ""
-    raise TypeError(f"argument: expected a tensor, int, float, bool or None, got "
-                    f"{type(value).__name__}")
+    if hasattr(value, "block_shape") and hasattr(value, "base"):  # a host TensorDescriptor
+        return f"tensordesc<{names[value.base.dtype]}{list(value.block_shape)}>", None
+    raise TypeError(f"argument: expected a tensor, tensor descriptor, int, float, bool or None, "
+                    f"got {type(value).__name__}")
 
 
 def _specializer():
@@ -139,7 +142,8 @@ def _specializer():
 
 def specialize(launch):
     """(signature, constexprs, divisible) of ``launch`` as the JIT compiles it: constexpr
-    parameters and ints equal to 1 (and None) as constexprs, the others typed by value, ints
+    parameters and ints equal to 1 (and None) as constexprs, the others typed by value (a host
+    tensor descriptor as ``tensordesc<bf16[1, 1, 8, 16, 64]>``: its dtype and block shape), ints
     divisible by 16 and 16-byte-aligned pointers (a meta tensor: a fresh allocation, aligned)
     named in ``divisible``."""
     spec = _specializer()
@@ -295,7 +299,7 @@ def _default_config(kind, problem_fields, arch, element_size):
 def tiled_launches(conv, pass_, arch):
     """(variant, config, launches) of lk3d's tiled kernels for ``pass_`` of ``conv`` on
     ``sm_<arch>``, recorded from the launchers with the arch's default config."""
-    from lk3d._algos import direct_depthwise
+    from lk3d._algos import descriptor_gemm, direct_depthwise
     from lk3d.kernels import depthwise as dw_cl, tiled
 
     x, w, spec = _checked(conv)
@@ -326,6 +330,8 @@ def tiled_launches(conv, pass_, arch):
             return "direct", config, record(tiled, tiled.conv3d_dw_bwd_input, dy, w, conv.input,
                                             *geometry, config)
         kc, nc = (cig, cout // conv.groups) if pass_ == "forward" else (cout // conv.groups, cig)
+        if descriptor_gemm(op, conv.input, conv.weight, spec.stride, conv.groups, x.dtype):
+            return descriptor_launches(conv, pass_, arch, x, w, dy, geometry, M, kc, nc)
         config, *_ = _default_config("conv3d_fwd", dict(M=conv.input[0] * M, KC=kc, NC=nc,
                                                         taps=taps), arch, size)
         if pass_ == "forward":
@@ -357,6 +363,30 @@ def tiled_launches(conv, pass_, arch):
     config["SPLIT"] = fam.split(dataclasses.replace(problem, programs=fields["programs"]),
                                 config, programs)
     return "direct" if depthwise else "gather", config, record(tiled, launcher, *args, config)
+
+
+def descriptor_launches(conv, pass_, arch, x, w, dy, geometry, M, kc, nc):
+    """(variant "descriptor", config, launches) of the tensor-descriptor implicit GEMM
+    (``lk3d.kernels.implicit_gemm``) for the forward or grad-input of ``conv``, its operands as
+    the launcher passes them on the arch (sm_90: descriptors; sm_80: pointers); each launch's
+    ``copied`` counts the launcher's copies: the NCDHW operand to NDHWC (read and written once)
+    and the weight packed (likewise)."""
+    from lk3d.kernels import implicit_gemm
+
+    fields = dict(M=conv.input[0] * M, KC=kc, NC=nc, taps=math.prod(conv.weight[2:]))
+    config, *_ = _default_config("conv3d_desc", fields, arch, x.element_size())
+    if pass_ == "forward":
+        operand = x
+        recorded = record(implicit_gemm, implicit_gemm.conv3d_desc_fwd, x, w, None, *geometry,
+                          conv.groups, config, tma=arch >= 90)
+    else:
+        operand = dy
+        recorded = record(implicit_gemm, implicit_gemm.conv3d_desc_bwd_input, dy, w, conv.input,
+                          *geometry, conv.groups, config, tma=arch >= 90)
+    copied = 2 * w.numel() * w.element_size()
+    if not operand.is_contiguous(memory_format=torch.channels_last_3d):
+        copied += 2 * operand.numel() * operand.element_size()
+    return "descriptor", config, [dataclasses.replace(ln, copied=copied) for ln in recorded]
 
 
 def cp_launches(conv, pass_, arch, variant="separable"):
@@ -483,6 +513,10 @@ def executed_flops(launch):
         taps = a["K"] * ((a["WRITE"] or a["EMIT_G"]) + a["EMIT_TAPS"])
         return rows * (taps + epilogue * ((a["OUT_PROJ"] and a["WRITE"]) + a["EMIT_G"]))
     taps = a["KD"] * a["KH"] * a["KW"]
+    if launch.name == "conv3d_desc_kernel":  # every tap of every brick, padded channel blocks
+        rows = a["NUM_M"] * a["BLOCK_H"] * a["BLOCK_W"]
+        n_blocks = launch.grid[0] // a["NUM_M"]  # channel blocks × groups
+        return 2 * rows * n_blocks * a["BLOCK_N"] * a["KC"] * taps
     if launch.name == "conv3d_igemm_kernel":
         steps = taps * -(-a["KC"] // a["BLOCK_K"])
         return 2 * programs * a["BLOCK_M"] * a["BLOCK_N"] * a["BLOCK_K"] * steps
@@ -536,7 +570,8 @@ def kernel_kind(launch):
     launches are ``cp_separable_tensor`` (a projection through a factor matrix, or the G sums,
     on the tensor cores) or ``cp_separable_fma`` (a 1-D pass and its tap sums); the grad-bias
     reduction is ``bias_grad`` (no model prices it)."""
-    kinds = {"conv3d_igemm_kernel": "implicit_gemm", "conv3d_wgrad_kernel": "implicit_gemm_wgrad",
+    kinds = {"conv3d_igemm_kernel": "implicit_gemm", "conv3d_desc_kernel": "implicit_gemm",
+             "conv3d_wgrad_kernel": "implicit_gemm_wgrad",
              "conv3d_dw_kernel": "depthwise", "conv3d_dw_wgrad_kernel": "depthwise_wgrad",
              "cp_conv_kernel": "cp_fused", "cp_grad_kernel": "cp_fused",
              "bias_grad_kernel": "bias_grad"}
@@ -554,6 +589,9 @@ def kernel_kind(launch):
 
 
 def launch_bytes(launch):
-    """The least bytes a launch moves: each tensor it is passed, read or written once."""
-    tensors = {id(v): v for v in launch.args.values() if isinstance(v, torch.Tensor)}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    """The least bytes a launch moves: each tensor it is passed (a tensor descriptor: the tensor
+    it describes), read or written once, and the launcher's own copies before it
+    (``Launch.copied``)."""
+    tensors = [getattr(v, "base", v) for v in launch.args.values()]
+    tensors = {id(t): t for t in tensors if isinstance(t, torch.Tensor)}
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + launch.copied
