@@ -236,7 +236,10 @@ def _launch(a, packed, bias, y, geo, groups, config, allow_tf32, tma):
     bh, bw, bn, bk = (config[k] for k in _KEYS)
     tma = use_tma(a) if tma is None else tma
     if tma:
-        x = TensorDescriptor.from_tensor(a.permute(0, 2, 3, 4, 1), [1, 1, bh, bw, bk])
+        # the dense NDHWC strides, whatever torch keeps for axes of extent 1
+        N, C, D, H, W = a.shape
+        x = TensorDescriptor(a, [N, D, H, W, C], [D * H * W * C, H * W * C, W * C, C, 1],
+                             [1, 1, bh, bw, bk])
         w = TensorDescriptor(packed, list(packed.shape), list(packed.stride()), [1, 1, bk, bn])
     else:
         x, w = a, packed

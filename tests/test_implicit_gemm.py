@@ -232,3 +232,23 @@ def test_launcher_errors(device):
         implicit_gemm.conv3d_desc_bwd_input(dy, torch.randn(16, 16, 1, 1, 1, device=device),
                                             (1, 16, 4, 2, 2), (2, 1, 1), (0,) * 6, (1, 1, 1), 1,
                                             dict(config, BLOCK_K=16))
+
+
+def test_axes_of_extent_one(device, no_tf32):
+    """Inputs whose spatial axes have extent 1 (torch then keeps strides a descriptor cannot
+    take, e.g. 1 for D, H and W of [2, 16, 1, 1, 1]): the descriptors use the dense NDHWC
+    strides."""
+    from lk3d.kernels import implicit_gemm
+
+    g = torch.Generator().manual_seed(4)
+    config = dict(BLOCK_H=8, BLOCK_W=8, BLOCK_N=16, BLOCK_K=16)
+    for shape, kernel, pad in (((2, 16, 1, 1, 1), (1, 1, 1), (0, 0, 0)),
+                               ((1, 16, 3, 1, 1), (3, 1, 1), (1, 0, 0))):
+        x = torch.randn(shape, dtype=torch.float64, generator=g)
+        w = torch.randn(16, 16, *kernel, dtype=torch.float64, generator=g)
+        xk = x.to(dtype=torch.float32, device=device)
+        if shape[0] == 1:
+            xk = xk.contiguous(memory_format=torch.channels_last_3d)
+        y = implicit_gemm.conv3d_desc_fwd(xk, w.to(xk), None, (1, 1, 1), pad + pad, (1, 1, 1), 1,
+                                          config, tma=True)
+        assert rel_err(y, F.conv3d(x, w, padding=pad)) < TOL[torch.float32]
