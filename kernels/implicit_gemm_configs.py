@@ -36,7 +36,8 @@ CHANNEL_MULTIPLE = 16
 def fits(kc, dtype, stride):
     """Whether the kernel serves a pass reducing over ``kc`` channels per group of ``dtype`` at
     ``stride`` (stride 1 along H and W: a box is a dense brick)."""
-    return dtype in DTYPES and kc % CHANNEL_MULTIPLE == 0 and tuple(stride)[1:] == (1, 1)
+    return (dtype in DTYPES and kc > 0 and kc % CHANNEL_MULTIPLE == 0
+            and tuple(stride)[1:] == (1, 1))
 
 
 def block_k(kc):

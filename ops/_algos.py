@@ -248,7 +248,7 @@ def descriptor_gemm(op, x_shape, w_shape, stride, groups, dtype):
         kc, strides_taken = w_shape[0] // groups, tuple(stride) == (1, 1, 1)
     else:
         kc, strides_taken = w_shape[1], tuple(stride)[1:] == (1, 1)
-    return strides_taken and kc % descriptor_family.CHANNEL_MULTIPLE == 0
+    return strides_taken and kc > 0 and kc % descriptor_family.CHANNEL_MULTIPLE == 0
 
 
 def tiled_problem(op, x_shape, w_shape, stride, padding, dilation, groups, device, size=None,

@@ -90,6 +90,8 @@ def test_routes():
                                torch.float64)
     assert not descriptor_gemm("conv3d", (1, 16, 4, 4, 4), (16, 1, 3, 3, 3), (1, 1, 1), 16,
                                torch.float32)  # depthwise: its own kernels
+    assert not descriptor_gemm("conv3d_grad_input", (1, 16, 4, 4, 4), (0, 16, 3, 3, 3),
+                               (1, 1, 1), 1, torch.float32)  # nothing to reduce over
 
 
 def test_config_choice():
