@@ -293,5 +293,7 @@ def execute(op: str, key, device: torch.device, problem: Sequence, args: Sequenc
     found = registry.get(op, chosen.algo)
     config = chosen.config if found.launches else None
     if found.launches and config is None and found.config_problem is not None:
-        config = config_spaces.default_config(found.config_problem(*problem), device)
+        main = problem[0]  # the operands' element size sizes the shared-memory estimate
+        size = main.element_size() if isinstance(main, torch.Tensor) else 4
+        config = config_spaces.default_config(found.config_problem(*problem), device, size)
     return run(chosen.algo, config)

@@ -2,6 +2,9 @@
 
     tiled.py, tiled_configs.py                dense, grouped and depthwise conv3d
     depthwise.py, depthwise_configs.py        depthwise conv3d on channels-innermost tensors
+    implicit_gemm.py, implicit_gemm_configs.py
+                                              dense and grouped conv3d on channels-innermost
+                                              tensors, read through tensor descriptors
     cp.py, cp_configs.py                      rank-R CP conv3d, fused
     block_sparse.py, block_sparse_configs.py  block-sparse conv3d
     common.py                                 what every family shares: the index and load
@@ -103,7 +106,7 @@ if HAS_TRITON and _interpret_requested():
         HAS_TRITON = False
 
 
-_FAMILIES = ("common", "tiled", "depthwise", "cp", "block_sparse")
+_FAMILIES = ("common", "tiled", "depthwise", "implicit_gemm", "cp", "block_sparse")
 
 
 def __getattr__(name):

@@ -29,10 +29,12 @@ from lk3d.autotune.configs import Problem, candidate_configs, default_config
 from lk3d import kernels
 from lk3d.kernels import HAS_TRITON, INTERPRETED, MAX_VOLUME, memory_format
 from lk3d.kernels import depthwise_configs as depthwise_family
+from lk3d.kernels import implicit_gemm_configs as descriptor_family
 from lk3d.kernels import tiled_configs as tiled_family
 
 configs.register(tiled_family)
 configs.register(depthwise_family)
+configs.register(descriptor_family)
 
 KERNEL_DTYPES = {
     "cuda": (torch.float16, torch.bfloat16, torch.float32),
@@ -247,9 +249,27 @@ def dw_cl_wgrad_problem(x_shape, w_shape, size, device):
     return Problem(**base, programs=programs)
 
 
-def tiled_problem(op, x_shape, w_shape, stride, padding, dilation, groups, device, size=None):
+def descriptor_gemm(op, x_shape, w_shape, stride, groups, dtype):
+    """Whether the tensor-descriptor implicit GEMM (``lk3d.kernels.implicit_gemm``) serves pass
+    ``op`` ("conv3d", "conv3d_grad_input") of a dense or grouped convolution of input ``x_shape``
+    and weight ``w_shape`` in ``dtype``: fp16/bf16/fp32, reduction channels per group (Cin/g
+    forward, Cout/g grad-input) a multiple of 16, stride 1 along H and W (grad-input: stride 1).
+    The gather kernel (``lk3d.kernels.tiled.conv3d_igemm_kernel``) serves the others."""
+    if (op not in ("conv3d", "conv3d_grad_input") or w_shape[1] == 1
+            or dtype not in descriptor_family.DTYPES):
+        return False
+    if op == "conv3d_grad_input":
+        kc, strides_taken = w_shape[0] // groups, tuple(stride) == (1, 1, 1)
+    else:
+        kc, strides_taken = w_shape[1], tuple(stride)[1:] == (1, 1)
+    return strides_taken and kc > 0 and kc % descriptor_family.CHANNEL_MULTIPLE == 0
+
+
+def tiled_problem(op, x_shape, w_shape, stride, padding, dilation, groups, device, size=None,
+                  dtype=None):
     """What the config choice of the Triton kernel serving pass ``op`` looks at (``size``: the
-    output's spatial size where the caller has it)."""
+    output's spatial size where the caller has it; ``dtype``: the operands', which decides
+    whether the tensor-descriptor kernel serves)."""
     taps, cout, cig = _taps(w_shape), w_shape[0], w_shape[1]
     size = size or out_size(x_shape[2:], w_shape[2:], stride, padding, dilation)
     if op in ("conv3d", "conv3d_grad_input"):
@@ -259,8 +279,10 @@ def tiled_problem(op, x_shape, w_shape, stride, padding, dilation, groups, devic
         if cig == 1:
             return Problem("conv3d_dw", M=math.prod(produced), taps=taps)
         kc, nc = (cig, cout // groups) if op == "conv3d" else (cout // groups, cig)
-        return Problem("conv3d_fwd", M=x_shape[0] * math.prod(produced), KC=kc, NC=nc,
-                       taps=taps)
+        kind = ("conv3d_desc" if dtype is not None
+                and descriptor_gemm(op, x_shape, w_shape, stride, groups, dtype)
+                else "conv3d_fwd")
+        return Problem(kind, M=x_shape[0] * math.prod(produced), KC=kc, NC=nc, taps=taps)
     if direct_depthwise(op, x_shape, w_shape, stride):
         return dw_cl_wgrad_problem(x_shape, w_shape, size, device)
     M = x_shape[0] * math.prod(size)
@@ -278,12 +300,20 @@ def tiled_problem(op, x_shape, w_shape, stride, padding, dilation, groups, devic
 def tiled_configs(op, x_shape, w_shape, stride, padding, dilation, groups, dtype, device,
                   size=None):
     """Launch configs worth measuring for pass ``op`` on ``device``."""
-    problem = tiled_problem(op, x_shape, w_shape, stride, padding, dilation, groups, device, size)
-    return candidate_configs(problem, device, torch.empty((), dtype=dtype).element_size())
+    problem = tiled_problem(op, x_shape, w_shape, stride, padding, dilation, groups, device, size,
+                            dtype)
+    found = candidate_configs(problem, device, torch.empty((), dtype=dtype).element_size())
+    if problem.kind == "conv3d_desc":
+        found = [c for c in found if problem.KC % c["BLOCK_K"] == 0] or [
+            default_config(problem, device, torch.empty((), dtype=dtype).element_size())]
+    return found
 
 
-def _config(config, op, x_shape, w_shape, geometry, device):
-    return config or default_config(tiled_problem(op, x_shape, w_shape, *geometry, device), device)
+def _config(config, op, x_shape, w_shape, geometry, t):
+    if config:
+        return config
+    problem = tiled_problem(op, x_shape, w_shape, *geometry, t.device, dtype=t.dtype)
+    return default_config(problem, t.device, t.element_size())
 
 
 def _tiled():
@@ -294,14 +324,21 @@ def _depthwise():
     return kernels.depthwise
 
 
+def _descriptor():
+    return kernels.implicit_gemm
+
+
 def tiled_forward(x, w, bias, stride, padding, dilation, groups, config=None):
     geometry = (stride, padding, dilation, groups)
-    cfg = _config(config, "conv3d", x.shape, w.shape, geometry, x.device)
+    cfg = _config(config, "conv3d", x.shape, w.shape, geometry, x)
     with launch_device(x):
         if direct_depthwise("conv3d", x.shape, w.shape, stride):
             return _depthwise().conv3d_dw_cl_fwd(x, w, bias, stride, padding, dilation, cfg)
         if w.shape[1] == 1:  # depthwise, with channel multiplier cout / cin
             return _tiled().conv3d_dw_fwd(x, w, bias, stride, padding, dilation, cfg)
+        if descriptor_gemm("conv3d", x.shape, w.shape, stride, groups, x.dtype):
+            return _descriptor().conv3d_desc_fwd(x, w, bias, stride, padding, dilation, groups,
+                                                 cfg, allow_tf32=allow_tf32())
         return _tiled().conv3d_fwd(x, w, bias, stride, padding, dilation, groups, cfg,
                                 allow_tf32=allow_tf32())
 
@@ -313,7 +350,7 @@ def tiled_grad_input(grad, w, input_shape, stride, padding, dilation, groups, co
         # instructions a step of the implicit GEMM on sm_90). The check is one sum of the weight.
         return aten_grad_input(grad, w, input_shape, stride, padding, dilation, groups)
     geometry = (stride, padding, dilation, groups)
-    cfg = _config(config, "conv3d_grad_input", input_shape, w.shape, geometry, grad.device)
+    cfg = _config(config, "conv3d_grad_input", input_shape, w.shape, geometry, grad)
     with launch_device(grad):
         if direct_depthwise("conv3d_grad_input", input_shape, w.shape, stride):
             return _depthwise().conv3d_dw_cl_bwd_input(grad, w, input_shape, stride, padding,
@@ -321,13 +358,17 @@ def tiled_grad_input(grad, w, input_shape, stride, padding, dilation, groups, co
         if w.shape[1] == 1:
             return _tiled().conv3d_dw_bwd_input(grad, w, input_shape, stride, padding, dilation,
                                                 cfg)
+        if descriptor_gemm("conv3d_grad_input", input_shape, w.shape, stride, groups, grad.dtype):
+            return _descriptor().conv3d_desc_bwd_input(grad, w, input_shape, stride, padding,
+                                                       dilation, groups, cfg,
+                                                       allow_tf32=allow_tf32())
         return _tiled().conv3d_bwd_input(grad, w, input_shape, stride, padding, dilation, groups,
                                       cfg, allow_tf32=allow_tf32())
 
 
 def tiled_grad_weight(grad, x, weight_shape, stride, padding, dilation, groups, config=None):
     geometry = (stride, padding, dilation, groups)
-    cfg = _config(config, "conv3d_grad_weight", x.shape, weight_shape, geometry, x.device)
+    cfg = _config(config, "conv3d_grad_weight", x.shape, weight_shape, geometry, x)
     with launch_device(x):
         if direct_depthwise("conv3d_grad_weight", x.shape, weight_shape, stride):
             if not finite(grad, x):
@@ -432,6 +473,14 @@ def _cuda_ms(algo, x_shape, w_shape, stride, padding, dilation, groups, dtype, g
             kind = "depthwise_cl_wgrad" if op == "conv3d_grad_weight" else "depthwise_cl"
             return (cuda_model.kernel_ms(kind, flops, moved, gpu, dtype, allow_tf32())
                     + cuda_model.copy_ms(2 * elem * read, gpu))
+        if form == "dense" and descriptor_gemm(op, x_shape, w_shape, stride, groups, dtype):
+            # channels innermost: plus an NCDHW caller's copy of the operand it reads and the
+            # weight packed, each read and written once
+            read = (x_shape[0] * x_shape[1] * math.prod(x_shape[2:]) if op == "conv3d"
+                    else x_shape[0] * w_shape[0] * math.prod(size))
+            return (cuda_model.kernel_ms("implicit_gemm_desc", flops, moved, gpu, dtype,
+                                         allow_tf32())
+                    + cuda_model.copy_ms(2 * elem * (read + math.prod(w_shape)), gpu))
         kind = TILED_KINDS[op][form == "depthwise"]
         return cuda_model.kernel_ms(kind, flops, moved, gpu, dtype, allow_tf32())
     return cuda_model.aten_ms(form, flops, moved, gpu, dtype, allow_tf32())
@@ -458,15 +507,15 @@ def _launch_configs(op):
 def _config_problem(op):
     def config_problem(main, x_shape, w_shape, stride, padding, dilation, groups, size):
         return tiled_problem(op, x_shape, w_shape, stride, padding, dilation, groups, main.device,
-                             size)
+                             size, main.dtype)
     return config_problem
 
 
 for _op, _runners, _kinds in (
         ("conv3d", (tiled_forward, fft_forward, aten_forward),
-         ("conv3d_fwd", "conv3d_dw", "conv3d_dw_cl")),
+         ("conv3d_fwd", "conv3d_desc", "conv3d_dw", "conv3d_dw_cl")),
         ("conv3d_grad_input", (tiled_grad_input, fft_grad_input, aten_grad_input),
-         ("conv3d_fwd", "conv3d_dw", "conv3d_dw_cl")),
+         ("conv3d_fwd", "conv3d_desc", "conv3d_dw", "conv3d_dw_cl")),
         ("conv3d_grad_weight", (tiled_grad_weight, fft_grad_weight, aten_grad_weight),
          ("conv3d_wgrad", "conv3d_dw_wgrad", "conv3d_dw_cl_wgrad"))):
     registry.register(registry.Algorithm(

@@ -37,8 +37,8 @@ def compiled(request):
             del os.environ["TRITON_CACHE_DIR"]
 
 
-@pytest.mark.parametrize("arch", aot.ARCHS, ids=lambda arch: f"sm{arch}")
-@pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
+@pytest.mark.parametrize("case,arch", [pytest.param(case, arch, id=f"{case.id}-sm{arch}")
+                                       for case in CASES for arch in case.archs])
 def test_shipped_config(case, arch, compiled):
     kernel = compiled[case.id, arch]
     if isinstance(kernel, Exception):

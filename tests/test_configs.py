@@ -138,9 +138,11 @@ def test_config_families_registered():
     import types
 
     from lk3d.autotune import configs
-    from lk3d.kernels import block_sparse_configs, cp_configs, depthwise_configs, tiled_configs
+    from lk3d.kernels import (block_sparse_configs, cp_configs, depthwise_configs,
+                              implicit_gemm_configs, tiled_configs)
 
-    for family in (tiled_configs, depthwise_configs, cp_configs, block_sparse_configs):
+    for family in (tiled_configs, depthwise_configs, implicit_gemm_configs, cp_configs,
+                   block_sparse_configs):
         for kind, space in family.CONFIG_SPACES.items():
             assert configs.family(kind) is family and configs.space(kind) is space
         configs.register(family)  # again: nothing changes

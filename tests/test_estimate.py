@@ -48,17 +48,20 @@ def test_issue_ceiling_caps():
 
 def test_fallback_specialize_agrees_with_the_jit():
     import torch
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
+    x = torch.empty(2, 3, 4, 5, 64, dtype=torch.bfloat16, device="meta")
     values = [1, 0, 7, 16, 48, -32, 2 ** 31, 2 ** 31 + 16, True, False, None, 1.5,
               torch.empty(3, dtype=torch.bfloat16, device="meta"),
-              torch.empty(4, dtype=torch.float32, device="meta")]
+              torch.empty(4, dtype=torch.float32, device="meta"),
+              TensorDescriptor.from_tensor(x, [1, 1, 8, 16, 64])]
     native = launch_record._specializer()
     for v in values:
         kind, attr = native(v)
         fallback = launch_record._fallback_specialize(v)
         assert fallback[0] == kind and bool(fallback[1]) == bool(attr), (v, native(v), fallback)
-    with pytest.raises(TypeError, match="argument: expected a tensor, int, float, bool or None, "
-                                        "got str"):
+    with pytest.raises(TypeError, match="argument: expected a tensor, tensor descriptor, int, "
+                                        "float, bool or None, got str"):
         launch_record._fallback_specialize("x")
 
 
@@ -88,14 +91,21 @@ def test_depthwise_variants(pass_):
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_recorded_launches(op, conv, pass_):
     """Each pass records the one launch its launcher makes on meta tensors, with the arch's
-    default config; its executed FLOPs cover the op's, and the JIT's specialisation holds."""
-    from lk3d.kernels import tiled
+    default config; its executed FLOPs cover the op's, and the JIT's specialisation holds. The
+    dense forward and (stride-1) grad-input take the tensor-descriptor kernel; the strided
+    grouped ones the gather kernel."""
+    from lk3d.kernels import implicit_gemm, tiled
 
     kernels = {name: getattr(tiled, name) for name in ("conv3d_igemm_kernel", "conv3d_dw_kernel")}
     variant, config, (launch,) = launch_record.tiled_launches(conv, pass_, 90)
     assert {n: getattr(tiled, n) for n in kernels} == kernels  # the recorders are gone
-    assert conv.op == op and variant == ("direct" if op == "depthwise" else "gather")
-    expected = {("dense", "grad_weight"): "conv3d_wgrad_kernel",
+    assert isinstance(implicit_gemm.conv3d_desc_kernel, type(tiled.conv3d_igemm_kernel))
+    descriptor = op == "dense" and pass_ != "grad_weight"
+    assert conv.op == op and variant == ("direct" if op == "depthwise" else
+                                         "descriptor" if descriptor else "gather")
+    expected = {("dense", "forward"): "conv3d_desc_kernel",
+                ("dense", "grad_input"): "conv3d_desc_kernel",
+                ("dense", "grad_weight"): "conv3d_wgrad_kernel",
                 ("grouped", "grad_weight"): "conv3d_wgrad_kernel",
                 ("depthwise", "grad_weight"): "conv3d_dw_wgrad_kernel",
                 ("depthwise", "forward"): "conv3d_dw_kernel",
@@ -159,7 +169,7 @@ def test_device_figures():
 @pytest.mark.skipif(not os.path.exists(aot.CUOBJDUMP),
                     reason=f"no cuobjdump bundled with triton at {aot.CUOBJDUMP}")
 def test_estimate_command_sm90(tmp_path, capsys):
-    """``lk3d estimate --json`` on a tiny dense case: one compile for sm_90, every key present
+    """``lk3d estimate --json`` on a tiny dense case: two compiles for sm_90, every key present
     and sane, the tensor-core loop counted."""
     from lk3d.tools import cli
 
@@ -168,21 +178,26 @@ def test_estimate_command_sm90(tmp_path, capsys):
                      "64,64,3,3,3", "--dtype", "bf16", "--padding", "same", "--passes",
                      "forward", "--case-id", "tiny", "--json", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "conv3d_igemm_kernel" in out and "H100 SXM" in out
-    (r,) = json.loads(path.read_text())
-    assert tuple(r) == KEYS
+    assert "conv3d_desc_kernel" in out and "H100 SXM" in out
+    r, fallback = json.loads(path.read_text())  # the kernel and the one the others take
+    assert tuple(r) == tuple(fallback) == KEYS
     assert (r["case"], r["op"], r["pass"], r["variant"], r["arch"], r["dtype"], r["unit"]) == (
-        "tiny", "dense", "forward", "gather", 90, "bf16", "tensor")
-    assert r["kernel"] == "conv3d_igemm_kernel" and r["kind"] == "implicit_gemm"
-    assert r["grid"] == [1]
-    assert r["config"] == dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
-    assert r["loop_counts"]["HGMMA"] >= 1 and r["loop_counts"]["BRA"] == 1
+        "tiny", "dense", "forward", "descriptor", 90, "bf16", "tensor")
+    assert r["kernel"] == "conv3d_desc_kernel" and r["kind"] == "implicit_gemm_desc"
+    assert (fallback["variant"], fallback["kernel"], fallback["kind"]) == (
+        "gather", "conv3d_igemm_kernel", "implicit_gemm")
+    assert r["grid"] == [5]  # one 8 x 16 brick of each of the 5 output planes
+    assert r["config"] == dict(BLOCK_H=8, BLOCK_W=16, BLOCK_N=64, BLOCK_K=64, num_warps=4,
+                               num_stages=3)
+    assert r["loop_counts"]["HGMMA"] >= 1 and r["loop_counts"]["UTMALDG"] >= 1
     assert r["loop_instructions"] == sum(r["loop_counts"].values())
     assert 0 < r["registers"] <= 255 and r["spill_bytes"] == 0 and r["shared_bytes"] > 0
-    # 105 outputs of 64 channels, 2·64·27 FLOPs each; the one program computes 128 rows.
+    # 105 outputs of 64 channels, 2·64·27 FLOPs each; each program computes 128 rows.
     assert r["useful_flops"] == 2 * 64 * 27 * 105 * 64
-    assert r["executed_flops"] == 2 * 128 * 64 * 32 * 27 * 2
-    assert r["bytes"] == 2 * (64 * 105 * 2 + 64 * 64 * 27)
+    assert r["executed_flops"] == 2 * 5 * 128 * 64 * 64 * 27
+    # input, output and packed weight once, and the launcher's copies (the NCDHW input to
+    # NDHWC, the weight packed), each read and written once
+    assert r["bytes"] == 2 * (64 * 105 * 2 + 64 * 64 * 27) + 2 * 2 * (64 * 105 + 64 * 64 * 27)
     assert r["peak_tflops"] == 989.4
     assert 0 < r["issue_ceiling_tflops"] <= r["peak_tflops"]
     assert r["fraction"] == pytest.approx(r["issue_ceiling_tflops"] / r["peak_tflops"])

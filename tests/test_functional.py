@@ -44,18 +44,20 @@ def _trace(fn):
     return calls
 
 
-@pytest.mark.parametrize("algo", ["aten", "tiled"])
-def test_one_forward_crosses_once(monkeypatch, algo):
+@pytest.mark.parametrize("algo,cin,launcher", [("aten", 3, None), ("tiled", 3, "conv3d_fwd"),
+                                               ("tiled", 16, "conv3d_desc_fwd")],
+                         ids=["aten", "tiled", "tiled-descriptor"])
+def test_one_forward_crosses_once(monkeypatch, algo, cin, launcher):
     if algo == "tiled" and not kernels.INTERPRETED:
         pytest.skip("the kernels run on CPU tensors only under TRITON_INTERPRET=1")
     monkeypatch.setenv("LK3D_ALGO", algo)
-    x, w, b = torch.randn(2, 3, 7, 6, 5), torch.randn(4, 3, 3, 2, 3), torch.randn(4)
+    x, w, b = torch.randn(2, cin, 7, 6, 5), torch.randn(4, cin, 3, 2, 3), torch.randn(4)
     lk3d.conv3d(x, w, b, padding="same")  # first call: imports, caches
     calls = _trace(lambda: lk3d.conv3d(x, w, b, padding="same"))
     to_autotune = [name for src, dst, _, name in calls if src == "ops" and dst == "autotune"]
     to_kernels = [name for src, dst, path, name in calls
                   if src == "ops" and dst == "kernels" and path != SHAPE_HELPERS]
     assert to_autotune == ["execute"]
-    assert to_kernels == (["conv3d_fwd"] if algo == "tiled" else [])
+    assert to_kernels == ([launcher] if launcher else [])
     out_size_calls = sum(name == "out_size" for *_, name in calls)
     assert out_size_calls == (3 if algo == "tiled" else 2)

@@ -23,19 +23,19 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "perf_reports" / "gpu_run.sh"
 
 # The Triton kernels: the CUDA subset must run each of them.
-KERNELS = {"conv3d_igemm_kernel", "conv3d_wgrad_kernel", "bias_grad_kernel", "conv3d_dw_kernel",
-           "conv3d_dw_wgrad_kernel", "cp_conv_kernel", "cp_grad_kernel", "bs_conv3d_kernel",
-           "bs_conv3d_wgrad_kernel", "conv3d_dw_cl_kernel", "conv3d_dw_cl_wgrad_kernel",
-           "cp_sep_kernel"}
+KERNELS = {"conv3d_igemm_kernel", "conv3d_desc_kernel", "conv3d_wgrad_kernel",
+           "bias_grad_kernel", "conv3d_dw_kernel", "conv3d_dw_wgrad_kernel", "cp_conv_kernel",
+           "cp_grad_kernel", "bs_conv3d_kernel", "bs_conv3d_wgrad_kernel", "conv3d_dw_cl_kernel",
+           "conv3d_dw_cl_wgrad_kernel", "cp_sep_kernel"}
 # What the CUDA test subset may compile. The tests step of gpu_run.sh has 120 s; starting Python
 # and torch, the CUDA context, collecting tests/ and tracing torch.compile once take ~30 s of it,
 # leaving 90 s for compiles. On this 2-core CPU an sm_90 compile (python -m lk3d.tools.aot 90:
 # 104 kernels, cold cache, the machine shared) took 1.34 s on average with Triton 3.6 (the GPU
 # image's; 0.84 s of CPU time), 0.73 s with Triton 3.9; Triton 3.6 also builds a launcher per
 # new signature with gcc (0.3-0.4 s here): ~1.7 s a specialisation. With a 1.5x margin (the GPU
-# machine's cores taken as no faster than these), 2.5 s: 90 / 2.5 = 36. The subset compiles 27
-# (2026-12: dense 4, depthwise 4, channels-innermost depthwise 3, CP fused 3 and separable 10,
-# block-sparse 3; torch.compile reuses the dense ones).
+# machine's cores taken as no faster than these), 2.5 s: 90 / 2.5 = 36. The subset compiles 31
+# (2026-12: dense 4, dense on descriptors 4, depthwise 4, channels-innermost depthwise 3, CP
+# fused 3 and separable 10, block-sparse 3; torch.compile reuses the dense ones).
 TESTS_STEP_S, FIXED_S, SPECIALISATION_S = 120, 30, 2.5
 BUDGET = int((TESTS_STEP_S - FIXED_S) / SPECIALISATION_S)
 
@@ -98,6 +98,7 @@ def test_dry_run_without_platformdirs_and_tensorly(tmp_path, blocked):
     assert re.search(r"^(G2 +)?forward +conv3d_dw_cl_kernel ", bench, re.M), bench
     collected = (out / "tests.log").read_text()
     for name in ("test_conv3d[dense]", "test_conv3d[depthwise]", "test_conv3d[depthwise-cl]",
+                 "test_conv3d[descriptor]",
                  "test_cp_conv3d[separable]", "test_cp_conv3d[tiled]",
                  "test_block_sparse_conv3d", "test_compile_fullgraph"):
         assert f"tests/test_kernel_families.py::{name}\n" in collected, collected

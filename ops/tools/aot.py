@@ -187,6 +187,7 @@ class Case:
     num_stages: int
     dtype: str                # element type of the data pointers
     expect_tensor_cores: bool  # its tl.dot must reach the tensor cores
+    archs: tuple = ARCHS      # the archs its launches run on (others never launch it)
 
     def job(self, arch):
         """The arguments of ``compile_kernel`` / one entry of ``compile_many``."""
@@ -248,8 +249,35 @@ def shipped_cases():
             CO=64, MULT=1, **_GEOMETRY, **_strides(1))))
     for config in CONFIG_SPACES["bias_grad"]:
         cases.append(_case(tiled.bias_grad_kernel, "bias_grad", "bf16", config, dict(C=64)))
-    cases += depthwise_cases() + cp_cases() + cp_sep_cases() + block_sparse_cases()
+    cases += (depthwise_cases() + descriptor_cases() + cp_cases() + cp_sep_cases()
+              + block_sparse_cases())
     return cases + wide_cases(cases)
+
+
+def descriptor_cases():
+    """Every config of ``lk3d.kernels.implicit_gemm_configs`` at 64 -> 64 channels, 7³ "same",
+    as each arch launches it: tensor descriptors on sm_90 (TMA), pointers on sm_80; forward with
+    a bias in bf16, and the first config also in fp16 and fp32 (tf32) and as grad-input."""
+    from lk3d.kernels import implicit_gemm
+    from lk3d.kernels.implicit_gemm_configs import CONV3D_DESC_CONFIGS
+
+    cases = []
+    for i, config in enumerate(CONV3D_DESC_CONFIGS):
+        box_x = [1, 1, config["BLOCK_H"], config["BLOCK_W"], config["BLOCK_K"]]
+        box_w = [1, 1, config["BLOCK_K"], config["BLOCK_N"]]
+        passes = (("desc-fwd", True), ("desc-bwd", False)) if i == 0 else (("desc-fwd", True),)
+        for name, bias in passes:
+            for dtype in ("bf16", "fp16", "fp32") if i == 0 else ("bf16",):
+                for tma, arch in ((False, 80), (True, 90)):  # pointers first: wide_cases
+                    case = _case(implicit_gemm.conv3d_desc_kernel,
+                                 f"{name}-{'tma' if tma else 'ptr'}", dtype, config,
+                                 dict(KC=64, NC=64, G=1, W_ROW=64, **_GEOMETRY, **_strides(1),
+                                      HAS_BIAS=bias, TMA=tma), expect_tensor_cores=True)
+                    sig = dict(case.signature, bias_ptr=f"*{dtype}", y_ptr=f"*{dtype}")
+                    sig["x"] = f"tensordesc<{dtype}{box_x}>" if tma else f"*{dtype}"
+                    sig["w"] = f"tensordesc<{dtype}{box_w}>" if tma else f"*{dtype}"
+                    cases.append(dataclasses.replace(case, signature=sig, archs=(arch,)))
+    return cases
 
 
 def depthwise_cases():
@@ -472,7 +500,7 @@ def main(argv=None):
     print("-" * len(header))
     bad = 0
     for case in shipped_cases():
-        for arch in archs:
+        for arch in (a for a in archs if a in case.archs):
             t0 = time.perf_counter()
             compiled = compile_kernel(*case.job(arch))
             secs = time.perf_counter() - t0

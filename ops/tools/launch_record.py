@@ -45,6 +45,7 @@ class Launch:
     num_warps: int
     num_stages: int
     config: dict = None  # the launcher's config, where a pass's launches take different ones
+    copied: int = 0      # bytes the launcher's own copies move before it (layout, weight packing)
 
 
 def _raw(kernel):
@@ -115,14 +116,16 @@ def _fallback_specialize(value):
         return kind, "D" if value % 16 == 0 else ""
     if isinstance(value, float):
         return "fp32", None
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+             torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64",
+             torch.int8: "i8", torch.uint8: "u8", torch.int16: "i16", torch.bool: "u1"}
     if isinstance(value, torch.Tensor):
-        names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-                 torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64",
-                 torch.int8: "i8", torch.uint8: "u8", torch.int16: "i16", torch.bool: "u1"}
         aligned = value.device.type == "meta" or value.data_ptr() % 16 == 0
         return f"*{names[value.dtype]}", "D" if aligned else ""
-    raise TypeError(f"argument: expected a tensor, int, float, bool or None, got "
-                    f"{type(value).__name__}")
+    if hasattr(value, "block_shape") and hasattr(value, "base"):  # a host TensorDescriptor
+        return f"tensordesc<{names[value.base.dtype]}{list(value.block_shape)}>", None
+    raise TypeError(f"argument: expected a tensor, tensor descriptor, int, float, bool or None, "
+                    f"got {type(value).__name__}")
 
 
 def _specializer():
@@ -139,7 +142,8 @@ def _specializer():
 
 def specialize(launch):
     """(signature, constexprs, divisible) of ``launch`` as the JIT compiles it: constexpr
-    parameters and ints equal to 1 (and None) as constexprs, the others typed by value, ints
+    parameters and ints equal to 1 (and None) as constexprs, the others typed by value (a host
+    tensor descriptor as ``tensordesc<bf16[1, 1, 8, 16, 64]>``: its dtype and block shape), ints
     divisible by 16 and 16-byte-aligned pointers (a meta tensor: a fresh allocation, aligned)
     named in ``divisible``."""
     spec = _specializer()
@@ -296,8 +300,10 @@ def tiled_launches(conv, pass_, arch, fallback=False):
     """(variant, config, launches) of lk3d's tiled kernels for ``pass_`` of ``conv`` on
     ``sm_<arch>``, recorded from the launchers with the arch's default config. Depthwise
     problems the channels-innermost kernels serve (``lk3d._algos.direct_depthwise``) are the
-    variant "channels_last"; with ``fallback``, the kernel the others take instead ("direct")."""
-    from lk3d._algos import direct_depthwise
+    variant "channels_last", dense and grouped ones the tensor-descriptor GEMM serves
+    (``descriptor_gemm``) the variant "descriptor"; with ``fallback``, the kernel the others
+    take instead ("direct", "gather")."""
+    from lk3d._algos import descriptor_gemm, direct_depthwise
     from lk3d.kernels import depthwise as dw_cl, tiled
 
     x, w, spec = _checked(conv)
@@ -328,6 +334,9 @@ def tiled_launches(conv, pass_, arch, fallback=False):
             return "direct", config, record(tiled, tiled.conv3d_dw_bwd_input, dy, w, conv.input,
                                             *geometry, config)
         kc, nc = (cig, cout // conv.groups) if pass_ == "forward" else (cout // conv.groups, cig)
+        if not fallback and descriptor_gemm(op, conv.input, conv.weight, spec.stride,
+                                            conv.groups, x.dtype):
+            return descriptor_launches(conv, pass_, arch, x, w, dy, geometry, M, kc, nc)
         config, *_ = _default_config("conv3d_fwd", dict(M=conv.input[0] * M, KC=kc, NC=nc,
                                                         taps=taps), arch, size)
         if pass_ == "forward":
@@ -369,6 +378,30 @@ def tiled_launches(conv, pass_, arch, fallback=False):
     config["SPLIT"] = fam.split(dataclasses.replace(problem, programs=fields["programs"]),
                                 config, programs)
     return "direct" if depthwise else "gather", config, record(tiled, launcher, *args, config)
+
+
+def descriptor_launches(conv, pass_, arch, x, w, dy, geometry, M, kc, nc):
+    """(variant "descriptor", config, launches) of the tensor-descriptor implicit GEMM
+    (``lk3d.kernels.implicit_gemm``) for the forward or grad-input of ``conv``, its operands as
+    the launcher passes them on the arch (sm_90: descriptors; sm_80: pointers); each launch's
+    ``copied`` counts the launcher's copies: the NCDHW operand to NDHWC (read and written once)
+    and the weight packed (likewise)."""
+    from lk3d.kernels import implicit_gemm
+
+    fields = dict(M=conv.input[0] * M, KC=kc, NC=nc, taps=math.prod(conv.weight[2:]))
+    config, *_ = _default_config("conv3d_desc", fields, arch, x.element_size())
+    if pass_ == "forward":
+        operand = x
+        recorded = record(implicit_gemm, implicit_gemm.conv3d_desc_fwd, x, w, None, *geometry,
+                          conv.groups, config, tma=arch >= 90)
+    else:
+        operand = dy
+        recorded = record(implicit_gemm, implicit_gemm.conv3d_desc_bwd_input, dy, w, conv.input,
+                          *geometry, conv.groups, config, tma=arch >= 90)
+    copied = 2 * w.numel() * w.element_size()
+    if not operand.is_contiguous(memory_format=torch.channels_last_3d):
+        copied += 2 * operand.numel() * operand.element_size()
+    return "descriptor", config, [dataclasses.replace(ln, copied=copied) for ln in recorded]
 
 
 def cp_launches(conv, pass_, arch, variant="separable"):
@@ -466,13 +499,13 @@ def block_sparse_launches(conv, pass_, arch):
 
 def variants(conv, pass_, arch):
     """Every variant's (variant, config, launches) of ``pass_`` of ``conv`` on ``sm_<arch>``:
-    the alternatives the CUDA planner prices (CP: "separable" and "fused"; depthwise that the
-    channels-innermost kernels serve: those and the kernel the other depthwise problems take),
-    the first being what ``launches`` gives."""
+    the alternatives the CUDA planner prices (CP: "separable" and "fused"; problems the
+    channels-innermost depthwise or the tensor-descriptor kernels serve: those and the kernel
+    the other problems take), the first being what ``launches`` gives."""
     if conv.rank:
         return [cp_launches(conv, pass_, arch, v) for v in ("separable", "fused")]
     first = launches(conv, pass_, arch)
-    if not conv.block and first[0] == "channels_last":
+    if not conv.block and first[0] in ("channels_last", "descriptor"):
         return [first, tiled_launches(conv, pass_, arch, fallback=True)]
     return [first]
 
@@ -504,6 +537,10 @@ def executed_flops(launch):
         taps = a["K"] * ((a["WRITE"] or a["EMIT_G"]) + a["EMIT_TAPS"])
         return rows * (taps + epilogue * ((a["OUT_PROJ"] and a["WRITE"]) + a["EMIT_G"]))
     taps = a["KD"] * a["KH"] * a["KW"]
+    if launch.name == "conv3d_desc_kernel":  # every tap of every brick, padded channel blocks
+        rows = a["NUM_M"] * a["BLOCK_H"] * a["BLOCK_W"]
+        n_blocks = launch.grid[0] // a["NUM_M"]  # channel blocks × groups
+        return 2 * rows * n_blocks * a["BLOCK_N"] * a["KC"] * taps
     if launch.name == "conv3d_igemm_kernel":
         steps = taps * -(-a["KC"] // a["BLOCK_K"])
         return 2 * programs * a["BLOCK_M"] * a["BLOCK_N"] * a["BLOCK_K"] * steps
@@ -565,7 +602,8 @@ def kernel_kind(launch):
     launches are ``cp_separable_tensor`` (a projection through a factor matrix, or the G sums,
     on the tensor cores) or ``cp_separable_fma`` (a 1-D pass and its tap sums); the grad-bias
     reduction is ``bias_grad`` (no model prices it)."""
-    kinds = {"conv3d_igemm_kernel": "implicit_gemm", "conv3d_wgrad_kernel": "implicit_gemm_wgrad",
+    kinds = {"conv3d_igemm_kernel": "implicit_gemm", "conv3d_desc_kernel": "implicit_gemm_desc",
+             "conv3d_wgrad_kernel": "implicit_gemm_wgrad",
              "conv3d_dw_kernel": "depthwise", "conv3d_dw_wgrad_kernel": "depthwise_wgrad",
              "conv3d_dw_cl_kernel": "depthwise_cl",
              "conv3d_dw_cl_wgrad_kernel": "depthwise_cl_wgrad",
@@ -585,6 +623,9 @@ def kernel_kind(launch):
 
 
 def launch_bytes(launch):
-    """The least bytes a launch moves: each tensor it is passed, read or written once."""
-    tensors = {id(v): v for v in launch.args.values() if isinstance(v, torch.Tensor)}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    """The least bytes a launch moves: each tensor it is passed (a tensor descriptor: the tensor
+    it describes), read or written once, and the launcher's own copies before it
+    (``Launch.copied``)."""
+    tensors = [getattr(v, "base", v) for v in launch.args.values()]
+    tensors = {id(t): t for t in tensors if isinstance(t, torch.Tensor)}
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + launch.copied
