@@ -420,19 +420,20 @@ def _fft_geometry(x_shape, w_shape, padding, dilation):
 
 
 def model_ms(algo, x_shape, w_shape, stride, padding, dilation, groups, dtype, device,
-             size=None, op="conv3d", by_voxel=False):
+             size=None, op="conv3d", gathered=False):
     """Modelled milliseconds of one forward-sized pass ``op`` of ``algo`` (``size``: the output's
     spatial size where the caller has it). ``device``: a ``torch.device``, or the figures of a GPU
     (``lk3d.autotune.devices.Figures``, e.g. ``devices.named("h100")``) to price a CUDA plan
-    without that GPU. ``by_voxel``: "tiled" depthwise at the rate of the kernel that computes one
-    output voxel per lane (as block-sparse depthwise does), not the channels-innermost one."""
+    without that GPU. ``gathered``: "tiled" at the rates of the kernels that gather their
+    operands (the by-voxel depthwise kernel, the gather implicit GEMM: the block-sparse kernels'
+    form), not those of the channels-innermost and tensor-descriptor ones."""
     size = size or out_size(x_shape[2:], w_shape[2:], stride, padding, dilation)
     flops = 2 * x_shape[0] * w_shape[0] * math.prod(size) * w_shape[1] * _taps(w_shape)
     form = "depthwise" if w_shape[1] == 1 else "dense"
     gpu = devices.figures(device)
     if gpu is not None:
         return _cuda_ms(algo, x_shape, w_shape, stride, padding, dilation, groups, dtype, gpu,
-                        size, op, flops, form, by_voxel)
+                        size, op, flops, form, gathered)
     if algo == "fft":
         Q, E, K = _fft_geometry(x_shape, w_shape, padding, dilation)
         secs = fft.plan_tiles(Q, E, K, x_shape[0], x_shape[1], w_shape[0], groups)[1]
@@ -447,7 +448,7 @@ def model_ms(algo, x_shape, w_shape, stride, padding, dilation, groups, dtype, d
 
 
 def _cuda_ms(algo, x_shape, w_shape, stride, padding, dilation, groups, dtype, gpu, size, op,
-             flops, form, by_voxel=False):
+             flops, form, gathered=False):
     """``model_ms`` on a GPU of figures ``gpu``: from its rates alone."""
     elem = torch.empty((), dtype=dtype).element_size()
     activations = x_shape[0] * (x_shape[1] * math.prod(x_shape[2:])
@@ -463,7 +464,7 @@ def _cuda_ms(algo, x_shape, w_shape, stride, padding, dilation, groups, dtype, g
         return cuda_model.fft_ms(L, Q, E, K, x_shape[0], x_shape[1], w_shape[0], groups,
                                  (elem + 8) * activations, gpu)
     if algo == "tiled":
-        if form == "depthwise" and not by_voxel and direct_depthwise(op, x_shape, w_shape,
+        if form == "depthwise" and not gathered and direct_depthwise(op, x_shape, w_shape,
                                                                     stride):
             # channels innermost: plus an NCDHW caller's copies of the operands it reads (the
             # input forward, grad_output grad-input, both grad-weight), read and written once
@@ -473,7 +474,8 @@ def _cuda_ms(algo, x_shape, w_shape, stride, padding, dilation, groups, dtype, g
             kind = "depthwise_cl_wgrad" if op == "conv3d_grad_weight" else "depthwise_cl"
             return (cuda_model.kernel_ms(kind, flops, moved, gpu, dtype, allow_tf32())
                     + cuda_model.copy_ms(2 * elem * read, gpu))
-        if form == "dense" and descriptor_gemm(op, x_shape, w_shape, stride, groups, dtype):
+        if (form == "dense" and not gathered
+                and descriptor_gemm(op, x_shape, w_shape, stride, groups, dtype)):
             # channels innermost: plus an NCDHW caller's copy of the operand it reads and the
             # weight packed, each read and written once
             read = (x_shape[0] * x_shape[1] * math.prod(x_shape[2:]) if op == "conv3d"

@@ -85,7 +85,7 @@ def kernels_ms(pass_, input, nnz, weight_shape, block_shape, stride, padding, di
         return math.inf
     dense_ms = _algos.model_ms("tiled", list(input.shape), list(weight_shape), stride, padding,
                                dilation, groups, input.dtype, gpu, op=_CONV_OPS[pass_],
-                               by_voxel=True)
+                               gathered=True)
     blocks = math.prod(w // b for w, b in zip(weight_shape, block_shape))
     bo, bi = block_shape[:2]
     efficiency = 1.0

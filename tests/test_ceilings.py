@@ -128,6 +128,30 @@ def test_depthwise_kernels_priced_by_the_kernel_that_serves_them():
         gpu, torch.bfloat16))
 
 
+def test_dense_priced_by_the_kernel_that_serves_it():
+    """Dense passes the tensor-descriptor kernel serves (16 channels) are priced at its ceiling
+    ("implicit_gemm_desc", at most the sustained fraction) plus the NDHWC copy and the weight
+    packing; 24 channels, grad-weight and block-sparse's dense reference (``gathered``) at the
+    gather kernels' ("implicit_gemm", "implicit_gemm_wgrad")."""
+    gpu = devices.named("h100")
+    geo = ([1] * 3, [2] * 6, [1] * 3, 1, torch.bfloat16, gpu)
+    for c, kind in ((16, "implicit_gemm_desc"), (24, "implicit_gemm")):
+        x, w = [2, c, 20, 20, 20], [c, c, 5, 5, 5]
+        flops = 2 * 2 * c * 20 ** 3 * c * 125
+        moved = 2 * (2 * 2 * c * 20 ** 3 + c * c * 125)
+        extra = cuda_model.copy_ms(2 * 2 * (2 * c * 20 ** 3 + c * c * 125), gpu) if c == 16 else 0
+        for op in ("conv3d", "conv3d_grad_input"):
+            got = _algos.model_ms("tiled", x, w, *geo, op=op)
+            assert got == pytest.approx(cuda_model.kernel_ms(kind, flops, moved, gpu,
+                                                             torch.bfloat16) + extra), (c, op)
+            got = _algos.model_ms("tiled", x, w, *geo, op=op, gathered=True)
+            assert got == pytest.approx(cuda_model.kernel_ms("implicit_gemm", flops, moved, gpu,
+                                                             torch.bfloat16)), (c, op)
+        got = _algos.model_ms("tiled", x, w, *geo, op="conv3d_grad_weight")
+        assert got == pytest.approx(cuda_model.kernel_ms("implicit_gemm_wgrad", flops, moved,
+                                                         gpu, torch.bfloat16))
+
+
 _KIND_OF_PASS = {"forward": ("implicit_gemm", 0.3), "grad_input": ("implicit_gemm", 0.3),
                  "grad_weight": ("implicit_gemm_wgrad", 0.2), "grad_bias": ("bias_grad", 0.02)}
 
