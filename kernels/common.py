@@ -184,6 +184,13 @@ def geometry(stride, padding, dilation, kernel):
                 DIL_D=dd, DIL_H=dh, DIL_W=dw)
 
 
+def flipped_geometry(kernel, padding, dilation):
+    """The geometry of a stride-1 grad-input run as a forward over grad_output with the taps
+    flipped: left padding ``(k - 1)·dil - pad`` per axis."""
+    flipped = tuple((k - 1) * d - p for k, d, p in zip(kernel, dilation, padding[:3]))
+    return geometry((1, 1, 1), flipped + flipped, dilation, kernel)
+
+
 def launch_opts(config):
     """Compile options of a launch: the config's warps and stages, and floating-point contraction
     (a*b+c as one FMA) on, explicitly: Triton 3.9 warns when it is left to the default, which

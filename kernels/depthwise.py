@@ -48,8 +48,8 @@ import triton
 import triton.language as tl
 
 from lk3d.kernels import out_size
-from lk3d.kernels.common import (acc_dtype, alloc, check_config, flat_grid, geometry,
-                                 launch_opts, new, partial_dtype, program_ids)
+from lk3d.kernels.common import (acc_dtype, alloc, check_config, flat_grid, flipped_geometry,
+                                 geometry, launch_opts, new, partial_dtype, program_ids)
 from lk3d.kernels.depthwise_configs import CHANNEL_MULTIPLE, tap_strip
 
 
@@ -344,8 +344,8 @@ def _launch_fwd(a, taps, bias, y, geo, config):
 
 
 def conv3d_dw_cl_fwd(x, w, bias, stride, padding, dilation, config, *, out=None):
-    """Depthwise forward, channel multiplier 1 over a multiple of 8 channels. Config keys: BLOCK_V, BLOCK_C, R (the
-    most outputs per strip; ``strip`` fits it to the row). The result has ``x``'s layout
+    """Depthwise forward, channel multiplier 1 over a multiple of 8 channels. Config keys:
+    BLOCK_V, BLOCK_C, R (the most outputs per strip; ``strip`` fits it to the row). The result has ``x``'s layout
     (``lk3d.kernels.memory_format``)."""
     from lk3d.kernels import memory_format
 
@@ -369,9 +369,7 @@ def conv3d_dw_cl_bwd_input(dy, w, input_shape, stride, padding, dilation, config
     dx = alloc(tuple(input_shape), dy, out, memory_format(dy))
     if dx.numel() == 0:
         return dx
-    kernel = w.shape[2:]
-    flipped = tuple((k - 1) * d - p for k, d, p in zip(kernel, dilation, padding[:3]))
-    geo = geometry((1, 1, 1), flipped + flipped, dilation, kernel)
+    geo = flipped_geometry(w.shape[2:], padding, dilation)
     return _launch_fwd(_operand(dy), _taps(w, True), None, dx, geo, config)
 
 

@@ -49,8 +49,9 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from lk3d.kernels import memory_format, out_size
-from lk3d.kernels.common import (acc_dtype, alloc, check_config, flat_grid, geometry,
-                                 launch_opts, precision, program_ids, reach, split_tap, wide)
+from lk3d.kernels.common import (acc_dtype, alloc, check_config, flat_grid, flipped_geometry,
+                                 geometry, launch_opts, precision, program_ids, reach, split_tap,
+                                 wide)
 from lk3d.kernels.implicit_gemm_configs import CHANNEL_MULTIPLE, DTYPES, fits
 
 
@@ -280,8 +281,6 @@ def conv3d_desc_bwd_input(dy, w, input_shape, stride, padding, dilation, groups,
     dx = alloc(tuple(input_shape), dy, out, memory_format(dy))
     if dx.numel() == 0:
         return dx
-    kernel = w.shape[2:]
-    flipped = tuple((k - 1) * d - p for k, d, p in zip(kernel, dilation, padding[:3]))
-    geo = geometry((1, 1, 1), flipped + flipped, dilation, kernel)
+    geo = flipped_geometry(w.shape[2:], padding, dilation)
     return _launch(ndhwc(dy), pack(w, groups, transpose=True), None, dx, geo, groups, config,
                    allow_tf32, tma)

@@ -172,6 +172,24 @@ def strided_copy(t):
     return torch.stack([t, gap], dim=-1)[..., 0]
 
 
+def assert_layout_kept(case, layout, device):
+    """lk3d.conv3d of ``case`` (float32) on a ``layout`` ("channels_last_3d" input, or "strided"
+    input, weight and bias) against the float64 reference: the output's strides are
+    F.conv3d's, and nothing the caller passed changes."""
+    x, w, b = case.tensors(dtype=torch.float32, device=device)
+    if layout == "channels_last_3d":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    else:
+        x, w, b = strided_copy(x), strided_copy(w), strided_copy(b)
+    before = [t.clone() for t in (x, w, b)]
+    y = lk3d.conv3d(x, w, b, **case.args())
+    assert rel_err(y, conv3d_ref(x, w, b, **case.args())) < TOL[torch.float32]
+    want = F.conv3d(x.cpu(), w.cpu(), b.cpu(), **case.args())
+    assert y.stride() == want.stride()
+    for t, t0 in zip((x, w, b), before):
+        assert torch.equal(t, t0)
+
+
 def leaf_like(t):
     """A fresh leaf requiring grad with ``t``'s values and its strides too (``clone`` makes a
     gapped view contiguous; here the gaps of the new buffer hold NaN or 0 as in

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import lk3d
-from _cases import TOL, Case, conv3d_ref, rel_err, strided_copy
+from _cases import TOL, Case, assert_layout_kept, conv3d_ref, rel_err, strided_copy
 from lk3d._algos import direct_depthwise
 from lk3d.kernels import common, depthwise_configs
 from lk3d.tools import launch_record
@@ -81,19 +81,7 @@ def test_layouts(layout, device):
     """An NDHWC input is read in place and gives an NDHWC output; a strided input (with a
     strided weight and bias) is copied once and gives an NCDHW-contiguous output, as F.conv3d's;
     nothing the caller passed changes."""
-    case = CASES[0]
-    x, w, b = case.tensors(dtype=torch.float32, device=device)
-    if layout == "channels_last_3d":
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-    else:
-        x, w, b = strided_copy(x), strided_copy(w), strided_copy(b)
-    before = [t.clone() for t in (x, w, b)]
-    y = lk3d.conv3d(x, w, b, **case.args())
-    assert rel_err(y, conv3d_ref(x, w, b, **case.args())) < TOL[torch.float32]
-    want = F.conv3d(x.cpu(), w.cpu(), b.cpu(), **case.args())
-    assert y.stride() == want.stride()
-    for t, t0 in zip((x, w, b), before):
-        assert torch.equal(t, t0)
+    assert_layout_kept(CASES[0], layout, device)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],

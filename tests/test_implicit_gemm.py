@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import lk3d
-from _cases import TOL, Case, conv3d_ref, raises_naming, rel_err, strided_copy
+from _cases import (TOL, Case, assert_layout_kept, conv3d_ref, raises_naming, rel_err,
+                    strided_copy)
 from lk3d._algos import descriptor_gemm
 from lk3d.kernels import common, implicit_gemm_configs
 from lk3d.tools import launch_record
@@ -121,19 +122,7 @@ def test_config_choice():
 def test_layouts(layout, device, no_tf32):
     """An NDHWC input gives an NDHWC output; a strided input (with a strided weight and bias)
     an NCDHW-contiguous one, as F.conv3d's; nothing the caller passed changes."""
-    case = CASES[1]
-    x, w, b = case.tensors(dtype=torch.float32, device=device)
-    if layout == "channels_last_3d":
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-    else:
-        x, w, b = strided_copy(x), strided_copy(w), strided_copy(b)
-    before = [t.clone() for t in (x, w, b)]
-    y = lk3d.conv3d(x, w, b, **case.args())
-    assert rel_err(y, conv3d_ref(x, w, b, **case.args())) < TOL[torch.float32]
-    want = F.conv3d(x.cpu(), w.cpu(), b.cpu(), **case.args())
-    assert y.stride() == want.stride()
-    for t, t0 in zip((x, w, b), before):
-        assert torch.equal(t, t0)
+    assert_layout_kept(CASES[1], layout, device)
 
 
 @pytest.mark.parametrize("tma", [True, False], ids=["descriptors", "pointers"])
