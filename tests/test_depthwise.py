@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import lk3d
-from _cases import TOL, Case, assert_layout_kept, conv3d_ref, rel_err, strided_copy
+from _cases import TOL, Case, assert_layout_kept, rel_err, strided_copy
 from lk3d._algos import direct_depthwise
 from lk3d.kernels import common, depthwise_configs
 from lk3d.tools import launch_record

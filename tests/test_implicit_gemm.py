@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import lk3d
-from _cases import (TOL, Case, assert_layout_kept, conv3d_ref, raises_naming, rel_err,
-                    strided_copy)
+from _cases import TOL, Case, assert_layout_kept, raises_naming, rel_err
 from lk3d._algos import descriptor_gemm
 from lk3d.kernels import common, implicit_gemm_configs
 from lk3d.tools import launch_record
