@@ -55,6 +55,18 @@ def test_forward_backward_float64(case, device):
         assert rel_err(got, want) < TOL[dtype] * 10, name
 
 
+def test_gradcheck(device):
+    """float64 gradcheck through the channels-innermost kernels (forward, grad-input and
+    grad-weight all take them: 8 channels, stride 1), 'same' with an even kernel side."""
+    if device.type != "cpu":
+        pytest.skip("float64: the kernels take it under the interpreter only")
+    case = Case(1, 8, 8, (3, 2, 4), (2, 2, 3), padding="same", groups=8)
+    x, w, b = (t.detach().requires_grad_() for t in case.tensors(dtype=torch.float64))
+    assert {p["algo"] for p in lk3d.explain(x, w, b, **case.args()).values()} == {"tiled"}
+    assert torch.autograd.gradcheck(lambda *t: lk3d.conv3d(*t, **case.args()), (x, w, b),
+                                    fast_mode=True)
+
+
 def test_routes(device):
     """Multiplier 1 over C % 8 == 0 takes the new kernel (grad-input at stride 1 only); the rest
     the one-voxel-per-lane kernel."""
