@@ -451,8 +451,9 @@ def _cuda_ms(algo, x_shape, w_shape, stride, padding, dilation, groups, dtype, g
              flops, form, gathered=False):
     """``model_ms`` on a GPU of figures ``gpu``: from its rates alone."""
     elem = torch.empty((), dtype=dtype).element_size()
-    activations = x_shape[0] * (x_shape[1] * math.prod(x_shape[2:])
-                                + w_shape[0] * math.prod(size))
+    inputs = x_shape[0] * x_shape[1] * math.prod(x_shape[2:])
+    outputs = x_shape[0] * w_shape[0] * math.prod(size)
+    activations = inputs + outputs
     moved = elem * (activations + math.prod(w_shape))
     if algo == "fft":
         Q, E, K = _fft_geometry(x_shape, w_shape, padding, dilation)
@@ -464,22 +465,18 @@ def _cuda_ms(algo, x_shape, w_shape, stride, padding, dilation, groups, dtype, g
         return cuda_model.fft_ms(L, Q, E, K, x_shape[0], x_shape[1], w_shape[0], groups,
                                  (elem + 8) * activations, gpu)
     if algo == "tiled":
+        # The channels-innermost kernels (depthwise, tensor descriptors) copy an NCDHW caller's
+        # operands they read once, read and written: the input forward, grad_output grad-input,
+        # both grad-weight.
+        read = {"conv3d": inputs, "conv3d_grad_input": outputs}.get(op, activations)
         if form == "depthwise" and not gathered and direct_depthwise(op, x_shape, w_shape,
                                                                     stride):
-            # channels innermost: plus an NCDHW caller's copies of the operands it reads (the
-            # input forward, grad_output grad-input, both grad-weight), read and written once
-            inputs, outputs = (x_shape[0] * x_shape[1] * math.prod(x_shape[2:]),
-                               x_shape[0] * w_shape[0] * math.prod(size))
-            read = {"conv3d": inputs, "conv3d_grad_input": outputs}.get(op, inputs + outputs)
             kind = "depthwise_cl_wgrad" if op == "conv3d_grad_weight" else "depthwise_cl"
             return (cuda_model.kernel_ms(kind, flops, moved, gpu, dtype, allow_tf32())
                     + cuda_model.copy_ms(2 * elem * read, gpu))
         if (form == "dense" and not gathered
                 and descriptor_gemm(op, x_shape, w_shape, stride, groups, dtype)):
-            # channels innermost: plus an NCDHW caller's copy of the operand it reads and the
-            # weight packed, each read and written once
-            read = (x_shape[0] * x_shape[1] * math.prod(x_shape[2:]) if op == "conv3d"
-                    else x_shape[0] * w_shape[0] * math.prod(size))
+            # ... and the tensor-descriptor kernel packs the weight likewise
             return (cuda_model.kernel_ms("implicit_gemm_desc", flops, moved, gpu, dtype,
                                          allow_tf32())
                     + cuda_model.copy_ms(2 * elem * (read + math.prod(w_shape)), gpu))
