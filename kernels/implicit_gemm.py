@@ -1,5 +1,5 @@
-"""Dense and grouped conv3d as an implicit GEMM over tensor descriptors: forward and (stride 1)
-grad-input on channels-innermost (NDHWC) activations.
+"""Dense and grouped conv3d as an implicit GEMM over tensor descriptors: forward, (stride 1)
+grad-input and grad-weight on channels-innermost (NDHWC) activations.
 
 GEMM mapping (forward): M = N·OD·OH·OW (output voxels), N = Cout/g, K = kd·kh·kw·Cin/g. A program
 owns one output brick: batch n, depth od, BLOCK_H × BLOCK_W voxels of (OH, OW) (BLOCK_M =
@@ -38,6 +38,18 @@ BLOCK_K divides them, so a box never reads the next group's channels), stride 1 
 torch allows it, else IEEE). The routing (``lk3d._algos.descriptor_gemm``) sends other problems
 to the gather kernel.
 
+Grad-weight (``conv3d_desc_wgrad_kernel``): dW[g, co, ci, tap] = Σ over grad-output voxels of
+dy[v, co]·x[v·stride - pad + tap·dil, ci], a GEMM with M = Cout/g, N = taps × Cin/g, K = voxels.
+A program owns a [BLOCK_CO, BLOCK_CI] channel tile of a strip of TAPS W taps of one (kd, kh),
+each tap its own fp32 accumulator (a tuple of tiles carried through the loop). Its loop walks
+BLOCK_H × BLOCK_W grad-output bricks: each step reads the grad_output box
+``[1, 1, BLOCK_H, BLOCK_W, BLOCK_CO]`` once and, for each tap of the strip, the input box
+``[1, 1, BLOCK_H, BLOCK_W, BLOCK_CI]`` at the tap's shifted corner (zero-filled past a border:
+the padding), and adds ``dyᵀ · x`` to the tap's accumulator. The bricks are split over SPLIT
+programs writing fp32 partials that the launcher sums (deterministic, no atomics). It takes
+Cin/g and Cout/g multiples of 16 and stride 1 along H and W; a padded tap adds dy·0, so
+operands that are not all finite go to aten (``lk3d._algos.tiled_grad_weight``).
+
 Stride, padding (left side), dilation, kernel extent and channels per group are compile-time
 constants; batch and spatial sizes are runtime ints. Output offsets are int64; operand offsets
 through pointers int64 where the operand passes 2**31 elements (``WIDE``), descriptor coordinates
@@ -50,9 +62,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from lk3d.kernels import memory_format, out_size
 from lk3d.kernels.common import (acc_dtype, alloc, check_config, flat_grid, flipped_geometry,
-                                 geometry, launch_opts, precision, program_ids, reach, split_tap,
-                                 wide)
-from lk3d.kernels.implicit_gemm_configs import CHANNEL_MULTIPLE, DTYPES, fits
+                                 geometry, launch_opts, new, partial_dtype, precision,
+                                 program_ids, reach, split_tap, wide)
+from lk3d.kernels.implicit_gemm_configs import CHANNEL_MULTIPLE, DTYPES, fits, tap_strip
 
 
 @triton.jit
@@ -173,6 +185,94 @@ def conv3d_desc_kernel(
              mask=((oh < YH) & (ow < YW))[:, None] & m_n[None, :])
 
 
+@triton.jit
+def conv3d_desc_wgrad_kernel(
+    # Operands: tensor descriptors (TMA) or pointers to the same tensors
+    x,         # input, dense NDHWC [N, XD, XH, XW, G*CIG]; TMA: box [1, 1, BLOCK_H, BLOCK_W,
+               # BLOCK_CI]
+    dy,        # grad_output, dense NDHWC [N, YD, YH, YW, G*COG]; TMA: box [1, 1, BLOCK_H,
+               # BLOCK_W, BLOCK_CO]
+    dw_ptr,    # fp32 partials [SPLIT, KD*KH*KW, G*COG, CIG], contiguous
+    # Sizes
+    XD, XH, XW, YD, YH, YW,
+    NUM_H, NUM_W,  # bricks along OH and OW: cdiv(YH, BLOCK_H), cdiv(YW, BLOCK_W)
+    BRICKS,        # N * YD * NUM_H * NUM_W
+    PER,           # bricks per split program
+    # Meta-parameters
+    CIG: tl.constexpr, COG: tl.constexpr,  # channels per group (multiples of the blocks)
+    G: tl.constexpr,
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    STR_D: tl.constexpr, STR_H: tl.constexpr, STR_W: tl.constexpr,  # H and W: 1 (dense boxes)
+    PAD_D: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,  # left; negative allowed
+    DIL_D: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    TMA: tl.constexpr,    # operands are tensor descriptors (sm_90: TMA); else pointers
+    WIDE: tl.constexpr,   # pointers: int64 operand offsets
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,   # voxel brick: the reduction of one step
+    BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,  # the [BLOCK_CO, BLOCK_CI] tile of a tap
+    TAPS: tl.constexpr,   # W taps per program, each its own accumulator
+):
+    tl.static_assert(STR_H == 1 and STR_W == 1, "a box is a dense brick: stride 1 along H, W")
+    tl.static_assert(CIG % BLOCK_CI == 0 and COG % BLOCK_CO == 0,
+                     "a box must not reach into the next group's channels")
+    BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
+    NUM_CO: tl.constexpr = COG // BLOCK_CO
+    NUM_CI: tl.constexpr = CIG // BLOCK_CI
+    NUM_KT: tl.constexpr = (KW + TAPS - 1) // TAPS
+    i_p, i_g, i_s = program_ids(NUM_CO * NUM_CI * KD * KH * NUM_KT, G)
+    i_ci = i_p % NUM_CI
+    i_co = (i_p // NUM_CI) % NUM_CO
+    i_t = i_p // (NUM_CI * NUM_CO)
+    kw0 = (i_t % NUM_KT) * TAPS
+    kh = (i_t // NUM_KT) % KH
+    kd = i_t // (NUM_KT * KH)
+    c_y = i_g * COG + i_co * BLOCK_CO
+    c_x = i_g * CIG + i_ci * BLOCK_CI
+    o_m = tl.arange(0, BLOCK_M)
+    dh = o_m // BLOCK_W
+    dw = o_m % BLOCK_W
+    lo = i_s * PER
+    hi = tl.minimum(lo + PER, BRICKS)
+
+    acc = ()
+    for t in tl.static_range(TAPS):
+        acc = acc + (tl.zeros((BLOCK_CO, BLOCK_CI), dtype=ACC_DTYPE),)
+    for it in range(lo, hi):
+        i_hw = it % (NUM_H * NUM_W)
+        i_nd = it // (NUM_H * NUM_W)
+        n = i_nd // YD
+        od = i_nd % YD
+        oh0 = (i_hw // NUM_W) * BLOCK_H
+        ow0 = (i_hw % NUM_W) * BLOCK_W
+        # the grad-output brick, read once for the strip's taps; rows past the border are zeros
+        b_dy = _operand_box(dy, n, od, oh0, ow0, c_y, dh, dw, YD, YH, YW, G * COG, BLOCK_M,
+                            BLOCK_CO, TMA, WIDE)
+        b_dy = tl.trans(b_dy)
+        xd = od * STR_D - PAD_D + kd * DIL_D
+        xh = oh0 - PAD_H + kh * DIL_H
+        xw = ow0 - PAD_W + kw0 * DIL_W
+        nxt = ()
+        for t in tl.static_range(TAPS):
+            # a tap past a border reads zeros and adds dy·0, as F.conv3d's zero padding does
+            b_x = _operand_box(x, n, xd, xh, xw + t * DIL_W, c_x, dh, dw, XD, XH, XW, G * CIG,
+                               BLOCK_M, BLOCK_CI, TMA, WIDE)
+            nxt = nxt + (tl.dot(b_dy, b_x, acc[t], input_precision=PRECISION,
+                                out_dtype=ACC_DTYPE),)
+        acc = nxt
+
+    T: tl.constexpr = KD * KH * KW
+    o_co = c_y + tl.arange(0, BLOCK_CO)
+    o_ci = i_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    tap0 = (kd * KH + kh) * KW + kw0
+    p_dw = (dw_ptr + (i_s.to(tl.int64) * T + tap0) * (G * COG * CIG)
+            + (o_co * CIG)[:, None] + o_ci[None, :])
+    for t in tl.static_range(TAPS):
+        # the strip's taps past KW (its last strip is as short as covers KW) are not stored
+        tl.store(p_dw + t * (G * COG * CIG), acc[t].to(dw_ptr.dtype.element_ty),
+                 mask=(kw0 + t + tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.int32)) < KW)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers: check what the kernel needs, convert and pack once, launch one explicit config
 # (the space is lk3d.kernels.implicit_gemm_configs).
@@ -284,3 +384,68 @@ def conv3d_desc_bwd_input(dy, w, input_shape, stride, padding, dilation, groups,
     geo = flipped_geometry(w.shape[2:], padding, dilation)
     return _launch(ndhwc(dy), pack(w, groups, transpose=True), None, dx, geo, groups, config,
                    allow_tf32, tma)
+
+
+_WGRAD_KEYS = ("BLOCK_H", "BLOCK_W", "BLOCK_CO", "BLOCK_CI", "TAPS", "SPLIT")
+
+
+def _box_desc(t, bh, bw, bc):
+    """The descriptor of the dense NDHWC tensor ``t`` (logically NCDHW) with box
+    [1, 1, bh, bw, bc]: the dense strides, whatever torch keeps for axes of extent 1."""
+    N, C, D, H, W = t.shape
+    return TensorDescriptor(t, [N, D, H, W, C], [D * H * W * C, H * W * C, W * C, C, 1],
+                            [1, 1, bh, bw, bc])
+
+
+def conv3d_desc_bwd_weight(x, dy, weight_shape, stride, padding, dilation, groups, config, *,
+                           allow_tf32=False, tma=None):
+    """Dense/grouped grad-weight: dW[co, ci, tap] = Σ over grad-output voxels of
+    dy[v, co]·x[v·stride - pad + tap·dil, ci], a GEMM (M = Cout/g, N = taps × Cin/g, K = voxels)
+    on the NDHWC operands' boxes. Cin/g and Cout/g multiples of 16, stride 1 along H and W.
+    Config keys: BLOCK_H, BLOCK_W (the voxel brick of a step), BLOCK_CO, BLOCK_CI (dividing
+    Cout/g and Cin/g), TAPS (the most W taps per program, each its own accumulator, sharing each
+    grad-output box; ``tap_strip`` fits it), SPLIT (programs sharing a reduction; their fp32
+    partials are summed here). The result is contiguous, in ``x``'s dtype."""
+    check_config(config, _WGRAD_KEYS)
+    cout, cig, *kernel = (int(s) for s in weight_shape)
+    cog = cout // groups
+    for name, t, kc in (("input", x, cig), ("grad_output", dy, cog)):
+        if not fits(kc, t.dtype, stride):
+            raise ValueError(f"{name}: expected a multiple of {CHANNEL_MULTIPLE} channels per "
+                             f"group, of {[str(d) for d in DTYPES]}, at stride 1 along H and W; "
+                             f"got {kc} channels of {t.dtype} at stride {tuple(stride)}")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"grad_output: expected {x.dtype} as the input, got {dy.dtype}")
+    for key, kc in (("BLOCK_CO", cog), ("BLOCK_CI", cig)):
+        if kc % config[key]:
+            raise ValueError(f"config: expected {key} dividing the {kc} channels per group, got "
+                             f"{config[key]}")
+    if x.shape[1] != cig * groups or dy.shape[1] != cout:
+        raise ValueError(f"grad_output: expected {cout} channels and an input of "
+                         f"{cig * groups}, got {dy.shape[1]} and {x.shape[1]}")
+    if dy.numel() == 0 or x.numel() == 0:
+        return torch.zeros(weight_shape, dtype=x.dtype, device=x.device)
+    bh, bw, bco, bci = (config[k] for k in _WGRAD_KEYS[:4])
+    num_kt, taps = tap_strip(kernel[2], config["TAPS"])
+    N, _, YD, YH, YW = dy.shape
+    num_h, num_w = triton.cdiv(YH, bh), triton.cdiv(YW, bw)
+    bricks = N * YD * num_h * num_w
+    split = max(1, min(int(config["SPLIT"]), bricks))
+    per = triton.cdiv(bricks, split)
+    split = triton.cdiv(bricks, per)
+    T = kernel[0] * kernel[1] * kernel[2]
+    part = new((split, T, cout, cig), partial_dtype(x), x.device)
+    a, b = ndhwc(x), ndhwc(dy)
+    tma = use_tma(a) if tma is None else tma
+    big = not tma and wide(reach(a), reach(b))
+    if tma:
+        a, b = _box_desc(a, bh, bw, bci), _box_desc(b, bh, bw, bco)
+    tiles = (cog // bco) * (cig // bci) * kernel[0] * kernel[1] * num_kt
+    conv3d_desc_wgrad_kernel[flat_grid(tiles, groups, split)](
+        a, b, part, *x.shape[2:], YD, YH, YW, num_h, num_w, bricks, per,
+        CIG=cig, COG=cog, G=groups, **geometry(stride, padding, dilation, kernel),
+        ACC_DTYPE=acc_dtype(x), PRECISION=precision(x, allow_tf32), TMA=tma,
+        WIDE=big, BLOCK_H=bh, BLOCK_W=bw, BLOCK_CO=bco,
+        BLOCK_CI=bci, TAPS=taps, **launch_opts(config))
+    dw = torch.empty(weight_shape, dtype=x.dtype, device=x.device)
+    return dw.copy_(part.sum(0).permute(1, 2, 0).reshape(weight_shape))

@@ -251,18 +251,37 @@ def dw_cl_wgrad_problem(x_shape, w_shape, size, device):
 
 def descriptor_gemm(op, x_shape, w_shape, stride, groups, dtype):
     """Whether the tensor-descriptor implicit GEMM (``lk3d.kernels.implicit_gemm``) serves pass
-    ``op`` ("conv3d", "conv3d_grad_input") of a dense or grouped convolution of input ``x_shape``
-    and weight ``w_shape`` in ``dtype``: fp16/bf16/fp32, reduction channels per group (Cin/g
-    forward, Cout/g grad-input) a multiple of 16, stride 1 along H and W (grad-input: stride 1).
-    The gather kernel (``lk3d.kernels.tiled.conv3d_igemm_kernel``) serves the others."""
-    if (op not in ("conv3d", "conv3d_grad_input") or w_shape[1] == 1
-            or dtype not in descriptor_family.DTYPES):
+    ``op`` ("conv3d", "conv3d_grad_input", "conv3d_grad_weight") of a dense or grouped
+    convolution of input ``x_shape`` and weight ``w_shape`` in ``dtype``: fp16/bf16/fp32,
+    reduction channels per group (Cin/g forward, Cout/g grad-input, both grad-weight) a multiple
+    of 16, stride 1 along H and W (grad-input: stride 1). The gather kernels
+    (``lk3d.kernels.tiled``) serve the others."""
+    if w_shape[1] == 1 or dtype not in descriptor_family.DTYPES:
         return False
     if op == "conv3d_grad_input":
-        kc, strides_taken = w_shape[0] // groups, tuple(stride) == (1, 1, 1)
+        kcs, strides_taken = (w_shape[0] // groups,), tuple(stride) == (1, 1, 1)
+    elif op == "conv3d":
+        kcs, strides_taken = (w_shape[1],), tuple(stride)[1:] == (1, 1)
+    elif op == "conv3d_grad_weight":
+        kcs, strides_taken = (w_shape[1], w_shape[0] // groups), tuple(stride)[1:] == (1, 1)
     else:
-        kc, strides_taken = w_shape[1], tuple(stride)[1:] == (1, 1)
-    return strides_taken and kc > 0 and kc % descriptor_family.CHANNEL_MULTIPLE == 0
+        return False
+    return strides_taken and all(kc > 0 and kc % descriptor_family.CHANNEL_MULTIPLE == 0
+                                 for kc in kcs)
+
+
+def desc_wgrad_problem(x_shape, w_shape, size, groups, device):
+    """The config-choice problem of the tensor-descriptor grad-weight: ``M`` grad-output voxels
+    reduced, ``KC`` = Cin/g, ``NC`` = Cout/g, ``programs`` before the split (channel tiles x
+    (kd, kh) x strips of W taps x groups, by the config the device would take)."""
+    cout, cig, (kd, kh, kw) = w_shape[0], w_shape[1], w_shape[2:]
+    base = dict(kind="conv3d_desc_wgrad", M=x_shape[0] * math.prod(size), KC=cig,
+                NC=cout // groups, taps=kd * kh * kw, partial=cout * cig * kd * kh * kw)
+    probe = default_config(Problem(**base), device)
+    strips, _ = descriptor_family.tap_strip(kw, probe["TAPS"])
+    programs = (groups * (cout // groups // probe["BLOCK_CO"]) * (cig // probe["BLOCK_CI"])
+                * kd * kh * strips)
+    return Problem(**base, programs=programs)
 
 
 def tiled_problem(op, x_shape, w_shape, stride, padding, dilation, groups, device, size=None,
@@ -285,6 +304,8 @@ def tiled_problem(op, x_shape, w_shape, stride, padding, dilation, groups, devic
         return Problem(kind, M=x_shape[0] * math.prod(produced), KC=kc, NC=nc, taps=taps)
     if direct_depthwise(op, x_shape, w_shape, stride):
         return dw_cl_wgrad_problem(x_shape, w_shape, size, device)
+    if dtype is not None and descriptor_gemm(op, x_shape, w_shape, stride, groups, dtype):
+        return desc_wgrad_problem(x_shape, w_shape, size, groups, device)
     M = x_shape[0] * math.prod(size)
     if cig == 1:
         base = dict(kind="conv3d_dw_wgrad", M=M, taps=taps, partial=cout * taps)
@@ -303,8 +324,8 @@ def tiled_configs(op, x_shape, w_shape, stride, padding, dilation, groups, dtype
     problem = tiled_problem(op, x_shape, w_shape, stride, padding, dilation, groups, device, size,
                             dtype)
     found = candidate_configs(problem, device, torch.empty((), dtype=dtype).element_size())
-    if problem.kind == "conv3d_desc":
-        found = [c for c in found if problem.KC % c["BLOCK_K"] == 0] or [
+    if problem.kind in ("conv3d_desc", "conv3d_desc_wgrad"):
+        found = [c for c in found if descriptor_family.usable(c, problem)] or [
             default_config(problem, device, torch.empty((), dtype=dtype).element_size())]
     return found
 
@@ -380,6 +401,14 @@ def tiled_grad_weight(grad, x, weight_shape, stride, padding, dilation, groups, 
         if weight_shape[1] == 1:
             return _tiled().conv3d_dw_bwd_weight(x, grad, weight_shape, stride, padding, dilation,
                                               cfg)
+        if descriptor_gemm("conv3d_grad_weight", x.shape, weight_shape, stride, groups, x.dtype):
+            if not finite(grad, x):
+                # A padded tap adds dy·0, a brick's rows past the border 0·x: NaN for an Inf
+                # operand where aten adds nothing. The check is one sum of each operand.
+                return aten_grad_weight(grad, x, weight_shape, stride, padding, dilation, groups)
+            return _descriptor().conv3d_desc_bwd_weight(x, grad, weight_shape, stride, padding,
+                                                        dilation, groups, cfg,
+                                                        allow_tf32=allow_tf32())
         return _tiled().conv3d_bwd_weight(x, grad, weight_shape, stride, padding, dilation, groups,
                                        cfg, allow_tf32=allow_tf32())
 
@@ -476,7 +505,11 @@ def _cuda_ms(algo, x_shape, w_shape, stride, padding, dilation, groups, dtype, g
                     + cuda_model.copy_ms(2 * elem * read, gpu))
         if (form == "dense" and not gathered
                 and descriptor_gemm(op, x_shape, w_shape, stride, groups, dtype)):
-            # ... and the tensor-descriptor kernel packs the weight likewise
+            if op == "conv3d_grad_weight":  # fp32 partials, summed and cast: a few weights
+                return (cuda_model.kernel_ms("implicit_gemm_desc_wgrad", flops, moved, gpu,
+                                             dtype, allow_tf32())
+                        + cuda_model.copy_ms(2 * elem * read, gpu))
+            # ... and the tensor-descriptor forward and grad-input pack the weight likewise
             return (cuda_model.kernel_ms("implicit_gemm_desc", flops, moved, gpu, dtype,
                                          allow_tf32())
                     + cuda_model.copy_ms(2 * elem * (read + math.prod(w_shape)), gpu))
@@ -516,7 +549,8 @@ for _op, _runners, _kinds in (
         ("conv3d_grad_input", (tiled_grad_input, fft_grad_input, aten_grad_input),
          ("conv3d_fwd", "conv3d_desc", "conv3d_dw", "conv3d_dw_cl")),
         ("conv3d_grad_weight", (tiled_grad_weight, fft_grad_weight, aten_grad_weight),
-         ("conv3d_wgrad", "conv3d_dw_wgrad", "conv3d_dw_cl_wgrad"))):
+         ("conv3d_wgrad", "conv3d_desc_wgrad", "conv3d_dw_wgrad",
+          "conv3d_dw_cl_wgrad"))):
     registry.register(registry.Algorithm(
         _op, "tiled", _runners[0], _tiled_can_run, _cost("tiled", _op), spaces=_kinds,
         configs=_launch_configs(_op), why_not=kernels_why_not, launches=True,

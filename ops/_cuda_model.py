@@ -28,7 +28,8 @@ from lk3d import fft
 # it as the rate until a GPU measures the kernels.
 KERNEL_KINDS = ("implicit_gemm",        # dense/grouped forward and grad-input, gathered
                 "implicit_gemm_desc",   # ... on tensor descriptors (lk3d.kernels.implicit_gemm)
-                "implicit_gemm_wgrad",  # dense/grouped grad-weight
+                "implicit_gemm_wgrad",  # dense/grouped grad-weight, gathered
+                "implicit_gemm_desc_wgrad",  # ... on tensor descriptors
                 "depthwise",            # depthwise forward and grad-input
                 "depthwise_cl",         # ... channels innermost (lk3d.kernels.depthwise)
                 "depthwise_wgrad",      # depthwise grad-weight

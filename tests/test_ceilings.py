@@ -129,10 +129,11 @@ def test_depthwise_kernels_priced_by_the_kernel_that_serves_them():
 
 
 def test_dense_priced_by_the_kernel_that_serves_it():
-    """Dense passes the tensor-descriptor kernel serves (16 channels) are priced at its ceiling
-    ("implicit_gemm_desc", at most the sustained fraction) plus the NDHWC copy and the weight
-    packing; 24 channels, grad-weight and block-sparse's dense reference (``gathered``) at the
-    gather kernels' ("implicit_gemm", "implicit_gemm_wgrad")."""
+    """Dense passes the tensor-descriptor kernels serve (16 channels) are priced at their
+    ceilings ("implicit_gemm_desc", "implicit_gemm_desc_wgrad", at most the sustained fraction)
+    plus the NDHWC copies (and the forward's and grad-input's weight packing); 24 channels and
+    block-sparse's dense reference (``gathered``) at the gather kernels' ("implicit_gemm",
+    "implicit_gemm_wgrad")."""
     gpu = devices.named("h100")
     geo = ([1] * 3, [2] * 6, [1] * 3, 1, torch.bfloat16, gpu)
     for c, kind in ((16, "implicit_gemm_desc"), (24, "implicit_gemm")):
@@ -147,7 +148,13 @@ def test_dense_priced_by_the_kernel_that_serves_it():
             got = _algos.model_ms("tiled", x, w, *geo, op=op, gathered=True)
             assert got == pytest.approx(cuda_model.kernel_ms("implicit_gemm", flops, moved, gpu,
                                                              torch.bfloat16)), (c, op)
+        # grad-weight: both operands copied to NDHWC (read and written) at 16 channels
+        kind = "implicit_gemm_desc_wgrad" if c == 16 else "implicit_gemm_wgrad"
+        extra = cuda_model.copy_ms(2 * 2 * (2 * 2 * c * 20 ** 3), gpu) if c == 16 else 0
         got = _algos.model_ms("tiled", x, w, *geo, op="conv3d_grad_weight")
+        assert got == pytest.approx(cuda_model.kernel_ms(kind, flops, moved, gpu,
+                                                         torch.bfloat16) + extra), c
+        got = _algos.model_ms("tiled", x, w, *geo, op="conv3d_grad_weight", gathered=True)
         assert got == pytest.approx(cuda_model.kernel_ms("implicit_gemm_wgrad", flops, moved,
                                                          gpu, torch.bfloat16))
 

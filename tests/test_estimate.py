@@ -92,20 +92,20 @@ def test_depthwise_variants(pass_):
 def test_recorded_launches(op, conv, pass_):
     """Each pass records the one launch its launcher makes on meta tensors, with the arch's
     default config; its executed FLOPs cover the op's, and the JIT's specialisation holds. The
-    dense forward and (stride-1) grad-input take the tensor-descriptor kernel; the strided
-    grouped ones the gather kernel."""
+    dense forward, (stride-1) grad-input and grad-weight take the tensor-descriptor kernels;
+    the strided grouped ones the gather kernels."""
     from lk3d.kernels import implicit_gemm, tiled
 
     kernels = {name: getattr(tiled, name) for name in ("conv3d_igemm_kernel", "conv3d_dw_kernel")}
     variant, config, (launch,) = launch_record.tiled_launches(conv, pass_, 90)
     assert {n: getattr(tiled, n) for n in kernels} == kernels  # the recorders are gone
     assert isinstance(implicit_gemm.conv3d_desc_kernel, type(tiled.conv3d_igemm_kernel))
-    descriptor = op == "dense" and pass_ != "grad_weight"
+    descriptor = op == "dense"
     assert conv.op == op and variant == ("direct" if op == "depthwise" else
                                          "descriptor" if descriptor else "gather")
     expected = {("dense", "forward"): "conv3d_desc_kernel",
                 ("dense", "grad_input"): "conv3d_desc_kernel",
-                ("dense", "grad_weight"): "conv3d_wgrad_kernel",
+                ("dense", "grad_weight"): "conv3d_desc_wgrad_kernel",
                 ("grouped", "grad_weight"): "conv3d_wgrad_kernel",
                 ("depthwise", "grad_weight"): "conv3d_dw_wgrad_kernel",
                 ("depthwise", "forward"): "conv3d_dw_kernel",

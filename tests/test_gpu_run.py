@@ -26,7 +26,7 @@ SCRIPT = ROOT / "perf_reports" / "gpu_run.sh"
 KERNELS = {"conv3d_igemm_kernel", "conv3d_desc_kernel", "conv3d_wgrad_kernel",
            "bias_grad_kernel", "conv3d_dw_kernel", "conv3d_dw_wgrad_kernel", "cp_conv_kernel",
            "cp_grad_kernel", "bs_conv3d_kernel", "bs_conv3d_wgrad_kernel", "conv3d_dw_cl_kernel",
-           "conv3d_dw_cl_wgrad_kernel", "cp_sep_kernel"}
+           "conv3d_dw_cl_wgrad_kernel", "cp_sep_kernel", "conv3d_desc_wgrad_kernel"}
 # What the CUDA test subset may compile. The tests step of gpu_run.sh has 120 s; starting Python
 # and torch, the CUDA context, collecting tests/ and tracing torch.compile once take ~30 s of it,
 # leaving 90 s for compiles. On this 2-core CPU an sm_90 compile (python -m lk3d.tools.aot 90:

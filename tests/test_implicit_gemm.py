@@ -23,13 +23,14 @@ CASES = [
     Case(2, 16, 32, (3, 5, 7), (3, 3, 3), padding="same"),
     # even kernel sides: "same" pads asymmetrically; groups; dilation along H
     Case(1, 32, 32, (4, 5, 9), (2, 3, 2), padding="same", dilation=(1, 2, 1), groups=2),
-    # stride along D: the forward on the descriptors, grad-input on the gather kernel
+    # stride along D: the forward on the descriptors, grad-input on the gather kernel, and
+    # grad-weight too (Cout/g = 24)
     Case(1, 16, 24, (5, 4, 6), (3, 1, 3), stride=(2, 1, 1), padding=(1, 0, 2), bias=False),
 ]
-PASS_KERNELS = {  # the kernels each case's forward and grad-input launch
-    CASES[0].id: ("conv3d_desc_kernel", "conv3d_desc_kernel"),
-    CASES[1].id: ("conv3d_desc_kernel", "conv3d_desc_kernel"),
-    CASES[2].id: ("conv3d_desc_kernel", "conv3d_igemm_kernel"),
+PASS_KERNELS = {  # the kernels each case's forward, grad-input and grad-weight launch
+    CASES[0].id: ("conv3d_desc_kernel", "conv3d_desc_kernel", "conv3d_desc_wgrad_kernel"),
+    CASES[1].id: ("conv3d_desc_kernel", "conv3d_desc_kernel", "conv3d_desc_wgrad_kernel"),
+    CASES[2].id: ("conv3d_desc_kernel", "conv3d_igemm_kernel", "conv3d_wgrad_kernel"),
 }
 
 
@@ -52,7 +53,8 @@ def test_forward_backward(case, device, no_tf32):
         grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], gy.to(y))
     if device.type == "cpu":
         assert forward == [PASS_KERNELS[case.id][0]]
-        assert PASS_KERNELS[case.id][1] in [k["kernel"] for k in keys]
+        launched = [k["kernel"] for k in keys]
+        assert all(name in launched for name in PASS_KERNELS[case.id][1:])
     refs = [t.detach().double().cpu().requires_grad_() for t in (x, w, b) if t is not None]
     ref = F.conv3d(*refs, *(() if b is not None else (None,)), **case.args())
     assert y.dtype == dtype and rel_err(y, ref) < TOL[dtype]

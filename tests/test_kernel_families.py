@@ -1,8 +1,8 @@
 """Each family of Triton kernels once, forward and backward, through the public ops with the
 kernels forced: dense (implicit GEMM, its grad-input and grad-weight, the bias gradient; the
-forward and grad-input on tensor descriptors too), depthwise (and its grad-weight), rank-R CP
-(forward, grad-input, factor gradients), block-sparse (forward, grad-input, grad-values), and
-``lk3d.conv3d`` under ``torch.compile(fullgraph=True)``.
+forward, grad-input and grad-weight on tensor descriptors too), depthwise (and its
+grad-weight), rank-R CP (forward, grad-input, factor gradients), block-sparse (forward,
+grad-input, grad-values), and ``lk3d.conv3d`` under ``torch.compile(fullgraph=True)``.
 fp32 (TF32 off) against float64 ``F.conv3d`` of the same weight.
 
 These are the CUDA test subset of perf_reports/gpu_run.sh (marker ``gpu_run``, with
@@ -29,7 +29,7 @@ CONV_CASES = [
     Case(2, 3, 5, (7, 6, 5), (3, 2, 3), stride=(1, 2, 1), padding=(1, 0, 1)),
     Case(1, 4, 4, (9, 7, 5), (7, 3, 5), padding="same", groups=4),
     Case(2, 8, 8, (5, 4, 7), (3, 2, 5), padding="same", groups=8),  # channels innermost
-    # 16 channels: forward and grad-input on tensor descriptors (TMA from sm_90)
+    # 16 channels: forward, grad-input and grad-weight on tensor descriptors (TMA from sm_90)
     Case(1, 16, 16, (5, 6, 9), (3, 3, 3), padding="same"),
 ]
 

@@ -249,8 +249,8 @@ def shipped_cases():
             CO=64, MULT=1, **_GEOMETRY, **_strides(1))))
     for config in CONFIG_SPACES["bias_grad"]:
         cases.append(_case(tiled.bias_grad_kernel, "bias_grad", "bf16", config, dict(C=64)))
-    cases += (depthwise_cases() + descriptor_cases() + cp_cases() + cp_sep_cases()
-              + block_sparse_cases())
+    cases += (depthwise_cases() + descriptor_cases() + descriptor_wgrad_cases() + cp_cases()
+              + cp_sep_cases() + block_sparse_cases())
     return cases + wide_cases(cases)
 
 
@@ -277,6 +277,31 @@ def descriptor_cases():
                     sig["x"] = f"tensordesc<{dtype}{box_x}>" if tma else f"*{dtype}"
                     sig["w"] = f"tensordesc<{dtype}{box_w}>" if tma else f"*{dtype}"
                     cases.append(dataclasses.replace(case, signature=sig, archs=(arch,)))
+    return cases
+
+
+def descriptor_wgrad_cases():
+    """Every grad-weight config of ``lk3d.kernels.implicit_gemm_configs`` at 64 -> 64 channels,
+    7³ "same" (its TAPS as the launcher fits it to KW = 7), as each arch launches it: tensor
+    descriptors on sm_90, pointers on sm_80; bf16, the first config also fp16 and fp32 (tf32)."""
+    from lk3d.kernels import implicit_gemm
+    from lk3d.kernels.implicit_gemm_configs import CONV3D_DESC_WGRAD_CONFIGS, tap_strip
+
+    cases = []
+    for i, config in enumerate(CONV3D_DESC_WGRAD_CONFIGS):
+        config = dict(config, TAPS=tap_strip(_GEOMETRY["KW"], config["TAPS"])[1])
+        box_x = [1, 1, config["BLOCK_H"], config["BLOCK_W"], config["BLOCK_CI"]]
+        box_y = [1, 1, config["BLOCK_H"], config["BLOCK_W"], config["BLOCK_CO"]]
+        for dtype in ("bf16", "fp16", "fp32") if i == 0 else ("bf16",):
+            for tma, arch in ((False, 80), (True, 90)):  # pointers first: wide_cases
+                case = _case(implicit_gemm.conv3d_desc_wgrad_kernel,
+                             f"desc-wgrad-{'tma' if tma else 'ptr'}", dtype, config,
+                             dict(CIG=64, COG=64, G=1, **_GEOMETRY, **_strides(1), TMA=tma),
+                             expect_tensor_cores=True)
+                sig = dict(case.signature)
+                sig["x"] = f"tensordesc<{dtype}{box_x}>" if tma else f"*{dtype}"
+                sig["dy"] = f"tensordesc<{dtype}{box_y}>" if tma else f"*{dtype}"
+                cases.append(dataclasses.replace(case, signature=sig, archs=(arch,)))
     return cases
 
 

@@ -362,6 +362,9 @@ def tiled_launches(conv, pass_, arch, fallback=False):
                                     config, programs)
         return "channels_last", config, record(dw_cl, dw_cl.conv3d_dw_cl_bwd_weight, x, dy,
                                                conv.weight, *geometry, config)
+    if not fallback and descriptor_gemm("conv3d_grad_weight", conv.input, conv.weight,
+                                        spec.stride, conv.groups, x.dtype):
+        return descriptor_wgrad_launches(conv, arch, x, dy, geometry, M)
     if depthwise:
         fields = dict(M=M, taps=taps, partial=cout * taps)
         config, problem, fam, programs = _default_config("conv3d_dw_wgrad", fields, arch, size)
@@ -401,6 +404,31 @@ def descriptor_launches(conv, pass_, arch, x, w, dy, geometry, M, kc, nc):
     copied = 2 * w.numel() * w.element_size()
     if not operand.is_contiguous(memory_format=torch.channels_last_3d):
         copied += 2 * operand.numel() * operand.element_size()
+    return "descriptor", config, [dataclasses.replace(ln, copied=copied) for ln in recorded]
+
+
+def descriptor_wgrad_launches(conv, arch, x, dy, geometry, M):
+    """(variant "descriptor", config, launches) of the tensor-descriptor grad-weight
+    (``lk3d.kernels.implicit_gemm.conv3d_desc_wgrad_kernel``) of ``conv`` (``M`` grad-output
+    voxels reduced), its operands as the launcher passes them on the arch (sm_90: descriptors;
+    sm_80: pointers); each launch's ``copied`` counts the launcher's copies of the NCDHW input
+    and grad_output to NDHWC (read and written once)."""
+    from lk3d.kernels import implicit_gemm
+
+    cout, cig, *kernel = conv.weight
+    fields = dict(M=M, KC=cig, NC=cout // conv.groups, taps=math.prod(kernel),
+                  partial=cout * cig * math.prod(kernel))
+    config, problem, fam, programs = _default_config("conv3d_desc_wgrad", fields, arch,
+                                                     x.element_size())
+    strips, _ = fam.tap_strip(kernel[2], config["TAPS"])
+    fields["programs"] = (conv.groups * (cout // conv.groups // config["BLOCK_CO"])
+                          * (cig // config["BLOCK_CI"]) * kernel[0] * kernel[1] * strips)
+    config["SPLIT"] = fam.split(dataclasses.replace(problem, programs=fields["programs"]),
+                                config, programs)
+    recorded = record(implicit_gemm, implicit_gemm.conv3d_desc_bwd_weight, x, dy, conv.weight,
+                      *geometry, conv.groups, config, tma=arch >= 90)
+    copied = sum(2 * t.numel() * t.element_size() for t in (x, dy)
+                 if not t.is_contiguous(memory_format=torch.channels_last_3d))
     return "descriptor", config, [dataclasses.replace(ln, copied=copied) for ln in recorded]
 
 
@@ -541,6 +569,10 @@ def executed_flops(launch):
         rows = a["NUM_M"] * a["BLOCK_H"] * a["BLOCK_W"]
         n_blocks = launch.grid[0] // a["NUM_M"]  # channel blocks × groups
         return 2 * rows * n_blocks * a["BLOCK_N"] * a["KC"] * taps
+    if launch.name == "conv3d_desc_wgrad_kernel":  # every brick, every tap of every strip
+        strips = -(-a["KW"] // a["TAPS"])
+        tiles = a["G"] * a["COG"] * a["CIG"] * a["KD"] * a["KH"] * strips * a["TAPS"]
+        return 2 * tiles * a["BRICKS"] * a["BLOCK_H"] * a["BLOCK_W"]
     if launch.name == "conv3d_igemm_kernel":
         steps = taps * -(-a["KC"] // a["BLOCK_K"])
         return 2 * programs * a["BLOCK_M"] * a["BLOCK_N"] * a["BLOCK_K"] * steps
@@ -604,6 +636,7 @@ def kernel_kind(launch):
     reduction is ``bias_grad`` (no model prices it)."""
     kinds = {"conv3d_igemm_kernel": "implicit_gemm", "conv3d_desc_kernel": "implicit_gemm_desc",
              "conv3d_wgrad_kernel": "implicit_gemm_wgrad",
+             "conv3d_desc_wgrad_kernel": "implicit_gemm_desc_wgrad",
              "conv3d_dw_kernel": "depthwise", "conv3d_dw_wgrad_kernel": "depthwise_wgrad",
              "conv3d_dw_cl_kernel": "depthwise_cl",
              "conv3d_dw_cl_wgrad_kernel": "depthwise_cl_wgrad",
