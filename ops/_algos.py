@@ -253,13 +253,14 @@ def descriptor_gemm(op, x_shape, w_shape, stride, groups, dtype):
     """Whether the tensor-descriptor implicit GEMM (``lk3d.kernels.implicit_gemm``) serves pass
     ``op`` ("conv3d", "conv3d_grad_input") of a dense or grouped convolution of input ``x_shape``
     and weight ``w_shape`` in ``dtype``: fp16/bf16/fp32, reduction channels per group (Cin/g
-    forward, Cout/g grad-input) a multiple of 16, stride 1 along H and W (grad-input: stride 1).
-    The gather kernel (``lk3d.kernels.tiled.conv3d_igemm_kernel``) serves the others."""
+    forward, Cout/g grad-input), the forward at stride 1 along H and W (grad-input at any stride:
+    one stride-1 launch per stride phase). The gather kernel
+    (``lk3d.kernels.tiled.conv3d_igemm_kernel``) serves the others."""
     if (op not in ("conv3d", "conv3d_grad_input") or w_shape[1] == 1
             or dtype not in descriptor_family.DTYPES):
         return False
     if op == "conv3d_grad_input":
-        kc, strides_taken = w_shape[0] // groups, tuple(stride) == (1, 1, 1)
+        kc, strides_taken = w_shape[0] // groups, True
     else:
         kc, strides_taken = w_shape[1], tuple(stride)[1:] == (1, 1)
     return strides_taken and kc > 0 and kc % descriptor_family.CHANNEL_MULTIPLE == 0
