@@ -22,8 +22,9 @@ instructions a step).
 Layouts:
     input       dense NDHWC [N, D, H, W, C] (``channels_last_3d``), 16-byte aligned; the
                 launchers convert any other layout once per call (one copy of the input)
-    weight      packed once per call as [G, kd·kh·kw, Cin/g, Cout/g] (``pack``), the row stride
-                padded to 16 bytes; the packed copy is the weight's size
+    weight      packed as [G, kd·kh·kw, Cin/g, Cout/g] (``pack``), the row stride padded to 16
+                bytes; the packed copy is the weight's size, kept per weight version
+                (``packed_weight``, ``lk3d.kernels.weight_cache``) for the next calls
     output      written through its strides: the layout ``lk3d.kernels.memory_format`` gives
                 for the caller's input (NCDHW in, NCDHW out)
 
@@ -53,7 +54,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from lk3d.kernels import memory_format, out_size
+from lk3d.kernels import memory_format, out_size, weight_cache
 from lk3d.kernels.common import (acc_dtype, alloc, check_config, flat_grid, geometry,
                                  grad_input_phases, launch_opts, precision, program_ids, reach,
                                  split_tap, wide)
@@ -215,6 +216,17 @@ def pack(w, groups, transpose=False):
     return packed
 
 
+def packed_weight(w, groups, transpose=False, taps=None):
+    """``pack`` of ``w``, or of its sub-kernel ``w[..., t0::step]`` per axis (``taps``: three
+    ``(t0, step)``), from the weight cache (``lk3d.kernels.weight_cache``) while ``w`` is
+    unchanged."""
+    def make():  # detached: a kept copy must not hold the weight's autograd graph
+        sub = w.detach()
+        sub = sub if taps is None else sub[(..., *(slice(t, None, st) for t, st in taps))]
+        return pack(sub, groups, transpose)
+    return weight_cache.get(w, ("implicit_gemm", groups, transpose, taps), make)
+
+
 def _check(name, a, kc, config, stride):
     check_config(config, _KEYS)
     if not fits(kc, a.dtype, stride):
@@ -273,7 +285,8 @@ def conv3d_desc_fwd(x, w, bias, stride, padding, dilation, groups, config, *, al
     if y.numel() == 0:
         return y
     geo = geometry(stride, padding, dilation, w.shape[2:])
-    return _launch(ndhwc(x), pack(w, groups), bias, y, geo, groups, config, allow_tf32, tma)
+    return _launch(ndhwc(x), packed_weight(w, groups), bias, y, geo, groups, config, allow_tf32,
+                   tma)
 
 
 def conv3d_desc_bwd_input(dy, w, input_shape, stride, padding, dilation, groups, config, *,
@@ -297,7 +310,7 @@ def conv3d_desc_bwd_input(dy, w, input_shape, stride, padding, dilation, groups,
         pads = (pd.pad, ph.pad, pw.pad)
         geo = geometry((1, 1, 1), pads + pads, (pd.dil, ph.dil, pw.dil),
                        (pd.taps, ph.taps, pw.taps))
-        sub = w[:, :, pd.tap::pd.step, ph.tap::ph.step, pw.tap::pw.step]
-        _launch(a, pack(sub, groups, transpose=True), None, view, geo, groups, config,
+        taps = tuple((p.tap, p.step) for p in (pd, ph, pw))
+        _launch(a, packed_weight(w, groups, True, taps), None, view, geo, groups, config,
                 allow_tf32, tma)
     return dx
