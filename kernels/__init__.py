@@ -9,6 +9,8 @@
     block_sparse.py, block_sparse_configs.py  block-sparse conv3d
     common.py                                 what every family shares: the index and load
                                               helpers its kernels call, and its launchers' helpers
+    weight_cache.py                           the launchers' weight copies (packed weights),
+                                              kept per weight version (no Triton)
 
 A family's ``*_configs`` module holds its launch-config space as data, one ``<KIND>_CONFIGS``
 list per kernel kind (``config_spaces`` gathers them into its ``CONFIG_SPACES``), and the few

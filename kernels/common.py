@@ -6,7 +6,10 @@ one kernel tap. Forward (and grad-weight) read the input at ``i = o * STRIDE - P
 output gradient at ``o = (i + PAD - k * DIL) / STRIDE``, which exists only when the division is exact.
 Writing the two mappings once here keeps every kernel body free of copies of this arithmetic.
 """
+import itertools
+import math
 import re
+from typing import NamedTuple
 
 import torch
 import triton
@@ -189,6 +192,50 @@ def flipped_geometry(kernel, padding, dilation):
     flipped: left padding ``(k - 1)·dil - pad`` per axis."""
     flipped = tuple((k - 1) * d - p for k, d, p in zip(kernel, dilation, padding[:3]))
     return geometry((1, 1, 1), flipped + flipped, dilation, kernel)
+
+
+class AxisPhase(NamedTuple):
+    """One stride phase of one axis of a grad-input (``grad_input_phases``)."""
+    first: int  # the phase's first input index r: the strided view dx[..., r::stride]
+    tap: int    # the first tap t0 reaching it
+    step: int   # the taps reaching it: t0, t0 + step, ... (step = stride / gcd(dil, stride))
+    taps: int   # how many (0: no tap reaches the phase, which gets zeros)
+    dil: int    # their spacing over grad_output: dil / gcd(dil, stride)
+    pad: int    # left padding of the stride-1 correlation over grad_output
+
+
+def axis_phases(k, stride, pad, dil, size):
+    """The stride phases of one axis of a grad-input: kernel extent ``k``, ``stride``, left
+    padding ``pad``, dilation ``dil``, input extent ``size``.
+
+    The forward reads input ``i = o·stride - pad + t·dil``. Input voxels ``i = q·stride + r``
+    (phase r) receive from tap t only where ``r + pad - t·dil ≡ 0 (mod stride)``: the taps
+    ``t0 + step·j`` (``step = stride / gcd(dil, stride)``), through grad_output
+    ``o = q + c - j·dil'`` (``c = (r + pad - t0·dil) / stride``, ``dil' = dil / gcd``). Flipping
+    the sub-kernel (``u = taps - 1 - j``) makes this a stride-1 correlation over grad_output at
+    dilation ``dil'`` and left padding ``(taps - 1)·dil' - c``; at stride 1 that is the single
+    phase ``(k - 1)·dil - pad`` of ``flipped_geometry``."""
+    g = math.gcd(dil, stride)
+    step, spacing = stride // g, dil // g
+    phases = []
+    for r in range(min(stride, size)):
+        t0 = next((t for t in range(step) if (t * dil - r - pad) % stride == 0), None)
+        taps = 0 if t0 is None else len(range(t0, k, step))
+        if taps == 0:
+            phases.append(AxisPhase(r, 0, step, 0, spacing, 0))
+            continue
+        c = (r + pad - t0 * dil) // stride
+        phases.append(AxisPhase(r, t0, step, taps, spacing, (taps - 1) * spacing - c))
+    return phases
+
+
+def grad_input_phases(kernel, stride, padding, dilation, size):
+    """Every stride phase of a grad-input over the input's spatial ``size``: triples of
+    ``AxisPhase`` (D, H, W), one per strided view ``dx[..., rd::sd, rh::sh, rw::sw]``, which
+    together cover the input once. A phase with taps along every axis is a stride-1 forward over
+    grad_output with the flipped sub-kernel ``w[..., t0::step]``; the others get zeros."""
+    axes = [axis_phases(*a) for a in zip(kernel, stride, padding[:3], dilation, size)]
+    return list(itertools.product(*axes))
 
 
 def launch_opts(config):

@@ -1,5 +1,5 @@
-"""Dense and grouped conv3d as an implicit GEMM over tensor descriptors: forward, (stride 1)
-grad-input and grad-weight on channels-innermost (NDHWC) activations.
+"""Dense and grouped conv3d as an implicit GEMM over tensor descriptors: forward, grad-input
+and grad-weight on channels-innermost (NDHWC) activations.
 
 GEMM mapping (forward): M = N·OD·OH·OW (output voxels), N = Cout/g, K = kd·kh·kw·Cin/g. A program
 owns one output brick: batch n, depth od, BLOCK_H × BLOCK_W voxels of (OH, OW) (BLOCK_M =
@@ -22,21 +22,27 @@ instructions a step).
 Layouts:
     input       dense NDHWC [N, D, H, W, C] (``channels_last_3d``), 16-byte aligned; the
                 launchers convert any other layout once per call (one copy of the input)
-    weight      packed once per call as [G, kd·kh·kw, Cin/g, Cout/g] (``pack``), the row stride
-                padded to 16 bytes; the packed copy is the weight's size
+    weight      packed as [G, kd·kh·kw, Cin/g, Cout/g] (``pack``), the row stride padded to 16
+                bytes; the packed copy is the weight's size, kept per weight version
+                (``packed_weight``, ``lk3d.kernels.weight_cache``) for the next calls
     output      written through its strides: the layout ``lk3d.kernels.memory_format`` gives
                 for the caller's input (NCDHW in, NCDHW out)
 
 Grad-input at stride 1 is the forward over grad_output with the flipped, transposed weight
 (``pack(w, transpose=True)``: reduction over Cout/g, producing Cin/g) and the left padding
-``(k - 1)·dil - pad``; other strides take the gather kernel (``lk3d.kernels.tiled``).
+``(k - 1)·dil - pad``. At stride s > 1 it is split by stride phases (``grad_input_phases``): the
+input voxels ``i ≡ r (mod s)`` of each axis receive only from the taps ``t`` with
+``r + pad - t·dil ≡ 0 (mod s)``, every ``s / gcd(dil, s)``-th tap, ``dil / gcd(dil, s)`` apart
+over grad_output; each phase is one stride-1 launch of that sub-kernel written into the strided
+view ``dx[..., r::s]`` (at most s³ launches, each computing only taps that contribute; a phase no
+tap reaches is zero-filled). So no launch computes masked-off taps.
 
 What the descriptors need, checked by ``fits``: reduction channels per group (Cin/g forward,
 Cout/g grad-input) a multiple of 16 (TMA's 16-byte strides, and whole channel blocks:
-BLOCK_K divides them, so a box never reads the next group's channels), stride 1 along H and W
-(a box is a dense brick; stride along D is a scalar), fp16 / bf16 / fp32 (fp32 through TF32 where
-torch allows it, else IEEE). The routing (``lk3d._algos.descriptor_gemm``) sends other problems
-to the gather kernel.
+BLOCK_K divides them, so a box never reads the next group's channels), a forward at stride 1
+along H and W (a box is a dense brick; stride along D is a scalar), fp16 / bf16 / fp32 (fp32
+through TF32 where torch allows it, else IEEE). The routing (``lk3d._algos.descriptor_gemm``)
+sends other problems to the gather kernel.
 
 Grad-weight (``conv3d_desc_wgrad_kernel``): dW[g, co, ci, tap] = Σ over grad-output voxels of
 dy[v, co]·x[v·stride - pad + tap·dil, ci], a GEMM with M = Cout/g, N = taps × Cin/g, K = voxels.
@@ -60,10 +66,10 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from lk3d.kernels import memory_format, out_size
-from lk3d.kernels.common import (acc_dtype, alloc, check_config, flat_grid, flipped_geometry,
-                                 geometry, launch_opts, new, partial_dtype, precision,
-                                 program_ids, reach, split_tap, wide)
+from lk3d.kernels import memory_format, out_size, weight_cache
+from lk3d.kernels.common import (acc_dtype, alloc, check_config, flat_grid, geometry,
+                                 grad_input_phases, launch_opts, new, partial_dtype,
+                                 precision, program_ids, reach, split_tap, wide)
 from lk3d.kernels.implicit_gemm_configs import CHANNEL_MULTIPLE, DTYPES, fits, tap_strip
 
 
@@ -310,6 +316,17 @@ def pack(w, groups, transpose=False):
     return packed
 
 
+def packed_weight(w, groups, transpose=False, taps=None):
+    """``pack`` of ``w``, or of its sub-kernel ``w[..., t0::step]`` per axis (``taps``: three
+    ``(t0, step)``), from the weight cache (``lk3d.kernels.weight_cache``) while ``w`` is
+    unchanged."""
+    def make():  # detached: a kept copy must not hold the weight's autograd graph
+        sub = w.detach()
+        sub = sub if taps is None else sub[(..., *(slice(t, None, st) for t, st in taps))]
+        return pack(sub, groups, transpose)
+    return weight_cache.get(w, ("implicit_gemm", groups, transpose, taps), make)
+
+
 def _check(name, a, kc, config, stride):
     check_config(config, _KEYS)
     if not fits(kc, a.dtype, stride):
@@ -368,22 +385,35 @@ def conv3d_desc_fwd(x, w, bias, stride, padding, dilation, groups, config, *, al
     if y.numel() == 0:
         return y
     geo = geometry(stride, padding, dilation, w.shape[2:])
-    return _launch(ndhwc(x), pack(w, groups), bias, y, geo, groups, config, allow_tf32, tma)
+    return _launch(ndhwc(x), packed_weight(w, groups), bias, y, geo, groups, config, allow_tf32,
+                   tma)
 
 
 def conv3d_desc_bwd_input(dy, w, input_shape, stride, padding, dilation, groups, config, *,
                           allow_tf32=False, out=None, tma=None):
-    """Dense/grouped grad-input at stride 1: the forward over ``dy`` with the flipped, transposed
-    weight and the left padding ``(k - 1)·dil - pad``. Config keys as the forward's."""
-    if tuple(stride) != (1, 1, 1):
-        raise ValueError(f"stride: expected (1, 1, 1) for grad-input, got {tuple(stride)}")
-    _check("grad_output", dy, w.shape[0] // groups, config, stride)
+    """Dense/grouped grad-input at any stride, one stride-1 launch per stride phase
+    (``lk3d.kernels.common.grad_input_phases``): the forward over ``dy`` with the flipped,
+    transposed sub-kernel of the taps that reach the phase, written into the strided view
+    ``dx[..., rd::sd, rh::sh, rw::sw]``; a phase no tap reaches is zero-filled. At stride 1 that
+    is one launch with the whole kernel and the left padding ``(k - 1)·dil - pad``. Config keys
+    as the forward's."""
+    _check("grad_output", dy, w.shape[0] // groups, config, (1, 1, 1))
     dx = alloc(tuple(input_shape), dy, out, memory_format(dy))
     if dx.numel() == 0:
         return dx
-    geo = flipped_geometry(w.shape[2:], padding, dilation)
-    return _launch(ndhwc(dy), pack(w, groups, transpose=True), None, dx, geo, groups, config,
-                   allow_tf32, tma)
+    a = ndhwc(dy)
+    for pd, ph, pw in grad_input_phases(w.shape[2:], stride, padding, dilation, dx.shape[2:]):
+        view = dx[:, :, pd.first::stride[0], ph.first::stride[1], pw.first::stride[2]]
+        if not (pd.taps and ph.taps and pw.taps):
+            view.zero_()
+            continue
+        pads = (pd.pad, ph.pad, pw.pad)
+        geo = geometry((1, 1, 1), pads + pads, (pd.dil, ph.dil, pw.dil),
+                       (pd.taps, ph.taps, pw.taps))
+        taps = tuple((p.tap, p.step) for p in (pd, ph, pw))
+        _launch(a, packed_weight(w, groups, True, taps), None, view, geo, groups, config,
+                allow_tf32, tma)
+    return dx
 
 
 _WGRAD_KEYS = ("BLOCK_H", "BLOCK_W", "BLOCK_CO", "BLOCK_CI", "TAPS", "SPLIT")

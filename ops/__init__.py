@@ -14,6 +14,7 @@ from lk3d import decompose, nn
 from lk3d.block_sparse import BlockSparseWeight, block_sparse_conv3d
 from lk3d.cp import CPFactors, cp_conv3d
 from lk3d.functional import conv3d, explain
+from lk3d.kernels.weight_cache import clear_weight_cache
 
 try:
     __version__ = version("lk3d")
@@ -21,4 +22,4 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 __all__ = ["conv3d", "explain", "cp_conv3d", "CPFactors", "block_sparse_conv3d",
-           "BlockSparseWeight", "decompose", "nn", "__version__"]
+           "BlockSparseWeight", "clear_weight_cache", "decompose", "nn", "__version__"]

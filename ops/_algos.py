@@ -254,12 +254,13 @@ def descriptor_gemm(op, x_shape, w_shape, stride, groups, dtype):
     ``op`` ("conv3d", "conv3d_grad_input", "conv3d_grad_weight") of a dense or grouped
     convolution of input ``x_shape`` and weight ``w_shape`` in ``dtype``: fp16/bf16/fp32,
     reduction channels per group (Cin/g forward, Cout/g grad-input, both grad-weight) a multiple
-    of 16, stride 1 along H and W (grad-input: stride 1). The gather kernels
-    (``lk3d.kernels.tiled``) serve the others."""
+    of 16; the forward and grad-weight at stride 1 along H and W, grad-input at any stride (one
+    stride-1 launch per stride phase). The gather kernels (``lk3d.kernels.tiled``) serve the
+    others."""
     if w_shape[1] == 1 or dtype not in descriptor_family.DTYPES:
         return False
     if op == "conv3d_grad_input":
-        kcs, strides_taken = (w_shape[0] // groups,), tuple(stride) == (1, 1, 1)
+        kcs, strides_taken = (w_shape[0] // groups,), True
     elif op == "conv3d":
         kcs, strides_taken = (w_shape[1],), tuple(stride)[1:] == (1, 1)
     elif op == "conv3d_grad_weight":

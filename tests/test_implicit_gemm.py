@@ -1,8 +1,11 @@
 """The tensor-descriptor implicit GEMM (``lk3d.kernels.implicit_gemm``) against a float64
 F.conv3d reference: through ``lk3d.conv3d`` (which routes dense and grouped convolutions with a
-multiple of 16 reduction channels per group, stride 1 along H and W, to it; grad-input at stride
-1) and through its launchers, with descriptors (TMA on sm_90) and with pointers (sm_80).
-Every buffer a launcher allocates starts as NaN."""
+multiple of 16 reduction channels per group, the forward at stride 1 along H and W, grad-input at
+any stride by stride phases, to it) and through its launchers, with descriptors (TMA on sm_90)
+and with pointers (sm_80). Every buffer a launcher allocates starts as NaN."""
+import itertools
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,14 +26,19 @@ CASES = [
     Case(2, 16, 32, (3, 5, 7), (3, 3, 3), padding="same"),
     # even kernel sides: "same" pads asymmetrically; groups; dilation along H
     Case(1, 32, 32, (4, 5, 9), (2, 3, 2), padding="same", dilation=(1, 2, 1), groups=2),
-    # stride along D: the forward on the descriptors, grad-input on the gather kernel, and
-    # grad-weight too (Cout/g = 24)
+    # stride along D: the forward on the descriptors; grad-input (Cout/g = 24) and grad-weight
+    # on the gather kernels
     Case(1, 16, 24, (5, 4, 6), (3, 1, 3), stride=(2, 1, 1), padding=(1, 0, 2), bias=False),
+    # stride along every axis, dilation sharing a factor with the stride along W: the forward
+    # on the gather kernel, grad-input by phases on the descriptors
+    Case(1, 24, 16, (5, 7, 8), (2, 3, 3), stride=(2, 3, 2), padding=(1, 2, 1),
+         dilation=(1, 1, 2)),
 ]
 PASS_KERNELS = {  # the kernels each case's forward, grad-input and grad-weight launch
     CASES[0].id: ("conv3d_desc_kernel", "conv3d_desc_kernel", "conv3d_desc_wgrad_kernel"),
     CASES[1].id: ("conv3d_desc_kernel", "conv3d_desc_kernel", "conv3d_desc_wgrad_kernel"),
     CASES[2].id: ("conv3d_desc_kernel", "conv3d_igemm_kernel", "conv3d_wgrad_kernel"),
+    CASES[3].id: ("conv3d_igemm_kernel", "conv3d_desc_kernel", "conv3d_wgrad_kernel"),
 }
 
 
@@ -40,8 +48,8 @@ def _kernel_dtype(device):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_forward_backward(case, device, no_tf32):
-    """Output and every gradient against float64; the forward and grad-input launch the kernels
-    the routing names."""
+    """Output and every gradient against float64; each pass launches the kernels the routing
+    names."""
     dtype = _kernel_dtype(device)
     x, w, b = case.tensors(dtype=dtype, device=device)
     x, w = x.requires_grad_(), w.requires_grad_()
@@ -53,8 +61,9 @@ def test_forward_backward(case, device, no_tf32):
         grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], gy.to(y))
     if device.type == "cpu":
         assert forward == [PASS_KERNELS[case.id][0]]
-        launched = [k["kernel"] for k in keys]
-        assert all(name in launched for name in PASS_KERNELS[case.id][1:])
+        backward = {k["kernel"] for k in keys[len(forward):]}
+        assert backward == {*PASS_KERNELS[case.id][1:], *(("bias_grad_kernel",) if case.bias
+                                                          else ())}
     refs = [t.detach().double().cpu().requires_grad_() for t in (x, w, b) if t is not None]
     ref = F.conv3d(*refs, *(() if b is not None else (None,)), **case.args())
     assert y.dtype == dtype and rel_err(y, ref) < TOL[dtype]
@@ -75,12 +84,14 @@ def test_routes():
         assert kernel(g3, "forward", arch) == kernel(g3, "grad_input", arch) == desc
     sm90, sm80 = (launch_record.launches(g3, "forward", arch)[2][0] for arch in (90, 80))
     assert sm90.args["TMA"] and not sm80.args["TMA"]
-    # stride along D only: forward on descriptors, grad-input (stride 2) on the gather kernel
+    # stride along D only: forward on descriptors, grad-input one launch per stride phase
     strided_d = launch_record.Conv((1, 32, 9, 9, 9), (32, 32, 3, 3, 3), stride=(2, 1, 1))
-    assert kernel(strided_d, "forward") == desc and kernel(strided_d, "grad_input") == gather
-    # stride along H or W, or too few channels per group: the gather kernel
-    for conv in (launch_record.Conv((1, 32, 9, 9, 9), (32, 32, 3, 3, 3), stride=2),
-                 launch_record.Conv((1, 8, 9, 9, 9), (16, 8, 3, 3, 3)),
+    assert kernel(strided_d, "forward") == desc and kernel(strided_d, "grad_input") == desc * 2
+    # stride along H or W: the forward on the gather kernel, grad-input by phases
+    strided = launch_record.Conv((1, 32, 9, 9, 9), (32, 32, 3, 3, 3), stride=2)
+    assert kernel(strided, "forward") == gather and kernel(strided, "grad_input") == desc * 8
+    # too few channels per group: the gather kernel
+    for conv in (launch_record.Conv((1, 8, 9, 9, 9), (16, 8, 3, 3, 3)),
                  launch_record.Conv((1, 48, 9, 9, 9), (48, 8, 3, 3, 3), groups=6)):
         assert kernel(conv, "forward") == gather
     # grad-input reduces over Cout/g: 32 -> 24 channels fits the forward only
@@ -94,6 +105,29 @@ def test_routes():
                                torch.float32)  # depthwise: its own kernels
     assert not descriptor_gemm("conv3d_grad_input", (1, 16, 4, 4, 4), (0, 16, 3, 3, 3),
                                (1, 1, 1), 1, torch.float32)  # nothing to reduce over
+
+
+def test_phase_launches_recorded():
+    """A strided grad-input records one launch per stride phase with taps, each over its
+    sub-kernel only (executed FLOPs near the useful ones, where the gather kernel runs every tap
+    at every input voxel); the launcher's copies count each packed sub-kernel once (together
+    the weight), and the NDHWC copy of grad_output and the zero fill of the phases no tap reaches
+    once."""
+    # D: stride 3, dilation 2: three phases of one tap; H: stride 2 = dilation: the even phase
+    # takes all four taps, the odd one none (zeros); W: stride 2: phases of two and one taps
+    conv = launch_record.Conv((1, 32, 12, 32, 64), (32, 32, 3, 4, 3), stride=(3, 2, 2),
+                              dilation=(2, 2, 1))
+    variant, _, recorded = launch_record.launches(conv, "grad_input", 90)
+    assert variant == "descriptor" and len(recorded) == 6
+    taps = sorted(ln.args["KD"] * ln.args["KH"] * ln.args["KW"] for ln in recorded)
+    assert taps == [4, 4, 4, 8, 8, 8] and sum(taps) == math.prod(conv.weight[2:])
+    useful = launch_record.useful_flops(conv, "grad_input")
+    executed = sum(launch_record.executed_flops(ln) for ln in recorded)
+    gather = launch_record.tiled_launches(conv, "grad_input", 90, fallback=True)[2]
+    assert useful <= executed < 2 * useful < launch_record.executed_flops(gather[0]) / 10
+    dy = conv.input[0] * conv.weight[0] * 3 * 13 * 31  # grad_output [1, 32, 3, 13, 31]
+    zeros = math.prod(conv.input) // 2                  # the odd rows along H
+    assert sum(ln.copied for ln in recorded) == 2 * (2 * math.prod(conv.weight) + 2 * dy + zeros)
 
 
 def test_config_choice():
@@ -155,6 +189,68 @@ def test_launchers_ragged_tiles(tma, dtype, device, no_tf32):
                                              w2.to(dtype=dtype, device=device), x.shape,
                                              (1, 1, 1), pad, dil, 2, config, tma=tma)
     assert gx.shape == x.shape and rel_err(gx, gref) < TOL[dtype]
+
+
+def test_stride_phases_pair_every_tap_once():
+    """The stride phases of one axis (``common.axis_phases``) pair input indices, taps and
+    grad-output indices exactly as the forward does, each pair once, over strides 1-4 with
+    dilations sharing factors with them, even kernels, padding past the kernel's reach and
+    input extents below the stride or not a multiple of it."""
+    for k, s, p, d, n, right in itertools.product(range(1, 7), range(1, 5), range(8), range(1, 4),
+                                                  (1, 2, 7, 9), (0, 3)):
+        outs = (n + p + right - (k - 1) * d - 1) // s + 1
+        if outs <= 0:
+            continue
+        want = sorted((o * s - p + t * d, t, o) for o in range(outs) for t in range(k)
+                      if 0 <= o * s - p + t * d < n)
+        phases = common.axis_phases(k, s, p, d, n)
+        assert [ph.first for ph in phases] == list(range(min(s, n)))
+        got = [(q * s + ph.first, ph.tap + (ph.taps - 1 - u) * ph.step, q - ph.pad + u * ph.dil)
+               for ph in phases for q in range(len(range(ph.first, n, s)))
+               for u in range(ph.taps) if 0 <= q - ph.pad + u * ph.dil < outs]
+        assert sorted(got) == want, (k, s, p, d, n, right)
+
+
+PHASE_CASES = [  # (input, weight, groups, stride, padding (6), dilation)
+    # stride 3 with dilation 2 along D, stride 2 with dilation 2 along H (gcd 2: the odd phase
+    # gets no tap, zeros), stride 2 along W with an even kernel and padding past its reach;
+    # 7 and 5 voxels: the last phases are shorter
+    ((1, 16, 7, 6, 5), (16, 16, 3, 2, 4), 1, (3, 2, 2), (2, 0, 3, 1, 1, 0), (2, 2, 1)),
+    # even kernels with the asymmetric padding "same" would take (left one less), groups; an
+    # axis shorter than its stride
+    ((2, 16, 5, 1, 6), (32, 8, 2, 1, 4), 2, (2, 2, 3), (0, 0, 1, 1, 0, 2), (1, 1, 1)),
+]
+
+
+@pytest.mark.parametrize("tma", [True, False], ids=["descriptors", "pointers"])
+@pytest.mark.parametrize("case", PHASE_CASES, ids=["s3x2x2-d2x2x1", "s2x2x3-g2"])
+def test_grad_input_stride_phases(case, tma, device, no_tf32):
+    """Grad-input at stride > 1 through the launcher: one launch per stride phase with taps,
+    each over its sub-kernel only, the phases no tap reaches zero-filled, against float64."""
+    from lk3d.kernels import implicit_gemm
+
+    x_shape, w_shape, groups, stride, pad, dil = case
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(x_shape, dtype=torch.float64, generator=g).requires_grad_()
+    w = torch.randn(w_shape, dtype=torch.float64, generator=g)
+    y = F.conv3d(F.pad(x, (pad[2], pad[5], pad[1], pad[4], pad[0], pad[3])), w, stride=stride,
+                 dilation=dil, groups=groups)
+    gy = torch.randn(y.shape, dtype=torch.float64, generator=g)
+    want = torch.autograd.grad(y, x, gy)[0]
+    config = dict(BLOCK_H=4, BLOCK_W=4, BLOCK_N=16, BLOCK_K=16)
+    with launch_record.interpreted_compile_keys() as keys:
+        got = implicit_gemm.conv3d_desc_bwd_input(
+            gy.to(dtype=torch.float32, device=device), w.to(dtype=torch.float32, device=device),
+            x.shape, stride, pad, dil, groups, config, tma=tma)
+    assert got.shape == x.shape and rel_err(got, want) < TOL[torch.float32]
+    phases = [p for p in common.grad_input_phases(w_shape[2:], stride, pad, dil, x_shape[2:])
+              if all(a.taps for a in p)]
+    if device.type == "cpu":
+        assert len(keys) == len(phases) < math.prod(stride)
+        taps = sorted(int(k["constexprs"]["KD"]) * int(k["constexprs"]["KH"])
+                      * int(k["constexprs"]["KW"]) for k in keys)
+        assert taps == sorted(math.prod(a.taps for a in p) for p in phases)
+        assert sum(taps) <= math.prod(w_shape[2:])
 
 
 def test_nonfinite_placement(device, no_tf32):
@@ -219,9 +315,9 @@ def test_launcher_errors(device):
     with raises_naming(ValueError, ["input", "stride", "(1, 2, 1)"]):
         implicit_gemm.conv3d_desc_fwd(x, w, None, (1, 2, 1), (0,) * 6, (1, 1, 1), 1,
                                       dict(config, BLOCK_K=16))
-    dy = torch.randn(1, 16, 2, 2, 2, device=device)
-    with raises_naming(ValueError, ["stride", "(1, 1, 1)", "(2, 1, 1)"]):
-        implicit_gemm.conv3d_desc_bwd_input(dy, torch.randn(16, 16, 1, 1, 1, device=device),
+    dy = torch.randn(1, 8, 2, 2, 2, device=device)  # grad-input reduces over Cout/g = 8
+    with raises_naming(ValueError, ["grad_output", "16", "got 8 channels"]):
+        implicit_gemm.conv3d_desc_bwd_input(dy, torch.randn(8, 16, 1, 1, 1, device=device),
                                             (1, 16, 4, 2, 2), (2, 1, 1), (0,) * 6, (1, 1, 1), 1,
                                             dict(config, BLOCK_K=16))
 

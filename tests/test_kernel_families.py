@@ -31,6 +31,9 @@ CONV_CASES = [
     Case(2, 8, 8, (5, 4, 7), (3, 2, 5), padding="same", groups=8),  # channels innermost
     # 16 channels: forward, grad-input and grad-weight on tensor descriptors (TMA from sm_90)
     Case(1, 16, 16, (5, 6, 9), (3, 3, 3), padding="same"),
+    # ... at stride 2 along D: grad-input by stride phases, written into strided views (its two
+    # phases of one tap each share one specialisation)
+    Case(1, 16, 16, (6, 5, 7), (2, 3, 3), stride=(2, 1, 1), padding=(0, 1, 1), bias=False),
 ]
 
 
@@ -57,10 +60,10 @@ def _check(fn, leaves, reference, names):
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=["dense", "depthwise", "depthwise-cl",
-                                                "descriptor"])
+                                                "descriptor", "descriptor-strided"])
 def test_conv3d(case, device):
     x, w, b = case.tensors(torch.float32, device)
-    leaves = [leaf_like(t) for t in (x, w, b)]
+    leaves = [leaf_like(t) for t in (x, w, b) if t is not None]
     assert {p["algo"] for p in lk3d.explain(x, w, b, **case.args()).values()} == {"tiled"}
     _check(lambda *t: lk3d.conv3d(*t, **case.args()), leaves,
            lambda *t: F.conv3d(*t, **case.args()), ("input", "weight", "bias"))

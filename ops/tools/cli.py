@@ -41,7 +41,7 @@ from lk3d.tools import bench, cli_explain, estimate, report
 
 _ENV_VARS = ("TRITON_INTERPRET", "LK3D_ALGO", "LK3D_CONFIG", "LK3D_AUTOTUNE", "LK3D_CACHE_DIR",
              report.REPORT_DIR_ENV, "LK3D_FFT_MEMORY_MB", "LK3D_TEST_DEVICE", "TRITON_CACHE_DIR",
-             "CUDA_VISIBLE_DEVICES", "THP_MEM_ALLOC_ENABLE")
+             "LK3D_WEIGHT_CACHE", "CUDA_VISIBLE_DEVICES", "THP_MEM_ALLOC_ENABLE")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -386,25 +386,31 @@ def tiled_launches(conv, pass_, arch, fallback=False):
 def descriptor_launches(conv, pass_, arch, x, w, dy, geometry, M, kc, nc):
     """(variant "descriptor", config, launches) of the tensor-descriptor implicit GEMM
     (``lk3d.kernels.implicit_gemm``) for the forward or grad-input of ``conv``, its operands as
-    the launcher passes them on the arch (sm_90: descriptors; sm_80: pointers); each launch's
-    ``copied`` counts the launcher's copies: the NCDHW operand to NDHWC (read and written once)
-    and the weight packed (likewise)."""
+    the launcher passes them on the arch (sm_90: descriptors; sm_80: pointers). Grad-input is
+    one launch per stride phase with taps (one at stride 1). ``copied`` counts the launcher's
+    copies: each launch's packed (sub-)kernel (read and written once), and on the first launch
+    the NCDHW operand to NDHWC (likewise) and the zero fill of phases no tap reaches (written
+    once)."""
     from lk3d.kernels import implicit_gemm
 
     fields = dict(M=conv.input[0] * M, KC=kc, NC=nc, taps=math.prod(conv.weight[2:]))
     config, *_ = _default_config("conv3d_desc", fields, arch, x.element_size())
     if pass_ == "forward":
-        operand = x
+        operand, produced = x, math.prod((conv.input[0], conv.weight[0], *dy.shape[2:]))
         recorded = record(implicit_gemm, implicit_gemm.conv3d_desc_fwd, x, w, None, *geometry,
                           conv.groups, config, tma=arch >= 90)
     else:
-        operand = dy
+        operand, produced = dy, math.prod(conv.input)
         recorded = record(implicit_gemm, implicit_gemm.conv3d_desc_bwd_input, dy, w, conv.input,
                           *geometry, conv.groups, config, tma=arch >= 90)
-    copied = 2 * w.numel() * w.element_size()
+    size = w.element_size()
+    first = (produced - sum(ln.args["y_ptr"].numel() for ln in recorded)) * size
     if not operand.is_contiguous(memory_format=torch.channels_last_3d):
-        copied += 2 * operand.numel() * operand.element_size()
-    return "descriptor", config, [dataclasses.replace(ln, copied=copied) for ln in recorded]
+        first += 2 * operand.numel() * size
+    return "descriptor", config, [
+        dataclasses.replace(ln, copied=2 * getattr(ln.args["w"], "base", ln.args["w"]).numel()
+                            * size + (first if i == 0 else 0))
+        for i, ln in enumerate(recorded)]
 
 
 def descriptor_wgrad_launches(conv, arch, x, dy, geometry, M):
