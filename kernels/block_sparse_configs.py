@@ -21,16 +21,18 @@ BLOCK_SPARSE_FWD_CONFIGS = [
     dict(BLOCK_M=64, num_warps=4, num_stages=3),
 ]
 # Channel blocks on the tensor-descriptor loader (lk3d.kernels.block_sparse_desc): an output brick
-# BLOCK_H x BLOCK_W, one (tap, channel block) entry a step. The brick shrinks as the channels
-# grow (``desc_fits``, ``pick``). At 16x16 bf16 blocks: on sm_80 the first (8 warps) issues 194
-# instructions a step for 16 HMMA and 8 LDGSTS; on sm_90 the second 123 for 8 HGMMA (64x16x16)
-# and 2 UTMALDG. A 32 x 32 brick with one warpgroup on sm_90 (151 for 16 HGMMA) spills
-# in its epilogue on Triton 3.6 and is not shipped.
+# BLOCK_H x BLOCK_W (PAIR: two stacked along H, one 2·BLOCK_H x BLOCK_W operand), one (tap,
+# channel block) entry a step. The brick shrinks as the channels grow (``desc_fits``, ``pick``).
+# At 16x16 bf16 blocks: on sm_90 the first issues 181 instructions a step for 16 HGMMA
+# (64x16x16) and 3 UTMALDG (Triton 3.9; 171 on 3.6); on sm_80 the second (8 warps) 193 for 16
+# HMMA and 8 LDGSTS. A single 32 x 32 brick with one warpgroup on sm_90 (151 instructions)
+# spills in its epilogue on Triton 3.6, the two 16 x 32 halves do not.
 BLOCK_SPARSE_DESC_CONFIGS = [
-    dict(BLOCK_H=32, BLOCK_W=32, num_warps=8, num_stages=3),  # before sm_90 (mma.sync) only
-    dict(BLOCK_H=16, BLOCK_W=32, num_warps=4, num_stages=3),
-    dict(BLOCK_H=8, BLOCK_W=16, num_warps=4, num_stages=3),
-    dict(BLOCK_H=4, BLOCK_W=16, num_warps=4, num_stages=3),
+    dict(BLOCK_H=16, BLOCK_W=32, PAIR=True, num_warps=4, num_stages=3),  # sm_90 only (wgmma)
+    dict(BLOCK_H=32, BLOCK_W=32, PAIR=False, num_warps=8, num_stages=3),  # before sm_90 only
+    dict(BLOCK_H=16, BLOCK_W=32, PAIR=False, num_warps=4, num_stages=3),
+    dict(BLOCK_H=8, BLOCK_W=16, PAIR=False, num_warps=4, num_stages=3),
+    dict(BLOCK_H=4, BLOCK_W=16, PAIR=False, num_warps=4, num_stages=3),
 ]
 # Depthwise forward and grad-input: [BLOCK_M, bo] elementwise multiply-accumulate per tap.
 BLOCK_SPARSE_DW_CONFIGS = [
@@ -53,8 +55,8 @@ RUNTIME_KEYS = ("SPLIT",)
 _WGRAD = ("block_sparse_wgrad", "block_sparse_dw_wgrad")
 # The descriptor kernel's registers: a thread holds its share of the fp32 accumulator
 # (BLOCK_M x BN) and of the operand box (BLOCK_M x BK) in 32-bit registers; at most DESC_REGISTERS
-# of them, else a config spills (seen at 192 with 32-channel blocks). The 32 x 32 brick takes
-# 16x16 16-bit blocks only (8 warps: 96).
+# of them, else a config spills (seen at 192 with 32-channel blocks). The 1024-row programs take
+# 16x16 16-bit blocks only: one warpgroup on sm_90 (PAIR), 8 warps before.
 DESC_REGISTERS = 128
 WGMMA_SMEM = 200 * 1024  # a shared-memory limit above this is sm_90's (wgmma: one warpgroup)
 
@@ -96,18 +98,22 @@ def _tile(n, lo):
     return pow2(n, lo, 1 << 30)
 
 
+def desc_rows(config):
+    """Output voxels of one program of the descriptor kernel."""
+    return config["BLOCK_H"] * config["BLOCK_W"] * (2 if config["PAIR"] else 1)
+
+
 def desc_registers(config, kc, nc, element_size):
     """32-bit registers a thread of the descriptor kernel holds for its accumulator and operand
     box at ``config``, ``kc`` reduction and ``nc`` produced channels."""
-    rows = config["BLOCK_H"] * config["BLOCK_W"]
-    return rows * (nc + kc * element_size / 4) / (32 * config["num_warps"])
+    return desc_rows(config) * (nc + kc * element_size / 4) / (32 * config["num_warps"])
 
 
 def desc_fits(config, kc, nc, element_size):
     """Whether ``config`` of the descriptor kernel compiles without spills at these channels
-    (``DESC_REGISTERS``; the 32 x 32 brick at 16x16 16-bit blocks, 8 warps)."""
-    if config["BLOCK_H"] * config["BLOCK_W"] >= 1024:
-        return kc == nc == 16 and element_size == 2 and config["num_warps"] == 8
+    (``DESC_REGISTERS``; 1024 rows at 16x16 16-bit blocks)."""
+    if desc_rows(config) >= 1024:
+        return kc == nc == 16 and element_size == 2
     return desc_registers(config, kc, nc, element_size) <= DESC_REGISTERS
 
 
@@ -120,7 +126,7 @@ def shared_bytes(config, problem, element_size):
         return stages * (config["BLOCK_M"] * max(k, n) + k * n) * element_size
     if problem.kind == "block_sparse_desc":
         k, n = problem.KC, problem.NC
-        return stages * (config["BLOCK_H"] * config["BLOCK_W"] + n) * k * element_size
+        return stages * (desc_rows(config) + n) * k * element_size
     if problem.kind == "block_sparse_wgrad":
         return stages * (_tile(bi, 16) + _tile(bo, 16)) * config["BLOCK_S"] * element_size
     return 0
@@ -133,10 +139,12 @@ def pick(problem, smem_limit, element_size):
     if problem.kind == "block_sparse_dw":
         return dict(configs[1] if problem.M >= 4096 else configs[0])
     if problem.kind == "block_sparse_desc":
-        # the 32 x 32 brick (8 warps) before sm_90 only; bricks within the problem
+        # PAIR (one warpgroup) on sm_90 only, the 8-warp 32 x 32 brick before; programs within
+        # the problem
+        sm90 = smem_limit > WGMMA_SMEM
         fit = [c for c in configs if desc_fits(c, problem.KC, problem.NC, element_size)
-               and c["BLOCK_H"] * c["BLOCK_W"] <= max(64, problem.M)
-               and (c["BLOCK_H"] * c["BLOCK_W"] < 1024 or smem_limit <= WGMMA_SMEM)
+               and desc_rows(c) <= max(64, problem.M)
+               and (desc_rows(c) < 1024 or c["PAIR"] == sm90)
                and shared_bytes(c, problem, element_size) <= smem_limit]
         c = dict((fit or configs[-1:])[0])
         while c["num_stages"] > 1 and shared_bytes(c, problem, element_size) > smem_limit:
@@ -156,7 +164,7 @@ def interpreter_config(problem):
     if problem.kind in _WGRAD:
         return dict(BLOCK_S=pow2(problem.M, 16, 1024))
     if problem.kind == "block_sparse_desc":
-        return dict(BLOCK_H=8, BLOCK_W=16)
+        return dict(BLOCK_H=8, BLOCK_W=16, PAIR=False)
     return dict(BLOCK_M=pow2(problem.M, 16, 1024 if problem.kind == "block_sparse_fwd" else 4096))
 
 

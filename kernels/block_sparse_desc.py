@@ -88,7 +88,7 @@ def bs_conv3d_desc_kernel(
     # Sizes
     XD, XH, XW, YD, YH, YW,
     NUM_M,          # programs along the output voxels: N * YD * NUM_H * NUM_W
-    NUM_H, NUM_W,   # cdiv(YH, BLOCK_H), cdiv(YW, BLOCK_W)
+    NUM_H, NUM_W,   # cdiv(YH, BLOCK_H (2·BLOCK_H: PAIR)), cdiv(YW, BLOCK_W)
     # Strides
     sb,         # bias
     sy_n, sy_c, sy_d, sy_h, sy_w,
@@ -105,6 +105,8 @@ def bs_conv3d_desc_kernel(
     TMA: tl.constexpr,    # operands are tensor descriptors (sm_90: TMA); else pointers
     WIDE: tl.constexpr,   # pointers: int64 operand offsets (the operand passes 2**31 elements)
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,  # output brick: BLOCK_M = BLOCK_H * BLOCK_W
+    PAIR: tl.constexpr,   # two bricks stacked along H per program (2·BLOCK_H rows), one value
+                          # slice per entry for both
 ):
     BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
     i_m, _, i_p = program_ids(NUM_M, 1)
@@ -112,7 +114,7 @@ def bs_conv3d_desc_kernel(
     i_hw = i_m % (NUM_H * NUM_W)
     n = i_nd // YD
     od = i_nd % YD
-    oh0 = (i_hw // NUM_W) * BLOCK_H
+    oh0 = (i_hw // NUM_W) * (BLOCK_H * (2 if PAIR else 1))
     ow0 = (i_hw % NUM_W) * BLOCK_W
     id0 = od * STR_D - PAD_D
     ih0 = oh0 - PAD_H
@@ -122,22 +124,41 @@ def bs_conv3d_desc_kernel(
 
     lo = tl.load(ptr_ptr + i_p) * TB
     hi = tl.load(ptr_ptr + i_p + 1) * TB
-    acc = tl.zeros((BLOCK_M, BN), dtype=ACC_DTYPE)
+    acc = tl.zeros((BLOCK_M * (2 if PAIR else 1), BN), dtype=ACC_DTYPE)
     word = tl.load(word_ptr + lo)
     for e in range(lo, hi):
         # the next entry's word: in flight while this entry's boxes load and multiply
         nxt = tl.load(word_ptr + e + 1)
         idd, ih, iw, c = _entry(word, id0, ih0, iw0, BK, DIL_D, DIL_H, DIL_W)
+        b_v = _value_box(v, e, BK, BN, TMA)
         b_x = _operand_box(x, n, idd, ih, iw, c, r_h, r_w, XD, XH, XW, C, BLOCK_M, BK, TMA,
                            WIDE)
-        b_v = _value_box(v, e, BK, BN, TMA)
         # A tap past a border reads zeros and adds 0·v, as F.conv3d's zero padding does.
-        acc = tl.dot(b_x, b_v, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        if PAIR:
+            b_x2 = _operand_box(x, n, idd, ih + BLOCK_H, iw, c, r_h, r_w, XD, XH, XW, C,
+                                BLOCK_M, BK, TMA, WIDE)
+            b_xx = tl.join(b_x, b_x2).permute(2, 0, 1).reshape(2 * BLOCK_M, BK)
+            acc = tl.dot(b_xx, b_v, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        else:
+            acc = tl.dot(b_x, b_v, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         word = nxt
 
-    # the output rows, computed here: not held in registers through the loop
-    oh = oh0 + tl.arange(0, BLOCK_M) // BLOCK_W
-    ow = ow0 + tl.arange(0, BLOCK_M) % BLOCK_W
+    if PAIR:
+        acc, acc2 = acc.reshape(2, BLOCK_M, BN).permute(1, 2, 0).split()
+        _store_brick(acc2, bias_ptr, y_ptr, n, od, oh0 + BLOCK_H, ow0, i_p, YH, YW, sb, sy_n,
+                     sy_c, sy_d, sy_h, sy_w, BN, HAS_BIAS, ACC_DTYPE, BLOCK_H, BLOCK_W)
+    _store_brick(acc, bias_ptr, y_ptr, n, od, oh0, ow0, i_p, YH, YW, sb, sy_n, sy_c, sy_d, sy_h,
+                 sy_w, BN, HAS_BIAS, ACC_DTYPE, BLOCK_H, BLOCK_W)
+
+
+@triton.jit
+def _store_brick(acc, bias_ptr, y_ptr, n, od, oh0, ow0, i_p, YH, YW, sb, sy_n, sy_c, sy_d, sy_h,
+                 sy_w, BN: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                 BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Store the [BLOCK_H·BLOCK_W, BN] brick at (n, od, oh0, ow0), channels of block i_p (plus the
+    bias); the output rows are computed here, not held in registers through the loop."""
+    oh = oh0 + tl.arange(0, BLOCK_H * BLOCK_W) // BLOCK_W
+    ow = ow0 + tl.arange(0, BLOCK_H * BLOCK_W) % BLOCK_W
     o_n = i_p * BN + tl.arange(0, BN)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + o_n * sb).to(ACC_DTYPE)[None, :]
@@ -151,7 +172,7 @@ def bs_conv3d_desc_kernel(
 # Host side: which problems the kernel takes, the entry lists, launchers.
 # ----------------------------------------------------------------------------------------------
 
-_KEYS = ("BLOCK_H", "BLOCK_W")
+_KEYS = ("BLOCK_H", "BLOCK_W", "PAIR")
 
 
 def entry_lists(values, row_ptr, col, weight_shape, block_shape, groups, transposed=False):
@@ -198,7 +219,7 @@ def entry_lists(values, row_ptr, col, weight_shape, block_shape, groups, transpo
 def _launch(a, words, packed, ptr, bias, y, geo, config, allow_tf32, tma):
     """One launch producing ``y`` from the NDHWC operand ``a`` and the entry lists."""
     check_config(config, _KEYS)
-    bh, bw = (config[k] for k in _KEYS)
+    bh, bw, pair = (config[k] for k in _KEYS)
     _, bk, bn = packed.shape
     tma = use_tma(a) if tma is None else tma
     if tma:
@@ -209,7 +230,7 @@ def _launch(a, words, packed, ptr, bias, y, geo, config, allow_tf32, tma):
     else:
         x, v = a, packed
     N, _, YD, YH, YW = y.shape
-    num_h, num_w = triton.cdiv(YH, bh), triton.cdiv(YW, bw)
+    num_h, num_w = triton.cdiv(YH, bh * (2 if pair else 1)), triton.cdiv(YW, bw)
     num_m = N * YD * num_h * num_w
     bs_conv3d_desc_kernel[flat_grid(num_m, 1, ptr.numel() - 1)](
         x, v, words, ptr, bias if bias is not None else packed, y,
@@ -218,7 +239,7 @@ def _launch(a, words, packed, ptr, bias, y, geo, config, allow_tf32, tma):
         C=a.shape[1], BK=bk, BN=bn, TB=geo.pop("TB"), STR_D=geo["STR_D"],
         **{k: geo[k] for k in ("PAD_D", "PAD_H", "PAD_W", "DIL_D", "DIL_H", "DIL_W")},
         HAS_BIAS=bias is not None, ACC_DTYPE=acc_dtype(y), PRECISION=precision(y, allow_tf32),
-        TMA=tma, WIDE=not tma and wide(reach(a)), BLOCK_H=bh, BLOCK_W=bw,
+        TMA=tma, WIDE=not tma and wide(reach(a)), BLOCK_H=bh, BLOCK_W=bw, PAIR=pair,
         **launch_opts(config))
     return y
 
@@ -234,7 +255,7 @@ def _checked(dtype, weight_shape, block_shape, stride, groups, transposed):
 
 def block_sparse_desc_fwd(x, values, row_ptr, col, weight_shape, block_shape, bias, stride,
                           padding, dilation, groups, config, *, allow_tf32=False, tma=None):
-    """Block-sparse forward (``fits``). Config keys: BLOCK_H, BLOCK_W (num_warps,
+    """Block-sparse forward (``fits``). Config keys: BLOCK_H, BLOCK_W, PAIR (num_warps,
     num_stages optional). The result has
     ``x``'s layout (``lk3d.kernels.memory_format``)."""
     _checked(x.dtype, weight_shape, block_shape, stride, groups, False)

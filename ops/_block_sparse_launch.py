@@ -109,7 +109,7 @@ def _descriptor_ms(pass_, input, nnz, weight_shape, block_shape, stride, padding
     config = block_sparse_family.pick(prob, gpu.shared_per_sm - 1024, elem)
     size = out_size(input.shape[2:], weight_shape[2:], stride, padding, dilation)
     produced = size if pass_ == "forward" else input.shape[2:]
-    bh, bw = config["BLOCK_H"], config["BLOCK_W"]
+    bh, bw = config["BLOCK_H"] * (2 if config["PAIR"] else 1), config["BLOCK_W"]
     rows = (input.shape[0] * produced[0] * -(-produced[1] // bh) * bh
             * -(-produced[2] // bw) * bw)
     flops = 2 * rows * prob.KC * prob.NC * prob.taps

@@ -87,7 +87,7 @@ def test_forward_grad_input(case, tma, device, no_tf32):
     gyk = gy.to(**f32).transpose(2, 3).contiguous().transpose(2, 3)
     vk = values.to(**f32).transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous
     vk_before, xk_before = vk.clone(), xk.clone()
-    config = dict(BLOCK_H=8, BLOCK_W=8)
+    config = dict(BLOCK_H=4, BLOCK_W=8, PAIR=tma)  # two stacked bricks a program, or one
     args = (row_ptr.to(device), col.to(device), w.shape, case["block"])
     y = bsd.block_sparse_desc_fwd(xk, vk, *args, b.to(**f32), stride, pad, dil, groups, config,
                                   tma=tma)
@@ -150,7 +150,7 @@ def test_empty_index_and_rows(device, no_tf32):
     col = torch.zeros(0, dtype=torch.int32, device=device)
     b = torch.randn(32, device=device)
     geo = ((1, 1, 1), (1,) * 6, (1, 1, 1), 1)
-    config = dict(BLOCK_H=8, BLOCK_W=8)
+    config = dict(BLOCK_H=8, BLOCK_W=8, PAIR=False)
     y = bsd.block_sparse_desc_fwd(x, values, row_ptr, col, (32, 16, 3, 3, 3), (16, 16, 1, 1, 1),
                                   b, *geo, config)
     assert torch.equal(y.cpu(), b.cpu()[None, :, None, None, None].expand(1, 32, 3, 4, 5))

@@ -462,22 +462,23 @@ def block_sparse_cases():
 def block_sparse_desc_cases():
     """Every config of the tensor-descriptor block-sparse kernel (``BLOCK_SPARSE_DESC_CONFIGS``)
     at 7³ "same", as each arch launches it (sm_90: descriptors; sm_80: pointers), at the square
-    channel blocks and dtypes ``pick`` gives it (``desc_fits``): forward with a bias, the 16x16
+    channel blocks and dtypes ``pick`` gives it (``desc_fits``): forward with a bias, at 16x16
     blocks also as grad-input (no bias)."""
     from lk3d.kernels import block_sparse_desc as bsd
     from lk3d.kernels.block_sparse_configs import BLOCK_SPARSE_DESC_CONFIGS as CONFIGS
 
-    # (config, channel block, dtypes, arches): the 32 x 32 brick is sm_80's; the first is the
-    # one compiled again WIDE (pointers)
+    # (config, channel block, dtypes, arches): PAIR is sm_90's, the 32 x 32 brick sm_80's; the
+    # first is the one compiled again WIDE (pointers)
     both = ((False, 80), (True, 90))
-    taken = [(0, 16, ("bf16",), ((False, 80),)), (1, 16, ("bf16", "fp16", "fp32"), both),
-             (2, 32, ("bf16",), both), (2, 64, ("bf16", "fp32"), both), (3, 128, ("bf16",), both)]
+    taken = [(1, 16, ("bf16",), ((False, 80),)), (0, 16, ("bf16", "fp16"), ((True, 90),)),
+             (2, 16, ("bf16", "fp16", "fp32"), both), (3, 32, ("bf16",), both),
+             (3, 64, ("bf16", "fp32"), both), (4, 128, ("bf16",), both)]
     geo = {k: v for k, v in _GEOMETRY.items() if k not in ("KD", "KH", "KW")}
     cases = []
     for i, ch, dtypes, arches in taken:
         config = CONFIGS[i]
         box_x = [1, 1, config["BLOCK_H"], config["BLOCK_W"], ch]
-        for name, bias in (("fwd", True), ("bwd", False)) if i < 2 else (("fwd", True),):
+        for name, bias in (("fwd", True), ("bwd", False)) if i < 3 else (("fwd", True),):
             for dtype in dtypes:
                 for tma, arch in arches:
                     case = _case(bsd.bs_conv3d_desc_kernel,

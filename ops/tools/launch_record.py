@@ -557,7 +557,7 @@ def executed_flops(launch):
         return rows * (taps + epilogue * ((a["OUT_PROJ"] and a["WRITE"]) + a["EMIT_G"]))
     if launch.name == "bs_conv3d_desc_kernel":  # every entry of its block over every brick
         entries = launch.args["word_ptr"].shape[0] - 1
-        rows = a["NUM_M"] * a["BLOCK_H"] * a["BLOCK_W"]
+        rows = a["NUM_M"] * a["BLOCK_H"] * a["BLOCK_W"] * (2 if a["PAIR"] else 1)
         return 2 * rows * a["BK"] * a["BN"] * entries
     taps = a["KD"] * a["KH"] * a["KW"]
     if launch.name == "conv3d_desc_kernel":  # every tap of every brick, padded channel blocks
