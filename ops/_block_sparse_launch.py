@@ -1,6 +1,8 @@
-"""The block-sparse Triton launchers of ``lk3d.kernels.block_sparse`` with their launch config, and
-what the planner knows of them: what ``lk3d.block_sparse``'s sparse route runs where the kernels
-serve. Same arguments as the launchers (padding six ints); ``config=None`` takes
+"""The block-sparse Triton launchers of ``lk3d.kernels.block_sparse`` and
+``lk3d.kernels.block_sparse_desc`` with their launch config, and what the planner knows of them:
+what ``lk3d.block_sparse``'s sparse route runs where the kernels serve. The forward and stride-1
+grad-input of channel blocks the tensor-descriptor kernel takes (``descriptor``) run on it, the
+other passes and problems on the gather kernels of ``lk3d.kernels.block_sparse``. Same arguments as the launchers (padding six ints); ``config=None`` takes
 ``lk3d.autotune.configs.default_config`` (the space: ``lk3d.kernels.block_sparse_configs``), chosen
 for the voxels the launch produces or reduces over.
 
