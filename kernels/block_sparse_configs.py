@@ -34,6 +34,12 @@ BLOCK_SPARSE_DESC_CONFIGS = [
     dict(BLOCK_H=8, BLOCK_W=16, PAIR=False, num_warps=4, num_stages=3),
     dict(BLOCK_H=4, BLOCK_W=16, PAIR=False, num_warps=4, num_stages=3),
 ]
+# Grad-values on the tensor-descriptor loader: per forward entry, [bi, BLOCK_M] x [BLOCK_M, bo]
+# products over BLOCK_H x BLOCK_W output bricks; SPLIT programs share one entry's reduction.
+BLOCK_SPARSE_DESC_WGRAD_CONFIGS = [
+    dict(BLOCK_H=8, BLOCK_W=16, num_warps=4, num_stages=3),
+    dict(BLOCK_H=4, BLOCK_W=16, num_warps=4, num_stages=3),
+]
 # Depthwise forward and grad-input: [BLOCK_M, bo] elementwise multiply-accumulate per tap.
 BLOCK_SPARSE_DW_CONFIGS = [
     dict(BLOCK_M=128, num_warps=4, num_stages=1),
@@ -52,7 +58,7 @@ BLOCK_SPARSE_DW_WGRAD_CONFIGS = [
 CONFIG_SPACES = config_spaces(globals())  # {kind: <KIND>_CONFIGS above}
 # Keys a launch takes beyond its space's (LK3D_CONFIG may force them too).
 RUNTIME_KEYS = ("SPLIT",)
-_WGRAD = ("block_sparse_wgrad", "block_sparse_dw_wgrad")
+_WGRAD = ("block_sparse_wgrad", "block_sparse_dw_wgrad", "block_sparse_desc_wgrad")
 # The descriptor kernel's registers: a thread holds its share of the fp32 accumulator
 # (BLOCK_M x BN) and of the operand box (BLOCK_M x BK) in 32-bit registers; at most DESC_REGISTERS
 # of them, else a config spills (seen at 192 with 32-channel blocks). The 1024-row programs take
@@ -127,6 +133,9 @@ def shared_bytes(config, problem, element_size):
     if problem.kind == "block_sparse_desc":
         k, n = problem.KC, problem.NC
         return stages * (desc_rows(config) + n) * k * element_size
+    if problem.kind == "block_sparse_desc_wgrad":
+        bo, bi = problem.block_shape[:2]
+        return stages * config["BLOCK_H"] * config["BLOCK_W"] * (bi + bo) * element_size
     if problem.kind == "block_sparse_wgrad":
         return stages * (_tile(bi, 16) + _tile(bo, 16)) * config["BLOCK_S"] * element_size
     return 0
@@ -138,6 +147,11 @@ def pick(problem, smem_limit, element_size):
     configs = CONFIG_SPACES[problem.kind]
     if problem.kind == "block_sparse_dw":
         return dict(configs[1] if problem.M >= 4096 else configs[0])
+    if problem.kind == "block_sparse_desc_wgrad":  # the wider operands take the smaller brick
+        c = dict(configs[0] if max(problem.block_shape[:2]) * element_size <= 64 else configs[1])
+        while c["num_stages"] > 1 and shared_bytes(c, problem, element_size) > smem_limit:
+            c["num_stages"] -= 1
+        return c
     if problem.kind == "block_sparse_desc":
         # PAIR (one warpgroup) on sm_90 only, the 8-warp 32 x 32 brick before; programs within
         # the problem
@@ -161,6 +175,8 @@ def pick(problem, smem_limit, element_size):
 
 def interpreter_config(problem):
     """Few, large programs: the interpreter costs per operation per program, not per element."""
+    if problem.kind == "block_sparse_desc_wgrad":
+        return dict(BLOCK_H=8, BLOCK_W=16)
     if problem.kind in _WGRAD:
         return dict(BLOCK_S=pow2(problem.M, 16, 1024))
     if problem.kind == "block_sparse_desc":
@@ -175,5 +191,6 @@ def split(problem, config, device_programs):
     if problem.kind not in _WGRAD:
         return None
     bo, bi = problem.block_shape[:2]
-    return split_programs(problem.M, config["BLOCK_S"], problem.programs,
+    step = config["BLOCK_H"] * config["BLOCK_W"] if "BLOCK_H" in config else config["BLOCK_S"]
+    return split_programs(problem.M, step, problem.programs,
                           problem.programs * bo * bi, device_programs)

@@ -168,6 +168,64 @@ def _store_brick(acc, bias_ptr, y_ptr, n, od, oh0, ow0, i_p, YH, YW, sb, sy_n, s
     tl.store(p_y, acc.to(y_ptr.dtype.element_ty), mask=((oh < YH) & (ow < YW))[:, None])
 
 
+@triton.jit
+def bs_conv3d_desc_wgrad_kernel(
+    # Operands: tensor descriptors (TMA) or pointers to the same tensors
+    x,          # input, dense NDHWC [N, XD, XH, XW, CX]; TMA: box [1, 1, BLOCK_H, BLOCK_W, BI]
+    dy,         # grad_output, dense NDHWC [N, YD, YH, YW, CY]; TMA: box [1, 1, BLOCK_H, BLOCK_W,
+                # BO]
+    word_ptr,   # int32 [entries + 1]: the forward's entry words
+    erow_ptr,   # int32 [entries]: each entry's block row
+    dv_ptr,     # fp32 partials [SPLIT, entries, BI, BO], contiguous
+    # Sizes
+    ENTRIES,
+    XD, XH, XW, YD, YH, YW,
+    NUM_M,          # output bricks: N * YD * NUM_H * NUM_W
+    NUM_H, NUM_W,   # cdiv(YH, BLOCK_H), cdiv(YW, BLOCK_W)
+    M_PER_SPLIT,    # bricks per split program
+    # Meta-parameters
+    CX: tl.constexpr, CY: tl.constexpr,  # channels of x and dy (pointer path: voxel strides)
+    BI: tl.constexpr, BO: tl.constexpr,  # block channels
+    STR_D: tl.constexpr,  # H and W: 1
+    PAD_D: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    DIL_D: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
+    WIDE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,  # output brick of a reduction step
+):
+    BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
+    i_e, _, i_s = program_ids(ENTRIES, 1)
+    word = tl.load(word_ptr + i_e)
+    c_o = tl.load(erow_ptr + i_e) * BO
+    kd = word >> 24
+    kh = (word >> 17) & 127
+    kw = (word >> 10) & 127
+    c_i = (word & 1023) * BI
+    r_h = tl.arange(0, BLOCK_M) // BLOCK_W  # the pointer path's rows of the brick
+    r_w = tl.arange(0, BLOCK_M) % BLOCK_W
+    acc = tl.zeros((BI, BO), dtype=ACC_DTYPE)
+    lo = i_s * M_PER_SPLIT
+    hi = tl.minimum(lo + M_PER_SPLIT, NUM_M)
+    for j in range(lo, hi):
+        i_nd = j // (NUM_H * NUM_W)
+        i_hw = j % (NUM_H * NUM_W)
+        n = i_nd // YD
+        od = i_nd % YD
+        oh0 = (i_hw // NUM_W) * BLOCK_H
+        ow0 = (i_hw % NUM_W) * BLOCK_W
+        # rows past the output's border read zeros from dy and add nothing
+        b_dy = _operand_box(dy, n, od, oh0, ow0, c_o, r_h, r_w, YD, YH, YW, CY, BLOCK_M, BO, TMA,
+                            WIDE)
+        b_x = _operand_box(x, n, od * STR_D - PAD_D + kd * DIL_D, oh0 - PAD_H + kh * DIL_H,
+                           ow0 - PAD_W + kw * DIL_W, c_i, r_h, r_w, XD, XH, XW, CX, BLOCK_M, BI,
+                           TMA, WIDE)
+        acc = tl.dot(tl.trans(b_x), b_dy, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    o = (tl.arange(0, BI)[:, None] * BO + tl.arange(0, BO)[None, :]).to(tl.int64)
+    tl.store(dv_ptr + (i_s.to(tl.int64) * ENTRIES + i_e) * (BI * BO) + o, acc)
+
+
 # ----------------------------------------------------------------------------------------------
 # Host side: which problems the kernel takes, the entry lists, launchers.
 # ----------------------------------------------------------------------------------------------
@@ -175,10 +233,11 @@ def _store_brick(acc, bias_ptr, y_ptr, n, od, oh0, ow0, i_p, YH, YW, sb, sy_n, s
 _KEYS = ("BLOCK_H", "BLOCK_W", "PAIR")
 
 
-def entry_lists(values, row_ptr, col, weight_shape, block_shape, groups, transposed=False):
+def entry_lists(values, row_ptr, col, weight_shape, block_shape, groups, transposed=False,
+                pack=True):
     """The entry lists of the stored blocks (module docstring): ``(words int32 [L + 1],
     packed [L, BK, BN] in values' dtype, ptr int32 [P + 1])`` with L = nnz·taps; produced block
-    p's entries are ``ptr[p]·taps .. ptr[p+1]·taps - 1``."""
+    p's entries are ``ptr[p]·taps .. ptr[p+1]·taps - 1``; ``pack`` False: packed is None."""
     cout, cig, kd, kh, kw = weight_shape
     bo, bi, bd, bh, bw = block_shape
     nnz = values.shape[0]
@@ -205,14 +264,16 @@ def entry_lists(values, row_ptr, col, weight_shape, block_shape, groups, transpo
     if transposed:
         tap_d, tap_h, tap_w = kd - 1 - tap_d, kh - 1 - tap_h, kw - 1 - tap_w
     words = ((((tap_d << 7) | tap_h) << 7 | tap_w) << 10) | cblock[:, None]
-    blocks = values[blk].reshape(nnz, bo, bi, taps)
-    blocks = blocks.permute(0, 3, 1, 2) if transposed else blocks.permute(0, 3, 2, 1)
-    bk, bn = (bo, bi) if transposed else (bi, bo)
-    packed = blocks.reshape(nnz * taps, bk, bn).contiguous()
-    if nnz == 0:  # a descriptor needs one row; no program reads it
-        packed = values.new_zeros((1, bk, bn))
     out = torch.zeros(nnz * taps + 1, dtype=torch.int32, device=dev)
     out[:-1] = words.reshape(-1)
+    packed = None
+    if pack:
+        blocks = values[blk].reshape(nnz, bo, bi, taps)
+        blocks = blocks.permute(0, 3, 1, 2) if transposed else blocks.permute(0, 3, 2, 1)
+        bk, bn = (bo, bi) if transposed else (bi, bo)
+        packed = blocks.reshape(nnz * taps, bk, bn).contiguous()
+        if nnz == 0:  # a descriptor needs one row; no program reads it
+            packed = values.new_zeros((1, bk, bn))
     return out, packed, ptr.to(torch.int32).contiguous()
 
 
@@ -242,6 +303,57 @@ def _launch(a, words, packed, ptr, bias, y, geo, config, allow_tf32, tma):
         TMA=tma, WIDE=not tma and wide(reach(a)), BLOCK_H=bh, BLOCK_W=bw, PAIR=pair,
         **launch_opts(config))
     return y
+
+
+def block_sparse_desc_bwd_values(grad, x, values, row_ptr, col, weight_shape, block_shape,
+                                 stride, padding, dilation, groups, config, *, allow_tf32=False,
+                                 tma=None):
+    """Gradient of the stored blocks, [nnz, bo, bi, bd, bh, bw] in values' dtype: per forward
+    entry (one tap of a stored block), the reduction over the output voxels of the input box at
+    the entry's tap by the grad_output box of its block row, ``tl.dot(x_box^T, dy_box)``, SPLIT
+    programs writing fp32 partials the launcher sums (deterministic). Config keys: BLOCK_H,
+    BLOCK_W, SPLIT (num_warps, num_stages optional)."""
+    _checked(x.dtype, weight_shape, block_shape, stride, groups, False)
+    check_config(config, ("BLOCK_H", "BLOCK_W", "SPLIT"))
+    nnz = values.shape[0]
+    bo, bi, bd, bh_, bw_ = block_shape
+    taps = bd * bh_ * bw_
+    if nnz == 0 or grad.numel() == 0 or x.numel() == 0:
+        return torch.zeros_like(values)
+    words, _, _ = entry_lists(values, row_ptr, col, weight_shape, block_shape, groups,
+                              pack=False)
+    erows = torch.repeat_interleave(block_rows(row_ptr.to(torch.int32), nnz), taps,
+                                    output_size=nnz * taps)
+    entries = nnz * taps
+    bh, bw, split = config["BLOCK_H"], config["BLOCK_W"], config["SPLIT"]
+    N, _, YD, YH, YW = grad.shape
+    num_h, num_w = triton.cdiv(YH, bh), triton.cdiv(YW, bw)
+    num_m = N * YD * num_h * num_w
+    per = triton.cdiv(num_m, max(1, split))
+    split = triton.cdiv(num_m, per)
+    part = torch.empty((split, entries, bi, bo), dtype=torch.float32, device=x.device)
+    a, g = ndhwc(x), ndhwc(grad)
+    tma = use_tma(a) if tma is None else tma
+    if tma:
+        xd = TensorDescriptor(a, [N, *a.shape[2:], a.shape[1]],
+                              [a.shape[1] * a.shape[2] * a.shape[3] * a.shape[4],
+                               a.shape[1] * a.shape[3] * a.shape[4], a.shape[1] * a.shape[4],
+                               a.shape[1], 1], [1, 1, bh, bw, bi])
+        yd = TensorDescriptor(g, [N, YD, YH, YW, g.shape[1]],
+                              [g.shape[1] * YD * YH * YW, g.shape[1] * YH * YW, g.shape[1] * YW,
+                               g.shape[1], 1], [1, 1, bh, bw, bo])
+    else:
+        xd, yd = a, g
+    geo = geometry(stride, padding, dilation, weight_shape[2:])
+    bs_conv3d_desc_wgrad_kernel[flat_grid(entries, 1, split)](
+        xd, yd, words, erows, part, entries, *a.shape[2:], YD, YH, YW, num_m, num_h, num_w, per,
+        CX=a.shape[1], CY=g.shape[1], BI=bi, BO=bo, STR_D=geo["STR_D"],
+        **{k: geo[k] for k in ("PAD_D", "PAD_H", "PAD_W", "DIL_D", "DIL_H", "DIL_W")},
+        ACC_DTYPE=tl.float32, PRECISION=precision(x, allow_tf32), TMA=tma,
+        WIDE=not tma and wide(reach(a), reach(g)), BLOCK_H=bh, BLOCK_W=bw,
+        **launch_opts(config))
+    dv = part.sum(0).view(nnz, taps, bi, bo).permute(0, 3, 2, 1)
+    return dv.reshape(values.shape).to(values.dtype)
 
 
 def _checked(dtype, weight_shape, block_shape, stride, groups, transposed):

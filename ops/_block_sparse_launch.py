@@ -24,14 +24,16 @@ configs.register(block_sparse_family)
 
 SPACES = {"forward": ("block_sparse_desc", "block_sparse_fwd", "block_sparse_dw"),
           "grad_input": ("block_sparse_desc", "block_sparse_fwd", "block_sparse_dw"),
-          "grad_values": ("block_sparse_wgrad", "block_sparse_dw_wgrad")}
+          "grad_values": ("block_sparse_desc_wgrad", "block_sparse_wgrad",
+                          "block_sparse_dw_wgrad")}
 
 
 def descriptor(pass_, dtype, weight_shape, block_shape, stride, in_channels):
-    """Whether pass ``pass_`` runs on the tensor-descriptor kernel
-    (``lk3d.kernels.block_sparse_desc``): the forward and grad-input of the problems it takes
-    (``block_sparse_configs.descriptor_fits``); the others take ``lk3d.kernels.block_sparse``."""
-    return pass_ != "grad_values" and block_sparse_family.descriptor_fits(
+    """Whether pass ``pass_`` runs on the tensor-descriptor kernels
+    (``lk3d.kernels.block_sparse_desc``): the problems they take
+    (``block_sparse_configs.descriptor_fits``; grad-values as the forward); the others take
+    ``lk3d.kernels.block_sparse``."""
+    return block_sparse_family.descriptor_fits(
         dtype, weight_shape, block_shape, stride, in_channels, transposed=pass_ == "grad_input")
 
 
@@ -42,7 +44,11 @@ def problem(pass_, x_shape, weight_shape, block_shape, nnz, stride, padding, dil
     depthwise = weight_shape[1] == 1
     size = out_size(x_shape[2:], weight_shape[2:], stride, padding, dilation)
     if pass_ == "grad_values":
-        return configs.Problem("block_sparse_dw_wgrad" if depthwise else "block_sparse_wgrad",
+        desc = dtype is not None and descriptor(pass_, dtype, weight_shape, block_shape, stride,
+                                                x_shape[1])
+        kind = ("block_sparse_desc_wgrad" if desc else
+                "block_sparse_dw_wgrad" if depthwise else "block_sparse_wgrad")
+        return configs.Problem(kind,
                                M=x_shape[0] * math.prod(size), block_shape=tuple(block_shape),
                                programs=nnz * math.prod(block_shape[2:]))
     produced = size if pass_ == "forward" else x_shape[2:]
@@ -65,8 +71,8 @@ def launch_configs(pass_, input, nnz, weight_shape, block_shape, stride, padding
         input.device, input.element_size())
 
 
-# The tensor-descriptor kernel (forward, grad-input where ``descriptor``) is priced at its own
-# ceiling and executed FLOPs (``_descriptor_ms``). The other kernels' modelled time on CUDA is
+# The tensor-descriptor kernels (where ``descriptor``) are priced at their own ceilings and
+# executed FLOPs (``_descriptor_ms``). The other kernels' modelled time on CUDA is
 # lk3d.conv3d's model of its own Triton kernels ("tiled",
 # lk3d._algos.model_ms, priced from the device's figures) on the dense weight, times the fraction
 # of it stored (the density), over the step efficiency of the channel-block kernel against the
@@ -101,26 +107,35 @@ def _tile(n):
 
 def _descriptor_ms(pass_, input, nnz, weight_shape, block_shape, stride, padding, dilation,
                    gpu):
-    """The tensor-descriptor kernel's modelled ms: its executed FLOPs (every stored block's
-    taps over the output bricks of the default config) at the ceiling of its kind
-    ("block_sparse_desc"), floored by the bytes it moves; plus the launcher's copies: the
-    operand to NDHWC and the stored blocks repacked into entry order (each read and written)."""
+    """The tensor-descriptor kernels' modelled ms: their executed FLOPs (every stored block's
+    taps over the output bricks of the default config) at the ceiling of their kind
+    ("block_sparse_desc", grad-values "block_sparse_desc_wgrad"), floored by the bytes they move;
+    plus the launcher's copies (each read and written): the operands to NDHWC (grad-values:
+    input and grad_output) and, forward and grad-input, the stored blocks repacked into entry
+    order."""
     prob = problem(pass_, input.shape, weight_shape, block_shape, nnz, stride, padding, dilation,
                    input.dtype)
     elem = torch.empty((), dtype=input.dtype).element_size()
     config = block_sparse_family.pick(prob, gpu.shared_per_sm - 1024, elem)
     size = out_size(input.shape[2:], weight_shape[2:], stride, padding, dilation)
-    produced = size if pass_ == "forward" else input.shape[2:]
-    bh, bw = config["BLOCK_H"] * (2 if config["PAIR"] else 1), config["BLOCK_W"]
+    produced = input.shape[2:] if pass_ == "grad_input" else size
+    bh = config["BLOCK_H"] * (2 if config.get("PAIR") else 1)
+    bw = config["BLOCK_W"]
     rows = (input.shape[0] * produced[0] * -(-produced[1] // bh) * bh
             * -(-produced[2] // bw) * bw)
-    flops = 2 * rows * prob.KC * prob.NC * prob.taps
+    bo, bi = block_shape[:2]
+    entries = nnz * math.prod(block_shape[2:])
+    flops = 2 * rows * bo * bi * entries
     values = nnz * math.prod(block_shape)
-    operand = input.shape[0] * (input.shape[1] * math.prod(input.shape[2:]) if pass_ == "forward"
-                                else weight_shape[0] * math.prod(size))
-    result = input.shape[0] * (weight_shape[0] * math.prod(size) if pass_ == "forward"
-                               else math.prod(input.shape[1:]))
-    moved = elem * (operand + result + values) + 4 * prob.taps
+    x = input.shape[0] * math.prod(input.shape[1:])
+    dy = input.shape[0] * weight_shape[0] * math.prod(size)
+    if pass_ == "grad_values":
+        moved = elem * (x + dy + values) + 4 * entries * (bo * bi + 2)
+        return (cuda_model.kernel_ms("block_sparse_desc_wgrad", flops, moved, gpu, input.dtype,
+                                     _algos.allow_tf32())
+                + cuda_model.copy_ms(2 * elem * (x + dy), gpu))
+    operand = x if pass_ == "forward" else dy
+    moved = elem * (x + dy + values) + 4 * entries
     return (cuda_model.kernel_ms("block_sparse_desc", flops, moved, gpu, input.dtype,
                                  _algos.allow_tf32())
             + cuda_model.copy_ms(2 * elem * (operand + values), gpu))
@@ -167,7 +182,8 @@ def _launch(pass_, launcher, main, x_shape, values, weight_shape, block_shape, g
             main.device, main.element_size())
     if desc:
         launcher = {"forward": kernels.block_sparse_desc.block_sparse_desc_fwd,
-                    "grad_input": kernels.block_sparse_desc.block_sparse_desc_bwd_input}[pass_]
+                    "grad_input": kernels.block_sparse_desc.block_sparse_desc_bwd_input,
+                    "grad_values": kernels.block_sparse_desc.block_sparse_desc_bwd_values}[pass_]
     return launcher(*args, *geometry, config, allow_tf32=allow_tf32)
 
 def block_sparse_fwd(x, values, row_ptr, col, weight_shape, block_shape, bias, stride, padding,

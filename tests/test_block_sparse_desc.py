@@ -15,7 +15,7 @@ from lk3d import _block_sparse_launch as launch
 from lk3d.autotune import devices
 from lk3d.kernels import block_sparse_desc as bsd
 from lk3d.kernels import common
-from test_block_sparse_kernel import _grid, _split_blocks
+from test_block_sparse_kernel import _grid, _split_blocks, stored_blocks
 
 
 @pytest.fixture(autouse=True)
@@ -107,8 +107,9 @@ def _launch_record(monkeypatch, module, name):
 
 
 def test_routing_and_every_shipped_config(device, monkeypatch, no_tf32):
-    """lk3d._block_sparse_launch sends the forward and stride-1 grad-input of 16-channel blocks
-    to the descriptor kernel (each shipped config once, and the default without one), and
+    """lk3d._block_sparse_launch sends the forward, stride-1 grad-input and grad-values of
+    16-channel blocks to the descriptor kernels (each shipped config once, and the default
+    without one), and
     what it does not take (8-channel blocks; grad-input at stride 2) to
     lk3d.kernels.block_sparse; fp32 results match float64."""
     from lk3d.kernels import block_sparse as bs
@@ -133,6 +134,16 @@ def test_routing_and_every_shipped_config(device, monkeypatch, no_tf32):
         assert rel_err(y, y_ref) < TOL[torch.float32], config
         assert rel_err(dx, dx_ref) < TOL[torch.float32], config
     assert len(fwd) == len(bwd) == 1 + len(bsc.BLOCK_SPARSE_DESC_CONFIGS)
+    wgrad = _launch_record(monkeypatch, bsd, "block_sparse_desc_bwd_values")
+    xr, wr = x.clone(), wd.clone().requires_grad_()
+    F.conv3d(F.pad(xr, (1, 1, 0, 1, 1, 1)), wr).backward(gy)
+    want = stored_blocks(wr.grad, case["block"], row_ptr, col)
+    for config in [None, *bsc.BLOCK_SPARSE_DESC_WGRAD_CONFIGS]:
+        config = config and dict(config, SPLIT=2)
+        dv = launch.block_sparse_bwd_values(gyk, xk, vk, row_ptr, col, w.shape, case["block"],
+                                            *geo, config=config)
+        assert rel_err(dv, want) < TOL[torch.float32], config
+    assert len(wgrad) == 1 + len(bsc.BLOCK_SPARSE_DESC_WGRAD_CONFIGS)
     old = _launch_record(monkeypatch, bs, "block_sparse_bwd_input")
     launch.block_sparse_bwd_input(gyk, vk, row_ptr, col, w.shape, case["block"],
                                   (1, 32, 3, 4, 9), (1, 1, 2), case["padding"], (1, 1, 1), 1)
@@ -188,3 +199,28 @@ def test_cuda_model_prices_the_descriptor_kernel():
             gather = launch.kernels_ms(pass_, x, round(0.1 * blocks), w, (16, 16, 1, 1, 1),
                                        *geo, 1, device=gpu)
         assert gather > 4 * ms[0.1], (gather, ms)
+
+
+@pytest.mark.parametrize("tma", [True, False], ids=["descriptors", "pointers"])
+def test_grad_values(tma, device, no_tf32):
+    """fp32 grad-values against the stored blocks of float64 autograd's weight gradient: stride
+    2 along D, even kernel with 'same' padding, dilation, groups, a tap brick; the reduction
+    split over 3 programs; non-contiguous input and grad_output."""
+    case = dict(N=2, cin=32, cout=32, size=(5, 3, 6), kernel=(2, 3, 2), block=(16, 16, 2, 1, 1),
+                groups=2)
+    x, w, b, values, row_ptr, col, wd, g = _tensors(**case)
+    stride, pad, dil = (2, 1, 1), (0, 1, 1, 1, 1, 0), (1, 2, 1)
+    xr, wr = x.clone(), wd.clone().requires_grad_()
+    y = F.conv3d(F.pad(xr, (pad[2], pad[5], pad[1], pad[4], pad[0], pad[3])), wr, None, stride,
+                 0, dil, 2)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(gy)
+    want = stored_blocks(wr.grad, case["block"], row_ptr, col)
+    f32 = dict(dtype=torch.float32, device=device)
+    xk = x.to(**f32).transpose(3, 4).contiguous().transpose(3, 4)
+    gyk = gy.to(**f32).transpose(2, 3).contiguous().transpose(2, 3)
+    dv = bsd.block_sparse_desc_bwd_values(gyk, xk, values.to(**f32), row_ptr.to(device),
+                                          col.to(device), w.shape, case["block"], stride, pad,
+                                          dil, 2, dict(BLOCK_H=2, BLOCK_W=8, SPLIT=3), tma=tma)
+    assert dv.shape == values.shape and dv.dtype == torch.float32
+    assert rel_err(dv, want) < TOL[torch.float32]

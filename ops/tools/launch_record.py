@@ -497,9 +497,16 @@ def block_sparse_launches(conv, pass_, arch, fallback=False):
         if pass_ == "forward":
             recorded = record(bsd, bsd.block_sparse_desc_fwd, x, *args, None, *geometry,
                               conv.groups, config, tma=arch >= 90)
-        else:
+        elif pass_ == "grad_input":
             recorded = record(bsd, bsd.block_sparse_desc_bwd_input, dy, *args, conv.input,
                               *geometry, conv.groups, config, tma=arch >= 90)
+        else:
+            config["SPLIT"] = fam.split(problem, config, programs)
+            recorded = record(bsd, bsd.block_sparse_desc_bwd_values, dy, x, *args, *geometry,
+                              conv.groups, config, tma=arch >= 90)
+            copied = 2 * (x.numel() + dy.numel()) * x.element_size()
+            return "descriptor", config, [dataclasses.replace(ln, copied=copied)
+                                          for ln in recorded]
         copied = 2 * (operand.numel() + values.numel()) * x.element_size()
         return "descriptor", config, [dataclasses.replace(ln, copied=copied) for ln in recorded]
     if pass_ == "forward":
@@ -555,6 +562,9 @@ def executed_flops(launch):
         epilogue = -(-a["NC"] // a["BLOCK_N"]) * a["BLOCK_N"]
         taps = a["K"] * ((a["WRITE"] or a["EMIT_G"]) + a["EMIT_TAPS"])
         return rows * (taps + epilogue * ((a["OUT_PROJ"] and a["WRITE"]) + a["EMIT_G"]))
+    if launch.name == "bs_conv3d_desc_wgrad_kernel":  # every entry over every brick
+        rows = a["NUM_M"] * a["BLOCK_H"] * a["BLOCK_W"]
+        return 2 * rows * a["BI"] * a["BO"] * a["ENTRIES"]
     if launch.name == "bs_conv3d_desc_kernel":  # every entry of its block over every brick
         entries = launch.args["word_ptr"].shape[0] - 1
         rows = a["NUM_M"] * a["BLOCK_H"] * a["BLOCK_W"] * (2 if a["PAIR"] else 1)
@@ -633,6 +643,7 @@ def kernel_kind(launch):
              "conv3d_dw_cl_wgrad_kernel": "depthwise_cl_wgrad",
              "cp_conv_kernel": "cp_fused", "cp_grad_kernel": "cp_fused",
              "bs_conv3d_desc_kernel": "block_sparse_desc",
+             "bs_conv3d_desc_wgrad_kernel": "block_sparse_desc_wgrad",
              "bias_grad_kernel": "bias_grad"}
     if launch.name in kinds:
         return kinds[launch.name]
