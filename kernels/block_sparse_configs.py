@@ -34,10 +34,13 @@ BLOCK_SPARSE_DESC_CONFIGS = [
     dict(BLOCK_H=8, BLOCK_W=16, PAIR=False, num_warps=4, num_stages=3),
     dict(BLOCK_H=4, BLOCK_W=16, PAIR=False, num_warps=4, num_stages=3),
 ]
-# Grad-values on the tensor-descriptor loader: per forward entry, [bi, BLOCK_M] x [BLOCK_M, bo]
-# products over BLOCK_H x BLOCK_W output bricks; SPLIT programs share one entry's reduction.
+# Grad-values on the tensor-descriptor loader: per group of forward entries of one block row
+# (64 // bi of them, at most 4), [group·bi, BLOCK_M] x [BLOCK_M, bo] products over BLOCK_H x
+# BLOCK_W output bricks; SPLIT programs share one group's reduction. The brick shrinks as the
+# channels grow (``pick``).
 BLOCK_SPARSE_DESC_WGRAD_CONFIGS = [
-    dict(BLOCK_H=8, BLOCK_W=16, num_warps=4, num_stages=3),
+    dict(BLOCK_H=16, BLOCK_W=16, num_warps=4, num_stages=3),  # 16-channel 16-bit blocks
+    dict(BLOCK_H=8, BLOCK_W=16, num_warps=4, num_stages=3),   # up to 64 bytes of channels
     dict(BLOCK_H=4, BLOCK_W=16, num_warps=4, num_stages=3),
 ]
 # Depthwise forward and grad-input: [BLOCK_M, bo] elementwise multiply-accumulate per tap.
@@ -76,14 +79,15 @@ def _pow2_16_128(n):
     return 16 <= n <= 128 and n & (n - 1) == 0
 
 
-def descriptor_fits(dtype, weight_shape, block_shape, stride, in_channels, transposed=False):
+def descriptor_fits(dtype, weight_shape, block_shape, stride, in_channels, transposed=False,
+                    wgrad=False):
     """Whether ``lk3d.kernels.block_sparse_desc`` serves the forward (grad-input:
     ``transposed``) of a block-sparse conv of ``weight_shape`` in ``block_shape`` blocks at
     ``stride`` on ``in_channels`` input channels: channel blocks (Cin/g > 1) whose bo and bi
     are powers of two in [16, 128] (a [bi, bo] slice of at most 32 KB),
     kernel extents below 128, at most 1024 reduction channel blocks, stride 1 along H and W
     (grad-input: stride 1), a dtype of fp16 / bf16 / fp32 (``dtype`` a torch dtype or its
-    name)."""
+    name); grad-values (``wgrad``): channel blocks of at most 64 (wider ones spill)."""
     cout, cig, *kernel = weight_shape
     bo, bi = block_shape[:2]
     channels = cout if transposed else in_channels
@@ -93,7 +97,8 @@ def descriptor_fits(dtype, weight_shape, block_shape, stride, in_channels, trans
             and cig > 1 and _pow2_16_128(bo) and _pow2_16_128(bi)
             and all(0 < k < DESC_MAX_TAP for k in kernel)
             and channels // reduce_block <= DESC_MAX_CHANNEL_BLOCKS
-            and tuple(stride)[1:] == (1, 1) and (not transposed or tuple(stride) == (1, 1, 1)))
+            and tuple(stride)[1:] == (1, 1) and (not transposed or tuple(stride) == (1, 1, 1))
+            and (not wgrad or max(bo, bi) <= 64))
 
 
     bo, bi = problem.block_shape[:2]
@@ -148,7 +153,8 @@ def pick(problem, smem_limit, element_size):
     if problem.kind == "block_sparse_dw":
         return dict(configs[1] if problem.M >= 4096 else configs[0])
     if problem.kind == "block_sparse_desc_wgrad":  # the wider operands take the smaller brick
-        c = dict(configs[0] if max(problem.block_shape[:2]) * element_size <= 64 else configs[1])
+        width = max(problem.block_shape[:2]) * element_size
+        c = dict(configs[0 if width <= 32 else 1 if width <= 64 else 2])
         while c["num_stages"] > 1 and shared_bytes(c, problem, element_size) > smem_limit:
             c["num_stages"] -= 1
         return c

@@ -169,16 +169,34 @@ def _store_brick(acc, bias_ptr, y_ptr, n, od, oh0, ow0, i_p, YH, YW, sb, sy_n, s
 
 
 @triton.jit
+def _x_box_t(x, word, n, od, oh0, ow0, r_h, r_w, XD, XH, XW, CX: tl.constexpr, BI: tl.constexpr,
+             STR_D: tl.constexpr, PAD_D: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+             DIL_D: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+             BLOCK_M: tl.constexpr, TMA: tl.constexpr, WIDE: tl.constexpr):
+    """The input box [BLOCK_M, BI] an entry word reads for the output brick at (n, od, oh0,
+    ow0)."""
+    idd, ih, iw, c = _entry(word, od * STR_D - PAD_D, oh0 - PAD_H, ow0 - PAD_W, BI, DIL_D, DIL_H,
+                            DIL_W)
+    return _operand_box(x, n, idd, ih, iw, c, r_h, r_w, XD, XH, XW, CX, BLOCK_M, BI, TMA, WIDE)
+
+
+@triton.jit
+def _stack(a, b, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """[a; b]: two [ROWS, COLS] tensors stacked along the rows."""
+    return tl.join(a, b).permute(2, 0, 1).reshape(2 * ROWS, COLS)
+
+
+@triton.jit
 def bs_conv3d_desc_wgrad_kernel(
     # Operands: tensor descriptors (TMA) or pointers to the same tensors
     x,          # input, dense NDHWC [N, XD, XH, XW, CX]; TMA: box [1, 1, BLOCK_H, BLOCK_W, BI]
     dy,         # grad_output, dense NDHWC [N, YD, YH, YW, CY]; TMA: box [1, 1, BLOCK_H, BLOCK_W,
                 # BO]
-    word_ptr,   # int32 [entries + 1]: the forward's entry words
-    erow_ptr,   # int32 [entries]: each entry's block row
-    dv_ptr,     # fp32 partials [SPLIT, entries, BI, BO], contiguous
+    word_ptr,   # int32 [GROUPS * GROUP]: entry words, GROUP consecutive ones of one block row
+    grow_ptr,   # int32 [GROUPS]: each group's block row
+    dv_ptr,     # fp32 partials [SPLIT, GROUPS * GROUP, BI, BO], contiguous
     # Sizes
-    ENTRIES,
+    GROUPS,
     XD, XH, XW, YD, YH, YW,
     NUM_M,          # output bricks: N * YD * NUM_H * NUM_W
     NUM_H, NUM_W,   # cdiv(YH, BLOCK_H), cdiv(YW, BLOCK_W)
@@ -193,19 +211,23 @@ def bs_conv3d_desc_wgrad_kernel(
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
     WIDE: tl.constexpr,
+    GROUP: tl.constexpr,  # entries a program (1, 2 or 4): their x boxes stacked, GROUP * BI rows
+                          # of one tl.dot with the grad_output box read once a brick
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,  # output brick of a reduction step
 ):
     BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
-    i_e, _, i_s = program_ids(ENTRIES, 1)
-    word = tl.load(word_ptr + i_e)
-    c_o = tl.load(erow_ptr + i_e) * BO
-    kd = word >> 24
-    kh = (word >> 17) & 127
-    kw = (word >> 10) & 127
-    c_i = (word & 1023) * BI
+    i_g, _, i_s = program_ids(GROUPS, 1)
+    p_w = word_ptr + i_g * GROUP
+    w0 = tl.load(p_w)
+    if GROUP >= 2:
+        w1 = tl.load(p_w + 1)
+    if GROUP == 4:
+        w2 = tl.load(p_w + 2)
+        w3 = tl.load(p_w + 3)
+    c_o = tl.load(grow_ptr + i_g) * BO
     r_h = tl.arange(0, BLOCK_M) // BLOCK_W  # the pointer path's rows of the brick
     r_w = tl.arange(0, BLOCK_M) % BLOCK_W
-    acc = tl.zeros((BI, BO), dtype=ACC_DTYPE)
+    acc = tl.zeros((GROUP * BI, BO), dtype=ACC_DTYPE)
     lo = i_s * M_PER_SPLIT
     hi = tl.minimum(lo + M_PER_SPLIT, NUM_M)
     for j in range(lo, hi):
@@ -218,12 +240,23 @@ def bs_conv3d_desc_wgrad_kernel(
         # rows past the output's border read zeros from dy and add nothing
         b_dy = _operand_box(dy, n, od, oh0, ow0, c_o, r_h, r_w, YD, YH, YW, CY, BLOCK_M, BO, TMA,
                             WIDE)
-        b_x = _operand_box(x, n, od * STR_D - PAD_D + kd * DIL_D, oh0 - PAD_H + kh * DIL_H,
-                           ow0 - PAD_W + kw * DIL_W, c_i, r_h, r_w, XD, XH, XW, CX, BLOCK_M, BI,
-                           TMA, WIDE)
-        acc = tl.dot(tl.trans(b_x), b_dy, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-    o = (tl.arange(0, BI)[:, None] * BO + tl.arange(0, BO)[None, :]).to(tl.int64)
-    tl.store(dv_ptr + (i_s.to(tl.int64) * ENTRIES + i_e) * (BI * BO) + o, acc)
+        b_x = _x_box_t(x, w0, n, od, oh0, ow0, r_h, r_w, XD, XH, XW, CX, BI, STR_D, PAD_D, PAD_H,
+                       PAD_W, DIL_D, DIL_H, DIL_W, BLOCK_M, TMA, WIDE)
+        if GROUP >= 2:
+            b_x1 = _x_box_t(x, w1, n, od, oh0, ow0, r_h, r_w, XD, XH, XW, CX, BI, STR_D, PAD_D,
+                            PAD_H, PAD_W, DIL_D, DIL_H, DIL_W, BLOCK_M, TMA, WIDE)
+            b_x = _stack(b_x, b_x1, BLOCK_M, BI)
+        if GROUP == 4:
+            b_x2 = _x_box_t(x, w2, n, od, oh0, ow0, r_h, r_w, XD, XH, XW, CX, BI, STR_D, PAD_D,
+                            PAD_H, PAD_W, DIL_D, DIL_H, DIL_W, BLOCK_M, TMA, WIDE)
+            b_x3 = _x_box_t(x, w3, n, od, oh0, ow0, r_h, r_w, XD, XH, XW, CX, BI, STR_D, PAD_D,
+                            PAD_H, PAD_W, DIL_D, DIL_H, DIL_W, BLOCK_M, TMA, WIDE)
+            b_x = _stack(b_x, _stack(b_x2, b_x3, BLOCK_M, BI), 2 * BLOCK_M, BI)
+        # [GROUP * BLOCK_M, BI] -> each entry's box transposed: [GROUP * BI, BLOCK_M]
+        b_xt = tl.trans(b_x.reshape(GROUP, BLOCK_M, BI), (0, 2, 1)).reshape(GROUP * BI, BLOCK_M)
+        acc = tl.dot(b_xt, b_dy, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    o = (tl.arange(0, GROUP * BI)[:, None] * BO + tl.arange(0, BO)[None, :]).to(tl.int64)
+    tl.store(dv_ptr + (i_s.to(tl.int64) * GROUPS + i_g) * (GROUP * BI * BO) + o, acc)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,7 +346,7 @@ def block_sparse_desc_bwd_values(grad, x, values, row_ptr, col, weight_shape, bl
     the entry's tap by the grad_output box of its block row, ``tl.dot(x_box^T, dy_box)``, SPLIT
     programs writing fp32 partials the launcher sums (deterministic). Config keys: BLOCK_H,
     BLOCK_W, SPLIT (num_warps, num_stages optional)."""
-    _checked(x.dtype, weight_shape, block_shape, stride, groups, False)
+    _checked(x.dtype, weight_shape, block_shape, stride, groups, False, wgrad=True)
     check_config(config, ("BLOCK_H", "BLOCK_W", "SPLIT"))
     nnz = values.shape[0]
     bo, bi, bd, bh_, bw_ = block_shape
@@ -322,16 +355,16 @@ def block_sparse_desc_bwd_values(grad, x, values, row_ptr, col, weight_shape, bl
         return torch.zeros_like(values)
     words, _, _ = entry_lists(values, row_ptr, col, weight_shape, block_shape, groups,
                               pack=False)
-    erows = torch.repeat_interleave(block_rows(row_ptr.to(torch.int32), nnz), taps,
-                                    output_size=nnz * taps)
-    entries = nnz * taps
+    group = wgrad_group(bi)
+    words, grows, pos = entry_groups(words[:-1], row_ptr, taps, group)
+    groups_n = grows.numel()
     bh, bw, split = config["BLOCK_H"], config["BLOCK_W"], config["SPLIT"]
     N, _, YD, YH, YW = grad.shape
     num_h, num_w = triton.cdiv(YH, bh), triton.cdiv(YW, bw)
     num_m = N * YD * num_h * num_w
     per = triton.cdiv(num_m, max(1, split))
     split = triton.cdiv(num_m, per)
-    part = torch.empty((split, entries, bi, bo), dtype=torch.float32, device=x.device)
+    part = torch.empty((split, groups_n * group, bi, bo), dtype=torch.float32, device=x.device)
     a, g = ndhwc(x), ndhwc(grad)
     tma = use_tma(a) if tma is None else tma
     if tma:
@@ -345,20 +378,48 @@ def block_sparse_desc_bwd_values(grad, x, values, row_ptr, col, weight_shape, bl
     else:
         xd, yd = a, g
     geo = geometry(stride, padding, dilation, weight_shape[2:])
-    bs_conv3d_desc_wgrad_kernel[flat_grid(entries, 1, split)](
-        xd, yd, words, erows, part, entries, *a.shape[2:], YD, YH, YW, num_m, num_h, num_w, per,
+    bs_conv3d_desc_wgrad_kernel[flat_grid(groups_n, 1, split)](
+        xd, yd, words, grows, part, groups_n, *a.shape[2:], YD, YH, YW, num_m, num_h, num_w, per,
         CX=a.shape[1], CY=g.shape[1], BI=bi, BO=bo, STR_D=geo["STR_D"],
         **{k: geo[k] for k in ("PAD_D", "PAD_H", "PAD_W", "DIL_D", "DIL_H", "DIL_W")},
         ACC_DTYPE=tl.float32, PRECISION=precision(x, allow_tf32), TMA=tma,
-        WIDE=not tma and wide(reach(a), reach(g)), BLOCK_H=bh, BLOCK_W=bw,
+        WIDE=not tma and wide(reach(a), reach(g)), GROUP=group, BLOCK_H=bh, BLOCK_W=bw,
         **launch_opts(config))
-    dv = part.sum(0).view(nnz, taps, bi, bo).permute(0, 3, 2, 1)
+    dv = part.sum(0)[pos].view(nnz, taps, bi, bo).permute(0, 3, 2, 1)
     return dv.reshape(values.shape).to(values.dtype)
 
 
-def _checked(dtype, weight_shape, block_shape, stride, groups, transposed):
-    if not fits(dtype, weight_shape, block_shape, stride, weight_shape[1] * groups, transposed):
-        raise ValueError(f"block_shape: expected channel blocks of 16..128 (powers of two), "
+def wgrad_group(bi):
+    """Entries a grad-values program stacks: 64 rows of its tl.dot (wgmma's least) where bi < 64."""
+    return max(1, min(4, 64 // bi))
+
+
+def entry_groups(words, row_ptr, taps, group):
+    """The forward entry words regrouped for grad-values: each block row's entries padded to a
+    multiple of ``group`` (word 0 reads a valid box; its partial is never read back). Returns
+    ``(words int32 [Q·group], rows int32 [Q], pos int64 [nnz·taps])``: group q's block row and
+    entry i's position; Q = cdiv(nnz·taps, group) + block rows bounds the groups without a
+    device sync (the spare groups at the end compute partials nobody reads)."""
+    counts = (row_ptr[1:] - row_ptr[:-1]).long() * taps
+    per_row = (counts + group - 1) // group
+    start = torch.zeros_like(per_row)
+    start[1:] = per_row.cumsum(0)[:-1]
+    n = words.numel()
+    q = -(-n // group) + counts.numel()
+    rows = block_rows(row_ptr, n // taps).long()
+    rows = torch.repeat_interleave(rows, taps, output_size=n)
+    pos = start[rows] * group + torch.arange(n, device=words.device) - row_ptr.long()[rows] * taps
+    out = torch.zeros(q * group, dtype=torch.int32, device=words.device)
+    out[pos] = words
+    grows = torch.searchsorted(start, torch.arange(q, device=words.device), right=True) - 1
+    return out, grows.clamp_min(0).to(torch.int32), pos
+
+
+def _checked(dtype, weight_shape, block_shape, stride, groups, transposed, wgrad=False):
+    if not fits(dtype, weight_shape, block_shape, stride, weight_shape[1] * groups, transposed,
+                wgrad):
+        raise ValueError(f"block_shape: expected channel blocks of 16..{64 if wgrad else 128} "
+                         f"(powers of two), "
                          f"kernel extents < {DESC_MAX_TAP}, stride 1 along H and W "
                          f"{'and D ' if transposed else ''}and fp16, bf16 or fp32; got blocks "
                          f"{tuple(block_shape)} of {tuple(weight_shape)}, stride "

@@ -1,10 +1,11 @@
 """The block-sparse Triton launchers of ``lk3d.kernels.block_sparse`` and
 ``lk3d.kernels.block_sparse_desc`` with their launch config, and what the planner knows of them:
-what ``lk3d.block_sparse``'s sparse route runs where the kernels serve. The forward and stride-1
-grad-input of channel blocks the tensor-descriptor kernel takes (``descriptor``) run on it, the
-other passes and problems on the gather kernels of ``lk3d.kernels.block_sparse``. Same arguments as the launchers (padding six ints); ``config=None`` takes
-``lk3d.autotune.configs.default_config`` (the space: ``lk3d.kernels.block_sparse_configs``), chosen
-for the voxels the launch produces or reduces over.
+what ``lk3d.block_sparse``'s sparse route runs where the kernels serve. The passes of channel
+blocks the tensor-descriptor kernels take (``descriptor``: forward, stride-1 grad-input,
+grad-values) run on them, the other passes and problems on the gather kernels of
+``lk3d.kernels.block_sparse``. Same arguments as the launchers (padding six ints); ``config=None``
+takes ``lk3d.autotune.configs.default_config`` (the space: ``lk3d.kernels.block_sparse_configs``),
+chosen for the voxels the launch produces or reduces over.
 
 The three passes are named ``"forward"``, ``"grad_input"`` and ``"grad_values"``; for each,
 ``SPACES`` names the kernel kinds whose configs it launches with, ``launch_configs`` the configs
@@ -34,7 +35,8 @@ def descriptor(pass_, dtype, weight_shape, block_shape, stride, in_channels):
     (``block_sparse_configs.descriptor_fits``; grad-values as the forward); the others take
     ``lk3d.kernels.block_sparse``."""
     return block_sparse_family.descriptor_fits(
-        dtype, weight_shape, block_shape, stride, in_channels, transposed=pass_ == "grad_input")
+        dtype, weight_shape, block_shape, stride, in_channels, transposed=pass_ == "grad_input",
+        wgrad=pass_ == "grad_values")
 
 
 def problem(pass_, x_shape, weight_shape, block_shape, nnz, stride, padding, dilation,

@@ -282,8 +282,13 @@ def test_recorded_block_sparse_launches(capsys):
             "wgrad_kernel" if pass_ == "grad_values" else "kernel")
         assert launch_record.kernel_kind(desc) == "block_sparse_desc" + (
             "_wgrad" if pass_ == "grad_values" else "")
-        # every stored block over 4 x 16 bricks of the 7 x 3 planes (8 x 16 rows), 5 deep
-        assert launch_record.executed_flops(desc) == 2 * 5 * 8 * 16 * 16 * 16 * conv.nnz
+        if pass_ == "grad_values":  # groups of 4 entries of one block row, rows padded
+            a = desc.args
+            assert a["GROUP"] == 4 and conv.nnz <= 4 * a["GROUPS"] <= conv.nnz + 4 * 3 + 3
+            rows = a["NUM_M"] * a["BLOCK_H"] * a["BLOCK_W"]
+            assert launch_record.executed_flops(desc) == 2 * rows * 16 * 16 * 4 * a["GROUPS"]
+        else:  # every stored block over 4 x 16 bricks of the 7 x 3 planes (8 x 16 rows), 5 deep
+            assert launch_record.executed_flops(desc) == 2 * 5 * 8 * 16 * 16 * 16 * conv.nnz
         (variant, config, (launch,)), = recorded
         assert variant == "sparse" and launch.name == names[pass_]
         executed = launch_record.executed_flops(launch)

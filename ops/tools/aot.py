@@ -496,23 +496,25 @@ def block_sparse_desc_cases():
 
 def block_sparse_desc_wgrad_cases():
     """Every config of the tensor-descriptor block-sparse grad-values kernel at 7³ "same", as
-    each arch launches it (sm_90: descriptors; sm_80: pointers): the first at 16x16 blocks in
-    bf16, fp16 and fp32 (tf32), the second at 64x64 bf16 blocks."""
+    each arch launches it (sm_90: descriptors; sm_80: pointers), at the blocks ``pick`` gives it:
+    16x16 in bf16 and fp16; 16x16 in fp32 (tf32) and 32x32 in bf16; 64x64 in bf16 and fp32
+    (wider blocks take the gather kernel)."""
     from lk3d.kernels import block_sparse_desc as bsd
     from lk3d.kernels.block_sparse_configs import BLOCK_SPARSE_DESC_WGRAD_CONFIGS as CONFIGS
 
     geo = {k: v for k, v in _GEOMETRY.items() if k not in ("KD", "KH", "KW")}
     cases = []
-    for config, ch, dtypes in ((CONFIGS[0], 16, ("bf16", "fp16", "fp32")),
-                               (CONFIGS[1], 64, ("bf16",))):
+    for config, ch, dtypes in ((CONFIGS[0], 16, ("bf16", "fp16")), (CONFIGS[1], 16, ("fp32",)),
+                               (CONFIGS[1], 32, ("bf16",)), (CONFIGS[2], 64, ("bf16", "fp32"))):
         for dtype in dtypes:
             for tma, arch in ((False, 80), (True, 90)):  # pointers first: wide_cases
                 case = _case(bsd.bs_conv3d_desc_wgrad_kernel,
                              f"bs-desc-wgrad-b{ch}x{ch}-{'tma' if tma else 'ptr'}", dtype, config,
-                             dict(CX=64, CY=64, BI=ch, BO=ch, STR_D=1, **geo, TMA=tma),
+                             dict(CX=64, CY=64, BI=ch, BO=ch, STR_D=1, **geo, TMA=tma,
+                                  GROUP=bsd.wgrad_group(ch)),
                              expect_tensor_cores=True)
                 box = [1, 1, config["BLOCK_H"], config["BLOCK_W"], ch]
-                sig = dict(case.signature, word_ptr="*i32", erow_ptr="*i32", dv_ptr="*fp32")
+                sig = dict(case.signature, word_ptr="*i32", grow_ptr="*i32", dv_ptr="*fp32")
                 sig["x"] = f"tensordesc<{dtype}{box}>" if tma else f"*{dtype}"
                 sig["dy"] = f"tensordesc<{dtype}{box}>" if tma else f"*{dtype}"
                 cases.append(dataclasses.replace(case, signature=sig, archs=(arch,)))

@@ -562,9 +562,9 @@ def executed_flops(launch):
         epilogue = -(-a["NC"] // a["BLOCK_N"]) * a["BLOCK_N"]
         taps = a["K"] * ((a["WRITE"] or a["EMIT_G"]) + a["EMIT_TAPS"])
         return rows * (taps + epilogue * ((a["OUT_PROJ"] and a["WRITE"]) + a["EMIT_G"]))
-    if launch.name == "bs_conv3d_desc_wgrad_kernel":  # every entry over every brick
+    if launch.name == "bs_conv3d_desc_wgrad_kernel":  # every group's entries over every brick
         rows = a["NUM_M"] * a["BLOCK_H"] * a["BLOCK_W"]
-        return 2 * rows * a["BI"] * a["BO"] * a["ENTRIES"]
+        return 2 * rows * a["BI"] * a["BO"] * a["GROUPS"] * a["GROUP"]
     if launch.name == "bs_conv3d_desc_kernel":  # every entry of its block over every brick
         entries = launch.args["word_ptr"].shape[0] - 1
         rows = a["NUM_M"] * a["BLOCK_H"] * a["BLOCK_W"] * (2 if a["PAIR"] else 1)
