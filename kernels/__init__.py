@@ -7,6 +7,8 @@
                                               tensors, read through tensor descriptors
     cp.py, cp_configs.py                      rank-R CP conv3d, fused
     block_sparse.py, block_sparse_configs.py  block-sparse conv3d
+    block_sparse_desc.py                      ... channel blocks on channels-innermost tensors,
+                                              read through tensor descriptors
     common.py                                 what every family shares: the index and load
                                               helpers its kernels call, and its launchers' helpers
     weight_cache.py                           the launchers' weight copies (packed weights),
@@ -108,7 +110,8 @@ if HAS_TRITON and _interpret_requested():
         HAS_TRITON = False
 
 
-_FAMILIES = ("common", "tiled", "depthwise", "implicit_gemm", "cp", "block_sparse")
+_FAMILIES = ("common", "tiled", "depthwise", "implicit_gemm", "cp", "block_sparse",
+             "block_sparse_desc")
 
 
 def __getattr__(name):

@@ -38,7 +38,9 @@ KERNEL_KINDS = ("implicit_gemm",        # dense/grouped forward and grad-input, 
                 "cp_separable_tensor",  # separable CP: projections through a factor matrix
                 "cp_separable_fma",     # separable CP: the 1-D passes along one axis
                 "block_sparse_16x16",   # block-sparse 16x16 channel blocks, forward, grad-input
-                "block_sparse_16x16_wgrad")  # ... and grad-values
+                "block_sparse_16x16_wgrad",  # ... and grad-values
+                "block_sparse_desc",  # channel blocks on tensor descriptors, forward, grad-input
+                "block_sparse_desc_wgrad")  # ... and grad-values
 CEILINGS_FILE = "ceilings.json"  # in lk3d.autotune
 # A ceiling above what any kernel sustains is taken at that: the best sustained rate measured on
 # these GPUs, a bf16 8192³ matmul through PyTorch on an H200, 788 of 989 TFLOP/s (80%).

@@ -127,8 +127,11 @@ def block_sparse_conv3d_macs(input, weight, stride=1, padding=0, dilation=1, gro
 # ``_dense_algo``). The plan comes as for lk3d.conv3d: forced (``ROUTE``, else LK3D_ALGO), cached,
 # measured (LK3D_AUTOTUNE=1, lk3d.autotune.tune()) or modelled. Small blocks cost the torch route
 # far more per multiply-add than oneDNN's dense kernels (gathers and scatters of channel slices,
-# small batched products), and the kernels on CUDA more than the dense kernels (a gather per
-# element, channel tiles padded to 16), so "sparse" wins only below some density. The models:
+# small batched products), and the gather kernels on CUDA more than the dense kernels (a gather
+# per element, channel tiles padded to 16), so "sparse" wins only below some density; the
+# tensor-descriptor kernel (forward and stride-1 grad-input of 16..128-channel blocks) runs near
+# the dense kernel's rate per stored FLOP, so there "sparse" wins below about full density. The
+# models:
 # ``lk3d.block_sparse_ref.sparse_route_ms`` for the torch route,
 # ``lk3d._block_sparse_launch.kernels_ms`` for the kernels, lk3d.conv3d's ``_algos.model_ms`` for
 # "dense". Under the Triton interpreter the kernels, where they serve, are preferred (they are

@@ -267,16 +267,29 @@ def test_recorded_cp_launches():
 
 def test_recorded_block_sparse_launches(capsys):
     """Block-sparse: one launch per pass over a meta block index of the density's share of the
-    blocks; the executed FLOPs are the dense count times the density where blocks fill the
-    tiles, depthwise blocks too (elementwise: one product per channel); half-given options are
-    refused."""
+    blocks; 16-channel blocks on the tensor-descriptor kernels (variant "descriptor", the
+    gather kernels their alternative "sparse"); the executed FLOPs are
+    the dense count times the density where blocks fill the tiles, depthwise blocks too
+    (elementwise: one product per channel); half-given options are refused."""
     conv = launch_record.Conv((1, 32, 5, 7, 3), (48, 32, 3, 3, 3), padding="same",
                          block=(16, 16, 1, 1, 1), density=0.3)
     assert conv.op == "block_sparse" and conv.nnz == round(0.3 * 3 * 2 * 27)
     names = {"forward": "bs_conv3d_kernel", "grad_input": "bs_conv3d_kernel",
              "grad_values": "bs_conv3d_wgrad_kernel"}
     for pass_ in conv.passes:
-        variant, config, (launch,) = launch_record.launches(conv, pass_, 80)
+        (variant, _, (desc,)), *recorded = launch_record.variants(conv, pass_, 80)
+        assert variant == "descriptor" and desc.name == "bs_conv3d_desc_" + (
+            "wgrad_kernel" if pass_ == "grad_values" else "kernel")
+        assert launch_record.kernel_kind(desc) == "block_sparse_desc" + (
+            "_wgrad" if pass_ == "grad_values" else "")
+        if pass_ == "grad_values":  # groups of 4 entries of one block row, rows padded
+            a = desc.args
+            assert a["GROUP"] == 4 and conv.nnz <= 4 * a["GROUPS"] <= conv.nnz + 4 * 3 + 3
+            rows = a["NUM_M"] * a["BLOCK_H"] * a["BLOCK_W"]
+            assert launch_record.executed_flops(desc) == 2 * rows * 16 * 16 * 4 * a["GROUPS"]
+        else:  # every stored block over 4 x 16 bricks of the 7 x 3 planes (8 x 16 rows), 5 deep
+            assert launch_record.executed_flops(desc) == 2 * 5 * 8 * 16 * 16 * 16 * conv.nnz
+        (variant, config, (launch,)), = recorded
         assert variant == "sparse" and launch.name == names[pass_]
         executed = launch_record.executed_flops(launch)
         useful = launch_record.useful_flops(conv, pass_)

@@ -66,6 +66,20 @@ def test_synthetic_reduction_loop_over_epilogue_loop():
     assert (loop.start, loop.end) == (0x100, 0x120)
 
 
+def test_synthetic_wait_retry_after_exit_is_no_loop():
+    # A barrier wait's retry placed after EXIT that branches back into the inner loop (as
+    # Triton's pipelined TMA loops compile): its span holds the EXIT, so it is no loop.
+    retry = """
+        /*0120*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [R2+0x10], R4 ; /* 0x0 */
+        /*0130*/              @!P1 BRA 0x120 ;                            /* 0x0000000000007919 */
+        /*0140*/                   BRA 0x70 ;                             /* 0x0000000000007919 */
+"""
+    text = SYNTHETIC.replace("`(.L_x_1)", "0x40").split(".L_x_2:")[0] + retry
+    assert [(lp.start, lp.end) for lp in sass.loops(text)] == [(0x120, 0x130), (0x60, 0xA0),
+                                                              (0x40, 0xE0)]
+    assert (sass.innermost_loop(text).start, sass.innermost_loop(text).end) == (0x60, 0xA0)
+
+
 def test_synthetic_hot_instructions_choose_the_loop():
     # With the math moved out of the inner loop into the outer one, the outer loop is the hot one.
     text = SYNTHETIC.replace("FFMA R5", "IMAD R5").replace("FFMA R6", "IMAD R6").replace(

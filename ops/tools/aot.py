@@ -250,7 +250,8 @@ def shipped_cases():
     for config in CONFIG_SPACES["bias_grad"]:
         cases.append(_case(tiled.bias_grad_kernel, "bias_grad", "bf16", config, dict(C=64)))
     cases += (depthwise_cases() + descriptor_cases() + descriptor_wgrad_cases() + cp_cases()
-              + cp_sep_cases() + block_sparse_cases())
+              + cp_sep_cases() + block_sparse_cases() + block_sparse_desc_cases()
+              + block_sparse_desc_wgrad_cases())
     return cases + wide_cases(cases)
 
 
@@ -481,6 +482,67 @@ def block_sparse_cases():
                           BLOCK_O=block_o)
         cases.append(_bs_case(bs.bs_conv3d_wgrad_kernel, f"bs-dw-wgrad-{_block_id(*dw_block)}",
                               "bf16", config, constexprs))
+    return cases
+
+
+def block_sparse_desc_cases():
+    """Every config of the tensor-descriptor block-sparse kernel (``BLOCK_SPARSE_DESC_CONFIGS``)
+    at 7³ "same", as each arch launches it (sm_90: descriptors; sm_80: pointers), at the square
+    channel blocks and dtypes ``pick`` gives it (``desc_fits``): forward with a bias, at 16x16
+    blocks also as grad-input (no bias)."""
+    from lk3d.kernels import block_sparse_desc as bsd
+    from lk3d.kernels.block_sparse_configs import BLOCK_SPARSE_DESC_CONFIGS as CONFIGS
+
+    # (config, channel block, dtypes, arches): PAIR is sm_90's, the 32 x 32 brick sm_80's; the
+    # first is the one compiled again WIDE (pointers)
+    both = ((False, 80), (True, 90))
+    taken = [(1, 16, ("bf16",), ((False, 80),)), (0, 16, ("bf16", "fp16"), ((True, 90),)),
+             (2, 16, ("bf16", "fp16", "fp32"), both), (3, 32, ("bf16",), both),
+             (3, 64, ("bf16", "fp32"), both), (4, 128, ("bf16",), both)]
+    geo = {k: v for k, v in _GEOMETRY.items() if k not in ("KD", "KH", "KW")}
+    cases = []
+    for i, ch, dtypes, arches in taken:
+        config = CONFIGS[i]
+        box_x = [1, 1, config["BLOCK_H"], config["BLOCK_W"], ch]
+        for name, bias in (("fwd", True), ("bwd", False)) if i < 3 else (("fwd", True),):
+            for dtype in dtypes:
+                for tma, arch in arches:
+                    case = _case(bsd.bs_conv3d_desc_kernel,
+                                 f"bs-desc-{name}-b{ch}x{ch}-{'tma' if tma else 'ptr'}", dtype,
+                                 config, dict(C=max(64, ch), BK=ch, BN=ch, TB=1, STR_D=1, **geo,
+                                              HAS_BIAS=bias, TMA=tma), expect_tensor_cores=True)
+                    sig = dict(case.signature, word_ptr="*i32", ptr_ptr="*i32",
+                               bias_ptr=f"*{dtype}", y_ptr=f"*{dtype}")
+                    sig["x"] = f"tensordesc<{dtype}{box_x}>" if tma else f"*{dtype}"
+                    sig["v"] = f"tensordesc<{dtype}[1, {ch}, {ch}]>" if tma else f"*{dtype}"
+                    cases.append(dataclasses.replace(case, signature=sig, archs=(arch,)))
+    return cases
+
+
+def block_sparse_desc_wgrad_cases():
+    """Every config of the tensor-descriptor block-sparse grad-values kernel at 7³ "same", as
+    each arch launches it (sm_90: descriptors; sm_80: pointers), at the blocks ``pick`` gives it:
+    16x16 in bf16 and fp16; 16x16 in fp32 (tf32) and 32x32 in bf16; 64x64 in bf16 and fp32
+    (wider blocks take the gather kernel)."""
+    from lk3d.kernels import block_sparse_desc as bsd
+    from lk3d.kernels.block_sparse_configs import BLOCK_SPARSE_DESC_WGRAD_CONFIGS as CONFIGS
+
+    geo = {k: v for k, v in _GEOMETRY.items() if k not in ("KD", "KH", "KW")}
+    cases = []
+    for config, ch, dtypes in ((CONFIGS[0], 16, ("bf16", "fp16")), (CONFIGS[1], 16, ("fp32",)),
+                               (CONFIGS[1], 32, ("bf16",)), (CONFIGS[2], 64, ("bf16", "fp32"))):
+        for dtype in dtypes:
+            for tma, arch in ((False, 80), (True, 90)):  # pointers first: wide_cases
+                case = _case(bsd.bs_conv3d_desc_wgrad_kernel,
+                             f"bs-desc-wgrad-b{ch}x{ch}-{'tma' if tma else 'ptr'}", dtype, config,
+                             dict(CX=64, CY=64, BI=ch, BO=ch, STR_D=1, **geo, TMA=tma,
+                                  GROUP=bsd.wgrad_group(ch)),
+                             expect_tensor_cores=True)
+                box = [1, 1, config["BLOCK_H"], config["BLOCK_W"], ch]
+                sig = dict(case.signature, word_ptr="*i32", grow_ptr="*i32", dv_ptr="*fp32")
+                sig["x"] = f"tensordesc<{dtype}{box}>" if tma else f"*{dtype}"
+                sig["dy"] = f"tensordesc<{dtype}{box}>" if tma else f"*{dtype}"
+                cases.append(dataclasses.replace(case, signature=sig, archs=(arch,)))
     return cases
 
 

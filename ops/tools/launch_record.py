@@ -495,13 +495,17 @@ def cp_launches(conv, pass_, arch, variant="separable"):
     return "fused", config, launches
 
 
-def block_sparse_launches(conv, pass_, arch):
+def block_sparse_launches(conv, pass_, arch, fallback=False):
     """(variant, config, launches) of lk3d's block-sparse kernels for ``pass_`` of ``conv``
     (``conv.block`` and ``conv.density`` set; channel blocks, or depthwise: Cin/g = 1),
     recorded from the launchers with the arch's default config; the block index is a meta
-    tensor of ``conv.nnz`` entries (the launches depend on its size, not its values)."""
+    tensor of ``conv.nnz`` entries (the launches depend on its size, not its values). Problems
+    the tensor-descriptor kernel serves (``lk3d._block_sparse_launch.descriptor``) are the
+    variant "descriptor" (its launch's ``copied``: the operand to NDHWC and the stored blocks
+    repacked, each read and written); with ``fallback`` and the others, "sparse"
+    (``lk3d.kernels.block_sparse``)."""
     from lk3d import _block_sparse_launch
-    from lk3d.kernels import block_sparse as bs
+    from lk3d.kernels import block_sparse as bs, block_sparse_desc as bsd
 
     x, _, spec = _checked(conv)
     meta = dict(dtype=x.dtype, device="meta")
@@ -512,17 +516,36 @@ def block_sparse_launches(conv, pass_, arch):
     geometry = (spec.stride, spec.padding, spec.dilation)
     if pass_ not in BS_PASSES:
         raise ValueError(f"pass: expected one of {BS_PASSES}, got {pass_!r}")
+    desc = not fallback and _block_sparse_launch.descriptor(pass_, x.dtype, conv.weight, block,
+                                                            spec.stride, conv.input[1])
     problem = _block_sparse_launch.problem(pass_, conv.input, conv.weight, block, nnz,
-                                           *geometry)
+                                           *geometry, x.dtype if desc else None)
     fields = {f.name: getattr(problem, f.name) for f in dataclasses.fields(problem)
               if f.name != "kind"}
     config, problem, fam, programs = _default_config(problem.kind, fields, arch,
                                                      x.element_size())
     args = (values, row_ptr, col, conv.weight, block)
+    dy = torch.empty((conv.input[0], conv.weight[0], *spec.out_size), **meta)
+    if desc:
+        operand = x if pass_ == "forward" else dy
+        if pass_ == "forward":
+            recorded = record(bsd, bsd.block_sparse_desc_fwd, x, *args, None, *geometry,
+                              conv.groups, config, tma=arch >= 90)
+        elif pass_ == "grad_input":
+            recorded = record(bsd, bsd.block_sparse_desc_bwd_input, dy, *args, conv.input,
+                              *geometry, conv.groups, config, tma=arch >= 90)
+        else:
+            config["SPLIT"] = fam.split(problem, config, programs)
+            recorded = record(bsd, bsd.block_sparse_desc_bwd_values, dy, x, *args, *geometry,
+                              conv.groups, config, tma=arch >= 90)
+            copied = 2 * (x.numel() + dy.numel()) * x.element_size()
+            return "descriptor", config, [dataclasses.replace(ln, copied=copied)
+                                          for ln in recorded]
+        copied = 2 * (operand.numel() + values.numel()) * x.element_size()
+        return "descriptor", config, [dataclasses.replace(ln, copied=copied) for ln in recorded]
     if pass_ == "forward":
         return "sparse", config, record(bs, bs.block_sparse_fwd, x, *args, None, *geometry,
                                         conv.groups, config)
-    dy = torch.empty((conv.input[0], conv.weight[0], *spec.out_size), **meta)
     if pass_ == "grad_input":
         return "sparse", config, record(bs, bs.block_sparse_bwd_input, dy, *args, conv.input,
                                         *geometry, conv.groups, config)
@@ -534,11 +557,14 @@ def block_sparse_launches(conv, pass_, arch):
 def variants(conv, pass_, arch):
     """Every variant's (variant, config, launches) of ``pass_`` of ``conv`` on ``sm_<arch>``:
     the alternatives the CUDA planner prices (CP: "separable" and "fused"; problems the
-    channels-innermost depthwise or the tensor-descriptor kernels serve: those and the kernel
-    the other problems take), the first being what ``launches`` gives."""
+    channels-innermost depthwise or the tensor-descriptor kernels serve, block-sparse ones
+    included: those and the kernel the other problems take), the first being what ``launches``
+    gives."""
     if conv.rank:
         return [cp_launches(conv, pass_, arch, v) for v in ("separable", "fused")]
     first = launches(conv, pass_, arch)
+    if conv.block and first[0] == "descriptor":
+        return [first, block_sparse_launches(conv, pass_, arch, fallback=True)]
     if not conv.block and first[0] in ("channels_last", "descriptor"):
         return [first, tiled_launches(conv, pass_, arch, fallback=True)]
     return [first]
@@ -570,6 +596,13 @@ def executed_flops(launch):
         epilogue = -(-a["NC"] // a["BLOCK_N"]) * a["BLOCK_N"]
         taps = a["K"] * ((a["WRITE"] or a["EMIT_G"]) + a["EMIT_TAPS"])
         return rows * (taps + epilogue * ((a["OUT_PROJ"] and a["WRITE"]) + a["EMIT_G"]))
+    if launch.name == "bs_conv3d_desc_wgrad_kernel":  # every group's entries over every brick
+        rows = a["NUM_M"] * a["BLOCK_H"] * a["BLOCK_W"]
+        return 2 * rows * a["BI"] * a["BO"] * a["GROUPS"] * a["GROUP"]
+    if launch.name == "bs_conv3d_desc_kernel":  # every entry of its block over every brick
+        entries = launch.args["word_ptr"].shape[0] - 1
+        rows = a["NUM_M"] * a["BLOCK_H"] * a["BLOCK_W"] * (2 if a["PAIR"] else 1)
+        return 2 * rows * a["BK"] * a["BN"] * entries
     taps = a["KD"] * a["KH"] * a["KW"]
     if launch.name == "conv3d_desc_kernel":  # every tap of every brick, padded channel blocks
         rows = a["NUM_M"] * a["BLOCK_H"] * a["BLOCK_W"]
@@ -636,7 +669,8 @@ def kernel_kind(launch):
     """The kernel kind the CUDA cost models price ``launch`` as (``lk3d._cuda_model``'s
     ``KERNEL_KINDS``), from its kernel and, for block-sparse, its channel blocks:
     ``block_sparse_<bo>x<bi>`` or ``block_sparse_depthwise`` (forward and grad-input), with
-    ``_wgrad`` for the grad-values kernel (16x16 are the models'); the separable CP kernel's
+    ``_wgrad`` for the grad-values kernel (16x16 are the models'), and ``block_sparse_desc``
+    for the tensor-descriptor block-sparse kernel (any channel blocks); the separable CP kernel's
     launches are ``cp_separable_tensor`` (a projection through a factor matrix, or the G sums,
     on the tensor cores) or ``cp_separable_fma`` (a 1-D pass and its tap sums); the grad-bias
     reduction is ``bias_grad`` (no model prices it)."""
@@ -647,6 +681,8 @@ def kernel_kind(launch):
              "conv3d_dw_cl_kernel": "depthwise_cl",
              "conv3d_dw_cl_wgrad_kernel": "depthwise_cl_wgrad",
              "cp_conv_kernel": "cp_fused", "cp_grad_kernel": "cp_fused",
+             "bs_conv3d_desc_kernel": "block_sparse_desc",
+             "bs_conv3d_desc_wgrad_kernel": "block_sparse_desc_wgrad",
              "bias_grad_kernel": "bias_grad"}
     if launch.name in kinds:
         return kinds[launch.name]

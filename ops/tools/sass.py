@@ -11,8 +11,10 @@ FMUL, HFMA2, ...; else any instruction), one that holds no other such loop; wher
 (a reduction loop and an epilogue loop over output channel blocks, siblings in the code), the
 one with the most global loads (LDG, LDGSTS, UTMALDG: the reduction streams its operands every
 step, an epilogue writes), then the smaller. A branch to itself (the ``BRA`` trap after
-``EXIT``) is no loop. Innermost, not outermost: when the compiler nests the tap loops or keeps a
-loop over tiles around the reduction, the innermost hot loop is what repeats most. Every
+``EXIT``) is no loop, nor is a backward branch whose body holds an ``EXIT`` (the out-of-line
+retry of a barrier wait, placed after the kernel's end, jumping back into its loop). Innermost,
+not outermost: when the compiler nests the tap loops or keeps a loop over tiles around the
+reduction, the innermost hot loop is what repeats most. Every
 instruction in the body counts, NOPs and the branch included: each takes an issue slot of its
 warp; forward branches inside the body (guarded tails) are counted as never taken, so where they
 skip work the count is an upper bound on a step's issue cost.
@@ -105,6 +107,8 @@ def loops(text):
         if target is None or target >= ins.address:
             continue  # forward, or a branch to itself
         body = tuple(j for j in instrs[:i + 1] if j.address >= target)
+        if any(j.opclass == "EXIT" for j in body):
+            continue  # an out-of-line wait's branch back into the loop, past the kernel's end
         found.append(Loop(target, ins.address, body))
     return sorted(found, key=lambda lp: (lp.instructions, lp.start))
 
