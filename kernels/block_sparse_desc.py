@@ -105,10 +105,11 @@ def bs_conv3d_desc_kernel(
     TMA: tl.constexpr,    # operands are tensor descriptors (sm_90: TMA); else pointers
     WIDE: tl.constexpr,   # pointers: int64 operand offsets (the operand passes 2**31 elements)
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,  # output brick: BLOCK_M = BLOCK_H * BLOCK_W
-    PAIR: tl.constexpr,   # two bricks stacked along H per program (2·BLOCK_H rows), one value
-                          # slice per entry for both
+    PAIR: tl.constexpr,   # two bricks stacked along H per program: one box of 2·BLOCK_H rows a
+                          # step (TMA: box [1, 1, 2·BLOCK_H, BLOCK_W, BK]), stored as two bricks
 ):
     BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
+    ROWS: tl.constexpr = BLOCK_M * (2 if PAIR else 1)  # operand rows a step
     i_m, _, i_p = program_ids(NUM_M, 1)
     i_nd = i_m // (NUM_H * NUM_W)
     i_hw = i_m % (NUM_H * NUM_W)
@@ -119,28 +120,21 @@ def bs_conv3d_desc_kernel(
     id0 = od * STR_D - PAD_D
     ih0 = oh0 - PAD_H
     iw0 = ow0 - PAD_W
-    r_h = tl.arange(0, BLOCK_M) // BLOCK_W  # the pointer path's rows of the brick
-    r_w = tl.arange(0, BLOCK_M) % BLOCK_W
+    r_h = tl.arange(0, ROWS) // BLOCK_W  # the pointer path's rows of the box
+    r_w = tl.arange(0, ROWS) % BLOCK_W
 
     lo = tl.load(ptr_ptr + i_p) * TB
     hi = tl.load(ptr_ptr + i_p + 1) * TB
-    acc = tl.zeros((BLOCK_M * (2 if PAIR else 1), BN), dtype=ACC_DTYPE)
+    acc = tl.zeros((ROWS, BN), dtype=ACC_DTYPE)
     word = tl.load(word_ptr + lo)
     for e in range(lo, hi):
         # the next entry's word: in flight while this entry's boxes load and multiply
         nxt = tl.load(word_ptr + e + 1)
         idd, ih, iw, c = _entry(word, id0, ih0, iw0, BK, DIL_D, DIL_H, DIL_W)
         b_v = _value_box(v, e, BK, BN, TMA)
-        b_x = _operand_box(x, n, idd, ih, iw, c, r_h, r_w, XD, XH, XW, C, BLOCK_M, BK, TMA,
-                           WIDE)
+        b_x = _operand_box(x, n, idd, ih, iw, c, r_h, r_w, XD, XH, XW, C, ROWS, BK, TMA, WIDE)
         # A tap past a border reads zeros and adds 0·v, as F.conv3d's zero padding does.
-        if PAIR:
-            b_x2 = _operand_box(x, n, idd, ih + BLOCK_H, iw, c, r_h, r_w, XD, XH, XW, C,
-                                BLOCK_M, BK, TMA, WIDE)
-            b_xx = tl.join(b_x, b_x2).permute(2, 0, 1).reshape(2 * BLOCK_M, BK)
-            acc = tl.dot(b_xx, b_v, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        else:
-            acc = tl.dot(b_x, b_v, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        acc = tl.dot(b_x, b_v, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         word = nxt
 
     if PAIR:
@@ -319,7 +313,7 @@ def _launch(a, words, packed, ptr, bias, y, geo, config, allow_tf32, tma):
     if tma:
         N, C, D, H, W = a.shape
         x = TensorDescriptor(a, [N, D, H, W, C], [D * H * W * C, H * W * C, W * C, C, 1],
-                             [1, 1, bh, bw, bk])
+                             [1, 1, bh * (2 if pair else 1), bw, bk])
         v = TensorDescriptor(packed, list(packed.shape), list(packed.stride()), [1, bk, bn])
     else:
         x, v = a, packed

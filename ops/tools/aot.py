@@ -503,7 +503,7 @@ def block_sparse_desc_cases():
     cases = []
     for i, ch, dtypes, arches in taken:
         config = CONFIGS[i]
-        box_x = [1, 1, config["BLOCK_H"], config["BLOCK_W"], ch]
+        box_x = [1, 1, config["BLOCK_H"] * (2 if config["PAIR"] else 1), config["BLOCK_W"], ch]
         for name, bias in (("fwd", True), ("bwd", False)) if i < 3 else (("fwd", True),):
             for dtype in dtypes:
                 for tma, arch in arches:
