@@ -165,7 +165,8 @@ def test_config_spaces_are_the_kind_lists():
                                    "bias_grad"]
     assert CONFIG_SPACES["conv3d_dw_wgrad"] is tiled_configs.CONV3D_DW_WGRAD_CONFIGS
     assert list(block_sparse_configs.CONFIG_SPACES) == [
-        "block_sparse_fwd", "block_sparse_dw", "block_sparse_wgrad", "block_sparse_dw_wgrad"]
+        "block_sparse_fwd", "block_sparse_desc", "block_sparse_desc_wgrad", "block_sparse_dw",
+        "block_sparse_wgrad", "block_sparse_dw_wgrad"]
     assert list(cp_configs.CONFIG_SPACES) == ["cp_conv", "cp_grad", "cp_sep"]
     space = [dict(BLOCK=16, num_warps=4), dict(BLOCK=32, num_warps=8)]
     assert config_spaces({"DW_FWD_CONFIGS": space, "RUNTIME_KEYS": ("SPLIT",)}) == {
