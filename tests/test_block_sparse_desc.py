@@ -15,7 +15,7 @@ from lk3d import _block_sparse_launch as launch
 from lk3d.autotune import devices
 from lk3d.kernels import block_sparse_desc as bsd
 from lk3d.kernels import common
-from test_block_sparse_kernel import _grid, _split_blocks, stored_blocks
+from test_block_sparse_kernel import _grid, from_mask, stored_blocks
 
 
 @pytest.fixture(autouse=True)
@@ -30,14 +30,7 @@ def _pattern(w, block, density, g):
     mask = torch.rand(no, ni * nd * nh * nw, generator=g) < density
     mask[0] = False
     mask[-1] = True
-    rows, cols = mask.nonzero(as_tuple=True)
-    row_ptr = torch.zeros(no + 1, dtype=torch.int32)
-    row_ptr[1:] = mask.sum(1).cumsum(0)
-    values = _split_blocks(w, block)[rows, cols].contiguous()
-    bo, bi, bd, bh, bw = block
-    dense_mask = (mask.reshape(no, 1, ni, 1, nd, 1, nh, 1, nw, 1)
-                  .expand(no, bo, ni, bi, nd, bd, nh, bh, nw, bw).reshape(w.shape))
-    return values, row_ptr, cols.to(torch.int32), w * dense_mask
+    return from_mask(w, block, mask)
 
 
 def _reference(x, w, b, stride, padding, dilation, groups, gy):

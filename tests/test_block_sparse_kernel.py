@@ -38,7 +38,13 @@ def to_block_sparse(w, block, density, seed=0):
     """(values, row_ptr, col, masked dense weight) keeping a random ``density`` of the blocks."""
     no, ni, nd, nh, nw = _grid(w.shape, block)
     g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(no, ni * nd * nh * nw, generator=g) < density
+    return from_mask(w, block, torch.rand(no, ni * nd * nh * nw, generator=g) < density)
+
+
+def from_mask(w, block, mask):
+    """(values, row_ptr, col, masked dense weight) of the blocks of ``w`` that ``mask`` [block
+    rows, block columns] marks."""
+    no, ni, nd, nh, nw = _grid(w.shape, block)
     rows, cols = mask.nonzero(as_tuple=True)  # row-major: col ascending within each row
     row_ptr = torch.zeros(no + 1, dtype=torch.int32)
     row_ptr[1:] = mask.sum(1).cumsum(0)
