@@ -48,7 +48,7 @@ from lk3d.kernels.block_sparse_configs import DESC_MAX_TAP
 from lk3d.kernels.block_sparse_configs import descriptor_fits as fits
 from lk3d.kernels.common import (acc_dtype, alloc, check_config, flat_grid, flipped_geometry,
                                  geometry, launch_opts, precision, program_ids, reach, wide)
-from lk3d.kernels.implicit_gemm import _operand_box, ndhwc, use_tma
+from lk3d.kernels.implicit_gemm import _operand_box, ndhwc, ndhwc_desc, use_tma
 
 # The entry word: (((kd << 7 | kh) << 7 | kw) << 10) | channel block, 31 bits: kernel extents
 # below DESC_MAX_TAP, at most DESC_MAX_CHANNEL_BLOCKS reduction channel blocks (``fits``).
@@ -311,9 +311,7 @@ def _launch(a, words, packed, ptr, bias, y, geo, config, allow_tf32, tma):
     _, bk, bn = packed.shape
     tma = use_tma(a) if tma is None else tma
     if tma:
-        N, C, D, H, W = a.shape
-        x = TensorDescriptor(a, [N, D, H, W, C], [D * H * W * C, H * W * C, W * C, C, 1],
-                             [1, 1, bh * (2 if pair else 1), bw, bk])
+        x = ndhwc_desc(a, bh * (2 if pair else 1), bw, bk)
         v = TensorDescriptor(packed, list(packed.shape), list(packed.stride()), [1, bk, bn])
     else:
         x, v = a, packed
@@ -362,13 +360,7 @@ def block_sparse_desc_bwd_values(grad, x, values, row_ptr, col, weight_shape, bl
     a, g = ndhwc(x), ndhwc(grad)
     tma = use_tma(a) if tma is None else tma
     if tma:
-        xd = TensorDescriptor(a, [N, *a.shape[2:], a.shape[1]],
-                              [a.shape[1] * a.shape[2] * a.shape[3] * a.shape[4],
-                               a.shape[1] * a.shape[3] * a.shape[4], a.shape[1] * a.shape[4],
-                               a.shape[1], 1], [1, 1, bh, bw, bi])
-        yd = TensorDescriptor(g, [N, YD, YH, YW, g.shape[1]],
-                              [g.shape[1] * YD * YH * YW, g.shape[1] * YH * YW, g.shape[1] * YW,
-                               g.shape[1], 1], [1, 1, bh, bw, bo])
+        xd, yd = ndhwc_desc(a, bh, bw, bi), ndhwc_desc(g, bh, bw, bo)
     else:
         xd, yd = a, g
     geo = geometry(stride, padding, dilation, weight_shape[2:])

@@ -296,6 +296,14 @@ def ndhwc(t):
     return torch.empty_like(t, memory_format=cl).copy_(t)
 
 
+def ndhwc_desc(t, bh, bw, bc):
+    """The descriptor of the dense NDHWC tensor ``t`` (logically NCDHW, ``ndhwc``) with box
+    [1, 1, bh, bw, bc]: the dense strides, whatever torch keeps for axes of extent 1."""
+    N, C, D, H, W = t.shape
+    return TensorDescriptor(t, [N, D, H, W, C], [D * H * W * C, H * W * C, W * C, C, 1],
+                            [1, 1, bh, bw, bc])
+
+
 def pack(w, groups, transpose=False):
     """The weight [Cout, Cin/g, kd, kh, kw] as [G, kd·kh·kw, KC, NC] (forward: KC = Cin/g,
     NC = Cout/g), or for grad-input flipped along every tap axis and transposed (KC = Cout/g,
@@ -354,10 +362,7 @@ def _launch(a, packed, bias, y, geo, groups, config, allow_tf32, tma):
     bh, bw, bn, bk = (config[k] for k in _KEYS)
     tma = use_tma(a) if tma is None else tma
     if tma:
-        # the dense NDHWC strides, whatever torch keeps for axes of extent 1
-        N, C, D, H, W = a.shape
-        x = TensorDescriptor(a, [N, D, H, W, C], [D * H * W * C, H * W * C, W * C, C, 1],
-                             [1, 1, bh, bw, bk])
+        x = ndhwc_desc(a, bh, bw, bk)
         w = TensorDescriptor(packed, list(packed.shape), list(packed.stride()), [1, 1, bk, bn])
     else:
         x, w = a, packed
@@ -419,14 +424,6 @@ def conv3d_desc_bwd_input(dy, w, input_shape, stride, padding, dilation, groups,
 _WGRAD_KEYS = ("BLOCK_H", "BLOCK_W", "BLOCK_CO", "BLOCK_CI", "TAPS", "SPLIT")
 
 
-def _box_desc(t, bh, bw, bc):
-    """The descriptor of the dense NDHWC tensor ``t`` (logically NCDHW) with box
-    [1, 1, bh, bw, bc]: the dense strides, whatever torch keeps for axes of extent 1."""
-    N, C, D, H, W = t.shape
-    return TensorDescriptor(t, [N, D, H, W, C], [D * H * W * C, H * W * C, W * C, C, 1],
-                            [1, 1, bh, bw, bc])
-
-
 def conv3d_desc_bwd_weight(x, dy, weight_shape, stride, padding, dilation, groups, config, *,
                            allow_tf32=False, tma=None):
     """Dense/grouped grad-weight: dW[co, ci, tap] = Σ over grad-output voxels of
@@ -469,7 +466,7 @@ def conv3d_desc_bwd_weight(x, dy, weight_shape, stride, padding, dilation, group
     tma = use_tma(a) if tma is None else tma
     big = not tma and wide(reach(a), reach(b))
     if tma:
-        a, b = _box_desc(a, bh, bw, bci), _box_desc(b, bh, bw, bco)
+        a, b = ndhwc_desc(a, bh, bw, bci), ndhwc_desc(b, bh, bw, bco)
     tiles = (cog // bco) * (cig // bci) * kernel[0] * kernel[1] * num_kt
     conv3d_desc_wgrad_kernel[flat_grid(tiles, groups, split)](
         a, b, part, *x.shape[2:], YD, YH, YW, num_h, num_w, bricks, per,
